@@ -1,0 +1,245 @@
+"""Everything the foundation must show on a GPU, checked and timed in one run.
+
+    python benchmarks/gpu_check.py --out DIR [--quick]
+
+1. the ceilings of this card, measured here: device-to-device copy bandwidth;
+2. the Triton step kernel vs its float64 reference at the lasad-B/L/XL/XXL head shapes and
+   batches 2, 64, 512, and its time per call (one call per layer, all layers' states distinct,
+   replayed from a CUDA graph) against the bytes it must move;
+3. fla's chunk_gla vs the torch chunked form vs the float64 loop, every row_start mode (the
+   finite floor for "reset"), forward and gradients, and the time of each at the lasad-B shape;
+4. the `gpu`-marked pytest suite.
+Writes DIR/foundation.json (raw numbers + environment) and prints a table last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from lasad_engine import LasadConfig  # noqa: E402
+from lasad_engine.ops.lasad import (ROW_START_MODES, chunk_lasad, input_gate, lasad_step_,  # noqa: E402
+                                    lasad_step_ref_, naive_recurrent_lasad, row_start_mask)
+
+PRESETS = ("lasad-B", "lasad-L", "lasad-XL", "lasad-XXL")
+
+
+def rel(x, ref):
+    x, ref = x.double(), ref.double()
+    if not torch.isfinite(x).all():
+        return float("inf")
+    return ((x - ref).norm() / ref.norm()).item()
+
+
+def environment() -> dict:
+    def run(cmd):
+        try:
+            return subprocess.run(cmd, capture_output=True, text=True, timeout=20, cwd=ROOT).stdout.strip()
+        except Exception as e:  # noqa: BLE001 - recorded, not fatal
+            return f"unavailable ({e})"
+    import triton
+    props = torch.cuda.get_device_properties(0)
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "gpu": props.name, "sm_count": props.multi_processor_count,
+        "gpu_memory_gib": round(props.total_memory / 2**30, 1),
+        "driver": run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"]),
+        "cuda": torch.version.cuda, "torch": torch.__version__, "triton": triton.__version__,
+        "python": platform.python_version(),
+        "commit": os.environ.get("LASAD_COMMIT") or run(["git", "rev-parse", "HEAD"]),
+        "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
+    }
+
+
+def cuda_time_ms(fn, iters=50, warmup=5) -> float:
+    """Median ms per call of `fn`, timed with CUDA events."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b))
+    times.sort()
+    return times[len(times) // 2]
+
+
+def graph_time_ms(fn, iters=30) -> float:
+    """Median ms of one replay of a CUDA graph of `fn` (no launch gaps)."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return cuda_time_ms(graph.replay, iters=iters, warmup=3)
+
+
+def copy_bandwidth() -> float:
+    n = 2 << 30
+    a = torch.empty(n, dtype=torch.uint8, device="cuda").random_()
+    b = torch.empty_like(a)
+    ms = cuda_time_ms(lambda: b.copy_(a), iters=20)
+    del a, b
+    return 2 * n / (ms * 1e-3) / 1e12  # TB/s, bytes read + written
+
+
+def step_kernel(results, batches, bw):
+    rows = []
+    for name in PRESETS:
+        cfg = LasadConfig.from_preset(name)
+        L, H, K, V = cfg.n_layer, cfg.n_head, cfg.head_k_dim, cfg.head_v_dim
+        for B in batches:
+            gen = torch.Generator(device="cuda").manual_seed(B * 7 + H)
+            q, k, v = (torch.randn(L, B, H, n, device="cuda", generator=gen) for n in (K, K, V))
+            g = F.logsigmoid(torch.randn(L, B, H, K, device="cuda", generator=gen))
+            state = torch.randn(L, B, H, K, V, device="cuda", generator=gen)
+            err = {}
+            for mode in ROW_START_MODES:
+                for flag in (False, True):
+                    start = torch.tensor([flag], device="cuda")
+                    s_ref, s_tri = state[0].double().clone(), state[0].clone()
+                    o_ref = lasad_step_ref_(q[0].double(), k[0].double(), v[0].double(), g[0].double(),
+                                            s_ref, start, mode)
+                    o = torch.full((B, H, V), float("nan"), device="cuda")
+                    lasad_step_(q[0], k[0], v[0], g[0], s_tri, start, mode, out=o)
+                    err[f"{mode}{'@row_start' if flag else ''}"] = max(rel(o, o_ref), rel(s_tri, s_ref))
+            start = row_start_mask(torch.tensor([5], device="cuda"), torch.tensor([16], device="cuda"))
+            out = torch.empty(L, B, H, V, device="cuda")
+            state.mul_(0.01)  # keep the repeated in-place updates bounded while timing
+
+            def all_layers(fn=lasad_step_):
+                for i in range(L):
+                    fn(q[i], k[i], v[i], g[i], state[i], start, "unit", out=out[i])
+            t_graph = graph_time_ms(all_layers) / L
+            t_eager = cuda_time_ms(all_layers, iters=10) / L
+            t_ref = cuda_time_ms(lambda: all_layers(lasad_step_ref_), iters=5) / L
+            nbytes = B * H * (2 * K * V * 4 + (3 * K + 2 * V) * 4)  # state r+w, q k g v in, o out
+            floor_us = nbytes / (bw * 1e12) * 1e6
+            rows.append({
+                "preset": name, "batch": B, "heads": H, "layers": L, "max_rel_err": max(err.values()),
+                "rel_err": err, "bytes_per_call": nbytes, "us_per_call_graph": t_graph * 1e3,
+                "us_per_call_eager": t_eager * 1e3, "us_per_call_torch_ref": t_ref * 1e3,
+                "floor_us": floor_us, "achieved_TBps": nbytes / (t_graph * 1e-3) / 1e12,
+                "fraction_of_copy_bw": nbytes / (t_graph * 1e-3) / 1e12 / bw,
+                "state_mib_all_layers": L * B * H * K * V * 4 / 2**20,
+            })
+            del q, k, v, g, state, out
+    results["step_kernel"] = rows
+
+
+def chunk_forms(results, quick):
+    rows = []
+    B, T, H, K, V = 2, 256, 4, 64, 64
+    for mode in ROW_START_MODES:
+        for width in (16, 7):
+            gen = torch.Generator(device="cuda").manual_seed(width)
+            q = torch.randn(B, T, H, K, device="cuda", generator=gen)
+            f = torch.randn(B, T, H, K, device="cuda", generator=gen)
+            v = torch.randn(B, T, H, V, device="cuda", generator=gen)
+            S0 = torch.randn(B, H, K, V, device="cuda", generator=gen)
+            ref_o, ref_S = naive_recurrent_lasad(q.double(), input_gate(F.logsigmoid(f.double())),
+                                                 v.double(), F.logsigmoid(f.double()), width=width,
+                                                 row_start=mode, initial_state=S0.double(),
+                                                 output_final_state=True)
+            row = {"mode": mode, "width": width}
+            grads = {}
+            for backend in ("torch", "fla"):
+                for dtype in (torch.float32, torch.bfloat16):
+                    leaves = [x.clone().to(dtype).requires_grad_() for x in (q, f, v)]
+                    qq, ff, vv = leaves
+                    g = F.logsigmoid(ff.float())
+                    o, S = chunk_lasad(qq, input_gate(g).to(dtype), vv, g, width=width, row_start=mode,
+                                       initial_state=S0, output_final_state=True, backend=backend)
+                    tag = f"{backend}_{str(dtype).split('.')[-1]}"
+                    row[f"{tag}_o_err"] = rel(o, ref_o)
+                    row[f"{tag}_state_err"] = rel(S, ref_S)
+                    (o.float() * torch.linspace(-1, 1, V, device="cuda")).sum().backward()
+                    grads[tag] = [x.grad.float() for x in leaves]
+            row["grad_err_fla_vs_torch_fp32"] = max(rel(a, b) for a, b in zip(grads["fla_float32"], grads["torch_float32"]))
+            row["grad_err_fla_bf16_vs_torch_fp32"] = max(rel(a, b) for a, b in zip(grads["fla_bfloat16"], grads["torch_float32"]))
+            rows.append(row)
+    results["chunk_forms"] = rows
+
+    # speed at the lasad-B training shape: forward + backward of one layer's op
+    B, T, H = (8 if quick else 32), 256, 12
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    x = [torch.randn(B, T, H, 64, device="cuda", generator=gen, dtype=torch.bfloat16).requires_grad_() for _ in range(3)]
+    timing = {"shape": [B, T, H, 64, 64]}
+    for backend in ("torch", "fla"):
+        def fwd_bwd():
+            g = F.logsigmoid(x[1].float())
+            o, _ = chunk_lasad(x[0], input_gate(g).to(torch.bfloat16), x[2], g, width=16, backend=backend)
+            o.float().sum().backward()
+        timing[f"{backend}_fwd_bwd_ms"] = cuda_time_ms(fwd_bwd, iters=10, warmup=2)
+    results["chunk_speed"] = timing
+
+
+def gpu_pytest(results, out_dir):
+    t = time.time()
+    p = subprocess.run([sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider",
+                        str(ROOT / "tests" / "test_gpu.py")], capture_output=True, text=True, cwd=ROOT)
+    (out_dir / "pytest_gpu.txt").write_text(p.stdout + p.stderr)
+    results["pytest_gpu"] = {"returncode": p.returncode, "summary": (p.stdout.strip().splitlines() or [""])[-1],
+                             "seconds": round(time.time() - t, 1)}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, default=Path("out"))
+    ap.add_argument("--quick", action="store_true", help="smaller sizes (a smoke run)")
+    args = ap.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    if not torch.cuda.is_available():
+        sys.exit("gpu_check: no CUDA GPU visible to torch")
+    results = {"environment": environment()}
+    bw = copy_bandwidth()
+    results["copy_bandwidth_TBps"] = bw
+    for stage in (lambda: step_kernel(results, (2, 64) if args.quick else (2, 64, 512), bw),
+                  lambda: chunk_forms(results, args.quick),
+                  lambda: gpu_pytest(results, args.out)):
+        try:
+            stage()
+        except Exception as e:  # noqa: BLE001 - keep the other stages' numbers
+            import traceback
+            traceback.print_exc()
+            results.setdefault("errors", []).append(f"{type(e).__name__}: {e}")
+        (args.out / "foundation.json").write_text(json.dumps(results, indent=1))
+
+    print(f"\ncopy bandwidth {bw:.2f} TB/s; {results['environment']['gpu']}")
+    print("step kernel: preset batch | max rel err | us/call graph (eager, torch ref) | floor us | TB/s")
+    for r in results.get("step_kernel", []):
+        print(f"  {r['preset']:9s} {r['batch']:4d} | {r['max_rel_err']:.1e} | {r['us_per_call_graph']:7.2f} "
+              f"({r['us_per_call_eager']:6.2f}, {r['us_per_call_torch_ref']:7.2f}) | {r['floor_us']:7.2f} | "
+              f"{r['achieved_TBps']:.2f}")
+    print("chunk forms: mode width | o err torch / fla fp32 / fla bf16 | state err fla | grad err fla vs torch")
+    for r in results.get("chunk_forms", []):
+        print(f"  {r['mode']:5s} {r['width']:2d} | {r['torch_float32_o_err']:.1e} / {r['fla_float32_o_err']:.1e} / "
+              f"{r['fla_bfloat16_o_err']:.1e} | {r['fla_float32_state_err']:.1e} | {r['grad_err_fla_vs_torch_fp32']:.1e}")
+    print("chunk speed:", results.get("chunk_speed"))
+    print("pytest -m gpu:", results.get("pytest_gpu"))
+    print("errors:", results.get("errors", "none"))
+
+
+if __name__ == "__main__":
+    main()

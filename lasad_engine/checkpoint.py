@@ -1,0 +1,167 @@
+"""The lasad checkpoint formats.
+
+- `ckpt.pt`: `{"format": "lasad", "format_version": 1, "config": {...}, "model": state_dict,
+  "meta": {...}}`, plain tensors and JSON-compatible values only, so it is readable with
+  `torch.load(path, weights_only=True)` (training checkpoints add optimizer/step/RNG entries
+  beside these keys; loaders here ignore them).
+- deploy form, `*.safetensors`: the state dict, with `format`, `format_version`, `config` (JSON)
+  and `meta` (JSON) in the safetensors metadata.
+
+Loading is strict: the error names the missing and unexpected keys. A corrupt, foreign or
+newer-version file gives one `CheckpointError` line.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from .config import LasadConfig
+from .io import atomic_path
+from .model import LasadGen
+
+FORMAT = "lasad"
+FORMAT_VERSION = 1
+WRAPPER_PREFIXES = ("_orig_mod.", "module.")  # torch.compile, DDP / FSDP wrappers
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used; the message is one line naming the file and the reason."""
+
+
+def clean_state_dict(state_dict: dict) -> dict:
+    """Strip wrapper prefixes (`_orig_mod.` of torch.compile, `module.` of DDP) from every key.
+    The one place that handles them: save and load both go through it."""
+    out = {}
+    for key, value in state_dict.items():
+        changed = True
+        while changed:
+            changed = False
+            for prefix in WRAPPER_PREFIXES:
+                if key.startswith(prefix):
+                    key, changed = key[len(prefix):], True
+        out[key] = value
+    return out
+
+
+def _model_of(model: torch.nn.Module) -> LasadGen:
+    inner = model
+    while not isinstance(inner, LasadGen):
+        inner = getattr(inner, "_orig_mod", None) or getattr(inner, "module", None)
+        if inner is None:
+            raise TypeError(f"expected a LasadGen (or a compiled/DDP wrapper of one), got {type(model).__name__}")
+    return inner
+
+
+def save_checkpoint(path: str | os.PathLike, model: torch.nn.Module, *, meta: dict | None = None,
+                    extra: dict | None = None) -> Path:
+    """Write `model` (a LasadGen, possibly compiled or wrapped) atomically.
+
+    Args:
+        path: `*.safetensors` for the deploy form, anything else for the `.pt` form.
+        meta: JSON-compatible metadata kept in either form (class names, tokenizer, ...).
+        extra: more top-level entries for the `.pt` form (optimizer state, step, RNG ...).
+    """
+    path = Path(path)
+    config = _model_of(model).config.to_dict()
+    state = {k: v.detach().contiguous() for k, v in clean_state_dict(model.state_dict()).items()}
+    meta = dict(meta or {})
+    json.dumps(meta)  # fail before writing anything if meta is not JSON-compatible
+    with atomic_path(path) as tmp:
+        if path.suffix == ".safetensors":
+            if extra:
+                raise ValueError("extra entries are only kept in the .pt form")
+            from safetensors.torch import save_file
+            save_file({k: v.cpu() for k, v in state.items()}, tmp, metadata={
+                "format": FORMAT, "format_version": str(FORMAT_VERSION),
+                "config": json.dumps(config), "meta": json.dumps(meta)})
+        else:
+            torch.save({**(extra or {}), "format": FORMAT, "format_version": FORMAT_VERSION,
+                        "config": config, "model": state, "meta": meta}, tmp)
+    return path
+
+
+def read_checkpoint(path: str | os.PathLike) -> tuple[LasadConfig, dict, dict]:
+    """Read (config, state_dict, meta) from either form, without building a model."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    if path.suffix == ".safetensors":
+        try:
+            from safetensors import safe_open
+            with safe_open(str(path), framework="pt") as f:
+                header = f.metadata() or {}
+                state = {k: f.get_tensor(k) for k in f.keys()}
+        except Exception as e:
+            raise CheckpointError(f"{path}: not a readable safetensors file ({_reason(e)})") from None
+        version, config, meta = header.get("format_version"), header.get("config"), header.get("meta", "{}")
+        if header.get("format") != FORMAT or config is None:
+            raise CheckpointError(f"{path}: a safetensors file but not a lasad checkpoint (no lasad config in its metadata)")
+        try:
+            version, config, meta = int(version), json.loads(config), json.loads(meta)
+        except (TypeError, ValueError) as e:
+            raise CheckpointError(f"{path}: damaged lasad metadata ({_reason(e)})") from None
+    else:
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as e:
+            raise CheckpointError(f"{path}: not a readable checkpoint ({_reason(e)})") from None
+        if not isinstance(obj, dict) or obj.get("format") != FORMAT or "model" not in obj:
+            raise CheckpointError(f"{path}: not a lasad checkpoint (expected a dict with format='lasad', config and model)")
+        version, config, state, meta = obj.get("format_version"), obj.get("config"), obj["model"], obj.get("meta", {})
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise CheckpointError(f"{path}: checkpoint format version {version!r}; this lasad reads versions up to {FORMAT_VERSION}")
+    try:
+        cfg = LasadConfig.from_dict(config)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: invalid config ({_reason(e)})") from None
+    return cfg, clean_state_dict(state), meta
+
+
+def load_checkpoint(path: str | os.PathLike, *, device: str | torch.device = "cpu",
+                    dtype: torch.dtype | None = None) -> LasadGen:
+    """Build the model a checkpoint describes and load its weights strictly.
+
+    The model is returned in eval mode on `device` (cast to `dtype` if given); the checkpoint's
+    `meta` is kept as `model.checkpoint_meta` and its SHA-256 prefix as `model.checkpoint_id`.
+    """
+    cfg, state, meta = read_checkpoint(path)
+    model = LasadGen(cfg)
+    expected = set(model.state_dict())
+    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+    if missing or unexpected:
+        raise CheckpointError(f"{path}: keys do not match the config: {_key_diff(missing, unexpected)}")
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:  # shape mismatches
+        raise CheckpointError(f"{path}: {_reason(e)}") from None
+    model.checkpoint_meta = meta
+    model.checkpoint_id = file_fingerprint(path)
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def file_fingerprint(path: str | os.PathLike, length: int = 16) -> str:
+    """SHA-256 of the file's bytes, first `length` hex digits (recorded beside generated images)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:length]
+
+
+def _key_diff(missing: list[str], unexpected: list[str], show: int = 5) -> str:
+    parts = []
+    for name, keys in (("missing", missing), ("unexpected", unexpected)):
+        if keys:
+            more = f" (+{len(keys) - show} more)" if len(keys) > show else ""
+            parts.append(f"{len(keys)} {name}: {', '.join(keys[:show])}{more}")
+    return "; ".join(parts)
+
+
+def _reason(e: BaseException) -> str:
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text if len(text) <= 200 else text[:197] + "..."

@@ -1,0 +1,136 @@
+"""`LasadConfig`: the one description of a LASADGen network, with named presets.
+
+The presets follow LlamaGen's GPT-B/L/XL/XXL shapes (SPEC §4) with the softmax attention replaced
+by the LASAD mixer, whose four projections (q, f, i, o) have the same 4·d² parameters as LlamaGen's
+wqkv + wo, so parameter counts match LlamaGen's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+
+from .ops.lasad.mask import ROW_START_MODES
+OUTPUT_NORMS = ("rms", "group")
+
+
+def _round_up(x: int, multiple: int) -> int:
+    return (x + multiple - 1) // multiple * multiple
+
+
+@dataclass
+class LasadConfig:
+    """Shape and behaviour of one LASADGen model.
+
+    Derived fields (`ffn_dim` when None, `head_v_dim` when None) are filled in `__post_init__`.
+    Every field is JSON-compatible, so `to_dict` / `from_dict` round-trip exactly.
+    """
+
+    vocab_size: int = 16384          # VQ codebook size
+    num_classes: int = 1000          # the class table has num_classes + 1 rows (last = null class)
+    n_layer: int = 12
+    dim: int = 768
+    n_head: int = 12
+    head_k_dim: int = 64             # d_k
+    head_v_dim: int | None = None    # d_v; None -> dim // n_head
+    ffn_dim: int | None = None       # SwiGLU hidden; None -> round_up(8·dim/3, 256)
+    grid_height: int = 16            # trained token grid (h × w tokens per image)
+    grid_width: int = 16
+    row_start: str = "unit"          # spatial-aware decay at row starts: none | unit | reset
+    output_norm: str = "rms"         # mixer output norm: full-width RMSNorm or per-head ("group")
+    use_lower_bound: bool = True     # HGRN2's layer-wise lower bound on the forget gate
+    norm_eps: float = 1e-5
+    token_dropout: float = 0.1
+    resid_dropout: float = 0.1
+    ffn_dropout: float = 0.1
+    class_dropout: float = 0.1       # label -> null class with this probability in training
+    initializer_range: float = 0.02
+    class_names: list[str] | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.head_v_dim is None:
+            if self.dim % self.n_head:
+                raise ValueError(f"dim={self.dim} is not divisible by n_head={self.n_head}")
+            self.head_v_dim = self.dim // self.n_head
+        if self.ffn_dim is None:
+            self.ffn_dim = _round_up(int(2 * 4 * self.dim / 3), 256)
+        if self.row_start not in ROW_START_MODES:
+            raise ValueError(f"row_start={self.row_start!r} is not one of {', '.join(ROW_START_MODES)}")
+        if self.output_norm not in OUTPUT_NORMS:
+            raise ValueError(f"output_norm={self.output_norm!r} is not one of {', '.join(OUTPUT_NORMS)}")
+        for name in ("vocab_size", "num_classes", "n_layer", "dim", "n_head", "head_k_dim",
+                     "head_v_dim", "ffn_dim", "grid_height", "grid_width"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}={value!r} must be a positive integer")
+        if self.class_names is not None and len(self.class_names) != self.num_classes:
+            raise ValueError(f"class_names has {len(self.class_names)} entries, expected num_classes={self.num_classes}")
+
+    @property
+    def null_class(self) -> int:
+        """Row of the class table used as the unconditional ("null") class for CFG."""
+        return self.num_classes
+
+    @property
+    def seq_len(self) -> int:
+        """Image tokens per sample at the trained grid (N = h·w)."""
+        return self.grid_height * self.grid_width
+
+    @property
+    def state_shape(self) -> tuple[int, int, int, int]:
+        """Recurrent state per sequence: [n_layer, n_head, d_k, d_v] (fp32)."""
+        return (self.n_layer, self.n_head, self.head_k_dim, self.head_v_dim)
+
+    def state_nbytes(self, batch: int = 1) -> int:
+        """Bytes of fp32 recurrent state for `batch` sequences, whatever the image size."""
+        n = 4 * batch
+        for s in self.state_shape:
+            n *= s
+        return n
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "LasadConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown LasadConfig fields: {', '.join(unknown)}")
+        return cls(**d)
+
+    @classmethod
+    def from_json(cls, s: str) -> "LasadConfig":
+        return cls.from_dict(json.loads(s))
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> "LasadConfig":
+        """A named preset (case-insensitive), with any field overridden.
+
+        >>> LasadConfig.from_preset("lasad-B", row_start="none").n_layer
+        12
+        """
+        key = name.lower()
+        if key not in LASAD_PRESETS:
+            raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(LASAD_PRESET_NAMES)}")
+        return cls(**{**LASAD_PRESETS[key], **overrides})
+
+
+# Parameter counts with vocab 16384 and 1000 classes (1001 class rows), untied head.
+LASAD_PRESETS: dict[str, dict] = {
+    "lasad-b": dict(n_layer=12, dim=768, n_head=12),     # 110.9M (LlamaGen GPT-B: 111M)
+    "lasad-l": dict(n_layer=24, dim=1024, n_head=16),    # 343.0M (GPT-L: 343M)
+    "lasad-xl": dict(n_layer=36, dim=1280, n_head=20),   # 774.8M (GPT-XL: 775M)
+    "lasad-xxl": dict(n_layer=48, dim=1536, n_head=24),  # 1.41B (GPT-XXL: 1.4B)
+    # Small shapes of our own. "lasad-s" is the size class of the bundled demo model
+    # (1,906 emoji classes, 4096-entry codebook, 16×16 grid): 14.6M parameters.
+    "lasad-s": dict(n_layer=6, dim=384, n_head=6, vocab_size=4096, num_classes=1906),
+    # For tests: every code path, seconds on a CPU. 5×7 grid: non-square, odd width.
+    "lasad-tiny": dict(n_layer=2, dim=64, n_head=2, head_k_dim=24, vocab_size=97, num_classes=10,
+                       grid_height=5, grid_width=7),
+}
+LASAD_PRESET_NAMES = ("lasad-B", "lasad-L", "lasad-XL", "lasad-XXL", "lasad-S", "lasad-tiny")

@@ -1,0 +1,1 @@
+"""Operators shared by training, export and every backend."""

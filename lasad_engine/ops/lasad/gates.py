@@ -1,0 +1,33 @@
+"""HGRN2's gates, written once: the forget gate in log space, its layer-wise lower bound, and the
+input gate tied to it (SPEC §3 steps 2–3)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def layer_lower_bounds(raw: torch.Tensor) -> torch.Tensor:
+    """HGRN2's lower bounds from the learnable `[L, H·K]` tensor: softmax over layers, cumulative
+    sum, minus the first row, so layer 0 has bound 0 and the bound grows with depth (< 1)."""
+    p = raw.float().softmax(0)
+    c = p.cumsum(0)
+    return c - c[:1]
+
+
+def log_decay(f: torch.Tensor, lower_bound: torch.Tensor | None) -> torch.Tensor:
+    """g = log(lb + (1 - lb)·sigmoid(f)) ≤ 0; plain logsigmoid(f) without a bound (layer 0).
+
+    Args:
+        f: forget-gate pre-activation `[..., H·K]` (or `[..., H, K]` with `lower_bound` reshaped).
+        lower_bound: this layer's bound broadcastable to `f`, or None.
+    """
+    if lower_bound is None:
+        return F.logsigmoid(f)
+    return torch.log(lower_bound + (1 - lower_bound) * torch.sigmoid(f))
+
+
+def input_gate(g: torch.Tensor) -> torch.Tensor:
+    """k = 1 - exp(g): HGRN2 ties the input gate to the forget gate. Always computed from the
+    unmasked g (a row-start override must not change what a token writes)."""
+    return -torch.expm1(g)

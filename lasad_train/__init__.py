@@ -1,0 +1,1 @@
+"""lasad_train: data, tokenizer and GPT training (single process and torchrun)."""

@@ -1,0 +1,1 @@
+"""lasad_tools: lasad-export, lasad-profile and the KV-cache baseline."""
