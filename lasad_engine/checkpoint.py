@@ -21,31 +21,15 @@ from pathlib import Path
 import torch
 
 from .config import LasadConfig
-from .io import atomic_path
+from .io import atomic_path, clean_state_dict, key_diff, one_line as _reason
 from .model import LasadGen
 
 FORMAT = "lasad"
 FORMAT_VERSION = 1
-WRAPPER_PREFIXES = ("_orig_mod.", "module.")  # torch.compile, DDP / FSDP wrappers
 
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be used; the message is one line naming the file and the reason."""
-
-
-def clean_state_dict(state_dict: dict) -> dict:
-    """Strip wrapper prefixes (`_orig_mod.` of torch.compile, `module.` of DDP) from every key.
-    The one place that handles them: save and load both go through it."""
-    out = {}
-    for key, value in state_dict.items():
-        changed = True
-        while changed:
-            changed = False
-            for prefix in WRAPPER_PREFIXES:
-                if key.startswith(prefix):
-                    key, changed = key[len(prefix):], True
-        out[key] = value
-    return out
 
 
 def _model_of(model: torch.nn.Module) -> LasadGen:
@@ -134,7 +118,7 @@ def load_checkpoint(path: str | os.PathLike, *, device: str | torch.device = "cp
     expected = set(model.state_dict())
     missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
     if missing or unexpected:
-        raise CheckpointError(f"{path}: keys do not match the config: {_key_diff(missing, unexpected)}")
+        raise CheckpointError(f"{path}: keys do not match the config: {key_diff(missing, unexpected)}")
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:  # shape mismatches
@@ -151,17 +135,3 @@ def file_fingerprint(path: str | os.PathLike, length: int = 16) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()[:length]
-
-
-def _key_diff(missing: list[str], unexpected: list[str], show: int = 5) -> str:
-    parts = []
-    for name, keys in (("missing", missing), ("unexpected", unexpected)):
-        if keys:
-            more = f" (+{len(keys) - show} more)" if len(keys) > show else ""
-            parts.append(f"{len(keys)} {name}: {', '.join(keys[:show])}{more}")
-    return "; ".join(parts)
-
-
-def _reason(e: BaseException) -> str:
-    text = " ".join(str(e).split()) or type(e).__name__
-    return text if len(text) <= 200 else text[:197] + "..."

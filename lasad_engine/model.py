@@ -98,10 +98,11 @@ class LasadAttention(nn.Module):
         return self._readout(o)
 
     def step(self, x: torch.Tensor, lower_bound: torch.Tensor | None, state: torch.Tensor,
-             start: torch.Tensor) -> torch.Tensor:
-        """Recurrent form. x `[B, d]`, state `[B, H, K, V]` fp32 (in place), start: row-start flag."""
+             start: torch.Tensor, kernel: str | None = None) -> torch.Tensor:
+        """Recurrent form. x `[B, d]`, state `[B, H, K, V]` fp32 (in place), start: row-start flag,
+        kernel: the step op's backend ("torch" | "triton"; None picks by device)."""
         q, k, v, g = self._project(x, lower_bound)
-        o = lasad_step_(q, k, v, g, state, start, self.cfg.row_start)
+        o = lasad_step_(q, k, v, g, state, start, self.cfg.row_start, backend=kernel)
         return self._readout(o)
 
 
@@ -117,8 +118,8 @@ class LasadBlock(nn.Module):
         h = x + self.attention(self.attention_norm(x), lower_bound, width, op)
         return h + self.feed_forward(self.ffn_norm(h))
 
-    def step(self, x, lower_bound, state, start):
-        h = x + self.attention.step(self.attention_norm(x), lower_bound, state, start)
+    def step(self, x, lower_bound, state, start, kernel=None):
+        h = x + self.attention.step(self.attention_norm(x), lower_bound, state, start, kernel)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -159,6 +160,10 @@ class LasadState:
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.ssm, self.pos, self.width, self.logits))
+
+    def rows(self, n: int) -> "LasadState":
+        """A view of the first `n` rows (same storage: no allocation, fixed addresses)."""
+        return LasadState(self.ssm[:, :n], self.pos, self.width, self.logits[:n])
 
     def reset(self, width: int | None = None) -> "LasadState":
         """Zero the state and position in place (and set a new grid width)."""
@@ -249,13 +254,15 @@ class LasadGen(nn.Module):
         return torch.where(pos.reshape(1, 1) == 0, cls, tok)
 
     @torch.no_grad()
-    def step(self, ids: torch.Tensor, pos: torch.Tensor, state: LasadState) -> torch.Tensor:
+    def step(self, ids: torch.Tensor, pos: torch.Tensor, state: LasadState,
+             kernel: str | None = None) -> torch.Tensor:
         """One decode step for every row; updates `state.ssm` in place.
 
         Args:
             ids: int64 `[B]` class ids at p = 0, token ids x_{p-1} after (B = state.batch).
             pos: int64 `[1]` device tensor, the sequence position p of this step.
-            state: the buffers from `allocate_state`.
+            state: the buffers from `allocate_state` (or a view of their first rows).
+            kernel: backend of the step op, "torch" or "triton". Default: by device.
         Returns:
             `state.logits`, fp32 `[B, vocab]`: the distribution of x_p.
         """
@@ -264,7 +271,7 @@ class LasadGen(nn.Module):
         start = row_start_mask(pos, state.width)
         x = self.embed_step(ids, pos)
         for i, (layer, lb) in enumerate(zip(self.layers, self._lower_bounds())):
-            x = layer.step(x, lb, state.ssm[i], start)
+            x = layer.step(x, lb, state.ssm[i], start, kernel)
         return state.logits.copy_(self.output(self.norm(x)))
 
     def num_parameters(self) -> int:

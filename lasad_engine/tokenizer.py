@@ -25,13 +25,14 @@ import dataclasses
 import json
 import os
 import re
-import tempfile
 from dataclasses import dataclass
 from typing import Any, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from .io import atomic_path, clean_state_dict, key_diff, one_line
 
 __all__ = ["VQConfig", "VQModel", "VQ_PRESETS", "load_tokenizer", "save_tokenizer"]
 
@@ -552,11 +553,6 @@ class VQModel(nn.Module):
 # --------------------------------------------------------------------------------------------
 
 
-def _one_line(text: str, limit: int = 200) -> str:
-    line = " ".join(str(text).split())
-    return line if len(line) <= limit else line[: limit - 3] + "..."
-
-
 def _unreadable(path, exc: BaseException) -> ValueError:
     text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
     found = re.search(r"Unsupported global: GLOBAL (\S+)", text)
@@ -564,23 +560,8 @@ def _unreadable(path, exc: BaseException) -> ValueError:
         # torch's weights_only refusal is a long multi-paragraph message; keep the essential part.
         detail = f"it pickles {found.group(1)}, which weights_only loading does not allow"
     else:
-        detail = f"{type(exc).__name__}: {_one_line(text)}"
+        detail = f"{type(exc).__name__}: {one_line(text)}"
     return ValueError(f"{path}: not a readable tokenizer checkpoint ({detail})")
-
-
-def _strip_prefixes(state_dict: Mapping[str, Any]) -> dict:
-    out = {}
-    for key, value in state_dict.items():
-        k = str(key)
-        changed = True
-        while changed:
-            changed = False
-            for prefix in ("_orig_mod.", "module."):
-                if k.startswith(prefix):
-                    k = k[len(prefix):]
-                    changed = True
-        out[k] = value
-    return out
 
 
 def _is_state_dict(obj: Any) -> bool:
@@ -675,12 +656,6 @@ def _read_torch(path):
     return dict(state_dict), config
 
 
-def _fmt_keys(keys, limit: int = 5) -> str:
-    keys = sorted(keys)
-    shown = ", ".join(keys[:limit])
-    return shown + (f" (+{len(keys) - limit} more)" if len(keys) > limit else "")
-
-
 def load_tokenizer(path: Union[str, os.PathLike], device: Union[str, torch.device] = "cpu",
                    config: Optional[VQConfig] = None) -> VQModel:
     """Load a tokenizer checkpoint strictly and return the model in eval mode on ``device``.
@@ -704,11 +679,11 @@ def load_tokenizer(path: Union[str, os.PathLike], device: Union[str, torch.devic
             try:
                 config = VQConfig.from_dict(file_config)
             except (ValueError, TypeError) as exc:
-                raise ValueError(f"{path_str}: bad tokenizer config ({_one_line(exc)})") from None
+                raise ValueError(f"{path_str}: bad tokenizer config ({one_line(exc)})") from None
         else:
             config = VQConfig()
 
-    state_dict = _strip_prefixes(state_dict)
+    state_dict = clean_state_dict(state_dict)
     # Build on the meta device (no random init), then allocate on the target device and copy.
     with torch.device("meta"):
         model = VQModel(config)
@@ -721,11 +696,7 @@ def load_tokenizer(path: Union[str, os.PathLike], device: Union[str, torch.devic
         if tuple(state_dict[k].shape) != tuple(expected[k].shape)
     ]
     if missing or unexpected or mismatched:
-        parts = []
-        if missing:
-            parts.append(f"missing keys: {_fmt_keys(missing)}")
-        if unexpected:
-            parts.append(f"unexpected keys: {_fmt_keys(unexpected)}")
+        parts = [key_diff(missing, unexpected)] if missing or unexpected else []
         if mismatched:
             more = f" (+{len(mismatched) - 3} more)" if len(mismatched) > 3 else ""
             parts.append(f"shape mismatches (file vs model): {', '.join(mismatched[:3])}{more}")
@@ -745,13 +716,10 @@ def save_tokenizer(path: Union[str, os.PathLike], model: VQModel) -> None:
     if not isinstance(model, VQModel):
         raise TypeError(f"save_tokenizer: expected a VQModel, got {type(model).__name__}")
     path_str = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path_str))
     state_dict = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     config = model.config.to_dict()
 
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path_str) + ".", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_path(path_str) as tmp:
         if path_str.endswith(".safetensors"):
             from safetensors.torch import save_file
 
@@ -767,10 +735,3 @@ def save_tokenizer(path: Union[str, os.PathLike], model: VQModel) -> None:
                 "config": config,
                 "model": state_dict,
             }, tmp)
-        os.replace(tmp, path_str)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise

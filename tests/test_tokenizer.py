@@ -305,14 +305,14 @@ def test_strict_missing_and_unexpected_keys(tmp_path):
     missing = dict(sd)
     del missing["decoder.conv_out.bias"]
     torch.save({"model": missing}, tmp_path / "missing.pt")
-    with pytest.raises(ValueError, match=r"missing keys: decoder\.conv_out\.bias") as exc:
+    with pytest.raises(ValueError, match=r"1 missing: decoder\.conv_out\.bias") as exc:
         load_tokenizer(tmp_path / "missing.pt", config=TINY)
     assert "\n" not in str(exc.value)
 
     extra = dict(sd)
     extra["encoder.extra_head.weight"] = torch.zeros(3)
     torch.save({"model": extra}, tmp_path / "extra.pt")
-    with pytest.raises(ValueError, match=r"unexpected keys: encoder\.extra_head\.weight") as exc:
+    with pytest.raises(ValueError, match=r"1 unexpected: encoder\.extra_head\.weight") as exc:
         load_tokenizer(tmp_path / "extra.pt", config=TINY)
     assert "\n" not in str(exc.value)
 
