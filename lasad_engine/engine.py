@@ -129,6 +129,10 @@ class TorchBackend:
     def __init__(self, model: LasadGen, device: torch.device):
         self.model, self.device = model, device
 
+    def decode(self, ids: torch.Tensor, pos: torch.Tensor, state: LasadState) -> torch.Tensor:
+        """The model part of one step: `LasadGen.step` semantics, this backend's kernels."""
+        return self.model.step(ids, pos, state, kernel=self.kernel)
+
     def run(self, key: tuple, fn: Callable[[], None]) -> None:
         """Run one step function. `key` identifies what the function bakes in (for graphs)."""
         fn()
@@ -147,11 +151,15 @@ class CudaBackend(TorchBackend):
     name = "cuda"
     kernel = "triton"
 
-    def __init__(self, model: LasadGen, device: torch.device, use_cuda_graph: bool = True):
+    def __init__(self, model: LasadGen, device: torch.device, use_cuda_graph: bool = True,
+                 fused: bool = True):
         if device.type != "cuda":
             raise EngineError(f"backend 'cuda' needs a CUDA device, got device={device}")
         super().__init__(model, device)
         self.use_cuda_graph = use_cuda_graph
+        if fused:
+            from .fused import FusedDecoder
+            self.decode = FusedDecoder(model, kernel=self.kernel)
         self.graphs: dict[tuple, torch.cuda.CUDAGraph] = {}
         self.pool = None
 
@@ -187,11 +195,12 @@ class CudaBackend(TorchBackend):
         self.pool = None
 
 
-def make_backend(name: str, model: LasadGen, device: torch.device, use_cuda_graph: bool = True):
+def make_backend(name: str, model: LasadGen, device: torch.device, use_cuda_graph: bool = True,
+                 fused: bool = True):
     if name == "torch":
         return TorchBackend(model, device)
     if name == "cuda":
-        return CudaBackend(model, device, use_cuda_graph)
+        return CudaBackend(model, device, use_cuda_graph, fused)
     if name in ("onnxruntime", "tensorrt"):
         raise EngineError(f"backend {name!r} runs an exported decode step; it needs lasad-export "
                           f"(not available in this version); use one of: torch, cuda")
@@ -207,12 +216,12 @@ class LasadEngine:
     """
 
     def __init__(self, model: LasadGen, *, backend: str = "torch", device=None, max_batch: int = 8,
-                 use_cuda_graph: bool = True):
+                 use_cuda_graph: bool = True, fused: bool = True):
         if max_batch < 1:
             raise EngineError(f"max_batch={max_batch} must be >= 1")
         self.model = model.eval()
         self.device = torch.device(device) if device is not None else model.output.weight.device
-        self.backend = make_backend(backend, model, self.device, use_cuda_graph)
+        self.backend = make_backend(backend, model, self.device, use_cuda_graph, fused)
         self.buffers = DecodeBuffers(model, max_batch, self.device)
         self._views: dict[int, LasadState] = {}
 
@@ -244,11 +253,11 @@ class LasadEngine:
         rows = 2 * n if params.cfg else n
         state, ids = self._state(rows), b.ids[:rows]
         noise, tokens = b.noise_view(n), b.tokens_view(n, n_tokens)
-        model, kernel = self.model, self.backend.kernel
+        decode = self.backend.decode
 
         def step():
             pos = state.pos
-            logits = model.step(ids, pos, state, kernel=kernel)
+            logits = decode(ids, pos, state)
             active = (b.cfg_interval < 0) | (pos[0] <= b.cfg_interval)
             noise_t = noise.index_select(0, torch.remainder(pos, NOISE_BLOCK))[0]
             nxt = sample(logits, noise_t, cfg=params.cfg, cfg_scale=b.cfg_scale,
@@ -343,10 +352,10 @@ class LasadEngine:
         forced = tokens.to(self.device)
         if cfg_rows:
             forced = torch.cat([forced, forced])
-        model, kernel, ids = self.model, self.backend.kernel, b.ids[:rows]
+        decode, ids = self.backend.decode, b.ids[:rows]
 
         def step():
-            model.step(ids, state.pos, state, kernel=kernel)
+            decode(ids, state.pos, state)
 
         params = SamplingParams(cfg_scale=4.0 if cfg_rows else 1.0)
         key = ("forced", rows)

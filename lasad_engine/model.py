@@ -17,6 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import LasadConfig
+from .ops.norms import rms_norm, silu_mul
 from .ops.lasad import (chunk_lasad, input_gate, lasad_step_, layer_lower_bounds, log_decay,
                         naive_recurrent_lasad, row_start_mask)
 
@@ -38,9 +39,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.to(_at_least_fp32(x.dtype)).unflatten(-1, (self.groups, -1))
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return xf.flatten(-2).type_as(x) * self.weight
+        return rms_norm(x, self.weight, self.eps, self.groups, backend="torch")
 
 
 class FeedForward(nn.Module):
@@ -54,7 +53,7 @@ class FeedForward(nn.Module):
         self.ffn_dropout = nn.Dropout(cfg.ffn_dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.ffn_dropout(self.w2(F.silu(self.w1(x)) * self.w3(x)))
+        return self.ffn_dropout(self.w2(silu_mul(self.w1(x), self.w3(x))))
 
 
 class LasadAttention(nn.Module):

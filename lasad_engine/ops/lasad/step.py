@@ -18,6 +18,9 @@ from __future__ import annotations
 
 import torch
 
+import torch.nn.functional as F
+
+from .gates import input_gate, log_decay
 from .mask import check_mode, row_start_log_decay
 
 try:  # triton is optional: CPU installs run the torch reference
@@ -51,22 +54,43 @@ if triton is not None:
 
     @triton.jit
     def lasad_step_kernel(
-        q, k, v, g, s, o, start, override, scale,
+        q, k, v, g, lb, s, o, start, override, scale, H, stride_qk, stride_v,
         K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-        HAS_OVERRIDE: tl.constexpr,
+        HAS_OVERRIDE: tl.constexpr, FUSED_GATES: tl.constexpr, HAS_LB: tl.constexpr,
     ):
         # One program: one (row, head) pair and one BV-wide slice of the value dim, the whole key
         # dim (BK ≥ K). Slices are disjoint, so the in-place update needs no synchronisation.
+        # Rows of q/k/g (and v) are `stride_qk` (`stride_v`) elements apart, heads K (V) apart.
         i_v, i_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
+        i_b, i_h = i_bh // H, i_bh % H
         o_k = tl.arange(0, BK)
         o_v = i_v * BV + tl.arange(0, BV)
         m_k, m_v = o_k < K, o_v < V
-        b_q = tl.load(q + i_bh * K + o_k, mask=m_k, other=0.0).to(tl.float32) * scale
-        b_k = tl.load(k + i_bh * K + o_k, mask=m_k, other=0.0).to(tl.float32)
-        b_g = tl.load(g + i_bh * K + o_k, mask=m_k, other=0.0).to(tl.float32)
+        p_qk = i_b * stride_qk + i_h * K + o_k
+        if FUSED_GATES:
+            # q, k are the raw projections W_q x and W_f x: apply the gates here (gates.py):
+            # q = silu(W_q x) (rounded to the activation dtype, as the unfused model does),
+            # g = log(lb + (1 - lb)·sigmoid(f)) or logsigmoid(f), and k = 1 - exp(g) written
+            # without cancellation as (1 - lb)·sigmoid(-f).
+            b_qr = tl.load(q + p_qk, mask=m_k, other=0.0)
+            b_q = b_qr.to(tl.float32)
+            b_q = (b_q / (1.0 + tl.exp(-b_q))).to(b_qr.dtype).to(tl.float32) * scale
+            b_f = tl.load(k + p_qk, mask=m_k, other=0.0).to(tl.float32)
+            sig = 1.0 / (1.0 + tl.exp(-b_f))
+            b_k = 1.0 / (1.0 + tl.exp(b_f))
+            if HAS_LB:
+                b_lb = tl.load(lb + i_h * K + o_k, mask=m_k, other=0.0)
+                b_g = tl.log(b_lb + (1.0 - b_lb) * sig)
+                b_k = (1.0 - b_lb) * b_k
+            else:
+                b_g = tl.minimum(b_f, 0.0) - tl.log(1.0 + tl.exp(-tl.abs(b_f)))
+        else:
+            b_q = tl.load(q + p_qk, mask=m_k, other=0.0).to(tl.float32) * scale
+            b_k = tl.load(k + p_qk, mask=m_k, other=0.0).to(tl.float32)
+            b_g = tl.load(g + p_qk, mask=m_k, other=0.0).to(tl.float32)
         if HAS_OVERRIDE:
             b_g = tl.where(tl.load(start) != 0, override, b_g)
-        b_v = tl.load(v + i_bh * V + o_v, mask=m_v, other=0.0).to(tl.float32)
+        b_v = tl.load(v + i_b * stride_v + i_h * V + o_v, mask=m_v, other=0.0).to(tl.float32)
         p_s = s + i_bh * K * V + o_k[:, None] * V + o_v[None, :]
         m_s = m_k[:, None] & m_v[None, :]
         b_s = tl.load(p_s, mask=m_s, other=0.0)
@@ -105,16 +129,55 @@ def lasad_step_(q, k, v, g, state, start, row_start="unit", scale=None, out=None
         raise RuntimeError("the triton step backend needs triton: pip install 'lasad[gpu]'")
     B, H, K = q.shape
     V = v.shape[-1]
-    if scale is None:
-        scale = K ** -0.5
     q, k, v, g = (x.contiguous() for x in (q, k, v, g))
     if out is None:
         out = torch.empty(B, H, V, dtype=v.dtype, device=v.device)
+    _launch(q, k, v, g, None, state, out, start, row_start, scale, B, H, K, V, H * K, H * V, False)
+    return out
+
+
+def _launch(q, k, v, g, lb, state, out, start, row_start, scale, B, H, K, V, stride_qk, stride_v, fused):
+    if scale is None:
+        scale = K ** -0.5
     value = row_start_log_decay(row_start)
     BK, BV, num_warps = step_tiles(K, V, B * H)
     grid = (triton.cdiv(V, BV), B * H)
     lasad_step_kernel[grid](
-        q, k, v, g, state, out, start, 0.0 if value is None else value, scale,
-        K=K, V=V, BK=BK, BV=BV, HAS_OVERRIDE=value is not None, num_warps=num_warps,
+        q, k, v, q if g is None else g, q if lb is None else lb, state, out, start,
+        0.0 if value is None else value, scale, H, stride_qk, stride_v,
+        K=K, V=V, BK=BK, BV=BV, HAS_OVERRIDE=value is not None, FUSED_GATES=fused,
+        HAS_LB=lb is not None, num_warps=num_warps,
     )
+
+
+def lasad_fused_step_(qfv, lower_bound, state, start, row_start="unit", scale=None, out=None,
+                      backend=None):
+    """The decode step fed straight from one fused projection: gates (gates.py) + step.
+
+    Args:
+        qfv: `[B, H·K + H·K + H·V]`, the concatenated raw projections W_q x | W_f x | W_i x.
+        lower_bound: this layer's HGRN2 bound `[H·K]` fp32, or None (layer 0 / no bound).
+        state, start, row_start, scale, out, backend: as `lasad_step_`.
+    Returns:
+        o `[B, H, V]` in qfv's dtype.
+    """
+    check_mode(row_start)
+    B, _ = qfv.shape
+    H, K, V = state.shape[1], state.shape[2], state.shape[3]
+    if backend is None:
+        backend = "triton" if (qfv.is_cuda and triton is not None) else "torch"
+    if backend == "torch":
+        q, f, v = qfv.split([H * K, H * K, H * V], dim=-1)
+        g = log_decay(f.to(torch.promote_types(f.dtype, torch.float32)), lower_bound)
+        q, k, g, v = F.silu(q).unflatten(-1, (H, K)), input_gate(g).unflatten(-1, (H, K)), \
+            g.unflatten(-1, (H, K)), v.unflatten(-1, (H, V))
+        return lasad_step_(q, k, v, g, state, start, row_start, scale, out, backend="torch")
+    if state.dtype != torch.float32 or not state.is_contiguous():
+        raise ValueError(f"state must be a contiguous float32 tensor, got {state.dtype}")
+    qfv = qfv.contiguous()
+    if out is None:
+        out = torch.empty(B, H, V, dtype=qfv.dtype, device=qfv.device)
+    S = qfv.shape[1]
+    _launch(qfv, qfv[:, H * K:], qfv[:, 2 * H * K:], None, lower_bound, state, out, start, row_start,
+            scale, B, H, K, V, S, S, True)
     return out

@@ -1,0 +1,121 @@
+"""The fused decode path (cuda backend) against the unfused model: norms, SwiGLU, gates+step,
+and the whole FusedDecoder; Triton kernels run in the interpreter on a CPU."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import HAS_TRITON, assert_close, randomize_
+
+from lasad_engine import LasadConfig, LasadGen
+from lasad_engine.fused import FusedDecoder
+from lasad_engine.ops.lasad import (ROW_START_MODES, input_gate, lasad_fused_step_, lasad_step_ref_,
+                                    log_decay)
+from lasad_engine.ops.norms import rms_norm, swiglu
+
+KERNELS = ["torch"] + (["triton"] if HAS_TRITON else [])
+needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+
+
+def naive_rms(x, w, eps, groups):
+    xf = x.double().unflatten(-1, (groups, -1))
+    return (xf / (xf.pow(2).mean(-1, keepdim=True) + eps).sqrt()).flatten(-2) * w.double()
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("groups,N", [(1, 96), (4, 64), (3, 60)])
+def test_rms_norm_kernel(dtype, groups, N):
+    gen = torch.Generator().manual_seed(N)
+    x, r = (torch.randn(5, N, generator=gen).to(dtype) for _ in range(2))
+    w = (1 + 0.1 * torch.randn(N, generator=gen)).to(dtype)
+    tol = 1e-6 if dtype == torch.float32 else 1e-2
+    assert_close("torch vs naive", rms_norm(x, w, 1e-5, groups, backend="torch"), naive_rms(x, w, 1e-5, groups), tol)
+    out = rms_norm(x, w, 1e-5, groups, backend="triton")
+    assert out.dtype == dtype
+    assert_close("triton vs torch", out, rms_norm(x, w, 1e-5, groups, backend="torch"), tol)
+    (o1, h1), (o2, h2) = (rms_norm(x, w, 1e-5, groups, residual=r, backend=b) for b in ("triton", "torch"))
+    assert torch.equal(h2, x + r)
+    # (Triton's CPU interpreter truncates fp32 -> bf16 where the GPU rounds to nearest)
+    assert torch.equal(h1, h2) if dtype == torch.float32 else (h1.float() - h2.float()).abs().max() <= 0.02
+    assert_close("fused add", o1, o2, tol)
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_swiglu_kernel(dtype):
+    ab = torch.randn(3, 2 * 1300, generator=torch.Generator().manual_seed(0)).to(dtype)
+    ref = F.silu(ab[:, :1300].double()) * ab[:, 1300:].double()
+    tol = 1e-6 if dtype == torch.float32 else 1e-2
+    assert_close("torch", swiglu(ab, backend="torch"), ref, tol)
+    assert_close("triton", swiglu(ab, backend="triton"), swiglu(ab, backend="torch"), tol)
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("mode", ROW_START_MODES)
+@pytest.mark.parametrize("with_lb", [False, True])
+def test_fused_gates_and_step(kernel, mode, with_lb):
+    """One fused projection in, the same state and output as gates.py + lasad_step_."""
+    B, H, K, V = 3, 2, 24, 20
+    gen = torch.Generator().manual_seed(K + with_lb)
+    qfv = 2 * torch.randn(B, 2 * H * K + H * V, generator=gen)
+    lb = torch.rand(H * K, generator=gen) * 0.9 if with_lb else None
+    S0 = torch.randn(B, H, K, V, generator=gen)
+    for flag in (False, True):
+        start = torch.tensor([flag])
+        q, f, v = qfv.double().split([H * K, H * K, H * V], -1)
+        g = log_decay(f, None if lb is None else lb.double())
+        s_ref = S0.double().clone()
+        o_ref = lasad_step_ref_(F.silu(q).unflatten(-1, (H, K)), input_gate(g).unflatten(-1, (H, K)),
+                                v.unflatten(-1, (H, V)), g.unflatten(-1, (H, K)), s_ref, start, mode)
+        s = S0.clone()
+        o = lasad_fused_step_(qfv, lb, s, start, mode, backend=kernel)
+        assert_close("o", o, o_ref, 1e-5)
+        assert_close("state", s, s_ref, 1e-5)
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("mode,output_norm,lower_bound", [("unit", "rms", True), ("reset", "group", True),
+                                                          ("none", "rms", False)])
+def test_fused_decoder_equals_model_step(kernel, mode, output_norm, lower_bound):
+    cfg = LasadConfig.from_preset("lasad-tiny", row_start=mode, output_norm=output_norm,
+                                  use_lower_bound=lower_bound)
+    model = randomize_(LasadGen(cfg), seed=4).eval()
+    gen = torch.Generator().manual_seed(2)
+    tokens = torch.randint(0, cfg.vocab_size, (3, 20), generator=gen)
+    labels = torch.tensor([1, 2, cfg.null_class])
+    with torch.no_grad():
+        ref = model(tokens, labels)
+    decoder = FusedDecoder(model, kernel=kernel)
+    state = model.allocate_state(3)
+    outs = []
+    for p in range(20):
+        state.pos.fill_(p)
+        outs.append(decoder(labels if p == 0 else tokens[:, p - 1], state.pos, state).clone())
+    assert_close("fused decode vs parallel", torch.stack(outs, 1), ref, 1e-5)
+    with torch.no_grad():  # the model's own parameters now view the fused weights
+        assert_close("model still intact", model(tokens, labels), ref, 1e-6)
+    assert decoder.layers[0]["qfv"].data_ptr() == model.layers[0].attention.q_proj.weight.data_ptr()
+
+
+@needs_triton
+def test_fused_decoder_bf16_weights():
+    cfg = LasadConfig.from_preset("lasad-tiny")
+    model = randomize_(LasadGen(cfg), seed=4, std=0.1).eval()
+    gen = torch.Generator().manual_seed(2)
+    tokens = torch.randint(0, cfg.vocab_size, (2, 14), generator=gen)
+    labels = torch.tensor([1, 2])
+    with torch.no_grad():
+        ref = model(tokens, labels)
+    model = model.to(torch.bfloat16)
+    outs = {}
+    for name, step in (("model", lambda i, p, s: model.step(i, p, s, kernel="torch")),
+                       ("fused", FusedDecoder(model, kernel="triton"))):
+        state, res = model.allocate_state(2), []
+        for p in range(14):
+            state.pos.fill_(p)
+            res.append(step(labels if p == 0 else tokens[:, p - 1], state.pos, state).clone())
+        outs[name] = torch.stack(res, 1)
+    # Both within bf16 error of the fp32 truth. (Tighter fused-vs-model bounds are checked on the
+    # GPU: Triton's CPU interpreter truncates fp32 -> bf16 where the GPU rounds to nearest.)
+    assert_close("bf16 model step vs fp32", outs["model"], ref, 3e-2)
+    assert_close("bf16 fused vs fp32", outs["fused"], ref, 3e-2)
