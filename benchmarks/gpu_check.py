@@ -1,15 +1,18 @@
-"""Everything the foundation must show on a GPU, checked and timed in one run.
+"""Everything lasad must show on a GPU, checked and timed in one run.
 
-    python benchmarks/gpu_check.py --out DIR [--quick]
+    python benchmarks/gpu_check.py --out DIR [--stages engine,pytest,chunk,step] [--quick]
 
-1. the ceilings of this card, measured here: device-to-device copy bandwidth;
-2. the Triton step kernel vs its float64 reference at the lasad-B/L/XL/XXL head shapes and
-   batches 2, 64, 512, and its time per call (one call per layer, all layers' states distinct,
-   replayed from a CUDA graph) against the bytes it must move;
-3. fla's chunk_gla vs the torch chunked form vs the float64 loop, every row_start mode (the
-   finite floor for "reset"), forward and gradients, and the time of each at the lasad-B shape;
-4. the `gpu`-marked pytest suite.
-Writes DIR/foundation.json (raw numbers + environment) and prints a table last.
+Stages (in this order, each saved as soon as it ends):
+- engine: benchmarks/engine_bench.py — ms per image / step for lasad-B/L/XL/XXL at batch 1, 8,
+  64, 256, graph vs eager, beside the floor; cuda == torch tokens and logits; memory flat;
+- pytest: the `gpu`-marked tests (in this process, so Triton/fla compile once);
+- chunk: fla's chunk_gla vs the torch chunked form vs the float64 loop, every row_start mode
+  (the finite floor for "reset"), forward and gradients, and the time of each;
+- step: the Triton step kernel vs its float64 reference at the B/L/XL/XXL head shapes and batches
+  2, 64, 512, and its time per call (one call per layer, all layers' states distinct, replayed
+  from a CUDA graph) against the bytes it must move.
+The copy bandwidth is measured first: it is the ceiling every floor uses.
+Writes DIR/gpu_check.json (raw numbers + environment) and prints a table last.
 """
 
 from __future__ import annotations
@@ -165,7 +168,7 @@ def chunk_forms(results, quick):
             row = {"mode": mode, "width": width}
             grads = {}
             for backend in ("torch", "fla"):
-                for dtype in (torch.float32, torch.bfloat16):
+                for dtype in (torch.float32,):  # bf16 would autotune every fla kernel again
                     leaves = [x.clone().to(dtype).requires_grad_() for x in (q, f, v)]
                     qq, ff, vv = leaves
                     g = F.logsigmoid(ff.float())
@@ -177,54 +180,78 @@ def chunk_forms(results, quick):
                     (o.float() * torch.linspace(-1, 1, V, device="cuda")).sum().backward()
                     grads[tag] = [x.grad.float() for x in leaves]
             row["grad_err_fla_vs_torch_fp32"] = max(rel(a, b) for a, b in zip(grads["fla_float32"], grads["torch_float32"]))
-            row["grad_err_fla_bf16_vs_torch_fp32"] = max(rel(a, b) for a, b in zip(grads["fla_bfloat16"], grads["torch_float32"]))
             rows.append(row)
     results["chunk_forms"] = rows
 
     # speed at the lasad-B training shape: forward + backward of one layer's op
     B, T, H = (8 if quick else 32), 256, 12
     gen = torch.Generator(device="cuda").manual_seed(0)
-    x = [torch.randn(B, T, H, 64, device="cuda", generator=gen, dtype=torch.bfloat16).requires_grad_() for _ in range(3)]
+    x = [torch.randn(B, T, H, 64, device="cuda", generator=gen).requires_grad_() for _ in range(3)]
     timing = {"shape": [B, T, H, 64, 64]}
     for backend in ("torch", "fla"):
         def fwd_bwd():
             g = F.logsigmoid(x[1].float())
-            o, _ = chunk_lasad(x[0], input_gate(g).to(torch.bfloat16), x[2], g, width=16, backend=backend)
+            o, _ = chunk_lasad(x[0], input_gate(g), x[2], g, width=16, backend=backend)
             o.float().sum().backward()
         timing[f"{backend}_fwd_bwd_ms"] = cuda_time_ms(fwd_bwd, iters=10, warmup=2)
     results["chunk_speed"] = timing
 
 
 def gpu_pytest(results, out_dir):
+    import contextlib
+    import io
+
+    import pytest
     t = time.time()
-    p = subprocess.run([sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider",
-                        str(ROOT / "tests" / "test_gpu.py")], capture_output=True, text=True, cwd=ROOT)
-    (out_dir / "pytest_gpu.txt").write_text(p.stdout + p.stderr)
-    results["pytest_gpu"] = {"returncode": p.returncode, "summary": (p.stdout.strip().splitlines() or [""])[-1],
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        code = pytest.main(["-m", "gpu", "-q", "-p", "no:cacheprovider", str(ROOT / "tests" / "test_gpu.py")])
+    text = buf.getvalue()
+    (out_dir / "pytest_gpu.txt").write_text(text)
+    results["pytest_gpu"] = {"returncode": int(code), "summary": (text.strip().splitlines() or [""])[-1],
                              "seconds": round(time.time() - t, 1)}
+
+
+def engine_stage(results, quick, bw):
+    import engine_bench
+    t = time.time()
+    presets = ["lasad-B", "lasad-XL"] if quick else ["lasad-B", "lasad-L", "lasad-XL", "lasad-XXL"]
+    engine_bench.bench(results, presets, [1, 8] if quick else [1, 8, 64, 256], torch.device("cuda"), bw, quick)
+    results["engine_bench_seconds"] = round(time.time() - t, 1)
+    engine_bench.checks(results, torch.device("cuda"))
+    results["engine_seconds"] = round(time.time() - t, 1)
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=Path("out"))
     ap.add_argument("--quick", action="store_true", help="smaller sizes (a smoke run)")
+    ap.add_argument("--stages", default="engine,pytest,chunk,step")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     if not torch.cuda.is_available():
         sys.exit("gpu_check: no CUDA GPU visible to torch")
+    sys.path.insert(0, str(ROOT / "benchmarks"))
     results = {"environment": environment()}
     bw = copy_bandwidth()
     results["copy_bandwidth_TBps"] = bw
-    for stage in (lambda: step_kernel(results, (2, 64) if args.quick else (2, 64, 512), bw),
-                  lambda: chunk_forms(results, args.quick),
-                  lambda: gpu_pytest(results, args.out)):
+    stages = {
+        "engine": lambda: engine_stage(results, args.quick, bw),
+        "pytest": lambda: gpu_pytest(results, args.out),
+        "chunk": lambda: chunk_forms(results, args.quick),
+        "step": lambda: step_kernel(results, (2, 64) if args.quick else (2, 64, 512), bw),
+    }
+    for name in args.stages.split(","):
+        t = time.time()
         try:
-            stage()
+            stages[name]()
         except Exception as e:  # noqa: BLE001 - keep the other stages' numbers
             import traceback
             traceback.print_exc()
-            results.setdefault("errors", []).append(f"{type(e).__name__}: {e}")
-        (args.out / "foundation.json").write_text(json.dumps(results, indent=1))
+            results.setdefault("errors", []).append(f"{name}: {type(e).__name__}: {e}")
+        results.setdefault("stage_seconds", {})[name] = round(time.time() - t, 1)
+        (args.out / "gpu_check.json").write_text(json.dumps(results, indent=1))
+        print(f"stage {name} done in {time.time() - t:.0f} s", flush=True)
 
     print(f"\ncopy bandwidth {bw:.2f} TB/s; {results['environment']['gpu']}")
     print("step kernel: preset batch | max rel err | us/call graph (eager, torch ref) | floor us | TB/s")
@@ -232,11 +259,17 @@ def main():
         print(f"  {r['preset']:9s} {r['batch']:4d} | {r['max_rel_err']:.1e} | {r['us_per_call_graph']:7.2f} "
               f"({r['us_per_call_eager']:6.2f}, {r['us_per_call_torch_ref']:7.2f}) | {r['floor_us']:7.2f} | "
               f"{r['achieved_TBps']:.2f}")
-    print("chunk forms: mode width | o err torch / fla fp32 / fla bf16 | state err fla | grad err fla vs torch")
+    print("chunk forms: mode width | o err torch / fla fp32 | state err fla | grad err fla vs torch")
     for r in results.get("chunk_forms", []):
-        print(f"  {r['mode']:5s} {r['width']:2d} | {r['torch_float32_o_err']:.1e} / {r['fla_float32_o_err']:.1e} / "
-              f"{r['fla_bfloat16_o_err']:.1e} | {r['fla_float32_state_err']:.1e} | {r['grad_err_fla_vs_torch_fp32']:.1e}")
+        print(f"  {r['mode']:5s} {r['width']:2d} | {r['torch_float32_o_err']:.1e} / {r['fla_float32_o_err']:.1e} | "
+              f"{r['fla_float32_state_err']:.1e} | {r['grad_err_fla_vs_torch_fp32']:.1e}")
     print("chunk speed:", results.get("chunk_speed"))
+    print("engine: preset images | graph ms/image, ms/step | floor ms/step | x floor | eager fused, torch ms/step")
+    for r in results.get("engine_bench", []):
+        print(f"  {r['preset']:9s} {r['images']:4d} | {r.get('graph_ms_per_image', 0):8.2f} {r.get('graph_ms_per_step', 0):7.3f} | "
+              f"{r['floor_ms_per_step']:7.3f} | {r.get('graph_x_floor', 0):5.1f} | {r.get('eager_fused_ms_per_step', 0):7.3f} "
+              f"{r.get('eager_torch_ms_per_step', 0):7.3f}")
+    print("engine checks:", json.dumps(results.get("engine_checks")))
     print("pytest -m gpu:", results.get("pytest_gpu"))
     print("errors:", results.get("errors", "none"))
 
