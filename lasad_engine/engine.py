@@ -157,6 +157,9 @@ class CudaBackend(TorchBackend):
             raise EngineError(f"backend 'cuda' needs a CUDA device, got device={device}")
         super().__init__(model, device)
         self.use_cuda_graph = use_cuda_graph
+        # One side stream for every warm-up and capture: cuBLAS keeps a workspace per stream it
+        # has seen, so a fresh stream per capture would grow memory with every new grid.
+        self.stream = torch.cuda.Stream(device)
         if fused:
             from .fused import FusedDecoder
             self.decode = FusedDecoder(model, kernel=self.kernel)
@@ -168,7 +171,7 @@ class CudaBackend(TorchBackend):
             return
         # Warm up on a side stream (Triton compiles, cuBLAS picks kernels), then capture. Both
         # mutate the buffers, so the caller resets them afterwards.
-        stream = torch.cuda.Stream(self.device)
+        stream = self.stream
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):
             for _ in range(2):
@@ -179,7 +182,7 @@ class CudaBackend(TorchBackend):
         if self.pool is None:
             self.pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
+        with torch.cuda.graph(graph, pool=self.pool, stream=stream):
             fn()
         self.graphs[key] = graph
 

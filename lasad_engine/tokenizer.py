@@ -237,6 +237,15 @@ def _mid_blocks(channels: int, dropout: float) -> nn.ModuleList:
     ])
 
 
+def _run_level(stage: nn.Module, h: torch.Tensor, num_res_blocks: int) -> torch.Tensor:
+    """One encoder/decoder level: its res blocks, each followed by attention where it has any."""
+    for i in range(num_res_blocks):
+        h = stage.res[i](h)
+        if len(stage.attn) > 0:
+            h = stage.attn[i](h)
+    return h
+
+
 class Encoder(nn.Module):
     """Pixels -> latent (``z_channels``) at 1/f resolution. Attention only at the last level."""
 
@@ -273,10 +282,7 @@ class Encoder(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.conv_in(x)
         for level, stage in enumerate(self.conv_blocks):
-            for i in range(self.num_res_blocks):
-                h = stage.res[i](h)
-                if len(stage.attn) > 0:
-                    h = stage.attn[i](h)
+            h = _run_level(stage, h, self.num_res_blocks)
             if level != self.num_resolutions - 1:
                 h = stage.downsample(h)
         for block in self.mid:
@@ -329,10 +335,7 @@ class Decoder(nn.Module):
         for block in self.mid:
             h = block(h)
         for idx, stage in enumerate(self.conv_blocks):
-            for i in range(self.num_res_blocks):
-                h = stage.res[i](h)
-                if len(stage.attn) > 0:
-                    h = stage.attn[i](h)
+            h = _run_level(stage, h, self.num_res_blocks)
             if idx != self.num_resolutions - 1:
                 h = stage.upsample(h)
         return self.conv_out(_swish(self.norm_out(h)))
