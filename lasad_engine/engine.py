@@ -235,7 +235,7 @@ class LasadEngine:
     @property
     def state_nbytes(self) -> int:
         """Bytes of recurrent state held for max_batch images with CFG (2 rows each)."""
-        return self.buffers.state.ssm.numel() * 4
+        return self.buffers.state.state_bytes
 
     def close(self) -> None:
         """Free the graphs and the buffers."""

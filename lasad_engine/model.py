@@ -160,6 +160,11 @@ class LasadState:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.ssm, self.pos, self.width, self.logits))
 
+    @property
+    def state_bytes(self) -> int:
+        """Bytes of recurrent state (what grows with rows, never with tokens)."""
+        return self.ssm.numel() * self.ssm.element_size()
+
     def rows(self, n: int) -> "LasadState":
         """A view of the first `n` rows (same storage: no allocation, fixed addresses)."""
         return LasadState(self.ssm[:, :n], self.pos, self.width, self.logits[:n])
