@@ -44,3 +44,17 @@ def test_profile_errors_are_one_line(tmp_path):
                                   "-o", str(tmp_path / "x.json")])
     assert r.exit_code == 1 and "grid='4by4'" in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "x.json").exists()
+
+
+def test_plots_from_a_profile(tmp_path):
+    import pytest
+    pytest.importorskip("matplotlib", reason="matplotlib is not installed (pip install 'lasad[plot]')")
+    from lasad_tools.plot_profile import plot
+    out = tmp_path / "p.json"
+    r = CliRunner().invoke(main, ["--preset", "lasad-tiny", "--baseline", "kv", "--batches", "1",
+                                  "--grids", "4x4,5x7", "--iters", "1", "--warmup", "0", "--no-vq",
+                                  "--device", "cpu", "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    files = plot([out], tmp_path / "img")
+    assert [f.name for f in files] == ["step_latency.png", "memory.png", "throughput.png"]
+    assert all(f.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for f in files)
