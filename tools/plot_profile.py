@@ -51,7 +51,8 @@ def plot(paths: list[Path], out: Path) -> list[Path]:
     for ax, d in zip(axes[0], runs):
         for name, s in d["subjects"].items():
             toks = [m["tokens"] for m in s["memory"]]
-            ax.plot(toks, [m["steady_bytes"] / 2**20 for m in s["memory"]], "o-", color=COLORS[name],
+            # on a CPU there is no allocator counter: the engine buffers stand in
+            ax.plot(toks, [m.get("steady_bytes", m["buffers_bytes"]) / 2**20 for m in s["memory"]], "o-", color=COLORS[name],
                     label=f"{LABELS[name]}: decode memory")
             ax.plot(toks, [m["state_bytes"] / 2**20 for m in s["memory"]], "x--", color=COLORS[name],
                     label=f"{name}: state / cache alone")
