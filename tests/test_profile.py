@@ -58,3 +58,14 @@ def test_plots_from_a_profile(tmp_path):
     files = plot([out], tmp_path / "img")
     assert [f.name for f in files] == ["step_latency.png", "memory.png", "throughput.png"]
     assert all(f.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for f in files)
+
+
+def test_trace_is_written(tmp_path):
+    out, trace = tmp_path / "p.json", tmp_path / "trace.json"
+    r = CliRunner().invoke(main, ["--preset", "lasad-tiny", "--batches", "1", "--grids", "4x4", "--iters", "1",
+                                  "--warmup", "0", "--no-vq", "--device", "cpu", "--trace", str(trace),
+                                  "--nvtx", "--no-cuda-graph", "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    events = json.loads(trace.read_text())["traceEvents"]
+    assert any("lasad_step" in str(e.get("name", "")) or "aten::" in str(e.get("name", "")) for e in events)
+    assert json.loads(out.read_text())["cuda_graph"] is False
