@@ -62,7 +62,10 @@ def save_png(path: Path, array: np.ndarray) -> None:
         Image.fromarray(array).save(tmp, format="PNG")
 
 
-@click.command(cls=OneLineCommand, context_settings={"help_option_names": ["-h", "--help"]})
+NAME = "lasad-run"
+
+
+@click.command(NAME, cls=OneLineCommand, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("-c", "--class", "classes", multiple=True, metavar="ID|NAME",
               help="Class to draw (repeatable): an id, or a name where the checkpoint carries names.")
 @click.option("-n", "--num-samples", default=4, show_default=True, type=click.IntRange(min=1),

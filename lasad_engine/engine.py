@@ -199,14 +199,27 @@ class CudaBackend(TorchBackend):
 
 
 def make_backend(name: str, model: LasadGen, device: torch.device, use_cuda_graph: bool = True,
-                 fused: bool = True):
+                 fused: bool = True, onnx_path=None):
     if name == "torch":
         return TorchBackend(model, device)
     if name == "cuda":
         return CudaBackend(model, device, use_cuda_graph, fused)
-    if name in ("onnxruntime", "tensorrt"):
-        raise EngineError(f"backend {name!r} runs an exported decode step; it needs lasad-export "
-                          f"(not available in this version); use one of: torch, cuda")
+    if name == "onnxruntime":
+        if onnx_path is None:
+            raise EngineError("backend 'onnxruntime' runs an exported decode step: "
+                              "lasad-export CKPT step.onnx, then load step.onnx")
+        from .ort import OnnxRuntimeBackend
+        return OnnxRuntimeBackend(model, device, onnx_path)
+    if name == "tensorrt":
+        try:
+            import tensorrt  # noqa: F401
+        except ImportError:
+            raise EngineError("backend 'tensorrt' needs NVIDIA TensorRT >= 10.8 on a GPU it supports: "
+                              "pip install 'lasad[tensorrt]'; or use one of: torch, cuda, onnxruntime") from None
+        if onnx_path is None or str(onnx_path).endswith(".onnx"):
+            raise EngineError("backend 'tensorrt' runs an engine.plan: lasad-export CKPT engine.plan, then load it")
+        from .trt import TensorRTBackend
+        return TensorRTBackend(model, device, onnx_path, use_cuda_graph)
     raise EngineError(f"backend={name!r} is not one of {', '.join(BACKENDS)}")
 
 
@@ -219,12 +232,12 @@ class LasadEngine:
     """
 
     def __init__(self, model: LasadGen, *, backend: str = "torch", device=None, max_batch: int = 8,
-                 use_cuda_graph: bool = True, fused: bool = True):
+                 use_cuda_graph: bool = True, fused: bool = True, onnx_path=None):
         if max_batch < 1:
             raise EngineError(f"max_batch={max_batch} must be >= 1")
         self.model = model.eval()
         self.device = torch.device(device) if device is not None else model.output.weight.device
-        self.backend = make_backend(backend, model, self.device, use_cuda_graph, fused)
+        self.backend = make_backend(backend, model, self.device, use_cuda_graph, fused, onnx_path)
         self.buffers = DecodeBuffers(model, max_batch, self.device)
         self._views: dict[int, LasadState] = {}
 

@@ -48,16 +48,27 @@ class FusedDecoder:
         self.norms = [layer.attention_norm.weight for layer in model.layers] + [model.norm.weight]
         self.eps, self.mode = cfg.norm_eps, cfg.row_start
 
-    @torch.no_grad()
-    def __call__(self, ids: torch.Tensor, pos: torch.Tensor, state: LasadState, kernel=None) -> torch.Tensor:
+    def run(self, ids, pos, width, states, step):
+        """The step, with the LASAD op supplied by the caller:
+        `step(qfv, lower_bound, state_i, start) -> (o [B, H, V], new state_i)`.
+        Returns (logits `[B, vocab]` in the weights' dtype, the new per-layer states)."""
         k = self.kernel
-        start = row_start_mask(pos, state.width)
+        start = row_start_mask(pos, width)
         x = self.model.embed_step(ids, pos)
         n = rms_norm(x, self.norms[0], self.eps, backend=k)
+        new_states = []
         for i, p in enumerate(self.layers):
-            o = lasad_fused_step_(F.linear(n, p["qfv"]), p["lb"], state.ssm[i], start, self.mode, backend=k)
+            o, s = step(F.linear(n, p["qfv"]), p["lb"], states[i], start)
+            new_states.append(s)
             o = rms_norm(o.flatten(-2), p["g_norm"].weight, self.eps, p["g_norm"].groups, backend=k)
             n, h = rms_norm(F.linear(o, p["o"]), p["ffn_norm"], self.eps, residual=x, backend=k)
             f = F.linear(swiglu(F.linear(n, p["w13"]), backend=k), p["w2"])
             n, x = rms_norm(f, self.norms[i + 1], self.eps, residual=h, backend=k)
-        return state.logits.copy_(F.linear(n, self.model.output.weight))
+        return F.linear(n, self.model.output.weight), new_states
+
+    @torch.no_grad()
+    def __call__(self, ids: torch.Tensor, pos: torch.Tensor, state: LasadState, kernel=None) -> torch.Tensor:
+        def in_place(qfv, lb, s, start):
+            return lasad_fused_step_(qfv, lb, s, start, self.mode, backend=self.kernel), s
+        logits, _ = self.run(ids, pos, state.width, state.ssm, in_place)
+        return state.logits.copy_(logits)

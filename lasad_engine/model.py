@@ -18,8 +18,8 @@ import torch.nn.functional as F
 
 from .config import LasadConfig
 from .ops.norms import rms_norm, silu_mul
-from .ops.lasad import (chunk_lasad, input_gate, lasad_step_, layer_lower_bounds, log_decay,
-                        naive_recurrent_lasad, row_start_mask)
+from .ops.lasad import (chunk_lasad, gates, lasad_step_, layer_lower_bounds, naive_recurrent_lasad,
+                        row_start_mask)
 
 FORWARD_OPS = ("chunk", "naive")
 
@@ -78,8 +78,8 @@ class LasadAttention(nn.Module):
         H = self.cfg.n_head
         q = F.silu(self.q_proj(x)).unflatten(-1, (H, -1))
         f = self.f_proj(x)
-        g = log_decay(f.to(_at_least_fp32(f.dtype)), lower_bound).unflatten(-1, (H, -1))
-        k = input_gate(g)  # from the unmasked g: the row-start override changes the decay only
+        # k comes from the unmasked gate: the row-start override changes the decay only
+        g, k = (t.unflatten(-1, (H, -1)) for t in gates(f.to(_at_least_fp32(f.dtype)), lower_bound))
         v = self.i_proj(x).unflatten(-1, (H, -1))
         return q, k, v, g
 

@@ -50,13 +50,14 @@ class LasadPipeline:
     """
 
     def __init__(self, model: LasadGen, tokenizer=None, *, backend: str | None = None, device=None,
-                 max_batch: int = 8, use_cuda_graph: bool = True):
+                 max_batch: int = 8, use_cuda_graph: bool = True, onnx_path=None):
         self.device = resolve_device(device)
         backend = backend or ("cuda" if self.device.type == "cuda" else "torch")
-        self.model = model.to(self.device).eval()
+        on_meta = model.output.weight.device.type == "meta"  # an exported step carries the weights
+        self.model = (model if on_meta else model.to(self.device)).eval()
         self.tokenizer = tokenizer.to(self.device).eval() if tokenizer is not None else None
         self.engine = LasadEngine(self.model, backend=backend, device=self.device, max_batch=max_batch,
-                                  use_cuda_graph=use_cuda_graph)
+                                  use_cuda_graph=use_cuda_graph, onnx_path=onnx_path)
         self.backend = backend
 
     @classmethod
@@ -81,7 +82,27 @@ class LasadPipeline:
         if precision not in PRECISIONS:
             raise EngineError(f"precision={precision!r} is not one of {', '.join(PRECISIONS)}")
         path = Path(path) if path is not None else DEFAULT_CHECKPOINT
-        model = load_checkpoint(path, device=device, dtype=PRECISIONS[precision])
+        onnx_path = None
+        if path.suffix == ".plan":  # a TensorRT plan: config and meta in the engine.json beside it
+            from .trt import read_plan_config
+            cfg, record = read_plan_config(path)
+            backend = backend or "tensorrt"
+            with torch.device("meta"):
+                model = LasadGen(cfg)
+            model.checkpoint_meta, onnx_path = record.get("meta", {}), path
+        elif path.suffix == ".onnx":  # an exported step: the model's weights live in the graph
+            from .ort import read_onnx_config
+            cfg, meta, _ = read_onnx_config(path)
+            backend = backend or "onnxruntime"
+            if backend != "onnxruntime":
+                raise EngineError(f"{path} is an exported step: it runs with backend onnxruntime, not {backend}")
+            with torch.device("meta"):
+                model = LasadGen(cfg)
+            model.checkpoint_meta, onnx_path = meta, path
+            from .checkpoint import file_fingerprint
+            model.checkpoint_id = file_fingerprint(path)
+        else:
+            model = load_checkpoint(path, device=device, dtype=PRECISIONS[precision])
         vq = tokenizer or model.checkpoint_meta.get("tokenizer")
         tok = None
         if vq is not None:
@@ -94,7 +115,8 @@ class LasadPipeline:
                 tok = load_tokenizer(vq, device=device)
             except ValueError as e:
                 raise CheckpointError(str(e)) from None
-        pipe = cls(model, tok, backend=backend, device=device, max_batch=max_batch, use_cuda_graph=use_cuda_graph)
+        pipe = cls(model, tok, backend=backend, device=device, max_batch=max_batch, use_cuda_graph=use_cuda_graph,
+                   onnx_path=onnx_path)
         pipe.checkpoint_path = path
         return pipe
 

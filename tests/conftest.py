@@ -20,11 +20,22 @@ except ImportError:
     HAS_TRITON = False
 
 
+try:
+    import tensorrt  # noqa: F401
+    HAS_TENSORRT = HAS_CUDA
+except ImportError:
+    HAS_TENSORRT = False
+
+
 def pytest_collection_modifyitems(config, items):
     skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU; none is visible to torch on this machine")
+    skip_trt = pytest.mark.skip(reason="needs NVIDIA TensorRT >= 10.8 and a GPU it supports (not installable "
+                                       "here: see ARCHITECTURE.md)")
     for item in items:
         if "gpu" in item.keywords and not HAS_CUDA:
             item.add_marker(skip_gpu)
+        if "tensorrt" in item.keywords and not HAS_TENSORRT:
+            item.add_marker(skip_trt)
 
 
 def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from conftest import HAS_TRITON, assert_close
 
-from lasad_engine.ops.lasad import (RESET_LOG_DECAY_FLOOR, ROW_START_MODES, apply_row_start,
+from lasad_engine.ops.lasad import (RESET_LOG_DECAY_FLOOR, ROW_START_MODES, apply_row_start, gates,
                                     chunk_lasad, input_gate, lasad_step_, lasad_step_ref_,
                                     layer_lower_bounds, log_decay, naive_recurrent_lasad,
                                     row_start_mask)
@@ -72,6 +72,10 @@ def test_gates_against_formulas():
     assert_close("bounded", g, torch.log(lb + (1 - lb) / (1 + torch.exp(-f))), 1e-12)
     assert_close("unbounded", log_decay(f, None), -torch.log1p(torch.exp(-f)), 1e-12)
     assert_close("input gate", input_gate(g), 1 - g.exp(), 1e-12)
+    g2, k2 = gates(f, lb)
+    assert torch.equal(g2, g)
+    assert_close("k without cancellation", k2, 1 - g.exp(), 1e-12)
+    assert_close("k, no bound", gates(f, None)[1], 1 - log_decay(f, None).exp(), 1e-12)
     raw = torch.randn(6, 12, dtype=torch.float64)
     bounds = layer_lower_bounds(raw)
     p = raw.exp() / raw.exp().sum(0)

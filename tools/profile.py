@@ -252,7 +252,10 @@ def parse_list(text: str, kind=int) -> list:
         raise click.BadParameter(f"{text!r} is not a comma-separated list") from None
 
 
-@click.command(cls=OneLineCommand, context_settings={"help_option_names": ["-h", "--help"]})
+NAME = "lasad-profile"
+
+
+@click.command(NAME, cls=OneLineCommand, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--preset", default="lasad-B", show_default=True,
               type=click.Choice(["lasad-B", "lasad-L", "lasad-XL", "lasad-XXL", "lasad-S", "lasad-tiny"],
                                 case_sensitive=False), help="Shape to profile with random weights.")

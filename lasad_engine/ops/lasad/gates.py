@@ -31,3 +31,14 @@ def input_gate(g: torch.Tensor) -> torch.Tensor:
     """k = 1 - exp(g): HGRN2 ties the input gate to the forget gate. Always computed from the
     unmasked g (a row-start override must not change what a token writes)."""
     return -torch.expm1(g)
+
+
+def gates(f: torch.Tensor, lower_bound: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(g, k) from the forget-gate pre-activation f: g = log_decay(f, lower_bound) and
+    k = 1 - exp(g), written without cancellation as (1 - lb)·sigmoid(-f) (exactly equal: 1 - lb -
+    (1 - lb)·sigmoid(f)). Standard ops only, so it exports to ONNX; the Triton kernel computes
+    the same expression."""
+    k = torch.sigmoid(-f)
+    if lower_bound is not None:
+        k = (1 - lower_bound) * k
+    return log_decay(f, lower_bound), k

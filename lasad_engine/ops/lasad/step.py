@@ -20,7 +20,7 @@ import torch
 
 import torch.nn.functional as F
 
-from .gates import input_gate, log_decay
+from .gates import gates
 from .mask import check_mode, row_start_log_decay
 
 try:  # triton is optional: CPU installs run the torch reference
@@ -32,8 +32,9 @@ except ImportError:  # pragma: no cover - exercised on installs without triton
 STEP_BACKENDS = ("torch", "triton")
 
 
-def lasad_step_ref_(q, k, v, g, state, start, row_start, scale=None, out=None):
-    """Torch reference of the step: decay, rank-1 update, readout; `state` is updated in place.
+def lasad_step_functional(q, k, v, g, state, start, row_start, scale=None):
+    """The step without side effects: returns (o `[B, H, V]` in v's dtype, new state). This is
+    the definition; the in-place reference and the exported (ONNX) step are built on it.
     Computes in the state's dtype (fp32, or fp64 for a float64 reference)."""
     K = q.shape[-1]
     if scale is None:
@@ -43,24 +44,38 @@ def lasad_step_ref_(q, k, v, g, state, start, row_start, scale=None, out=None):
     g = g.to(acc)
     if value is not None:
         g = torch.where(start.reshape(1, 1, 1), torch.full((), value, dtype=acc, device=g.device), g)
-    state.mul_(g.exp()[..., None]).add_(k.to(acc)[..., None] * v.to(acc)[..., None, :])
-    o = torch.einsum("bhk,bhkv->bhv", q.to(acc) * scale, state)
-    if out is None:
-        return o.to(v.dtype)
-    return out.copy_(o)
+    new = state * g.exp()[..., None] + k.to(acc)[..., None] * v.to(acc)[..., None, :]
+    o = ((q.to(acc) * scale)[..., None, :] @ new)[..., 0, :]     # [B, H, 1, K] @ [B, H, K, V]
+    return o.to(v.dtype), new
+
+
+def lasad_step_ref_(q, k, v, g, state, start, row_start, scale=None, out=None):
+    """Torch reference of the step: decay, rank-1 update, readout; `state` is updated in place."""
+    o, new = lasad_step_functional(q, k, v, g, state, start, row_start, scale)
+    state.copy_(new)
+    return o if out is None else out.copy_(o)
+
+
+def fused_gates(qfv, lower_bound, H, K, V):
+    """Split the fused projection W_q x | W_f x | W_i x `[B, 2HK + HV]` and apply the gates:
+    q, k, g `[B, H, K]` (k, g fp32) and v `[B, H, V]` (gates.py; the Triton kernel's twin)."""
+    q, f, v = qfv.split([H * K, H * K, H * V], dim=-1)
+    g, k = gates(f.to(torch.promote_types(f.dtype, torch.float32)), lower_bound)
+    return (F.silu(q).unflatten(-1, (H, K)), k.unflatten(-1, (H, K)), v.unflatten(-1, (H, V)),
+            g.unflatten(-1, (H, K)))
 
 
 if triton is not None:
 
     @triton.jit
-    def lasad_step_kernel(
-        q, k, v, g, lb, s, o, start, override, scale, H, stride_qk, stride_v,
+    def _lasad_step_body(
+        q, k, v, g, lb, s_in, s_out, o, start, override, scale, H, stride_qk, stride_v,
         K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
         HAS_OVERRIDE: tl.constexpr, FUSED_GATES: tl.constexpr, HAS_LB: tl.constexpr,
     ):
         # One program: one (row, head) pair and one BV-wide slice of the value dim, the whole key
-        # dim (BK ≥ K). Slices are disjoint, so the in-place update needs no synchronisation.
-        # Rows of q/k/g (and v) are `stride_qk` (`stride_v`) elements apart, heads K (V) apart.
+        # dim (BK ≥ K). Slices are disjoint, so an in-place update (s_out == s_in) needs no
+        # synchronisation. Rows of q/k/g (and v) are `stride_qk` (`stride_v`) elements apart.
         i_v, i_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
         i_b, i_h = i_bh // H, i_bh % H
         o_k = tl.arange(0, BK)
@@ -68,10 +83,9 @@ if triton is not None:
         m_k, m_v = o_k < K, o_v < V
         p_qk = i_b * stride_qk + i_h * K + o_k
         if FUSED_GATES:
-            # q, k are the raw projections W_q x and W_f x: apply the gates here (gates.py):
+            # q, k are the raw projections W_q x and W_f x: apply the gates here (gates.gates):
             # q = silu(W_q x) (rounded to the activation dtype, as the unfused model does),
-            # g = log(lb + (1 - lb)·sigmoid(f)) or logsigmoid(f), and k = 1 - exp(g) written
-            # without cancellation as (1 - lb)·sigmoid(-f).
+            # g = log(lb + (1 - lb)·sigmoid(f)) or logsigmoid(f), k = (1 - lb)·sigmoid(-f).
             b_qr = tl.load(q + p_qk, mask=m_k, other=0.0)
             b_q = b_qr.to(tl.float32)
             b_q = (b_q / (1.0 + tl.exp(-b_q))).to(b_qr.dtype).to(tl.float32) * scale
@@ -91,13 +105,34 @@ if triton is not None:
         if HAS_OVERRIDE:
             b_g = tl.where(tl.load(start) != 0, override, b_g)
         b_v = tl.load(v + i_b * stride_v + i_h * V + o_v, mask=m_v, other=0.0).to(tl.float32)
-        p_s = s + i_bh * K * V + o_k[:, None] * V + o_v[None, :]
+        off_s = i_bh * K * V + o_k[:, None] * V + o_v[None, :]
         m_s = m_k[:, None] & m_v[None, :]
-        b_s = tl.load(p_s, mask=m_s, other=0.0)
+        b_s = tl.load(s_in + off_s, mask=m_s, other=0.0)
         b_s = b_s * tl.exp(b_g)[:, None] + b_k[:, None] * b_v[None, :]
-        tl.store(p_s, b_s, mask=m_s)
+        tl.store(s_out + off_s, b_s, mask=m_s)
         b_o = tl.sum(b_s * b_q[:, None], axis=0)
         tl.store(o + i_bh * V + o_v, b_o.to(o.dtype.element_ty), mask=m_v)
+
+    @triton.jit
+    def lasad_step_kernel(
+        q, k, v, g, lb, s, o, start, override, scale, H, stride_qk, stride_v,
+        K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+        HAS_OVERRIDE: tl.constexpr, FUSED_GATES: tl.constexpr, HAS_LB: tl.constexpr,
+    ):
+        """The engine's launch: state updated in place."""
+        _lasad_step_body(q, k, v, g, lb, s, s, o, start, override, scale, H, stride_qk, stride_v,
+                         K, V, BK, BV, HAS_OVERRIDE, FUSED_GATES, HAS_LB)
+
+    @triton.jit
+    def lasad_step_plugin_kernel(
+        qfv, lb, past, start, H, S, o, present,
+        K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+        HAS_OVERRIDE: tl.constexpr, OVERRIDE: tl.constexpr, SCALE: tl.constexpr, HAS_LB: tl.constexpr,
+    ):
+        """The TensorRT plugin's launch (ahead-of-time): the LasadStep node's I/O in contract order
+        (inputs, int32 scalars, outputs), float settings as constants. `present` may alias `past`."""
+        _lasad_step_body(qfv, qfv + H * K, qfv + 2 * H * K, qfv, lb, past, present, o, start, OVERRIDE,
+                         SCALE, H, S, S, K, V, BK, BV, HAS_OVERRIDE, True, HAS_LB)
 
 
 def step_tiles(K: int, V: int, rows: int) -> tuple[int, int, int]:
@@ -167,10 +202,7 @@ def lasad_fused_step_(qfv, lower_bound, state, start, row_start="unit", scale=No
     if backend is None:
         backend = "triton" if (qfv.is_cuda and triton is not None) else "torch"
     if backend == "torch":
-        q, f, v = qfv.split([H * K, H * K, H * V], dim=-1)
-        g = log_decay(f.to(torch.promote_types(f.dtype, torch.float32)), lower_bound)
-        q, k, g, v = F.silu(q).unflatten(-1, (H, K)), input_gate(g).unflatten(-1, (H, K)), \
-            g.unflatten(-1, (H, K)), v.unflatten(-1, (H, V))
+        q, k, v, g = fused_gates(qfv, lower_bound, H, K, V)
         return lasad_step_(q, k, v, g, state, start, row_start, scale, out, backend="torch")
     if state.dtype != torch.float32 or not state.is_contiguous():
         raise ValueError(f"state must be a contiguous float32 tensor, got {state.dtype}")

@@ -1,0 +1,77 @@
+"""The `tensorrt` backend: runs engine.plan (built by `lasad-export CKPT engine.plan`) with the
+LasadStep plugin, its enqueue captured in a CUDA graph like the cuda backend's step.
+
+Before deserialising, the plan's fingerprint (`engine.json`: TensorRT, CUDA, GPU, opset, plugin)
+is compared with this machine; a mismatch raises `PlanMismatch` ("rebuild with lasad-export ...",
+exit 3 from the CLIs). Tensor addresses are bound once to the engine's buffers: each layer's
+`present_state.{i}` gets the address of `past_state.{i}` (the plugin declares the alias), so the
+state is updated in place. Written against the TensorRT >= 10 Python API; it cannot run on our
+machines (ARCHITECTURE.md), so its tests carry the `tensorrt` marker.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from lasad_plugins import contract as C
+
+from .engine import CudaBackend, EngineError
+from .model import LasadGen, LasadState
+
+
+def read_plan_config(plan: str | os.PathLike):
+    """(LasadConfig, fingerprint record) from the engine.json beside a plan."""
+    from .config import LasadConfig
+    path = Path(plan).with_suffix(".json")
+    if not path.is_file():
+        raise EngineError(f"{plan}: no {path.name} beside it; rebuild with lasad-export CKPT {plan}")
+    record = json.loads(path.read_text())
+    return LasadConfig.from_dict(record["config"]), record
+
+
+class TensorRTBackend(CudaBackend):
+    name = "tensorrt"
+
+    def __init__(self, model: LasadGen, device: torch.device, plan_path: str | os.PathLike,
+                 use_cuda_graph: bool = True):
+        super().__init__(model, device, use_cuda_graph, fused=False)
+        import tensorrt as trt
+
+        from lasad_plugins.lasad_step.defs import register
+        from lasad_tools.trt_build import check_fingerprint, current_fingerprint
+        _, record = read_plan_config(plan_path)
+        check_fingerprint(plan_path, current_fingerprint(record["opset"]), f"lasad-export CKPT {plan_path}")
+        register()
+        self.runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+        self.engine = self.runtime.deserialize_cuda_engine(Path(plan_path).read_bytes())
+        if self.engine is None:
+            raise EngineError(f"{plan_path}: TensorRT could not deserialise the plan; rebuild with lasad-export")
+        self.context = self.engine.create_execution_context()
+        self.bound = None
+
+    def _bind(self, ids, state: LasadState):
+        rows = ids.shape[0]
+        key = (rows, ids.data_ptr(), state.ssm.data_ptr(), state.logits.data_ptr())
+        if self.bound == key:
+            return
+        ctx = self.context
+        for name, t in (("ids", ids), ("pos", state.pos), ("width", state.width)):
+            ctx.set_input_shape(name, tuple(t.shape))
+            ctx.set_tensor_address(name, t.data_ptr())
+        ctx.set_tensor_address("logits", state.logits.data_ptr())
+        for i in range(self.model.config.n_layer):
+            layer = state.ssm[i]  # [rows, H, K, V], contiguous
+            ctx.set_input_shape(C.PAST_STATE.format(i), tuple(layer.shape))
+            ctx.set_tensor_address(C.PAST_STATE.format(i), layer.data_ptr())
+            ctx.set_tensor_address(C.PRESENT_STATE.format(i), layer.data_ptr())  # aliased: in place
+        self.bound = key
+
+    def decode(self, ids: torch.Tensor, pos: torch.Tensor, state: LasadState) -> torch.Tensor:
+        self._bind(ids, state)
+        if not self.context.execute_async_v3(torch.cuda.current_stream(self.device).cuda_stream):
+            raise EngineError("TensorRT enqueue failed")
+        return state.logits

@@ -1,0 +1,52 @@
+"""The LasadStep custom op, defined once for the exporter, the onnxruntime implementation and the
+TensorRT plugin.
+
+One node per layer: the fused projection in, the gates (HGRN2, SPEC §3 steps 1–4), the spatial-
+aware decay and the state update (steps 5–7) inside, the per-head readout and the new state out.
+It computes what `lasad_engine.ops.lasad.lasad_fused_step_` computes (Triton kernel
+`lasad_step_kernel` with FUSED_GATES), functionally: present_state is a new tensor in ONNX, and
+an alias of past_state in the TensorRT plugin.
+
+| # | input | shape | dtype |
+|---|---|---|---|
+| 0 | qfv | [rows, 2·H·K + H·V] | activation (fp32 / fp16 / bf16) |
+| 1 | lower_bound | [H·K] | fp32 (zeros when has_lower_bound = 0) |
+| 2 | past_state | [rows, H, K, V] | fp32 |
+| 3 | start | [1] | bool: this position starts an image row |
+
+| # | output | shape | dtype |
+|---|---|---|---|
+| 0 | o | [rows, H, V] | activation |
+| 1 | present_state | [rows, H, K, V] | fp32 (aliases past_state in TensorRT) |
+"""
+
+OP_TYPE = "LasadStep"
+DOMAIN = "ai.lasad"          # ONNX domain of the node
+OP_VERSION = 1               # ONNX opset version of DOMAIN, and the plugin version
+PLUGIN_NAMESPACE = "lasad"   # TensorRT plugin namespace (the node carries it as plugin_namespace)
+PLUGIN_VERSION = str(OP_VERSION)
+
+INPUTS = ("qfv", "lower_bound", "past_state", "start")
+OUTPUTS = ("o", "present_state")
+ALIASES = {"present_state": "past_state"}  # output -> input it may overwrite in place
+
+# Attributes: name -> (type, meaning). The TensorRT plugin's fields are exactly these.
+ATTRIBUTES = {
+    "num_heads": ("int", "H"),
+    "head_k_dim": ("int", "K (d_k)"),
+    "head_v_dim": ("int", "V (d_v)"),
+    "row_start": ("int", "0 = none, 1 = unit, 2 = reset (ROW_START_CODES)"),
+    "has_lower_bound": ("int", "1: g = log(lb + (1 - lb)·sigmoid(f)); 0: g = logsigmoid(f)"),
+    "scale": ("float", "query scale, K ** -0.5"),
+}
+# Carried by the node for TensorRT's ONNX parser (it finds the plugin by op type + these); they are
+# not plugin fields, and the onnxruntime implementation ignores them.
+PARSER_ATTRIBUTES = {"plugin_namespace": PLUGIN_NAMESPACE, "plugin_version": PLUGIN_VERSION}
+ROW_START_CODES = {"none": 0, "unit": 1, "reset": 2}
+ROW_START_NAMES = {v: k for k, v in ROW_START_CODES.items()}
+
+# Per-layer state I/O names of the exported step graph.
+PAST_STATE = "past_state.{}"
+PRESENT_STATE = "present_state.{}"
+GRAPH_INPUTS = ("ids", "pos", "width")
+GRAPH_OUTPUTS = ("logits",)

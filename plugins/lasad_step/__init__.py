@@ -1,0 +1,1 @@
+"""The LasadStep TensorRT plugin (Quick Deployable Plugin, ahead-of-time Triton kernel)."""

@@ -1,0 +1,87 @@
+"""`lasad-export CKPT OUT`: the decode step as ONNX (`.onnx`) or as a TensorRT plan (`.plan`).
+
+    lasad-export ckpt.pt step.onnx                 # LasadStep custom node (+ step.sampler.onnx)
+    lasad-export ckpt.pt step.onnx --portable      # standard ONNX ops only
+    lasad-export ckpt.pt engine.plan --onnx-dir build/onnx --timing-cache build/trt.cache
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+import click
+
+from lasad_engine.cli import OneLineCommand
+
+FORMATS = ("onnx", "plan")
+TENSORRT_HINT = ("building a .plan needs NVIDIA TensorRT >= 10.8 with its Python plugin API and a GPU it "
+                 "supports: pip install 'lasad[tensorrt]' (or export ONNX: lasad-export CKPT step.onnx)")
+
+
+NAME = "lasad-export"
+
+
+@click.command(NAME, cls=OneLineCommand, context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("checkpoint", type=click.Path(path_type=Path))
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option("--format", "fmt", type=click.Choice(FORMATS), default=None, help="Default: from OUT's suffix.")
+@click.option("--portable", is_flag=True, help="The LASAD step in standard ONNX ops instead of the LasadStep node.")
+@click.option("--max-batch", default=8, show_default=True, type=click.IntRange(min=1),
+              help="Images per step; the graph takes up to 2x this many rows (CFG).")
+@click.option("--opset", default=17, show_default=True, type=click.IntRange(14, 21))
+@click.option("--sampler/--no-sampler", default=True, show_default=True,
+              help="Also write OUT's stem + .sampler.onnx (ONNX output only).")
+@click.option("--temperature", default=1.0, show_default=True, type=click.FloatRange(min=0))
+@click.option("--top-k", default=0, show_default=True, type=click.IntRange(min=0))
+@click.option("--top-p", default=1.0, show_default=True, type=click.FloatRange(0, 1, min_open=True))
+@click.option("--onnx-dir", type=click.Path(path_type=Path), default=None,
+              help="For .plan: keep the intermediate ONNX here.")
+@click.option("--timing-cache", type=click.Path(path_type=Path), default=None, help="For .plan: TensorRT timing cache.")
+@click.option("--force", is_flag=True, help="Replace OUT if it exists.")
+@click.option("-v", "--verbose", is_flag=True, help="TensorRT builder log.")
+def main(checkpoint, out, fmt, portable, max_batch, opset, sampler, temperature, top_k, top_p, onnx_dir,
+         timing_cache, force, verbose):
+    """Export one LASADGen decode step (ids, pos, width, past states -> logits, present states)."""
+    fmt = fmt or {".onnx": "onnx", ".plan": "plan"}.get(out.suffix.lower())
+    if fmt is None:
+        raise click.UsageError(f"OUT {str(out)!r} must end in .onnx or .plan (or pass --format onnx|plan)")
+    if fmt == "plan":
+        try:
+            import tensorrt  # noqa: F401
+            import tensorrt.plugin  # noqa: F401
+        except ImportError:
+            raise click.ClickException(TENSORRT_HINT) from None
+    if out.exists() and not force:
+        raise click.ClickException(f"{out} exists; pass --force to replace it")
+    from lasad_engine.checkpoint import file_fingerprint, load_checkpoint
+
+    from .onnx_export import export_sampler, export_step
+    model = load_checkpoint(checkpoint)
+    meta = {**model.checkpoint_meta, "checkpoint_sha256": file_fingerprint(checkpoint)}
+    if "tokenizer" in meta:  # keep the tokenizer reachable from the exported file's folder
+        tok = (Path(checkpoint).parent / meta["tokenizer"]).resolve()
+        meta["tokenizer"] = str(tok)
+    if fmt == "onnx":
+        export_step(model, out, portable=portable, max_batch=max_batch, opset=opset, meta=meta)
+        written = [str(out)]
+        if sampler:
+            s = out.with_name(out.stem + ".sampler.onnx")
+            export_sampler(s, vocab=model.config.vocab_size, max_batch=max_batch, temperature=temperature,
+                           top_k=top_k, top_p=top_p, opset=opset)
+            written.append(str(s))
+        click.echo(json.dumps({"written": written, "form": "portable" if portable else "custom",
+                               "opset": opset, "max_batch": max_batch}))
+        return
+    from .trt_build import build_plan
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = onnx_dir or Path(tmp)
+        step = export_step(model, Path(folder) / (out.stem + ".onnx"), portable=portable, max_batch=max_batch,
+                           opset=opset, meta=meta)
+        build_plan(step, out, max_rows=2 * max_batch, opset=opset, timing_cache=timing_cache, verbose=verbose)
+    click.echo(json.dumps({"written": [str(out), str(out.with_suffix(".json"))], "opset": opset}))
+
+
+if __name__ == "__main__":
+    main()

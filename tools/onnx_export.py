@@ -1,0 +1,185 @@
+"""Export one LASADGen decode step (and the sampler) as ONNX.
+
+The step graph follows the step contract (docs/ARCHITECTURE): inputs `ids` int64 [rows], `pos`
+int64 [1], `width` int64 [1], `past_state.{i}` fp32 [rows, H, K, V] per layer; outputs `logits`
+fp32 [rows, vocab] and `present_state.{i}`. `rows` is a dynamic axis (up to 2 × max_batch with
+CFG). It is the cuda backend's fused step (`FusedDecoder.run`), traced with the LASAD op as
+- the custom node `ai.lasad::LasadStep` (contract in `lasad_plugins.contract`), one per layer, or
+- `portable=True`: the same step in standard ONNX ops (the torch definition, traced).
+
+The sampler is a second small graph (`<name>.sampler.onnx`): logits, noise, cfg_scale,
+cfg_active -> ids. It is separate because its settings (temperature, top-k, top-p) are fixed
+per export while the step is not, so one step graph serves every sampler, and because the step
+is the part a TensorRT plugin accelerates.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+
+from lasad_engine.fused import FusedDecoder
+from lasad_engine.io import atomic_path
+from lasad_engine.model import LasadGen
+from lasad_engine.ops.lasad import fused_gates, lasad_step_functional
+from lasad_engine.sampling import sample
+from lasad_plugins import contract as C
+
+EXTERNAL_DATA_THRESHOLD = 2 << 30  # protobuf's 2 GB limit
+
+
+class LasadStepOp(torch.autograd.Function):
+    """The LASAD step of one layer; exports as one `ai.lasad::LasadStep` node."""
+
+    @staticmethod
+    def forward(ctx, qfv, lb, past, start, H, K, V, row_start, has_lb, scale):
+        q, k, v, g = fused_gates(qfv, lb if has_lb else None, H, K, V)
+        return lasad_step_functional(q, k, v, g, past, start, C.ROW_START_NAMES[row_start], scale)
+
+    @staticmethod
+    def symbolic(g, qfv, lb, past, start, H, K, V, row_start, has_lb, scale):
+        o, present = g.op(f"{C.DOMAIN}::{C.OP_TYPE}", qfv, lb, past, start, num_heads_i=H, head_k_dim_i=K,
+                          head_v_dim_i=V, row_start_i=row_start, has_lower_bound_i=has_lb, scale_f=scale,
+                          plugin_namespace_s=C.PLUGIN_NAMESPACE, plugin_version_s=C.PLUGIN_VERSION, outputs=2)
+        present.setType(past.type())
+        return o, present
+
+
+class StepGraph(torch.nn.Module):
+    def __init__(self, model: LasadGen, portable: bool):
+        super().__init__()
+        model.requires_grad_(False)  # the weights become initialisers, not trainable inputs
+        self.decoder = FusedDecoder(model, kernel="torch")
+        cfg = model.config
+        self.H, self.K, self.V = cfg.n_head, cfg.head_k_dim, cfg.head_v_dim
+        self.mode, self.portable = cfg.row_start, portable
+        self.scale = cfg.head_k_dim ** -0.5
+
+    def _step(self, qfv, lb, past, start):
+        if self.portable:
+            q, k, v, g = fused_gates(qfv, lb, self.H, self.K, self.V)
+            return lasad_step_functional(q, k, v, g, past, start, self.mode, self.scale)
+        has_lb = lb is not None
+        lb = lb if has_lb else torch.zeros(self.H * self.K)
+        return LasadStepOp.apply(qfv, lb, past, start, self.H, self.K, self.V, C.ROW_START_CODES[self.mode],
+                                 int(has_lb), self.scale)
+
+    def forward(self, ids, pos, width, *past):
+        logits, present = self.decoder.run(ids, pos, width, past, self._step)
+        return (logits.float(), *present)
+
+
+class SamplerGraph(torch.nn.Module):
+    def __init__(self, cfg: bool, temperature: float, top_k: int, top_p: float):
+        super().__init__()
+        self.kw = dict(cfg=cfg, temperature=temperature, top_k=top_k, top_p=top_p)
+
+    def forward(self, logits, noise, cfg_scale, cfg_active):
+        return sample(logits, noise, cfg_scale=cfg_scale, cfg_active=cfg_active, **self.kw)
+
+
+def _save(model_proto, path: Path) -> None:
+    import onnx
+    big = model_proto.ByteSize() > EXTERNAL_DATA_THRESHOLD if hasattr(model_proto, "ByteSize") else False
+    with atomic_path(path) as tmp:
+        if big:  # weights beside the graph; the data file is renamed into place with it
+            data = path.name + ".data"
+            onnx.save_model(model_proto, tmp, save_as_external_data=True, all_tensors_to_one_file=True,
+                            location=data)
+            os.replace(Path(tmp).parent / data, path.parent / data)
+        else:
+            onnx.save_model(model_proto, tmp)
+
+
+def _annotate(model_proto, cfg, rows_name: str) -> None:
+    """Value info for the custom nodes' outputs, so shape inference runs through the graph."""
+    import onnx
+    from onnx import TensorProto, helper
+    vi = {v.name for v in model_proto.graph.value_info}
+    for node in model_proto.graph.node:
+        if node.op_type != C.OP_TYPE or node.domain != C.DOMAIN:
+            continue
+        o, present = node.output
+        if o not in vi:
+            model_proto.graph.value_info.append(helper.make_tensor_value_info(
+                o, TensorProto.FLOAT, [rows_name, cfg.n_head, cfg.head_v_dim]))
+        if present not in vi:
+            model_proto.graph.value_info.append(helper.make_tensor_value_info(
+                present, TensorProto.FLOAT, [rows_name, cfg.n_head, cfg.head_k_dim, cfg.head_v_dim]))
+    shapes = {"logits": [rows_name, cfg.vocab_size]}
+    shapes.update({C.PRESENT_STATE.format(i): [rows_name, cfg.n_head, cfg.head_k_dim, cfg.head_v_dim]
+                   for i in range(cfg.n_layer)})
+    for out in model_proto.graph.output:
+        if out.name in shapes:
+            dims = out.type.tensor_type.shape.dim
+            for d, size in zip(dims, shapes[out.name]):
+                if isinstance(size, int):
+                    d.dim_value = size
+                else:
+                    d.dim_param = size
+    onnx.checker.check_model(model_proto)
+
+
+def export_step(model: LasadGen, path: str | os.PathLike, *, portable: bool = False, max_batch: int = 8,
+                opset: int = 17, meta: dict | None = None) -> Path:
+    """Write the decode step of `model` (fp32, CPU) to `path` atomically; returns the path."""
+    import onnx
+
+    path = Path(path)
+    model = copy.deepcopy(model).float().cpu().eval()
+    cfg = model.config
+    graph = StepGraph(model, portable).eval()
+    rows = 2 * max_batch
+    L, H, K, V = cfg.n_layer, cfg.n_head, cfg.head_k_dim, cfg.head_v_dim
+    past = [torch.zeros(rows, H, K, V) for _ in range(L)]
+    args = (torch.zeros(rows, dtype=torch.int64), torch.ones(1, dtype=torch.int64),
+            torch.full((1,), cfg.grid_width, dtype=torch.int64), *past)
+    inputs = list(C.GRAPH_INPUTS) + [C.PAST_STATE.format(i) for i in range(L)]
+    outputs = list(C.GRAPH_OUTPUTS) + [C.PRESENT_STATE.format(i) for i in range(L)]
+    dyn = {n: {0: "rows"} for n in ["ids", "logits"] + inputs[3:] + outputs[1:]}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=path.parent, prefix=".lasad-export-") as tmp, torch.no_grad(), \
+            warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        raw = os.path.join(tmp, "step.onnx")
+        torch.onnx.export(graph, args, raw, dynamo=False, opset_version=opset, input_names=inputs,
+                          output_names=outputs, dynamic_axes=dyn, custom_opsets={C.DOMAIN: C.OP_VERSION},
+                          do_constant_folding=True)
+        proto = onnx.load(raw)
+    _annotate(proto, cfg, "rows")
+    info = {"lasad.config": json.dumps(cfg.to_dict()), "lasad.form": "portable" if portable else "custom",
+            "lasad.op": json.dumps({"op_type": C.OP_TYPE, "domain": C.DOMAIN, "version": C.OP_VERSION,
+                                    "plugin_namespace": C.PLUGIN_NAMESPACE}),
+            "lasad.opset": str(opset), "lasad.max_batch": str(max_batch), "lasad.meta": json.dumps(meta or {})}
+    for k, v in info.items():
+        proto.metadata_props.append(onnx.StringStringEntryProto(key=k, value=v))
+    _save(proto, path)
+    return path
+
+
+def export_sampler(path: str | os.PathLike, *, vocab: int, max_batch: int = 8, cfg: bool = True,
+                   temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, opset: int = 17) -> Path:
+    """Write the sampler graph: logits [rows, V], noise [B, V], cfg_scale [], cfg_active [] -> ids [B]."""
+    import onnx
+
+    path = Path(path)
+    B = max_batch
+    args = (torch.randn(2 * B if cfg else B, vocab), torch.rand(B, vocab) + 0.1, torch.tensor(2.0), torch.tensor(True))
+    names = ["logits", "noise", "cfg_scale", "cfg_active"]
+    with atomic_path(path) as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tracer notes on Python scalars that are constants by design
+        torch.onnx.export(SamplerGraph(cfg, temperature, top_k, top_p), args, tmp, dynamo=False,
+                          opset_version=opset, input_names=names, output_names=["ids"],
+                          dynamic_axes={"logits": {0: "rows"}, "noise": {0: "images"}, "ids": {0: "images"}})
+        proto = onnx.load(tmp)
+        onnx.checker.check_model(proto)
+        proto.metadata_props.append(onnx.StringStringEntryProto(key="lasad.sampler", value=json.dumps(
+            dict(cfg=cfg, temperature=temperature, top_k=top_k, top_p=top_p))))
+        onnx.save_model(proto, tmp)
+    return path
