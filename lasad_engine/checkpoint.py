@@ -21,14 +21,14 @@ from pathlib import Path
 import torch
 
 from .config import LasadConfig
-from .io import atomic_path, clean_state_dict, key_diff, one_line as _reason
+from .io import UserError, atomic_path, clean_state_dict, key_diff, one_line as _reason
 from .model import LasadGen
 
 FORMAT = "lasad"
 FORMAT_VERSION = 1
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A checkpoint that cannot be used; the message is one line naming the file and the reason."""
 
 

@@ -16,12 +16,12 @@ from . import __version__
 EXIT_USAGE, EXIT_ERROR = 2, 1
 
 
-class OneLineCommand(click.Command):
-    """Every error a user can cause ends as one line on stderr and a non-zero exit code."""
+class OneLineErrors:
+    """Mixin for click commands and groups: every error a user can cause ends as one line on
+    stderr and a non-zero exit code (2 for usage, 1 otherwise, 130 when interrupted)."""
 
     def main(self, args=None, prog_name=None, **kwargs):
-        from .checkpoint import CheckpointError
-        from .engine import EngineError
+        from .io import UserError
 
         prog = prog_name or self.name
         try:
@@ -32,13 +32,17 @@ class OneLineCommand(click.Command):
         except click.UsageError as e:
             click.echo(f"{prog}: error: {e.format_message()} (see {prog} --help)", err=True)
             sys.exit(EXIT_USAGE)
-        except (click.ClickException, EngineError, CheckpointError, OSError) as e:
+        except (click.ClickException, UserError, OSError) as e:
             msg = e.format_message() if isinstance(e, click.ClickException) else str(e)
             click.echo(f"{prog}: error: {' '.join(msg.split())}", err=True)
             sys.exit(getattr(e, "exit_code", EXIT_ERROR) or EXIT_ERROR)
         except click.Abort:
             click.echo(f"{prog}: aborted", err=True)
             sys.exit(130)
+
+
+class OneLineCommand(OneLineErrors, click.Command):
+    pass
 
 
 def image_grid(images: np.ndarray, nrow: int, pad: int = 2) -> np.ndarray:

@@ -40,6 +40,7 @@ class LasadConfig:
     row_start: str = "unit"          # spatial-aware decay at row starts: none | unit | reset
     output_norm: str = "rms"         # mixer output norm: full-width RMSNorm or per-head ("group")
     use_lower_bound: bool = True     # HGRN2's layer-wise lower bound on the forget gate
+    decay: bool = True               # False: plain linear attention (log-decay 0 everywhere; ablation)
     norm_eps: float = 1e-5
     token_dropout: float = 0.1
     resid_dropout: float = 0.1
@@ -71,6 +72,12 @@ class LasadConfig:
     def null_class(self) -> int:
         """Row of the class table used as the unconditional ("null") class for CFG."""
         return self.num_classes
+
+    @property
+    def mixer_row_start(self) -> str:
+        """The row-start mode the op applies: without decay (the ablation) the log-decay is 0 at
+        every position, row starts included, which is the "unit" override."""
+        return self.row_start if self.decay else "unit"
 
     @property
     def seq_len(self) -> int:

@@ -22,6 +22,7 @@ from typing import Callable
 
 import torch
 
+from .io import UserError
 from .model import LasadGen, LasadState
 from .sampling import draw_noise, sample
 
@@ -31,7 +32,7 @@ BACKENDS = ("torch", "cuda", "onnxruntime", "tensorrt")
 NOISE_BLOCK = 16
 
 
-class EngineError(ValueError):
+class EngineError(UserError):
     """Bad input to the engine; the message is one line that names the value and the choices."""
 
 

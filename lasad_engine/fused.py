@@ -46,7 +46,7 @@ class FusedDecoder:
                     w13=_concat_into_views([f.w1, f.w3]), w2=f.w2.weight,
                 ))
         self.norms = [layer.attention_norm.weight for layer in model.layers] + [model.norm.weight]
-        self.eps, self.mode = cfg.norm_eps, cfg.row_start
+        self.eps, self.decay, self.mode = cfg.norm_eps, cfg.decay, cfg.mixer_row_start
 
     def run(self, ids, pos, width, states, step):
         """The step, with the LASAD op supplied by the caller:
@@ -54,6 +54,8 @@ class FusedDecoder:
         Returns (logits `[B, vocab]` in the weights' dtype, the new per-layer states)."""
         k = self.kernel
         start = row_start_mask(pos, width)
+        if not self.decay:  # no decay = the unit override at every position
+            start = torch.ones_like(start)
         x = self.model.embed_step(ids, pos)
         n = rms_norm(x, self.norms[0], self.eps, backend=k)
         new_states = []

@@ -9,6 +9,11 @@ import tempfile
 from pathlib import Path
 
 
+class UserError(ValueError):
+    """Base of the errors a user's input can cause (bad checkpoint, value, data): the command-line
+    tools print their message as one line and exit non-zero, without a traceback."""
+
+
 def _default_mode() -> int:
     umask = os.umask(0)
     os.umask(umask)

@@ -80,6 +80,8 @@ class LasadAttention(nn.Module):
         f = self.f_proj(x)
         # k comes from the unmasked gate: the row-start override changes the decay only
         g, k = (t.unflatten(-1, (H, -1)) for t in gates(f.to(_at_least_fp32(f.dtype)), lower_bound))
+        if not self.cfg.decay:  # ablation: nothing is ever forgotten (k keeps its gate)
+            g = torch.zeros_like(g)
         v = self.i_proj(x).unflatten(-1, (H, -1))
         return q, k, v, g
 
@@ -93,7 +95,7 @@ class LasadAttention(nn.Module):
         """Parallel form. x `[B, T, d]` (position 0 = class token) -> `[B, T, d]`."""
         q, k, v, g = self._project(x, lower_bound)
         fn = chunk_lasad if op == "chunk" else naive_recurrent_lasad
-        o, _ = fn(q.to(v.dtype), k.to(v.dtype), v, g, width=width, row_start=self.cfg.row_start)
+        o, _ = fn(q.to(v.dtype), k.to(v.dtype), v, g, width=width, row_start=self.cfg.mixer_row_start)
         return self._readout(o)
 
     def step(self, x: torch.Tensor, lower_bound: torch.Tensor | None, state: torch.Tensor,
@@ -101,7 +103,7 @@ class LasadAttention(nn.Module):
         """Recurrent form. x `[B, d]`, state `[B, H, K, V]` fp32 (in place), start: row-start flag,
         kernel: the step op's backend ("torch" | "triton"; None picks by device)."""
         q, k, v, g = self._project(x, lower_bound)
-        o = lasad_step_(q, k, v, g, state, start, self.cfg.row_start, backend=kernel)
+        o = lasad_step_(q, k, v, g, state, start, self.cfg.mixer_row_start, backend=kernel)
         return self._readout(o)
 
 

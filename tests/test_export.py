@@ -201,8 +201,9 @@ def test_plan_fingerprint_mismatch_names_the_difference(tmp_path):
                 "opset": 17, "plugin": "lasad::LasadStep/1", "lasad_format": 1}
     (tmp_path / "engine.json").write_text(json.dumps(recorded))
     assert check_fingerprint(plan, dict(recorded), "lasad-export ckpt.pt engine.plan") == recorded
-    with pytest.raises(PlanMismatch, match="built for gpu 'NVIDIA H200', this machine has 'NVIDIA L4'; rebuild with lasad-export"):
+    with pytest.raises(PlanMismatch, match="built for gpu 'NVIDIA H200', this machine has 'NVIDIA L4'; rebuild with lasad-export") as e:
         check_fingerprint(plan, {**recorded, "gpu": "NVIDIA L4"}, "lasad-export ckpt.pt engine.plan")
+    assert e.value.exit_code == 3  # what the command-line tools exit with
 
 
 @pytest.mark.tensorrt

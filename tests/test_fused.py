@@ -74,11 +74,12 @@ def test_fused_gates_and_step(kernel, mode, with_lb):
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
-@pytest.mark.parametrize("mode,output_norm,lower_bound", [("unit", "rms", True), ("reset", "group", True),
-                                                          ("none", "rms", False)])
-def test_fused_decoder_equals_model_step(kernel, mode, output_norm, lower_bound):
+@pytest.mark.parametrize("mode,output_norm,lower_bound,decay", [
+    ("unit", "rms", True, True), ("reset", "group", True, True), ("none", "rms", False, True),
+    ("reset", "rms", True, False)])  # decay=False: the no-decay ablation
+def test_fused_decoder_equals_model_step(kernel, mode, output_norm, lower_bound, decay):
     cfg = LasadConfig.from_preset("lasad-tiny", row_start=mode, output_norm=output_norm,
-                                  use_lower_bound=lower_bound)
+                                  use_lower_bound=lower_bound, decay=decay)
     model = randomize_(LasadGen(cfg), seed=4).eval()
     gen = torch.Generator().manual_seed(2)
     tokens = torch.randint(0, cfg.vocab_size, (3, 20), generator=gen)

@@ -65,6 +65,19 @@ def test_state_reset_reuses_buffers():
     assert state.nbytes >= model.config.state_nbytes(2)
 
 
+def test_no_decay_ablation_never_forgets():
+    """decay=False: the state only accumulates, S_p = sum of k v^T (checked against the naive op
+    with g = 0), and the parallel and recurrent forms still agree."""
+    model = tiny("reset", decay=False)
+    tokens, labels = random_batch(model.config, 2, 20, seed=8)
+    with torch.no_grad():
+        parallel = model(tokens, labels)
+        x = torch.randn(2, 20, model.config.dim)
+        q, k, v, g = model.layers[0].attention._project(x, None)
+    assert torch.count_nonzero(g) == 0 and (k > 0).all()
+    assert_close("step vs parallel", teacher_forced(model, tokens, labels, 7)[0], parallel, 1e-5)
+
+
 def test_without_lower_bound():
     model = tiny(use_lower_bound=False)
     assert not hasattr(model, "lower_bounds")

@@ -58,7 +58,7 @@ class StepGraph(torch.nn.Module):
         self.decoder = FusedDecoder(model, kernel="torch")
         cfg = model.config
         self.H, self.K, self.V = cfg.n_head, cfg.head_k_dim, cfg.head_v_dim
-        self.mode, self.portable = cfg.row_start, portable
+        self.mode, self.portable = self.decoder.mode, portable
         self.scale = cfg.head_k_dim ** -0.5
 
     def _step(self, qfv, lb, past, start):

@@ -14,14 +14,17 @@ import os
 from pathlib import Path
 
 from lasad_engine.checkpoint import file_fingerprint
-from lasad_engine.io import atomic_path, atomic_write_text
+from lasad_engine.io import UserError, atomic_path, atomic_write_text
 from lasad_plugins import contract as C
 
 FINGERPRINT_KEYS = ("tensorrt", "cuda", "gpu", "compute_capability", "opset", "plugin", "lasad_format")
 
 
-class PlanMismatch(RuntimeError):
-    """A plan built for another TensorRT / GPU / plugin; the message says how to rebuild it."""
+class PlanMismatch(UserError):
+    """A plan built for another TensorRT / GPU / plugin; the message says how to rebuild it.
+    The command-line tools exit with code 3 on it."""
+
+    exit_code = 3
 
 
 def current_fingerprint(opset: int) -> dict:

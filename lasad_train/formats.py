@@ -1,0 +1,75 @@
+"""On-disk formats shared by the `lasad-train` stages (one definition; every stage reads these).
+
+Image set (`lasad-train data ... OUT`):
+    OUT/images.npy          uint8 [N, H, W, 3], RGB (composited on white where there was alpha)
+    OUT/labels-{set}.npy    int64 [N] for each label set (e.g. identity, subgroup, group; "class"
+                            for a folder-per-class set), -1 where an image has no label in that set
+    OUT/classes-{set}.json  list of class names, index = label
+    OUT/split.npy           uint8 [N]: 0 = train, 1 = held out (validation / FID reference)
+    OUT/manifest.json       {"format": "lasad-images", "version": 1, "source": ..., "count": N,
+                             "size": [H, W], "label_sets": [...], "sources": {...}}
+    OUT/ATTRIBUTION.md      licences and authors of the pictures
+
+Code set (`lasad-train codes IMAGES VQ OUT`):
+    OUT/codes-{k:05d}.npy   int32 [n, h, w] token grids (shard k)
+    OUT/labels-{k:05d}.npy  int64 [n]
+    OUT/manifest.json       {"format": "lasad-codes", "version": 1, "grid": [h, w], "vocab_size": V,
+                             "label_set": ..., "num_classes": C, "class_names": [...], "flip": bool,
+                             "shards": [{"codes": ..., "labels": ..., "count": n}], "count": total,
+                             "tokenizer": path, "images": path}
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from lasad_engine.io import UserError, atomic_path, atomic_write_text
+
+IMAGES_FORMAT, CODES_FORMAT, VERSION = "lasad-images", "lasad-codes", 1
+
+
+class DataError(UserError):
+    """Bad or missing training data; the message is one line naming the file and the problem."""
+
+
+def save_npy(path: Path, array: np.ndarray) -> None:
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            np.save(f, array)
+
+
+def write_manifest(folder: Path, manifest: dict) -> None:
+    atomic_write_text(Path(folder) / "manifest.json", json.dumps(manifest, indent=1) + "\n")
+
+
+def read_manifest(folder: str | Path, kind: str) -> dict:
+    path = Path(folder) / "manifest.json"
+    if not path.is_file():
+        raise DataError(f"{folder}: no manifest.json (make it with lasad-train {'data' if kind == IMAGES_FORMAT else 'codes'})")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    if manifest.get("format") != kind:
+        raise DataError(f"{path}: format {manifest.get('format')!r}, expected {kind!r}")
+    return manifest
+
+
+def load_images(folder: str | Path, label_set: str | None = None, split: int | None = None):
+    """(images uint8 [N, H, W, 3], labels int64 [N] or None, class names or None, manifest)."""
+    folder = Path(folder)
+    manifest = read_manifest(folder, IMAGES_FORMAT)
+    images = np.load(folder / "images.npy", mmap_mode="r")
+    labels = names = None
+    if label_set is not None:
+        if label_set not in manifest.get("label_sets", []):
+            raise DataError(f"{folder}: label set {label_set!r} is not one of {', '.join(manifest.get('label_sets', []))}")
+        labels = np.load(folder / f"labels-{label_set}.npy")
+        names = json.loads((folder / f"classes-{label_set}.json").read_text())
+    if split is not None:
+        keep = np.load(folder / "split.npy") == split
+        images, labels = images[keep], (labels[keep] if labels is not None else None)
+    return images, labels, names, manifest
