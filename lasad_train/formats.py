@@ -22,9 +22,11 @@ Code set (`lasad-train codes IMAGES VQ OUT`):
 from __future__ import annotations
 
 import json
+import random
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from lasad_engine.io import UserError, atomic_path, atomic_write_text
 
@@ -73,3 +75,30 @@ def load_images(folder: str | Path, label_set: str | None = None, split: int | N
         keep = np.load(folder / "split.npy") == split
         images, labels = images[keep], (labels[keep] if labels is not None else None)
     return images, labels, names, manifest
+
+
+def rng_state() -> dict:
+    """torch / CUDA / numpy / python RNG states as tensors and plain values (weights_only-safe),
+    saved in every resumable training checkpoint."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, py_state, py_gauss = random.getstate()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(gauss)},
+        "python": {"version": version, "state": list(py_state), "gauss_next": py_gauss},
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    p = state["python"]
+    random.setstate((p["version"], tuple(p["state"]), p["gauss_next"]))
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])

@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
-import random
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -36,7 +34,7 @@ from lasad_engine.config import LASAD_PRESET_NAMES
 from lasad_engine.io import atomic_path
 from lasad_engine.model import LasadBlock
 
-from .formats import DataError
+from .formats import DataError, rng_state, set_rng_state
 
 TRAIN_FORMAT = "lasad-train"
 
@@ -113,20 +111,6 @@ def lr_at(step: int, args: GPTTrainArgs) -> float:
     if args.warmup and step < args.warmup:
         return args.lr * (step + 1) / args.warmup
     return args.lr
-
-
-def rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state()[1].tolist(),
-             "python": repr(random.getstate())}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
 
 
 def _model_config(args: GPTTrainArgs, manifest: dict) -> LasadConfig:
@@ -217,6 +201,9 @@ def train_gpt(args: GPTTrainArgs) -> dict:
         torch.cuda.set_device(device)
     if args.batch_size % world.world:
         raise DataError(f"--batch-size {args.batch_size} is not divisible by the {world.world} processes")
+    if args.fsdp and device.type != "cuda":
+        raise DataError(f"--fsdp needs CUDA devices (torch's FSDP has no CPU path), got device={device}; "
+                        "drop --fsdp to train with DDP")
     if args.fsdp and args.ema:
         raise DataError("--ema is not supported together with --fsdp")
     out = Path(args.out)

@@ -16,7 +16,7 @@ def kv_model():
 def test_rope_table_is_llamagen_2d():
     table = rope_2d_table(3, 5, 8)
     assert table.shape == (16, 4, 2) and torch.equal(table[0], torch.zeros(4, 2))
-    t = 7  # row 1, col 2 -> position 8
+    # token t = 7 is row 1, col 2 (width 5): position 8
     freqs = 10000.0 ** (-torch.arange(2) / 2)
     expect = torch.cat([1 * freqs, 2 * freqs])
     assert_close("angles", torch.atan2(table[8, :, 1], table[8, :, 0]), expect, 1e-6)

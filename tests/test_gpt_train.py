@@ -1,0 +1,126 @@
+"""lasad-train gpt on a CPU: the loss falls, resume is exact, torchrun (gloo, 2 processes) takes
+the same steps as one process, and the deploy checkpoint serves."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from lasad_engine import load_checkpoint
+from lasad_engine.engine import LasadEngine, SamplingParams
+from lasad_train.cli import main
+from lasad_train.formats import CODES_FORMAT, VERSION, save_npy, write_manifest
+
+NO_DROPOUT = ["--set", "token_dropout=0", "--set", "resid_dropout=0", "--set", "ffn_dropout=0",
+              "--set", "class_dropout=0"]
+
+
+@pytest.fixture
+def codes(tmp_path):
+    """A code set with structure to learn: each class has its own token pattern, plus noise."""
+    rng = np.random.default_rng(0)
+    n, h, w, V, C = 96, 4, 5, 32, 4
+    labels = rng.integers(0, C, n)
+    base = (labels[:, None] * 7 + np.arange(h * w)[None] * 3) % V
+    noise = rng.random((n, h * w)) < 0.1
+    grid = np.where(noise, rng.integers(0, V, (n, h * w)), base).reshape(n, h, w).astype(np.int32)
+    folder = tmp_path / "codes"
+    folder.mkdir()
+    shards = []
+    for k, sl in enumerate((slice(0, 60), slice(60, n))):
+        save_npy(folder / f"codes-{k:05d}.npy", grid[sl])
+        save_npy(folder / f"labels-{k:05d}.npy", labels[sl].astype(np.int64))
+        shards.append({"codes": f"codes-{k:05d}.npy", "labels": f"labels-{k:05d}.npy", "count": len(labels[sl])})
+    write_manifest(folder, {"format": CODES_FORMAT, "version": VERSION, "grid": [h, w], "vocab_size": V,
+                            "label_set": "class", "num_classes": C, "class_names": [f"c{i}" for i in range(C)],
+                            "flip": False, "shards": shards, "count": n, "tokenizer": None, "images": None})
+    return folder
+
+
+def run(args):
+    r = CliRunner().invoke(main, ["gpt"] + [str(a) for a in args])
+    assert r.exit_code == 0, r.output + str(r.exception)
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def log(out):
+    return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+
+
+COMMON = ["--preset", "lasad-tiny", "--batch-size", "16", "--lr", "3e-3", "--device", "cpu", "--no-progress",
+          "--log-every", "1"]
+
+
+def test_loss_falls_and_the_deploy_checkpoint_serves(codes, tmp_path):
+    out = tmp_path / "run"
+    summary = run([codes, out, "--steps", "40", *COMMON])
+    losses = [r["loss"] for r in log(out)]
+    assert losses[0] > np.log(32) - 0.3       # starts near uniform (zero head)
+    assert np.mean(losses[-5:]) < 0.7 * losses[0], losses
+    assert summary["steps"] == 40 and all(r["tokens_per_s"] > 0 for r in log(out))
+    obj = torch.load(out / "last.pt", weights_only=True)
+    assert obj["step"] == 40 and {"model", "optimizer", "rng", "config", "args"} <= set(obj)
+    model = load_checkpoint(out / "model.safetensors")
+    assert model.config.class_names == ["c0", "c1", "c2", "c3"] and model.config.grid_width == 5
+    toks = LasadEngine(model, max_batch=2).generate([0, 3], params=SamplingParams(temperature=0.0, cfg_scale=1.0))
+    assert toks.shape == (2, 4, 5)
+
+
+def test_weight_decay_only_on_matrices():
+    from lasad_engine import LasadConfig, LasadGen
+    from lasad_train.gpt import param_groups
+    groups = param_groups(LasadGen(LasadConfig.from_preset("lasad-tiny")), 0.05)
+    assert all(p.dim() >= 2 for p in groups[0]["params"]) and groups[0]["weight_decay"] == 0.05
+    assert all(p.dim() < 2 for p in groups[1]["params"]) and groups[1]["weight_decay"] == 0.0
+
+
+def test_resume_is_exact(codes, tmp_path):
+    full, parts = tmp_path / "full", tmp_path / "parts"
+    run([codes, full, "--steps", "10", *COMMON, "--ema", "0.9"])
+    run([codes, parts, "--steps", "6", "--save-every", "3", *COMMON, "--ema", "0.9"])
+    run([codes, parts, "--steps", "10", "--resume", *COMMON, "--ema", "0.9"])
+    a, b = log(full), log(parts)
+    assert [r["loss"] for r in a] == [r["loss"] for r in b if r["step"] <= 10][-10:]
+    sa = torch.load(full / "last.pt", weights_only=True)
+    sb = torch.load(parts / "last.pt", weights_only=True)
+    for key in ("model", "ema"):
+        for k in sa[key]:
+            assert torch.equal(sa[key][k], sb[key][k]), (key, k)
+
+
+def test_torchrun_two_processes_match_one(codes, tmp_path):
+    """DDP over gloo with 2 processes takes the same steps as 1 process with the same global batch."""
+    args = ["gpt", str(codes), None, "--steps", "3", *COMMON, *NO_DROPOUT, "--save-every", "3"]
+    one = tmp_path / "one"
+    run([a for a in args[1:2]] + [one] + args[3:])
+    two = tmp_path / "two"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+           "-m", "lasad_train.cli", *[str(two) if a is None else a for a in args]]
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    a, b = torch.load(one / "last.pt", weights_only=True), torch.load(two / "last.pt", weights_only=True)
+    assert b["world_size"] == 2
+    for k in a["model"]:
+        torch.testing.assert_close(b["model"][k], a["model"][k], rtol=1e-4, atol=1e-5, msg=k)
+    la, lb = log(one), log(two)
+    assert np.allclose([r["loss"] for r in la], [r["loss"] for r in lb], rtol=1e-5)
+
+
+def test_errors_are_one_line(codes, tmp_path):
+    cases = [
+        ([tmp_path / "nope", tmp_path / "o"], "no manifest.json"),
+        ([codes, tmp_path / "o", "--preset", "lasad-Q"], "lasad-Q"),
+        ([codes, tmp_path / "o", "--set", "row_start=sideways", "--device", "cpu"], "row_start='sideways'"),
+        ([codes, tmp_path / "o", "--batch-size", "0"], "--batch-size"),
+        ([codes, tmp_path / "o", "--fsdp", "--device", "cpu"], "--fsdp needs CUDA devices"),
+    ]
+    for args, message in cases:
+        r = CliRunner().invoke(main, ["gpt"] + [str(a) for a in args])
+        assert r.exit_code != 0 and message in r.stderr, (args, r.stderr)
+        assert len(r.stderr.strip().splitlines()) == 1, r.stderr
