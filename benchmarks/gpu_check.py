@@ -8,6 +8,8 @@ Stages (in this order, each saved as soon as it ends):
 - pytest: the `gpu`-marked tests (in this process, so Triton/fla compile once);
 - chunk: fla's chunk_gla vs the torch chunked form vs the float64 loop, every row_start mode
   (the finite floor for "reset"), forward and gradients, and the time of each;
+- train: GPT training tokens/s (lasad-B, fla vs torch chunked form) and the tokenizer's PSNR
+  after a short Emoji-5 run (set LASAD_EMOJI5_NPZ to a packed image set);
 - step: the Triton step kernel vs its float64 reference at the B/L/XL/XXL head shapes and batches
   2, 64, 512, and its time per call (one call per layer, all layers' states distinct, replayed
   from a CUDA graph) against the bytes it must move.
@@ -22,6 +24,7 @@ import datetime
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import time
@@ -212,6 +215,43 @@ def gpu_pytest(results, out_dir):
                              "seconds": round(time.time() - t, 1)}
 
 
+def train_stage(results, out_dir, quick):
+    """GPT training tokens/s for lasad-B with fla's chunk_gla vs the torch chunked form (synthetic
+    codes: speed does not depend on the data), and the tokenizer's held-out PSNR after a short run
+    on Emoji-5 when the packed set is carried (LASAD_EMOJI5_NPZ, from formats.pack_image_set)."""
+    import tempfile
+
+    import numpy as np
+
+    from lasad_train.formats import CODES_FORMAT, VERSION, save_npy, unpack_image_set, write_manifest
+    from lasad_train.gpt import GPTTrainArgs, train_gpt
+    work = Path(tempfile.mkdtemp())
+    rng = np.random.default_rng(0)
+    n = 2048
+    save_npy(work / "codes-00000.npy", rng.integers(0, 16384, (n, 16, 16)).astype(np.int32))
+    save_npy(work / "labels-00000.npy", rng.integers(0, 1000, n).astype(np.int64))
+    write_manifest(work, {"format": CODES_FORMAT, "version": VERSION, "grid": [16, 16], "vocab_size": 16384,
+                          "num_classes": 1000, "class_names": None, "flip": False, "count": n,
+                          "shards": [{"codes": "codes-00000.npy", "labels": "labels-00000.npy", "count": n}]})
+    rows = {}
+    steps = 20 if quick else 40
+    for backend in ("fla", "torch"):
+        out = work / f"gpt-{backend}"
+        train_gpt(GPTTrainArgs(codes=str(work), out=str(out), preset="lasad-B", steps=steps, batch_size=64,
+                               log_every=10, save_every=10**9, chunk_backend=backend, progress=False))
+        log = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
+        rows[backend] = {"tokens_per_s": [r["tokens_per_s"] for r in log], "loss": [r["loss"] for r in log],
+                         "steady_tokens_per_s": statistics.median(r["tokens_per_s"] for r in log[1:])}
+    results["train_gpt_lasad_B"] = {"batch": 64, "tokens_per_step": 64 * 256, **rows}
+    npz = os.environ.get("LASAD_EMOJI5_NPZ")
+    if npz and Path(npz).is_file():
+        from lasad_train.tokenizer_train import train_tokenizer
+        images = unpack_image_set(npz, work / "emoji5")
+        steps = int(os.environ.get("LASAD_VQ_STEPS", "1500"))
+        results["tokenizer_emoji5"] = train_tokenizer(images, work / "vq", preset="vq-f4-demo", steps=steps,
+                                                      batch_size=64, progress=False, save_every=10**9)
+
+
 def engine_stage(results, quick, bw):
     import engine_bench
     t = time.time()
@@ -240,6 +280,7 @@ def main():
         "pytest": lambda: gpu_pytest(results, args.out),
         "chunk": lambda: chunk_forms(results, args.quick),
         "step": lambda: step_kernel(results, (2, 64) if args.quick else (2, 64, 512), bw),
+        "train": lambda: train_stage(results, args.out, args.quick),
     }
     for name in args.stages.split(","):
         t = time.time()

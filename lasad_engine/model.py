@@ -91,11 +91,14 @@ class LasadAttention(nn.Module):
         return self.resid_dropout(self.o_proj(o.to(self.o_proj.weight.dtype)))
 
     def forward(self, x: torch.Tensor, lower_bound: torch.Tensor | None, width: int,
-                op: str = "chunk") -> torch.Tensor:
+                op: str = "chunk", chunk_backend: str | None = None) -> torch.Tensor:
         """Parallel form. x `[B, T, d]` (position 0 = class token) -> `[B, T, d]`."""
         q, k, v, g = self._project(x, lower_bound)
-        fn = chunk_lasad if op == "chunk" else naive_recurrent_lasad
-        o, _ = fn(q.to(v.dtype), k.to(v.dtype), v, g, width=width, row_start=self.cfg.mixer_row_start)
+        kw = dict(width=width, row_start=self.cfg.mixer_row_start)
+        if op == "chunk":
+            o, _ = chunk_lasad(q.to(v.dtype), k.to(v.dtype), v, g, backend=chunk_backend, **kw)
+        else:
+            o, _ = naive_recurrent_lasad(q.to(v.dtype), k.to(v.dtype), v, g, **kw)
         return self._readout(o)
 
     def step(self, x: torch.Tensor, lower_bound: torch.Tensor | None, state: torch.Tensor,
@@ -115,8 +118,8 @@ class LasadBlock(nn.Module):
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.feed_forward = FeedForward(cfg)
 
-    def forward(self, x, lower_bound, width, op="chunk"):
-        h = x + self.attention(self.attention_norm(x), lower_bound, width, op)
+    def forward(self, x, lower_bound, width, op="chunk", chunk_backend=None):
+        h = x + self.attention(self.attention_norm(x), lower_bound, width, op, chunk_backend)
         return h + self.feed_forward(self.ffn_norm(h))
 
     def step(self, x, lower_bound, state, start, kernel=None):
@@ -218,7 +221,7 @@ class LasadGen(nn.Module):
         return [None] + [lb[i] for i in range(1, self.config.n_layer)]
 
     def forward(self, tokens: torch.Tensor, labels: torch.Tensor, *, width: int | None = None,
-                op: str = "chunk") -> torch.Tensor:
+                op: str = "chunk", chunk_backend: str | None = None) -> torch.Tensor:
         """Teacher-forced logits.
 
         Args:
@@ -226,6 +229,7 @@ class LasadGen(nn.Module):
             labels: int64 `[B]` class ids (num_classes = the null class).
             width: grid width for the row-start rule. Default: config.grid_width.
             op: "chunk" (default) or "naive" (the reference loop).
+            chunk_backend: "fla" | "torch" for the chunked op. Default: fla on CUDA, else torch.
         Returns:
             fp32 logits `[B, T, vocab]`; logits[:, t] predict x_t from the class and x_0 … x_{t-1}.
         """
@@ -235,7 +239,7 @@ class LasadGen(nn.Module):
         x = torch.cat([self.cls_embedding(labels)[:, None], self.tok_embeddings(tokens[:, :-1])], 1)
         x = self.tok_dropout(x)
         for layer, lb in zip(self.layers, self._lower_bounds()):
-            x = layer(x, lb, width, op)
+            x = layer(x, lb, width, op, chunk_backend)
         logits = self.output(self.norm(x))
         return logits.to(_at_least_fp32(logits.dtype))
 

@@ -102,3 +102,32 @@ def set_rng_state(state: dict) -> None:
     random.setstate((p["version"], tuple(p["state"]), p["gauss_next"]))
     if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def pack_image_set(folder: str | Path, npz: str | Path) -> Path:
+    """One compressed file holding a whole image set (to carry it where nothing can be fetched)."""
+    folder = Path(folder)
+    read_manifest(folder, IMAGES_FORMAT)
+    arrays = {p.stem: np.load(p) for p in sorted(folder.glob("*.npy"))}
+    texts = {p.name: p.read_text() for p in sorted(folder.glob("*.json")) if p.name != "manifest.json"}
+    texts["manifest.json"] = (folder / "manifest.json").read_text()
+    with atomic_path(npz) as tmp:
+        with open(tmp, "wb") as f:
+            np.savez_compressed(f, **arrays, __texts__=np.array(json.dumps(texts)))
+    return Path(npz)
+
+
+def unpack_image_set(npz: str | Path, folder: str | Path) -> Path:
+    """Inverse of pack_image_set; the manifest is written last."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    with np.load(npz) as data:
+        texts = json.loads(str(data["__texts__"]))
+        for name in data.files:
+            if name != "__texts__":
+                save_npy(folder / f"{name}.npy", data[name])
+    for name, text in texts.items():
+        if name != "manifest.json":
+            atomic_write_text(folder / name, text)
+    atomic_write_text(folder / "manifest.json", texts["manifest.json"])
+    return folder

@@ -57,6 +57,7 @@ class GPTTrainArgs:
     seed: int = 0
     precision: str = "bf16"        # autocast dtype on CUDA ("fp32" = off)
     fsdp: bool = False
+    chunk_backend: str | None = None  # "fla" | "torch"; default fla on CUDA, torch on CPU
     save_every: int = 500
     log_every: int = 10
     device: str | None = None
@@ -254,7 +255,7 @@ def train_gpt(args: GPTTrainArgs) -> dict:
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, args)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-            logits = wrapped(x, y)
+            logits = wrapped(x, y, chunk_backend=args.chunk_backend)
         loss = F.cross_entropy(logits.float().flatten(0, 1), x.flatten())
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -308,13 +309,15 @@ def train_gpt(args: GPTTrainArgs) -> dict:
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--precision", type=click.Choice(["bf16", "fp32"]), default="bf16", show_default=True)
 @click.option("--fsdp", is_flag=True, help="Fully sharded data parallel (with torchrun), bf16 mixed precision on CUDA.")
+@click.option("--chunk-backend", type=click.Choice(["fla", "torch"]), default=None,
+              help="LASAD training kernel (default: fla on CUDA, torch on CPU).")
 @click.option("--save-every", default=500, show_default=True, type=click.IntRange(min=1))
 @click.option("--log-every", default=10, show_default=True, type=click.IntRange(min=1))
 @click.option("--device", default=None)
 @click.option("--resume", is_flag=True, help="Continue from OUT/last.pt.")
 @click.option("--no-progress", is_flag=True)
 def gpt_cmd(codes, out, preset, row_start, no_decay, sets, steps, batch_size, lr, warmup, weight_decay, grad_clip,
-            ema, seed, precision, fsdp, save_every, log_every, device, resume, no_progress):
+            ema, seed, precision, fsdp, chunk_backend, save_every, log_every, device, resume, no_progress):
     """Train LASADGen on a code set (from lasad-train codes)."""
     overrides = {}
     for item in sets:
@@ -335,7 +338,8 @@ def gpt_cmd(codes, out, preset, row_start, no_decay, sets, steps, batch_size, lr
         raise click.UsageError(" ".join(str(e).split())) from None
     args = GPTTrainArgs(codes=str(codes), out=str(out), preset=preset, overrides=overrides, steps=steps,
                         batch_size=batch_size, lr=lr, warmup=warmup, weight_decay=weight_decay, grad_clip=grad_clip,
-                        ema=ema, seed=seed, precision=precision, fsdp=fsdp, save_every=save_every,
+                        ema=ema, seed=seed, precision=precision, fsdp=fsdp, chunk_backend=chunk_backend,
+                        save_every=save_every,
                         log_every=log_every, device=device, resume=resume, progress=not no_progress)
     summary = train_gpt(args)
     if int(os.environ.get("RANK", "0")) == 0:

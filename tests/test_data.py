@@ -527,3 +527,20 @@ def test_emoji5_cli_without_cairosvg(tmp_path, no_cairosvg):
     assert load_images(tmp_path / "out", "style")[2] == ["noto", "twemoji", "fluent3d", "emojione2"]
     r = CliRunner().invoke(main, ["data", "emoji5", str(tmp_path / "o2"), "--cache", str(cache), "--style", "openmoji"])
     assert r.exit_code == 1 and "no emoji5 style left to build (openmoji needs cairosvg)" in r.stderr
+
+
+def test_pack_and_unpack_an_image_set(tmp_path):
+    """The compressed single-file form of an image set (for carrying it to an offline machine)."""
+    from lasad_train.formats import load_images, pack_image_set, unpack_image_set
+    src = tmp_path / "src"
+    for c in range(2):
+        (src / f"c{c}").mkdir(parents=True)
+        for j in range(3):
+            Image.fromarray(np.full((8, 8, 3), 40 * c + j, np.uint8)).save(src / f"c{c}" / f"{j}.png")
+    r = CliRunner().invoke(main, ["data", "folder", str(src), str(tmp_path / "set"), "--size", "8"])
+    assert r.exit_code == 0, r.output
+    npz = pack_image_set(tmp_path / "set", tmp_path / "set.npz")
+    unpack_image_set(npz, tmp_path / "copy")
+    a = load_images(tmp_path / "set", "class")
+    b = load_images(tmp_path / "copy", "class")
+    assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1]) and a[2] == b[2] and a[3] == b[3]

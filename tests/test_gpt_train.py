@@ -124,3 +124,33 @@ def test_errors_are_one_line(codes, tmp_path):
         r = CliRunner().invoke(main, ["gpt"] + [str(a) for a in args])
         assert r.exit_code != 0 and message in r.stderr, (args, r.stderr)
         assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_folder_to_picture_end_to_end(tmp_path):
+    """data folder -> tokenizer -> codes -> gpt -> lasad-run, through the command lines."""
+    from PIL import Image
+
+    from lasad_engine.cli import run_main
+    rng = np.random.default_rng(1)
+    for c, colour in enumerate([(255, 0, 0), (0, 160, 0), (0, 0, 255)]):
+        d = tmp_path / "src" / f"class{c}"
+        d.mkdir(parents=True)
+        for j in range(6):
+            a = np.full((24, 24, 3), 255, np.uint8)
+            y, x = rng.integers(0, 12, 2)
+            a[y:y + 10, x:x + 10] = colour
+            Image.fromarray(a).save(d / f"{j}.png")
+    t = tmp_path
+    steps = [["data", "folder", t / "src", t / "imgs", "--size", "16"],
+             ["tokenizer", t / "imgs", t / "vq", "--preset", "vq-tiny", "--steps", "5", "--batch-size", "4",
+              "--device", "cpu", "--no-progress"],
+             ["codes", t / "imgs", t / "vq" / "vq.safetensors", t / "codes", "--device", "cpu", "--no-progress"],
+             ["gpt", t / "codes", t / "gpt", "--preset", "lasad-tiny", "--steps", "5", "--batch-size", "4",
+              "--device", "cpu", "--no-progress"]]
+    for args in steps:
+        r = CliRunner().invoke(main, [str(a) for a in args])
+        assert r.exit_code == 0, (args[0], r.output)
+    r = CliRunner().invoke(run_main, ["--checkpoint", str(t / "gpt" / "model.safetensors"), "-c", "class2", "-n", "2",
+                                      "--no-progress", "-o", str(t / "out.png")])
+    assert r.exit_code == 0, r.output
+    assert Image.open(t / "out.png").size == (2 * 16 + 3 * 2, 16 + 2 * 2)
