@@ -216,3 +216,17 @@ def test_tensorrt_plan_equals_torch(ckpt, tmp_path, model):
     ref = LasadEngine(gpu_model, backend="torch", max_batch=2).teacher_forced_logits(tokens, [1, 2], cfg_rows=True)
     trt_engine = LasadEngine(gpu_model, backend="tensorrt", max_batch=2, onnx_path=tmp_path / "engine.plan")
     assert_close("tensorrt", trt_engine.teacher_forced_logits(tokens, [1, 2], cfg_rows=True), ref, 1e-4)
+
+
+def test_lasad_check_passes_a_good_export_and_fails_a_bad_one(ckpt, tmp_path, model):
+    from lasad_tools.check import main as check_main
+    step = export_step(model, tmp_path / "step.onnx", max_batch=2)
+    r = CliRunner().invoke(check_main, [str(step), str(ckpt), "--images", "2"])
+    assert r.exit_code == 0, r.output
+    summary = json.loads(r.stdout.strip().splitlines()[-1])
+    assert summary["pass"] and summary["rel_err"] < 1e-5 and summary["steps"] == model.config.seq_len
+    # an export of different weights must be caught
+    other = randomize_(LasadGen(model.config), seed=99).eval()
+    bad = export_step(other, tmp_path / "bad.onnx", portable=True, max_batch=2)
+    r = CliRunner().invoke(check_main, [str(bad), str(ckpt), "--images", "2"])
+    assert r.exit_code == 1 and "relative error" in r.stderr and len(r.stderr.strip().splitlines()) == 1
