@@ -20,7 +20,8 @@ the contract can be checked (tests/test_export.py) where TensorRT is absent.
 | 3 | start | [1] bool | | | | |
 """
 
-from __future__ import annotations
+# No `from __future__ import annotations`: tensorrt.plugin checks these annotations as objects.
+from typing import List, Tuple
 
 from lasad_plugins import contract as C
 
@@ -29,26 +30,27 @@ PLUGIN_ID = f"{C.PLUGIN_NAMESPACE}::{C.OP_TYPE}"
 try:  # TensorRT is optional; the names below exist either way for inspection
     import tensorrt.plugin as trtp
     TensorDesc = trtp.TensorDesc
+    AutoTuneCombination = trtp.AutoTuneCombination
 except ImportError:  # pragma: no cover - the usual case on our machines
     trtp = None
-    TensorDesc = object
+    TensorDesc = AutoTuneCombination = object
 
 
 def lasad_step_desc(qfv: TensorDesc, lower_bound: TensorDesc, past_state: TensorDesc, start: TensorDesc,
                     num_heads: int, head_k_dim: int, head_v_dim: int, row_start: int, has_lower_bound: int,
-                    scale: float):
-    """Output descriptors: o [rows, H, V] like qfv's dtype; present_state aliases past_state."""
-    o = qfv.like()
-    o.shape_expr = [qfv.shape_expr[0], num_heads, head_v_dim]
-    return o, past_state.aliased()
+                    scale: float) -> Tuple[TensorDesc, TensorDesc]:
+    """Output descriptors: o [rows, H, V] in qfv's dtype; present_state aliases past_state."""
+    shape = trtp.ShapeExprs.from_tuple((qfv.shape_expr[0], num_heads, head_v_dim))
+    return trtp.from_shape_expr(shape, dtype=qfv.dtype), past_state.aliased()
 
 
-def lasad_step_autotune(qfv, lower_bound, past_state, start, outputs):
+def lasad_step_autotune(qfv: TensorDesc, lower_bound: TensorDesc, past_state: TensorDesc, start: TensorDesc,
+                        outputs: Tuple[TensorDesc]) -> List[AutoTuneCombination]:
     return [trtp.AutoTuneCombination("FP32, FP32, FP32, BOOL, FP32, FP32")]
 
 
 def aot_settings(num_heads: int, head_k_dim: int, head_v_dim: int, row_start: int, has_lower_bound: int,
-                 scale: float) -> tuple[dict, tuple[int, int, int]]:
+                 scale: float) -> Tuple[dict, Tuple[int, int, int]]:
     """Constants for the plugin kernel and the tile shape (BK, BV, num_warps); shared with the
     tests, which launch the same kernel with the same constants."""
     from lasad_engine.ops.lasad.mask import row_start_log_decay
@@ -61,8 +63,9 @@ def aot_settings(num_heads: int, head_k_dim: int, head_v_dim: int, row_start: in
     return constants, (BK, BV, warps)
 
 
-def lasad_step_aot(qfv, lower_bound, past_state, start, num_heads: int, head_k_dim: int, head_v_dim: int,
-                   row_start: int, has_lower_bound: int, scale: float, outputs, tactic: int):
+def lasad_step_aot(qfv: TensorDesc, lower_bound: TensorDesc, past_state: TensorDesc, start: TensorDesc,
+                   num_heads: int, head_k_dim: int, head_v_dim: int, row_start: int, has_lower_bound: int,
+                   scale: float, outputs: Tuple[TensorDesc], tactic: int):
     import triton
 
     from lasad_engine.ops.lasad.step import lasad_step_plugin_kernel
@@ -84,7 +87,7 @@ def lasad_step_aot(qfv, lower_bound, past_state, start, num_heads: int, head_k_d
     return compiled.metadata.name, compiled.asm["ptx"], launch, extra
 
 
-def register() -> str:
+def register() -> str:  # noqa: D401
     """Register LasadStep with TensorRT's plugin registry (idempotent); returns the plugin id."""
     if trtp is None:
         raise RuntimeError("TensorRT >= 10.8 with tensorrt.plugin is needed: pip install 'lasad[tensorrt]'")
