@@ -1,0 +1,120 @@
+"""lasad-eval: FID and KID against independent computations; the feature extractor's input path;
+the command's errors. The real Inception file is used only where it is present."""
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+
+from lasad_tools.evaluate import InceptionFeatures, fid_from_stats, kid, main, statistics
+
+
+def test_fid_against_an_independent_formula():
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(400, 6)), rng.normal(size=(300, 6)) @ rng.normal(size=(6, 6)) + 0.5
+    mu1, s1 = statistics(a)
+    mu2, s2 = statistics(b)
+    # tr sqrt(S1 S2) from the eigenvalues of the (non-symmetric) product, computed by numpy
+    tr = np.sqrt(np.linalg.eigvals(s1 @ s2).real.clip(0)).sum()
+    ref = ((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * tr
+    assert fid_from_stats(mu1, s1, mu2, s2) == pytest.approx(ref, rel=1e-9)
+    assert abs(fid_from_stats(mu1, s1, mu1, s1)) < 1e-9
+    # diagonal covariances: the closed form
+    d1, d2 = np.diag([1.0, 4.0, 9.0]), np.diag([4.0, 1.0, 1.0])
+    assert fid_from_stats(np.zeros(3), d1, np.ones(3), d2) == pytest.approx(3 + 14 + 6 - 2 * (2 + 2 + 3))
+
+
+def test_kid_against_a_loop():
+    rng = np.random.default_rng(1)
+    x, y = rng.normal(size=(12, 5)), rng.normal(size=(12, 5)) + 0.3
+    k = lambda a, b: (a @ b / 5 + 1) ** 3
+    n = 12
+    xx = sum(k(x[i], x[j]) for i in range(n) for j in range(n) if i != j) / (n * (n - 1))
+    yy = sum(k(y[i], y[j]) for i in range(n) for j in range(n) if i != j) / (n * (n - 1))
+    xy = sum(k(x[i], y[j]) for i in range(n) for j in range(n)) / (n * n)
+    mean, std = kid(x, y, subsets=3, subset_size=12)
+    assert mean == pytest.approx(xx + yy - 2 * xy, rel=1e-9) and std == pytest.approx(0, abs=1e-12)
+
+
+class PoolNet(torch.nn.Module):
+    def forward(self, x):
+        return torch.stack([x.mean((2, 3)), x.amin((2, 3)), x.amax((2, 3))], 1).flatten(1)[:, :, None, None]
+
+
+def test_feature_extractor_input_path(tmp_path):
+    """Images reach the network as 299x299 in the TF input range, one feature row per image."""
+    torch.jit.save(torch.jit.script(PoolNet()), tmp_path / "net.pt")
+    imgs = np.zeros((5, 16, 16, 3), np.uint8)
+    imgs[:, :, :, 0] = 255
+    f = InceptionFeatures(tmp_path / "net.pt", batch_size=2)(imgs)
+    assert f.shape == (5, 9)
+    assert np.allclose(f[:, [0, 3, 6]], 0.9921875) and np.allclose(f[:, [1, 4, 7]], -1.0)
+
+
+def test_fid_command_on_image_sets(tmp_path):
+    torch.jit.save(torch.jit.script(PoolNet()), tmp_path / "net.pt")
+    rng = np.random.default_rng(0)
+    for name, shift in (("ref", 0), ("same", 0), ("other", 80)):
+        for c in range(2):
+            d = tmp_path / f"{name}-src" / f"c{c}"
+            d.mkdir(parents=True)
+            for j in range(12):
+                a = np.clip(rng.normal(100 + shift, 30, (8, 8, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(a).save(d / f"{j}.png")
+        from lasad_train.cli import main as train_main
+        r = CliRunner().invoke(train_main, ["data", "folder", str(tmp_path / f"{name}-src"), str(tmp_path / name),
+                                            "--size", "8", "--holdout", "0.5"])
+        assert r.exit_code == 0, r.output
+    scores = {}
+    for name in ("same", "other"):
+        r = CliRunner().invoke(main, ["fid", "--ref", str(tmp_path / "ref"), "--images", str(tmp_path / name),
+                                      "--inception", str(tmp_path / "net.pt"), "--device", "cpu"])
+        assert r.exit_code == 0, r.output
+        scores[name] = json.loads(r.stdout.strip().splitlines()[-1])
+    assert scores["other"]["fid"] > 10 * scores["same"]["fid"] and scores["other"]["kid"] > scores["same"]["kid"]
+
+
+def test_fid_command_errors(tmp_path):
+    r = CliRunner().invoke(main, ["fid", "--ref", str(tmp_path), "--inception", str(tmp_path / "x.pt")])
+    assert r.exit_code == 2 and "exactly one of --checkpoint and --images" in r.stderr
+    r = CliRunner().invoke(main, ["fid", "--ref", str(tmp_path / "nope"), "--images", str(tmp_path)])
+    assert r.exit_code == 1 and "no manifest.json" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.skipif(not os.environ.get("LASAD_INCEPTION"), reason="set LASAD_INCEPTION to the Inception file "
+                    "(lasad-eval fetch-inception) to run the real feature extractor")
+def test_real_inception_features():
+    imgs = np.random.default_rng(0).integers(0, 256, (4, 64, 64, 3), dtype=np.uint8)
+    f = InceptionFeatures(Path(os.environ["LASAD_INCEPTION"]))(imgs)
+    assert f.shape == (4, 2048) and np.isfinite(f).all()
+
+
+def test_fid_command_generates_from_a_checkpoint(tmp_path):
+    """--checkpoint: images drawn with the reference's class mix through the pipeline."""
+    from conftest import randomize_
+
+    from lasad_engine import LasadConfig, LasadGen, save_checkpoint
+    from lasad_engine.tokenizer import VQ_PRESETS, VQModel, save_tokenizer
+    from lasad_train.cli import main as train_main
+    torch.jit.save(torch.jit.script(PoolNet()), tmp_path / "net.pt")
+    for c in range(2):
+        d = tmp_path / "src" / f"c{c}"
+        d.mkdir(parents=True)
+        for j in range(4):
+            Image.fromarray(np.full((8, 8, 3), 60 * c + j, np.uint8)).save(d / f"{j}.png")
+    assert CliRunner().invoke(train_main, ["data", "folder", str(tmp_path / "src"), str(tmp_path / "ref"),
+                                           "--size", "8", "--holdout", "0.5"]).exit_code == 0
+    cfg = LasadConfig.from_preset("lasad-tiny", vocab_size=64, num_classes=2, grid_height=4, grid_width=4)
+    save_tokenizer(tmp_path / "vq.pt", VQModel(VQ_PRESETS["vq-tiny"]))
+    save_checkpoint(tmp_path / "m.pt", randomize_(LasadGen(cfg), 1), meta={"tokenizer": "vq.pt"})
+    r = CliRunner().invoke(main, ["fid", "--ref", str(tmp_path / "ref"), "--checkpoint", str(tmp_path / "m.pt"),
+                                  "--label-set", "class", "--num", "6", "--inception", str(tmp_path / "net.pt"),
+                                  "--device", "cpu", "-o", str(tmp_path / "fid.json")])
+    assert r.exit_code == 0, r.output
+    result = json.loads((tmp_path / "fid.json").read_text())
+    assert result["num_gen"] == 6 and result["num_ref"] == 4 and np.isfinite(result["fid"])
