@@ -131,3 +131,37 @@ def unpack_image_set(npz: str | Path, folder: str | Path) -> Path:
             atomic_write_text(folder / name, text)
     atomic_write_text(folder / "manifest.json", texts["manifest.json"])
     return folder
+
+
+def split_file(path: str | Path, folder: str | Path, max_bytes: int = 15 << 20) -> list[Path]:
+    """Cut a file into `<name>.part000`, `.part001`, ... of at most `max_bytes` each (checkpoints
+    leave a machine that returns files of bounded size); `join_files` puts them back."""
+    path, folder = Path(path), Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    parts = []
+    with open(path, "rb") as f:
+        while True:
+            chunk = f.read(max_bytes)
+            if not chunk and parts:
+                break
+            part = folder / f"{path.name}.part{len(parts):03d}"
+            with atomic_path(part) as tmp:
+                Path(tmp).write_bytes(chunk)
+            parts.append(part)
+            if len(chunk) < max_bytes:
+                break
+    return parts
+
+
+def join_files(first_part: str | Path, out: str | Path) -> Path:
+    """Inverse of split_file: `first_part` is any `<name>.partNNN`; writes `out` atomically."""
+    first_part = Path(first_part)
+    stem = first_part.name.rsplit(".part", 1)[0]
+    parts = sorted(first_part.parent.glob(f"{stem}.part[0-9][0-9][0-9]"))
+    if not parts:
+        raise DataError(f"{first_part}: no parts named {stem}.partNNN beside it")
+    with atomic_path(out) as tmp:
+        with open(tmp, "wb") as f:
+            for p in parts:
+                f.write(p.read_bytes())
+    return Path(out)

@@ -63,6 +63,7 @@ class GPTTrainArgs:
     device: str | None = None
     resume: bool = False
     progress: bool = True
+    time_limit: float | None = None  # seconds: stop after the step that crosses it, save, resume later
 
 
 class Dist:
@@ -249,6 +250,7 @@ def train_gpt(args: GPTTrainArgs) -> dict:
     wrapped.train()
     tokens_per_step = args.batch_size * codes.shape[1]
     t_last, step_last, last_loss = time.perf_counter(), start, float("nan")
+    t_start, done = time.perf_counter(), start
     for step in range(start, args.steps):
         idx = batch_indices(len(codes), args.batch_size, args.seed, step)[world.rank * local:(world.rank + 1) * local]
         x, y = codes[idx].to(device, non_blocking=True), labels[idx].to(device, non_blocking=True)
@@ -281,12 +283,18 @@ def train_gpt(args: GPTTrainArgs) -> dict:
                     bar.set_postfix(loss=f"{last_loss:.4f}", tok_s=f"{rate:,.0f}")
         if bar is not None:
             bar.update(1)
-        if done % args.save_every == 0 or done == args.steps:
+        out_of_time = args.time_limit is not None and time.perf_counter() - t_start > args.time_limit
+        if world.world > 1:  # every rank stops at the same step
+            flag = torch.tensor([float(out_of_time)], device=device)
+            out_of_time = bool(world.mean(flag).item() > 0)
+        if done % args.save_every == 0 or done == args.steps or out_of_time:
             save_training(out, wrapped, model, optimizer, done, args, world, ema, manifest)
             world.barrier()
+        if out_of_time and done < args.steps:
+            break
     if bar is not None:
         bar.close()
-    summary = {"steps": args.steps, "final_loss": last_loss, "world_size": world.world, "out": str(out),
+    summary = {"steps": done, "complete": done == args.steps, "final_loss": last_loss, "world_size": world.world, "out": str(out),
                "parameters": model.num_parameters() if not args.fsdp else None}
     world.close()
     return summary
@@ -316,8 +324,11 @@ def train_gpt(args: GPTTrainArgs) -> dict:
 @click.option("--device", default=None)
 @click.option("--resume", is_flag=True, help="Continue from OUT/last.pt.")
 @click.option("--no-progress", is_flag=True)
+@click.option("--time-limit", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Stop (and save) after the step that crosses this many seconds; --resume continues.")
 def gpt_cmd(codes, out, preset, row_start, no_decay, sets, steps, batch_size, lr, warmup, weight_decay, grad_clip,
-            ema, seed, precision, fsdp, chunk_backend, save_every, log_every, device, resume, no_progress):
+            ema, seed, precision, fsdp, chunk_backend, save_every, log_every, device, resume, no_progress,
+            time_limit):
     """Train LASADGen on a code set (from lasad-train codes)."""
     overrides = {}
     for item in sets:
@@ -340,7 +351,8 @@ def gpt_cmd(codes, out, preset, row_start, no_decay, sets, steps, batch_size, lr
                         batch_size=batch_size, lr=lr, warmup=warmup, weight_decay=weight_decay, grad_clip=grad_clip,
                         ema=ema, seed=seed, precision=precision, fsdp=fsdp, chunk_backend=chunk_backend,
                         save_every=save_every,
-                        log_every=log_every, device=device, resume=resume, progress=not no_progress)
+                        log_every=log_every, device=device, resume=resume, progress=not no_progress,
+                        time_limit=time_limit)
     summary = train_gpt(args)
     if int(os.environ.get("RANK", "0")) == 0:
         click.echo(json.dumps(summary))

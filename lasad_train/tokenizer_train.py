@@ -272,12 +272,13 @@ def train_tokenizer(images_dir, out_dir, *, preset: str | None = None, steps: in
                     codebook_weight: float | None = None, gan: bool | None = None,
                     disc_start: int | None = None, disc_weight: float | None = None,
                     seed: int | None = None, device=None, resume: bool = False, save_every: int = 1000,
-                    log_every: int = 50, progress: bool = True) -> dict:
+                    log_every: int = 50, progress: bool = True, time_limit: float | None = None) -> dict:
     """Train a VQ tokenizer on the train split of the image set ``images_dir``; returns a summary.
 
     Hyper-parameters left as ``None`` take ``DEFAULTS`` (or, with ``resume``, the values stored in
     ``out_dir/last.pt``; an explicit different value is then an error). ``steps`` is the total
-    number of optimiser steps (a resumed run continues up to it). Raises ``DataError`` for bad data
+    number of optimiser steps (a resumed run continues up to it). With ``time_limit`` (seconds) the
+    run stops after the step that crosses it, saves, and can be resumed: training in pieces. Raises ``DataError`` for bad data
     and ``ValueError`` for bad arguments, each with a one-line message.
     """
     t_start = time.perf_counter()
@@ -394,6 +395,7 @@ def train_tokenizer(images_dir, out_dir, *, preset: str | None = None, steps: in
     log_f = open(log_path, "a")
     last = {}
     t_window, n_window = time.perf_counter(), 0
+    done = start
     try:
         for step in range(start, steps):
             idx, flips = sampler(step)
@@ -458,18 +460,20 @@ def train_tokenizer(images_dir, out_dir, *, preset: str | None = None, steps: in
                 t_window, n_window = time.perf_counter(), 0
             if done % save_every == 0 and done != steps:
                 save(done)
+            if time_limit is not None and time.perf_counter() - t_start > time_limit and done < steps:
+                break
     finally:
         bar.close()
         log_f.close()
 
-    save(steps)
+    save(done)
     save_tokenizer(vq_path, model)
     held = evaluate(model, held_u8, int(hp["batch_size"]), dev) if len(held_u8) else None
     if not last and log_path.is_file():  # resumed at the final step: report the logged values
         lines = log_path.read_text().splitlines()
         last = json.loads(lines[-1]) if lines else {}
     return {
-        "steps": steps, "preset": hp["preset"], "images": len(train_u8),
+        "steps": done, "complete": done == steps, "preset": hp["preset"], "images": len(train_u8),
         "image_size": [int(H), int(W)], "grid": [int(H) // f, int(W) // f],
         "codebook_size": config.codebook_size,
         "final_loss": last.get("loss"), "train_psnr": last.get("psnr"),
@@ -521,9 +525,11 @@ def format_summary(s: dict) -> str:
 @click.option("--save-every", type=click.IntRange(min=1), default=1000, show_default=True, help="Write last.pt every N steps.")
 @click.option("--log-every", type=click.IntRange(min=1), default=50, show_default=True, help="Append to log.jsonl every N steps.")
 @click.option("--no-progress", is_flag=True, help="No progress bar on stderr.")
+@click.option("--time-limit", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Stop (and save) after the step that crosses this many seconds; --resume continues.")
 def tokenizer_cmd(images, out_dir, preset, steps, batch_size, lr, beta1, beta2, max_grad_norm, l1_weight,
                   codebook_weight, gan, disc_start, disc_weight, device, seed, resume, save_every,
-                  log_every, no_progress):
+                  log_every, no_progress, time_limit):
     """Train the VQ image tokenizer on IMAGES (an image set from `lasad-train data`); write
     OUT_DIR/vq.safetensors, the resumable OUT_DIR/last.pt and OUT_DIR/log.jsonl."""
     try:
@@ -531,7 +537,8 @@ def tokenizer_cmd(images, out_dir, preset, steps, batch_size, lr, beta1, beta2, 
                                   beta1=beta1, beta2=beta2, max_grad_norm=max_grad_norm, l1_weight=l1_weight,
                                   codebook_weight=codebook_weight, gan=gan, disc_start=disc_start,
                                   disc_weight=disc_weight, seed=seed, device=device, resume=resume,
-                                  save_every=save_every, log_every=log_every, progress=not no_progress)
+                                  save_every=save_every, log_every=log_every, progress=not no_progress,
+                                  time_limit=time_limit)
     except (DataError, ValueError, FloatingPointError) as e:
         raise click.ClickException(one_line(e, 400)) from None
     click.echo(format_summary(summary))

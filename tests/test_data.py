@@ -544,3 +544,13 @@ def test_pack_and_unpack_an_image_set(tmp_path):
     a = load_images(tmp_path / "set", "class")
     b = load_images(tmp_path / "copy", "class")
     assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1]) and a[2] == b[2] and a[3] == b[3]
+
+
+@pytest.mark.parametrize("size", [0, 1, 10, 11, 30])
+def test_split_and_join_files(tmp_path, size):
+    from lasad_train.formats import join_files, split_file
+    data = os.urandom(size)
+    (tmp_path / "ckpt.pt").write_bytes(data)
+    parts = split_file(tmp_path / "ckpt.pt", tmp_path / "out", max_bytes=10)
+    assert all(p.stat().st_size <= 10 for p in parts) and len(parts) == max(1, -(-size // 10))
+    assert join_files(parts[0], tmp_path / "back.pt").read_bytes() == data

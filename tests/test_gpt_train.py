@@ -154,3 +154,40 @@ def test_folder_to_picture_end_to_end(tmp_path):
                                       "--no-progress", "-o", str(t / "out.png")])
     assert r.exit_code == 0, r.output
     assert Image.open(t / "out.png").size == (2 * 16 + 3 * 2, 16 + 2 * 2)
+
+
+def test_training_in_pieces_with_a_time_limit(codes, tmp_path):
+    """--time-limit stops after the step that crosses it and saves; resuming piece by piece ends
+    where one uninterrupted run ends."""
+    whole, pieces = tmp_path / "whole", tmp_path / "pieces"
+    run([codes, whole, "--steps", "5", *COMMON])
+    first = run([codes, pieces, "--steps", "5", "--time-limit", "1e-6", *COMMON])
+    assert first["steps"] == 1 and not first["complete"]
+    for _ in range(10):
+        s = run([codes, pieces, "--steps", "5", "--time-limit", "1e-6", "--resume", *COMMON])
+        if s["complete"]:
+            break
+    assert s["steps"] == 5
+    a, b = torch.load(whole / "last.pt", weights_only=True), torch.load(pieces / "last.pt", weights_only=True)
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
+def test_tokenizer_training_in_pieces(tmp_path):
+    from lasad_train.formats import IMAGES_FORMAT, VERSION, save_npy, write_manifest
+    from lasad_train.tokenizer_train import train_tokenizer
+    rng = np.random.default_rng(0)
+    images = tmp_path / "imgs"
+    images.mkdir()
+    save_npy(images / "images.npy", rng.integers(0, 256, (16, 8, 8, 3), dtype=np.uint8))
+    save_npy(images / "split.npy", np.zeros(16, np.uint8))
+    write_manifest(images, {"format": IMAGES_FORMAT, "version": VERSION, "count": 16, "size": [8, 8],
+                            "label_sets": []})
+    kw = dict(preset="vq-tiny", batch_size=4, device="cpu", progress=False, log_every=1)
+    whole = train_tokenizer(images, tmp_path / "whole", steps=4, **kw)
+    s = train_tokenizer(images, tmp_path / "pieces", steps=4, time_limit=1e-6, **kw)
+    assert s["steps"] == 1 and not s["complete"]
+    while not s["complete"]:
+        s = train_tokenizer(images, tmp_path / "pieces", steps=4, time_limit=1e-6, resume=True, **kw)
+    a = torch.load(tmp_path / "whole" / "last.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "pieces" / "last.pt", weights_only=True)["model"]
+    assert whole["complete"] and all(torch.equal(a[k], b[k]) for k in a)
