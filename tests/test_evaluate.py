@@ -77,6 +77,13 @@ def test_fid_command_on_image_sets(tmp_path):
         assert r.exit_code == 0, r.output
         scores[name] = json.loads(r.stdout.strip().splitlines()[-1])
     assert scores["other"]["fid"] > 10 * scores["same"]["fid"] and scores["other"]["kid"] > scores["same"]["kid"]
+    # a reference subset, with its features cached and reused
+    args = ["fid", "--ref", str(tmp_path / "ref"), "--images", str(tmp_path / "other"), "--num-ref", "6",
+            "--ref-features", str(tmp_path / "ref.npy"), "--inception", str(tmp_path / "net.pt"), "--device", "cpu"]
+    first = json.loads(CliRunner().invoke(main, args).stdout.strip().splitlines()[-1])
+    assert first["num_ref"] == 6 and np.load(tmp_path / "ref.npy").shape == (6, 9)
+    again = json.loads(CliRunner().invoke(main, args).stdout.strip().splitlines()[-1])
+    assert again["fid"] == first["fid"]
 
 
 def test_fid_command_errors(tmp_path):

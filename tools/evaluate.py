@@ -143,6 +143,9 @@ def _generate(checkpoint, labels, cfg_scale, seed, device, batch):
 @click.option("--checkpoint", type=click.Path(path_type=Path), default=None, help="Generate from this model ...")
 @click.option("--images", "gen_dir", type=click.Path(path_type=Path), default=None, help="... or score this image set.")
 @click.option("--label-set", default=None, help="Label set whose classes the model was trained on.")
+@click.option("--num-ref", default=None, type=click.IntRange(min=2), help="Use a seeded random subset of the reference.")
+@click.option("--ref-features", type=click.Path(path_type=Path), default=None,
+              help="Cache of the reference features (.npy): read if present, else written.")
 @click.option("--num", default=1000, show_default=True, type=click.IntRange(min=2), help="Images to generate.")
 @click.option("--cfg-scale", default=2.0, show_default=True, type=float)
 @click.option("--seed", default=0, show_default=True, type=int)
@@ -150,8 +153,8 @@ def _generate(checkpoint, labels, cfg_scale, seed, device, batch):
 @click.option("--device", default=None)
 @click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1))
 @click.option("-o", "--out", type=click.Path(path_type=Path), default=None, help="Write the JSON here too.")
-def fid_cmd(ref_dir, ref_split, checkpoint, gen_dir, label_set, num, cfg_scale, seed, inception, device,
-            batch_size, out):
+def fid_cmd(ref_dir, ref_split, checkpoint, gen_dir, label_set, num_ref, ref_features, num, cfg_scale, seed,
+            inception, device, batch_size, out):
     """FID and KID of generated (or given) images against an image set's held-out images."""
     from lasad_engine.pipeline import resolve_device
     from lasad_train.formats import load_images
@@ -159,6 +162,9 @@ def fid_cmd(ref_dir, ref_split, checkpoint, gen_dir, label_set, num, cfg_scale, 
         raise click.UsageError("pass exactly one of --checkpoint and --images")
     split = {"train": 0, "holdout": 1, "all": None}[ref_split]
     ref, ref_labels, _, _ = load_images(ref_dir, label_set, split)
+    if num_ref is not None and num_ref < len(ref):
+        keep = np.sort(np.random.default_rng(seed).choice(len(ref), num_ref, replace=False))
+        ref, ref_labels = ref[keep], (ref_labels[keep] if ref_labels is not None else None)
     device = resolve_device(device)
     feats = InceptionFeatures(inception, device, batch_size)
     if checkpoint is not None:
@@ -170,7 +176,14 @@ def fid_cmd(ref_dir, ref_split, checkpoint, gen_dir, label_set, num, cfg_scale, 
         generated = _generate(checkpoint, labels, cfg_scale, seed, device, batch_size)
     else:
         generated = load_images(gen_dir)[0][:num]
-    f_ref, f_gen = feats(ref), feats(generated)
+    if ref_features is not None and ref_features.is_file():
+        f_ref = np.load(ref_features)
+    else:
+        f_ref = feats(ref)
+        if ref_features is not None:
+            from lasad_train.formats import save_npy
+            save_npy(ref_features, f_ref)
+    f_gen = feats(generated)
     kid_mean, kid_std = kid(f_ref, f_gen, subset_size=min(1000, len(f_ref), len(f_gen)))
     result = {"fid": fid_from_stats(*statistics(f_ref), *statistics(f_gen)), "kid": kid_mean, "kid_std": kid_std,
               "num_ref": len(f_ref), "num_gen": len(f_gen), "ref": str(ref_dir), "ref_split": ref_split,
