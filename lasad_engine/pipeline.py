@@ -18,6 +18,7 @@ ASSETS = Path(__file__).resolve().parent / "assets"
 DEFAULT_CHECKPOINT = ASSETS / "default.safetensors"
 OUTPUT_TYPES = ("pil", "np", "pt", "tokens")
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+EXPORTED = {".onnx": "onnxruntime", ".plan": "tensorrt"}  # exported steps and the backend that runs each
 
 
 @dataclass
@@ -83,24 +84,22 @@ class LasadPipeline:
             raise EngineError(f"precision={precision!r} is not one of {', '.join(PRECISIONS)}")
         path = Path(path) if path is not None else DEFAULT_CHECKPOINT
         onnx_path = None
-        if path.suffix == ".plan":  # a TensorRT plan: config and meta in the engine.json beside it
-            from .trt import read_plan_config
-            cfg, record = read_plan_config(path)
-            backend = backend or "tensorrt"
-            with torch.device("meta"):
+        if path.suffix in EXPORTED:  # the weights live in the exported graph or plan
+            kind = EXPORTED[path.suffix]
+            backend = backend or kind
+            if backend != kind:
+                raise EngineError(f"{path} is an exported step: it runs with backend {kind}, not {backend}")
+            if kind == "tensorrt":
+                from .trt import read_plan_config
+                cfg, record = read_plan_config(path)
+                meta = record.get("meta", {})
+            else:
+                from .ort import read_onnx_config
+                cfg, meta, _ = read_onnx_config(path)
+            with torch.device("meta"):  # the config and the buffers' shapes, no weights
                 model = LasadGen(cfg)
-            model.checkpoint_meta, onnx_path = record.get("meta", {}), path
-        elif path.suffix == ".onnx":  # an exported step: the model's weights live in the graph
-            from .ort import read_onnx_config
-            cfg, meta, _ = read_onnx_config(path)
-            backend = backend or "onnxruntime"
-            if backend != "onnxruntime":
-                raise EngineError(f"{path} is an exported step: it runs with backend onnxruntime, not {backend}")
-            with torch.device("meta"):
-                model = LasadGen(cfg)
-            model.checkpoint_meta, onnx_path = meta, path
             from .checkpoint import file_fingerprint
-            model.checkpoint_id = file_fingerprint(path)
+            model.checkpoint_meta, model.checkpoint_id, onnx_path = meta, file_fingerprint(path), path
         else:
             model = load_checkpoint(path, device=device, dtype=PRECISIONS[precision])
         vq = tokenizer or model.checkpoint_meta.get("tokenizer")

@@ -39,7 +39,8 @@ def main(artifact, checkpoint, backend, images, steps, tol, seed, device):
     from lasad_engine.engine import LasadEngine
     from lasad_engine.pipeline import resolve_device
 
-    backend = backend or {".onnx": "onnxruntime", ".plan": "tensorrt"}.get(artifact.suffix)
+    from lasad_engine.pipeline import EXPORTED
+    backend = backend or EXPORTED.get(artifact.suffix)
     if backend is None:
         raise click.UsageError(f"cannot tell the backend of {str(artifact)!r}: pass --backend")
     device = resolve_device(device or ("cpu" if backend == "onnxruntime" else None))

@@ -86,7 +86,7 @@ class SamplerGraph(torch.nn.Module):
 
 def _save(model_proto, path: Path) -> None:
     import onnx
-    big = model_proto.ByteSize() > EXTERNAL_DATA_THRESHOLD if hasattr(model_proto, "ByteSize") else False
+    big = model_proto.ByteSize() > EXTERNAL_DATA_THRESHOLD
     with atomic_path(path) as tmp:
         if big:  # weights beside the graph; the data file is renamed into place with it
             data = path.name + ".data"
