@@ -64,6 +64,19 @@ class SamplingParams:
         return (self.cfg, self.temperature, self.top_k, self.top_p)
 
 
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """A torch device from a user's choice (None: cuda if available, else cpu); one-line errors."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise EngineError(f"--device {device!r} is not a torch device (e.g. cpu, cuda, cuda:1)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise EngineError(f"device={device} was asked for, but CUDA is not available on this machine; use --device cpu")
+    return device
+
+
 def parse_grid(grid: str | tuple[int, int] | None, default: tuple[int, int]) -> tuple[int, int]:
     """"32x32" or (32, 32) or None (the trained grid) -> (h, w)."""
     if grid is None:

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from .checkpoint import CheckpointError, load_checkpoint
-from .engine import EngineError, LasadEngine, SamplingParams
+from .engine import EngineError, LasadEngine, SamplingParams, resolve_device
 from .model import LasadGen
 
 ASSETS = Path(__file__).resolve().parent / "assets"
@@ -28,18 +28,6 @@ class LasadPipelineOutput:
 
     images: object
     tokens: torch.Tensor
-
-
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(device)
-    except RuntimeError:
-        raise EngineError(f"device={device!r} is not a torch device (e.g. cpu, cuda, cuda:1)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise EngineError(f"device={device} was asked for, but CUDA is not available on this machine; use --device cpu")
-    return device
 
 
 class LasadPipeline:

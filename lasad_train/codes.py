@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from lasad_engine.cli import OneLineCommand
+from lasad_engine.engine import resolve_device
 from lasad_engine.io import one_line
 
 from .formats import CODES_FORMAT, VERSION, DataError, read_manifest, save_npy, write_manifest
@@ -89,12 +90,7 @@ def extract_codes(images_dir, vq_path, out_dir, *, label_set: str | None = None,
 
     if not vq_path.is_file():
         raise DataError(f"{vq_path}: no such tokenizer file")
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as e:
-        raise ValueError(f"--device {device!r}: {one_line(e)}") from None
+    dev = resolve_device(device)
     model = load_tokenizer(vq_path, device=dev)
     f = model.config.downsample_factor
     H, W = images.shape[1:3]

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 
 from lasad_engine import LasadConfig, LasadGen, save_checkpoint
 from lasad_engine.cli import OneLineCommand
+from lasad_engine.engine import resolve_device
 from lasad_engine.config import LASAD_PRESET_NAMES
 from lasad_engine.io import atomic_path
 from lasad_engine.model import LasadBlock
@@ -196,7 +197,7 @@ def train_gpt(args: GPTTrainArgs) -> dict:
     """Train (or resume) and return a summary dict; see the module docstring."""
     from .codes import load_codes
 
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(args.device)
     world = Dist(device.type)
     if device.type == "cuda" and world.world > 1:
         device = torch.device("cuda", world.local_rank)

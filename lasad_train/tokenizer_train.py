@@ -42,6 +42,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lasad_engine.cli import OneLineCommand
+from lasad_engine.engine import resolve_device
 from lasad_engine.io import atomic_path, atomic_write_text, one_line
 from lasad_engine.tokenizer import VQ_PRESETS, VQConfig, VQModel, save_tokenizer
 
@@ -225,18 +226,6 @@ def _autocast(device: torch.device):
 # --------------------------------------------------------------------------------------------
 
 
-def _resolve_device(device) -> torch.device:
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as e:
-        raise ValueError(f"--device {device!r}: {one_line(e)}") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {device}: CUDA is not available on this machine")
-    return dev
-
-
 def _read_checkpoint(path: Path) -> dict:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
@@ -292,7 +281,7 @@ def train_tokenizer(images_dir, out_dir, *, preset: str | None = None, steps: in
         raise ValueError(f"steps must be >= 1 (got {steps})")
     if int(save_every) < 1 or int(log_every) < 1:
         raise ValueError("save_every and log_every must be >= 1")
-    dev = _resolve_device(device)
+    dev = resolve_device(device)
 
     ckpt_path, log_path, vq_path = out_dir / "last.pt", out_dir / "log.jsonl", out_dir / "vq.safetensors"
     ckpt = None
