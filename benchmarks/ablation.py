@@ -25,7 +25,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = {  # name -> lasad-train gpt options
     "none": ["--row-start", "none"],
     "unit": ["--row-start", "unit"],

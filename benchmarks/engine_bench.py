@@ -20,20 +20,16 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _repo  # noqa: E402,F401  (the checkout importable as installed)
 
 from lasad_engine import LasadConfig, LasadGen  # noqa: E402
 from lasad_engine.engine import LasadEngine, SamplingParams  # noqa: E402
+from lasad_tools.profile import streamed_weight_bytes, sync  # noqa: E402
 
 TARGETS_MS_PER_IMAGE = {"lasad-B": 25.0, "lasad-XL": 120.0}
 BASELINE_COMPILED_MS = {"lasad-B": 178.4, "lasad-XL": 496.2}  # LlamaGen --compile, 1 image, same H200
 PARAMS = SamplingParams(cfg_scale=4.0, top_k=2000)
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def random_model(name: str, device, dtype) -> LasadGen:
@@ -47,11 +43,8 @@ def random_model(name: str, device, dtype) -> LasadGen:
 
 
 def streamed_bytes(model: LasadGen, rows: int) -> int:
-    """Bytes one step must move at least: every weight but the embedding tables (bf16), plus the
-    fp32 state read and written."""
-    w = sum(p.numel() * p.element_size() for n, p in model.named_parameters()
-            if not n.startswith(("tok_embeddings", "cls_embedding")))
-    return w + 2 * model.config.state_nbytes(rows)
+    """Bytes one step must move at least: the streamed weights plus the fp32 state read and written."""
+    return streamed_weight_bytes(model) + 2 * model.config.state_nbytes(rows)
 
 
 def time_generation(engine, labels, grid, repeats, device) -> list[float]:

@@ -20,12 +20,9 @@ Writes DIR/gpu_check.json (raw numbers + environment) and prints a table last.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -33,10 +30,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _repo import ROOT  # noqa: E402  (the checkout importable as installed)
 
 from lasad_engine import LasadConfig  # noqa: E402
+from lasad_tools.profile import copy_bandwidth, environment  # noqa: E402
 from lasad_engine.ops.lasad import (ROW_START_MODES, chunk_lasad, input_gate, lasad_step_,  # noqa: E402
                                     lasad_step_ref_, naive_recurrent_lasad, row_start_mask)
 
@@ -48,26 +46,6 @@ def rel(x, ref):
     if not torch.isfinite(x).all():
         return float("inf")
     return ((x - ref).norm() / ref.norm()).item()
-
-
-def environment() -> dict:
-    def run(cmd):
-        try:
-            return subprocess.run(cmd, capture_output=True, text=True, timeout=20, cwd=ROOT).stdout.strip()
-        except Exception as e:  # noqa: BLE001 - recorded, not fatal
-            return f"unavailable ({e})"
-    import triton
-    props = torch.cuda.get_device_properties(0)
-    return {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "gpu": props.name, "sm_count": props.multi_processor_count,
-        "gpu_memory_gib": round(props.total_memory / 2**30, 1),
-        "driver": run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"]),
-        "cuda": torch.version.cuda, "torch": torch.__version__, "triton": triton.__version__,
-        "python": platform.python_version(),
-        "commit": os.environ.get("LASAD_COMMIT") or run(["git", "rev-parse", "HEAD"]),
-        "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
-    }
 
 
 def cuda_time_ms(fn, iters=50, warmup=5) -> float:
@@ -99,15 +77,6 @@ def graph_time_ms(fn, iters=30) -> float:
     with torch.cuda.graph(graph):
         fn()
     return cuda_time_ms(graph.replay, iters=iters, warmup=3)
-
-
-def copy_bandwidth() -> float:
-    n = 2 << 30
-    a = torch.empty(n, dtype=torch.uint8, device="cuda").random_()
-    b = torch.empty_like(a)
-    ms = cuda_time_ms(lambda: b.copy_(a), iters=20)
-    del a, b
-    return 2 * n / (ms * 1e-3) / 1e12  # TB/s, bytes read + written
 
 
 def step_kernel(results, batches, bw):
@@ -271,9 +240,8 @@ def main():
     args.out.mkdir(parents=True, exist_ok=True)
     if not torch.cuda.is_available():
         sys.exit("gpu_check: no CUDA GPU visible to torch")
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    results = {"environment": environment()}
-    bw = copy_bandwidth()
+    results = {"environment": environment(torch.device("cuda"), "python benchmarks/gpu_check.py")}
+    bw = copy_bandwidth(torch.device("cuda")) / 1e12  # TB/s, bytes read + written
     results["copy_bandwidth_TBps"] = bw
     stages = {
         "engine": lambda: engine_stage(results, args.quick, bw),

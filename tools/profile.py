@@ -44,7 +44,8 @@ def percentiles(xs: list[float]) -> dict:
     return {"p50": pick(0.5), "p90": pick(0.9), "p99": pick(0.99), "mean": statistics.fmean(s), "n": len(s)}
 
 
-def environment(device: torch.device) -> dict:
+def environment(device: torch.device, command: str = "lasad-profile") -> dict:
+    """Date, versions, commit, command and (on CUDA) the GPU: the block every result file carries."""
     def run(cmd):
         try:
             return subprocess.run(cmd, capture_output=True, text=True, timeout=20,
@@ -54,7 +55,7 @@ def environment(device: torch.device) -> dict:
     env = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
            "lasad": __version__, "torch": torch.__version__, "python": platform.python_version(),
            "commit": os.environ.get("LASAD_COMMIT") or run(["git", "rev-parse", "--short", "HEAD"]),
-           "command": " ".join(["lasad-profile"] + sys.argv[1:]), "device": str(device)}
+           "command": " ".join([command] + sys.argv[1:]), "device": str(device)}
     try:
         import triton
         env["triton"] = triton.__version__
@@ -62,7 +63,8 @@ def environment(device: torch.device) -> dict:
         env["triton"] = None
     if device.type == "cuda":
         p = torch.cuda.get_device_properties(device)
-        env.update(gpu=p.name, sm_count=p.multi_processor_count, cuda=torch.version.cuda,
+        env.update(gpu=p.name, sm_count=p.multi_processor_count, gpu_memory_gib=round(p.total_memory / 2**30, 1),
+                   cuda=torch.version.cuda,
                    driver=run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"]))
     return env
 
@@ -74,11 +76,11 @@ def copy_bandwidth(device: torch.device) -> float:
     b = torch.empty_like(a)
     times = []
     for _ in range(8):
-        sync(device)
-        t = time.perf_counter()
+        clock = StepClock(device, 1, nvtx=False)  # CUDA events on a GPU, the host clock elsewhere
+        clock.mark(0)
         b.copy_(a)
-        sync(device)
-        times.append(time.perf_counter() - t)
+        clock.mark(1)
+        times.append(clock.ms()[0] / 1e3)
     return 2 * n / statistics.median(times[2:])
 
 
