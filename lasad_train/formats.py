@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lasad_engine.io import UserError, atomic_path, atomic_write_text
+from lasad_engine.io import UserError, atomic_path, atomic_write_text, one_line
 
 IMAGES_FORMAT, CODES_FORMAT, VERSION = "lasad-images", "lasad-codes", 1
 
@@ -165,3 +165,19 @@ def join_files(first_part: str | Path, out: str | Path) -> Path:
             for p in parts:
                 f.write(p.read_bytes())
     return Path(out)
+
+
+def read_training_checkpoint(path: str | Path, fmt: str, version: int, version_key: str = "version") -> dict:
+    """A resumable training checkpoint (weights_only), checked for its format and version; any
+    problem is one DataError line. The tokenizer and GPT trainers each have their `fmt`."""
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # noqa: BLE001 - any unreadable file gets one line
+        raise DataError(f"{path}: not a readable training checkpoint ({one_line(e)})") from None
+    if not isinstance(obj, dict) or obj.get("format") != fmt:
+        raise DataError(f"{path}: not a {fmt} checkpoint")
+    if obj.get(version_key) != version:
+        raise DataError(f"{path}: {fmt} checkpoint version {obj.get(version_key)!r} is not supported (reads {version})")
+    return obj

@@ -35,7 +35,7 @@ from lasad_engine.config import LASAD_PRESET_NAMES
 from lasad_engine.io import atomic_path
 from lasad_engine.model import LasadBlock
 
-from .formats import DataError, rng_state, set_rng_state
+from .formats import DataError, read_training_checkpoint, rng_state, set_rng_state
 
 TRAIN_FORMAT = "lasad-train"
 
@@ -183,16 +183,6 @@ def save_training(out: Path, wrapped, inner: LasadGen, optimizer, step: int, arg
         "step": step, "tokenizer": manifest.get("tokenizer"), "codes": str(args.codes), "ema": ema is not None})
 
 
-def load_training(path: Path) -> dict:
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any unreadable file gets one line
-        raise DataError(f"{path}: not a readable training checkpoint ({type(e).__name__})") from None
-    if not isinstance(obj, dict) or obj.get("format") != TRAIN_FORMAT:
-        raise DataError(f"{path}: not a lasad-train checkpoint")
-    return obj
-
-
 def train_gpt(args: GPTTrainArgs) -> dict:
     """Train (or resume) and return a summary dict; see the module docstring."""
     from .codes import load_codes
@@ -216,7 +206,7 @@ def train_gpt(args: GPTTrainArgs) -> dict:
     labels = torch.as_tensor(np.asarray(labels), dtype=torch.int64)
     start, resumed = 0, None
     if args.resume and (out / "last.pt").is_file():
-        resumed = load_training(out / "last.pt")
+        resumed = read_training_checkpoint(out / "last.pt", TRAIN_FORMAT, 1, "format_version")
         config = LasadConfig.from_dict(resumed["config"])
         start = int(resumed["step"])
     else:

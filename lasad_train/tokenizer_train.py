@@ -46,7 +46,7 @@ from lasad_engine.engine import resolve_device
 from lasad_engine.io import atomic_path, atomic_write_text, one_line
 from lasad_engine.tokenizer import VQ_PRESETS, VQConfig, VQModel, save_tokenizer
 
-from .formats import DataError, load_images, rng_state, set_rng_state
+from .formats import DataError, load_images, read_training_checkpoint, rng_state, set_rng_state
 
 CKPT_FORMAT, CKPT_VERSION = "lasad-vq-train", 1
 DEFAULT_PRESET = "vq-f4-demo"
@@ -226,20 +226,6 @@ def _autocast(device: torch.device):
 # --------------------------------------------------------------------------------------------
 
 
-def _read_checkpoint(path: Path) -> dict:
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise
-    except Exception as e:
-        raise DataError(f"{path}: not a readable training checkpoint ({one_line(e)})") from None
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CKPT_FORMAT:
-        raise DataError(f"{path}: not a lasad tokenizer training checkpoint")
-    if ckpt.get("version") != CKPT_VERSION:
-        raise DataError(f"{path}: checkpoint version {ckpt.get('version')!r} is not supported")
-    return ckpt
-
-
 def _truncate_log(path: Path, step: int) -> None:
     """Drop log lines past ``step`` (written after the checkpoint we resume from)."""
     if not path.is_file():
@@ -288,7 +274,7 @@ def train_tokenizer(images_dir, out_dir, *, preset: str | None = None, steps: in
     if resume:
         if not ckpt_path.is_file():
             raise DataError(f"{ckpt_path}: nothing to resume (no such file)")
-        ckpt = _read_checkpoint(ckpt_path)
+        ckpt = read_training_checkpoint(ckpt_path, CKPT_FORMAT, CKPT_VERSION)
         hp = dict(ckpt["train"])
         for k, v in given.items():
             if v is not None and v != hp.get(k):
