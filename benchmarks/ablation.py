@@ -65,7 +65,9 @@ def heldout_loss(model_path: Path, codes_dir: Path, device) -> float:
     codes = torch.as_tensor(np.asarray(codes)).flatten(1)
     labels = torch.as_tensor(np.asarray(labels))
     total, n = 0.0, 0
-    with torch.no_grad():
+    cuda = torch.device(device).type == "cuda"
+    # bf16 autocast on CUDA, as in training (and the kernels it compiled; fp32 would compile anew)
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
         for i in range(0, len(codes), 256):
             x, y = codes[i:i + 256].to(device), labels[i:i + 256].to(device)
             total += F.cross_entropy(model(x, y).float().flatten(0, 1), x.flatten(), reduction="sum").item()

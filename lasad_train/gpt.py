@@ -104,6 +104,33 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": other, "weight_decay": 0.0}]
 
 
+def _param_names(optimizer, model: torch.nn.Module) -> list[list[str]]:
+    """The parameter names of each optimizer group, in the optimizer's order (unwrapped model)."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    return [[names[id(p)] for p in g["params"]] for g in optimizer.param_groups]
+
+
+def optim_state_by_name(state: dict, names: list[list[str]]) -> dict:
+    """A torch optimizer state dict (parameters numbered in group order) keyed by parameter name
+    instead, the form FSDP's full optimizer state dict has: one checkpoint resumes with or without
+    FSDP, on any number of GPUs."""
+    order = [n for group in names for n in group]
+    return {"state": {order[i]: v for i, v in state["state"].items()},
+            "param_groups": [{**g, "params": [order[i] for i in g["params"]]} for g, group in
+                             zip(state["param_groups"], names)]}
+
+
+def optim_state_by_index(state: dict, names: list[list[str]]) -> dict:
+    """Inverse of `optim_state_by_name` for an optimizer whose groups hold `names` (in its order)."""
+    saved = [set(g["params"]) for g in state["param_groups"]]
+    if len(saved) != len(names) or any(s != set(n) for s, n in zip(saved, names)):
+        raise DataError("the checkpoint's optimizer state names other parameters than this model has")
+    index = {n: i for i, n in enumerate(n for group in names for n in group)}
+    return {"state": {index[k]: v for k, v in state["state"].items()},
+            "param_groups": [{**g, "params": [index[n] for n in group]} for g, group in
+                             zip(state["param_groups"], names)]}
+
+
 def batch_indices(n_items: int, global_batch: int, seed: int, step: int) -> torch.Tensor:
     """The global batch of `step`: a pure function of (seed, step), independent of the ranks."""
     g = torch.Generator().manual_seed(seed * 1_000_003 + step)
@@ -164,7 +191,7 @@ def save_training(out: Path, wrapped, inner: LasadGen, optimizer, step: int, arg
             from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
             optim_state = FSDP.optim_state_dict(wrapped, optimizer)
         else:
-            optim_state = optimizer.state_dict()
+            optim_state = optim_state_by_name(optimizer.state_dict(), _param_names(optimizer, inner))
     if not world.main:
         return
     from lasad_engine.io import clean_state_dict
@@ -229,7 +256,7 @@ def train_gpt(args: GPTTrainArgs) -> dict:
                 state = FSDP.optim_state_dict_to_load(wrapped, optimizer, resumed["optimizer"])
             optimizer.load_state_dict(state)
         else:
-            optimizer.load_state_dict(resumed["optimizer"])
+            optimizer.load_state_dict(optim_state_by_index(resumed["optimizer"], _param_names(optimizer, model)))
         set_rng_state(resumed["rng"])
     local = args.batch_size // world.world
     use_amp = device.type == "cuda" and args.precision == "bf16" and not args.fsdp

@@ -79,6 +79,36 @@ def test_weight_decay_only_on_matrices():
     assert all(p.dim() < 2 for p in groups[1]["params"]) and groups[1]["weight_decay"] == 0.0
 
 
+def test_optimizer_state_by_name_moves_between_parameter_orders():
+    """Checkpoints key the optimizer state by parameter name (FSDP's form): the state of one
+    optimizer loads into another that orders the same parameters differently, and each
+    parameter gets back its own moments; another model's state is refused in one line."""
+    from lasad_engine import LasadConfig, LasadGen
+    from lasad_train.formats import DataError
+    from lasad_train.gpt import _param_names, optim_state_by_index, optim_state_by_name, param_groups
+    torch.manual_seed(1)
+    model = LasadGen(LasadConfig.from_preset("lasad-tiny"))
+    opt = torch.optim.AdamW(param_groups(model, 0.05), lr=1e-3)
+    x = torch.randint(0, 97, (3, 35))
+    for _ in range(2):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x, torch.tensor([1, 2, 3])).flatten(0, 1), x.flatten()).backward()
+        opt.step()
+    named = optim_state_by_name(opt.state_dict(), _param_names(opt, model))
+    assert all(isinstance(k, str) for k in named["state"])
+    groups = [{**g, "params": list(reversed(g["params"]))} for g in param_groups(model, 0.05)]
+    other = torch.optim.AdamW(groups, lr=1e-3)
+    other.load_state_dict(optim_state_by_index(named, _param_names(other, model)))
+    by_param = {n: opt.state[p] for n, p in model.named_parameters()}
+    for n, p in model.named_parameters():
+        for key in ("exp_avg", "exp_avg_sq", "step"):
+            assert torch.equal(other.state[p][key], by_param[n][key]), (n, key)
+    bigger = LasadGen(LasadConfig.from_preset("lasad-tiny", n_layer=3))
+    opt3 = torch.optim.AdamW(param_groups(bigger, 0.05), lr=1e-3)
+    with pytest.raises(DataError, match="other parameters"):
+        optim_state_by_index(named, _param_names(opt3, bigger))
+
+
 def test_resume_is_exact(codes, tmp_path):
     full, parts = tmp_path / "full", tmp_path / "parts"
     run([codes, full, "--steps", "10", *COMMON, "--ema", "0.9"])

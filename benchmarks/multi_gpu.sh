@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Training on two GPUs, checked against one (called by h200_session.sh multi; W = work folder with
+# the unpacked Emoji-5 set in W/emoji5, OUT = the device tool's result folder):
+#   1. lasad-B, same global batch (64) and seed: 210 steps on one GPU, 200 on two (DDP, NCCL);
+#      then two GPUs with 64 per GPU (batch 128) for the weak-scaling tokens/s
+#   2. lasad-XL on two GPUs, global batch 32: DDP vs FSDP (full sharding, bf16), peak memory per GPU
+#   3. the two-GPU checkpoints resume on one GPU (DDP lasad-B to step 210, to compare with the
+#      one-GPU run; FSDP lasad-XL for 5 more steps) and the lasad-B deploy checkpoint draws in lasad-run
+# Every run's log.jsonl (loss, tokens/s, peak memory per step window) lands in W/multi.
+set -u -o pipefail
+W=$1
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 OMP_NUM_THREADS=8
+LT="python3 -m lasad_train.cli"
+TR="python3 -m torch.distributed.run --standalone --nproc_per_node 2 -m lasad_train.cli"
+M=$W/multi
+mkdir -p "$M"
+T0=$(date +%s)
+left() { echo $(( ${END_S:-540} - ($(date +%s) - T0) )); }
+step() {  # name, command...: run with the time left, log its exit status and duration
+  local name=$1; shift
+  local t=$(date +%s) budget; budget=$(left)
+  if [ "$budget" -lt 20 ]; then echo "skip $name (no time left)" | tee -a "$M/steps.txt"; return; fi
+  timeout "$budget" "$@" > "$M/$name.out" 2>&1
+  echo "$name rc=$? $(( $(date +%s) - t )) s" | tee -a "$M/steps.txt"
+}
+python3 -c "import torch; print(torch.cuda.device_count(), 'GPUs', torch.__version__)" | tee "$M/env.txt"
+step codes env CUDA_VISIBLE_DEVICES=0 $LT codes "$W/emoji5" .carry/default-vq.safetensors "$W/codes" \
+  --label-set identity --device cuda --no-progress --batch-size 256
+B=(--preset lasad-B --batch-size 64 --lr 3e-4 --warmup 20 --seed 0 --log-every 5 --no-progress --save-every 1000000)
+step b1 env CUDA_VISIBLE_DEVICES=0 $LT gpt "$W/codes" "$M/b1" "${B[@]}" --steps 210
+step b2 $TR gpt "$W/codes" "$M/b2" "${B[@]}" --steps 200
+step b2w $TR gpt "$W/codes" "$M/b2w" "${B[@]}" --batch-size 128 --steps 40
+step run env CUDA_VISIBLE_DEVICES=0 python3 -m lasad_engine.cli --checkpoint "$M/b2/model.safetensors" \
+  --class 207 -n 4 --seed 0 --no-progress -o "$M/b2-run.png"
+step b2-resume1 env CUDA_VISIBLE_DEVICES=0 $LT gpt "$W/codes" "$M/b2" "${B[@]}" --steps 210 --resume
+X=(--preset lasad-XL --batch-size 32 --lr 1e-4 --seed 0 --log-every 5 --no-progress --save-every 1000000)
+step xl-ddp $TR gpt "$W/codes" "$M/xl-ddp" "${X[@]}" --steps 20
+rm -f "$M/xl-ddp/last.pt"  # 9 GB not needed again
+step xl-fsdp $TR gpt "$W/codes" "$M/xl-fsdp" "${X[@]}" --fsdp --steps 20
+step xl-fsdp-resume1 env CUDA_VISIBLE_DEVICES=0 $LT gpt "$W/codes" "$M/xl-fsdp" "${X[@]}" --steps 25 --resume
+du -sh "$M"/*/last.pt 2>/dev/null | tee -a "$M/steps.txt"
+rm -f "$M"/*/last.pt "$M"/*/model.safetensors
