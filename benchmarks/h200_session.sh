@@ -75,6 +75,8 @@ split_file(w / "default.safetensors", out)
 PY
   wait $abl
   pack
+  END_S=$(( $(left) - 15 )) bash benchmarks/multi_gpu.sh "$W" b2-nodrop xl-fsdp-mem
+  pack
 elif [ "$mode" = multi ]; then
   bash benchmarks/multi_gpu.sh "$W"
   pack
@@ -85,16 +87,16 @@ elif [ "$mode" = multi ]; then
   fi
 elif [ "$mode" = final ]; then
   # the demo GPT, longer, on the tokenizer that `demo` trained (carried), and the ablation beside it
-  GPT_S=${GPT_S:-390}
-  CUDA_VISIBLE_DEVICES=0 $LT codes "$W/emoji5" .carry/default-vq.safetensors "$W/codes-id" --label-set identity \
+  GPT_S=${GPT_S:-290}
+  CUDA_VISIBLE_DEVICES=0 $LT codes "$W/emoji5" .carry/default-vq.safetensors "$W/codes" --label-set identity \
     --device cuda --no-progress --batch-size 256 > "$W/codes.log" 2>&1 || log "codes failed"
   $LT data subset "$W/emoji5" "$W/sub40" --label-set subgroup --min-count 40 >> "$W/codes.log" 2>&1
   log "codes done"
   (CUDA_VISIBLE_DEVICES=1 timeout "$(left)" python3 benchmarks/ablation.py train --images "$W/sub40" \
      --vq .carry/default-vq.safetensors --work "$W/abl" --steps 1500 --parallel --time-limit 300 > "$W/abl.log" 2>&1
-   log "ablation rc=$?") &
+   log "ablation rc=$?"; ONE_GPU=1 END_S=$(left) bash benchmarks/multi_gpu.sh "$W" b1-nodrop; log "b1-nodrop done") &
   abl=$!
-  CUDA_VISIBLE_DEVICES=0 $LT gpt "$W/codes-id" "$W/gpt" --preset lasad-S --set n_layer=5 --steps 1000000 \
+  CUDA_VISIBLE_DEVICES=0 $LT gpt "$W/codes" "$W/gpt" --preset lasad-S --set n_layer=5 --steps 1000000 \
     --batch-size 256 --lr 8e-4 --warmup 200 --ema 0.999 --time-limit "$GPT_S" --no-progress --log-every 50 \
     --save-every 1000000 > "$W/gpt.log" 2>&1 || log "gpt failed"
   log "gpt done: $(tail -1 "$W/gpt/log.jsonl")"
@@ -111,7 +113,9 @@ split_file(w / "default.safetensors", out)
 PY
   wait $abl
   pack
+  END_S=$(( $(left) - 15 )) bash benchmarks/multi_gpu.sh "$W" b2-nodrop xl-fsdp-mem
+  pack
 else
-  echo "unknown mode $mode (demo | multi)"; exit 2
+  echo "unknown mode $mode (demo | multi | final)"; exit 2
 fi
 log "end"

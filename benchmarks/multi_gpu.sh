@@ -7,8 +7,14 @@
 #   3. the two-GPU checkpoints resume on one GPU (DDP lasad-B to step 210, to compare with the
 #      one-GPU run; FSDP lasad-XL for 5 more steps) and the lasad-B deploy checkpoint draws in lasad-run
 # Every run's log.jsonl (loss, tokens/s, peak memory per step window) lands in W/multi.
+#   4. (later call) the same lasad-B comparison with dropout off (b1-nodrop, b2-nodrop): the
+#      default dropouts draw different masks when the batch is split, so only without them do the
+#      two curves follow one trajectory; lasad-XL with FSDP, log only (xl-fsdp-mem)
+# Usage: multi_gpu.sh W [STEP ...] (default: the steps of 1-3); ONE_GPU picks the GPU of one-GPU steps.
 set -u -o pipefail
-W=$1
+W=$1; shift
+WANT=" ${*:-codes b1 b2 b2w run b2-resume1 xl-ddp xl-fsdp xl-fsdp-resume1} "
+G=${ONE_GPU:-0}
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 OMP_NUM_THREADS=8
 LT="python3 -m lasad_train.cli"
 TR="python3 -m torch.distributed.run --standalone --nproc_per_node 2 -m lasad_train.cli"
@@ -18,25 +24,30 @@ T0=$(date +%s)
 left() { echo $(( ${END_S:-540} - ($(date +%s) - T0) )); }
 step() {  # name, command...: run with the time left, log its exit status and duration
   local name=$1; shift
+  case "$WANT" in *" $name "*) ;; *) return ;; esac
   local t=$(date +%s) budget; budget=$(left)
   if [ "$budget" -lt 20 ]; then echo "skip $name (no time left)" | tee -a "$M/steps.txt"; return; fi
   timeout "$budget" "$@" > "$M/$name.out" 2>&1
   echo "$name rc=$? $(( $(date +%s) - t )) s" | tee -a "$M/steps.txt"
 }
 python3 -c "import torch; print(torch.cuda.device_count(), 'GPUs', torch.__version__)" | tee "$M/env.txt"
-step codes env CUDA_VISIBLE_DEVICES=0 $LT codes "$W/emoji5" .carry/default-vq.safetensors "$W/codes" \
+[ -f "$W/codes/manifest.json" ] || step codes env CUDA_VISIBLE_DEVICES=$G $LT codes "$W/emoji5" .carry/default-vq.safetensors "$W/codes" \
   --label-set identity --device cuda --no-progress --batch-size 256
 B=(--preset lasad-B --batch-size 64 --lr 3e-4 --warmup 20 --seed 0 --log-every 5 --no-progress --save-every 1000000)
-step b1 env CUDA_VISIBLE_DEVICES=0 $LT gpt "$W/codes" "$M/b1" "${B[@]}" --steps 210
+step b1 env CUDA_VISIBLE_DEVICES=$G $LT gpt "$W/codes" "$M/b1" "${B[@]}" --steps 210
 step b2 $TR gpt "$W/codes" "$M/b2" "${B[@]}" --steps 200
 step b2w $TR gpt "$W/codes" "$M/b2w" "${B[@]}" --batch-size 128 --steps 40
-step run env CUDA_VISIBLE_DEVICES=0 python3 -m lasad_engine.cli --checkpoint "$M/b2/model.safetensors" \
+step run env CUDA_VISIBLE_DEVICES=$G python3 -m lasad_engine.cli --checkpoint "$M/b2/model.safetensors" \
   --class 207 -n 4 --seed 0 --no-progress -o "$M/b2-run.png"
-step b2-resume1 env CUDA_VISIBLE_DEVICES=0 $LT gpt "$W/codes" "$M/b2" "${B[@]}" --steps 210 --resume
+step b2-resume1 env CUDA_VISIBLE_DEVICES=$G $LT gpt "$W/codes" "$M/b2" "${B[@]}" --steps 210 --resume
 X=(--preset lasad-XL --batch-size 32 --lr 1e-4 --seed 0 --log-every 5 --no-progress --save-every 1000000)
 step xl-ddp $TR gpt "$W/codes" "$M/xl-ddp" "${X[@]}" --steps 20
 rm -f "$M/xl-ddp/last.pt"  # 9 GB not needed again
 step xl-fsdp $TR gpt "$W/codes" "$M/xl-fsdp" "${X[@]}" --fsdp --steps 20
-step xl-fsdp-resume1 env CUDA_VISIBLE_DEVICES=0 $LT gpt "$W/codes" "$M/xl-fsdp" "${X[@]}" --steps 25 --resume
+step xl-fsdp-resume1 env CUDA_VISIBLE_DEVICES=$G $LT gpt "$W/codes" "$M/xl-fsdp" "${X[@]}" --steps 25 --resume
+NODROP=(--set token_dropout=0 --set resid_dropout=0 --set ffn_dropout=0 --set class_dropout=0 --no-save)
+step b1-nodrop env CUDA_VISIBLE_DEVICES=$G $LT gpt "$W/codes" "$M/b1-nodrop" "${B[@]}" "${NODROP[@]}" --steps 200
+step b2-nodrop $TR gpt "$W/codes" "$M/b2-nodrop" "${B[@]}" "${NODROP[@]}" --steps 200
+step xl-fsdp-mem $TR gpt "$W/codes" "$M/xl-fsdp-mem" "${X[@]}" --fsdp --no-save --steps 15
 du -sh "$M"/*/last.pt 2>/dev/null | tee -a "$M/steps.txt"
 rm -f "$M"/*/last.pt "$M"/*/model.safetensors

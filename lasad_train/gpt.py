@@ -65,6 +65,7 @@ class GPTTrainArgs:
     resume: bool = False
     progress: bool = True
     time_limit: float | None = None  # seconds: stop after the step that crosses it, save, resume later
+    save: bool = True              # False: write the log only (benchmark runs)
 
 
 class Dist:
@@ -308,7 +309,7 @@ def train_gpt(args: GPTTrainArgs) -> dict:
         if world.world > 1:  # every rank stops at the same step
             flag = torch.tensor([float(out_of_time)], device=device)
             out_of_time = bool(world.mean(flag).item() > 0)
-        if done % args.save_every == 0 or done == args.steps or out_of_time:
+        if args.save and (done % args.save_every == 0 or done == args.steps or out_of_time):
             save_training(out, wrapped, model, optimizer, done, args, world, ema, manifest)
             world.barrier()
         if out_of_time and done < args.steps:
@@ -347,9 +348,10 @@ def train_gpt(args: GPTTrainArgs) -> dict:
 @click.option("--no-progress", is_flag=True)
 @click.option("--time-limit", type=click.FloatRange(min=0, min_open=True), default=None,
               help="Stop (and save) after the step that crosses this many seconds; --resume continues.")
+@click.option("--no-save", is_flag=True, help="Write the log only, no checkpoints (speed and memory runs).")
 def gpt_cmd(codes, out, preset, row_start, no_decay, sets, steps, batch_size, lr, warmup, weight_decay, grad_clip,
             ema, seed, precision, fsdp, chunk_backend, save_every, log_every, device, resume, no_progress,
-            time_limit):
+            time_limit, no_save):
     """Train LASADGen on a code set (from lasad-train codes)."""
     overrides = {}
     for item in sets:
@@ -373,7 +375,7 @@ def gpt_cmd(codes, out, preset, row_start, no_decay, sets, steps, batch_size, lr
                         ema=ema, seed=seed, precision=precision, fsdp=fsdp, chunk_backend=chunk_backend,
                         save_every=save_every,
                         log_every=log_every, device=device, resume=resume, progress=not no_progress,
-                        time_limit=time_limit)
+                        time_limit=time_limit, save=not no_save)
     summary = train_gpt(args)
     if int(os.environ.get("RANK", "0")) == 0:
         click.echo(json.dumps(summary))

@@ -109,6 +109,14 @@ def test_optimizer_state_by_name_moves_between_parameter_orders():
         optim_state_by_index(named, _param_names(opt3, bigger))
 
 
+def test_no_save_writes_the_log_only_and_takes_the_same_steps(codes, tmp_path):
+    saved, bare = tmp_path / "saved", tmp_path / "bare"
+    run([codes, saved, "--steps", "4", *COMMON])
+    run([codes, bare, "--steps", "4", "--no-save", *COMMON])
+    assert not (bare / "last.pt").exists() and not (bare / "model.safetensors").exists()
+    assert [r["loss"] for r in log(bare)] == [r["loss"] for r in log(saved)]
+
+
 def test_resume_is_exact(codes, tmp_path):
     full, parts = tmp_path / "full", tmp_path / "parts"
     run([codes, full, "--steps", "10", *COMMON, "--ema", "0.9"])
