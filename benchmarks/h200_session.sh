@@ -17,7 +17,7 @@ T0=$(date +%s)
 log() { echo "[$(( $(date +%s) - T0 )) s] $*"; }
 left() { echo $(( ${END_S:-570} - ($(date +%s) - T0) )); }  # seconds to the end of the call
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH=/tmp/site:$PWD TRITON_CACHE_DIR=/tmp/tcache
+export PYTHONPATH=/tmp/site:$PWD TRITON_CACHE_DIR=/tmp/tcache LASAD_COMMIT=$(head -1 .carry/commit.txt 2>/dev/null)
 # Triton's compile cache from an earlier call, if carried (fla's first compile takes ~200 s)
 if ls .carry/tcache.tgz.part000 >/dev/null 2>&1; then
   python3 -c "from lasad_train.formats import join_files as j; j('.carry/tcache.tgz.part000', '/tmp/tcache.tgz')" \
