@@ -10,6 +10,8 @@
 #   4. (later call) the same lasad-B comparison with dropout off (b1-nodrop, b2-nodrop): the
 #      default dropouts draw different masks when the batch is split, so only without them do the
 #      two curves follow one trajectory; lasad-XL with FSDP, log only (xl-fsdp-mem)
+#   5. (next call) the noise floor of that comparison: b1-nodrop-repeat, b1-accum2-nodrop; and
+#      xl-fsdp + xl-fsdp-resume1 (the FSDP checkpoint continued on one GPU)
 # Usage: multi_gpu.sh W [STEP ...] (default: the steps of 1-3); ONE_GPU picks the GPU of one-GPU steps.
 set -u -o pipefail
 W=$1; shift
@@ -48,6 +50,11 @@ step xl-fsdp-resume1 env CUDA_VISIBLE_DEVICES=$G $LT gpt "$W/codes" "$M/xl-fsdp"
 NODROP=(--set token_dropout=0 --set resid_dropout=0 --set ffn_dropout=0 --set class_dropout=0 --no-save)
 step b1-nodrop env CUDA_VISIBLE_DEVICES=$G $LT gpt "$W/codes" "$M/b1-nodrop" "${B[@]}" "${NODROP[@]}" --steps 200
 step b2-nodrop $TR gpt "$W/codes" "$M/b2-nodrop" "${B[@]}" "${NODROP[@]}" --steps 200
+# the noise-floor controls for the comparison above: the one-GPU run again (is it reproducible?),
+# and one GPU in two micro-batches of 32, the per-rank batches of the two-GPU run
+step b1-nodrop-repeat env CUDA_VISIBLE_DEVICES=$G $LT gpt "$W/codes" "$M/b1-nodrop-repeat" "${B[@]}" "${NODROP[@]}" --steps 200
+step b1-accum2-nodrop env CUDA_VISIBLE_DEVICES=$G $LT gpt "$W/codes" "$M/b1-accum2-nodrop" "${B[@]}" "${NODROP[@]}" \
+  --grad-accum 2 --steps 200
 step xl-fsdp-mem $TR gpt "$W/codes" "$M/xl-fsdp-mem" "${X[@]}" --fsdp --no-save --steps 15
 du -sh "$M"/*/last.pt 2>/dev/null | tee -a "$M/steps.txt"
 rm -f "$M"/*/last.pt "$M"/*/model.safetensors

@@ -54,6 +54,7 @@ class GPTTrainArgs:
     beta2: float = 0.95
     weight_decay: float = 0.05
     grad_clip: float = 1.0
+    grad_accum: int = 1            # micro-batches per step on each process (same update, less memory)
     ema: float = 0.0               # EMA decay (0 = off), e.g. 0.9999
     seed: int = 0
     precision: str = "bf16"        # autocast dtype on CUDA ("fp32" = off)
@@ -222,6 +223,9 @@ def train_gpt(args: GPTTrainArgs) -> dict:
         torch.cuda.set_device(device)
     if args.batch_size % world.world:
         raise DataError(f"--batch-size {args.batch_size} is not divisible by the {world.world} processes")
+    if args.grad_accum < 1 or (args.batch_size // world.world) % args.grad_accum:
+        raise DataError(f"--grad-accum {args.grad_accum}: the batch per process ({args.batch_size // world.world}) "
+                        "must be a multiple of it")
     if args.fsdp and device.type != "cuda":
         raise DataError(f"--fsdp needs CUDA devices (torch's FSDP has no CPU path), got device={device}; "
                         "drop --fsdp to train with DDP")
@@ -275,11 +279,19 @@ def train_gpt(args: GPTTrainArgs) -> dict:
         x, y = codes[idx].to(device, non_blocking=True), labels[idx].to(device, non_blocking=True)
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, args)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-            logits = wrapped(x, y, chunk_backend=args.chunk_backend)
-        loss = F.cross_entropy(logits.float().flatten(0, 1), x.flatten())
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        loss = torch.zeros((), device=device)
+        micro = local // args.grad_accum
+        for k in range(args.grad_accum):  # gradients summed over micro-batches, synced after the last
+            last = k == args.grad_accum - 1
+            sync = contextlib.nullcontext() if last or world.world == 1 else wrapped.no_sync()
+            xs, ys = x[k * micro:(k + 1) * micro], y[k * micro:(k + 1) * micro]
+            with sync:
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+                    logits = wrapped(xs, ys, chunk_backend=args.chunk_backend)
+                part = F.cross_entropy(logits.float().flatten(0, 1), xs.flatten()) / args.grad_accum
+                part.backward()
+            loss += part.detach()
         if args.grad_clip:
             (wrapped.clip_grad_norm_ if args.fsdp else
              (lambda c: torch.nn.utils.clip_grad_norm_(wrapped.parameters(), c)))(args.grad_clip)
@@ -335,6 +347,8 @@ def train_gpt(args: GPTTrainArgs) -> dict:
 @click.option("--warmup", default=0, show_default=True, type=click.IntRange(min=0))
 @click.option("--weight-decay", default=0.05, show_default=True, type=click.FloatRange(min=0))
 @click.option("--grad-clip", default=1.0, show_default=True, type=click.FloatRange(min=0))
+@click.option("--grad-accum", default=1, show_default=True, type=click.IntRange(min=1),
+              help="Micro-batches per step on each process: the same update in less memory.")
 @click.option("--ema", default=0.0, show_default=True, type=click.FloatRange(0, 1, max_open=True), help="EMA decay (0 = off).")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--precision", type=click.Choice(["bf16", "fp32"]), default="bf16", show_default=True)
@@ -350,6 +364,7 @@ def train_gpt(args: GPTTrainArgs) -> dict:
               help="Stop (and save) after the step that crosses this many seconds; --resume continues.")
 @click.option("--no-save", is_flag=True, help="Write the log only, no checkpoints (speed and memory runs).")
 def gpt_cmd(codes, out, preset, row_start, no_decay, sets, steps, batch_size, lr, warmup, weight_decay, grad_clip,
+            grad_accum,
             ema, seed, precision, fsdp, chunk_backend, save_every, log_every, device, resume, no_progress,
             time_limit, no_save):
     """Train LASADGen on a code set (from lasad-train codes)."""
@@ -371,7 +386,7 @@ def gpt_cmd(codes, out, preset, row_start, no_decay, sets, steps, batch_size, lr
     except (TypeError, ValueError) as e:
         raise click.UsageError(" ".join(str(e).split())) from None
     args = GPTTrainArgs(codes=str(codes), out=str(out), preset=preset, overrides=overrides, steps=steps,
-                        batch_size=batch_size, lr=lr, warmup=warmup, weight_decay=weight_decay, grad_clip=grad_clip,
+                        batch_size=batch_size, lr=lr, warmup=warmup, weight_decay=weight_decay, grad_clip=grad_clip, grad_accum=grad_accum,
                         ema=ema, seed=seed, precision=precision, fsdp=fsdp, chunk_backend=chunk_backend,
                         save_every=save_every,
                         log_every=log_every, device=device, resume=resume, progress=not no_progress,
