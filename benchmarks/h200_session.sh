@@ -2,16 +2,17 @@
 # The training runs of the demo model, the ablation and the multi-GPU checks, one device call each.
 #
 #   bash benchmarks/h200_session.sh demo    # nvidia-h200-x2, ~9.5 min: issue 4 numbers, demo model, ablation
-#   bash benchmarks/h200_session.sh multi   # nvidia-h200-x2, ~9.5 min: DDP / FSDP on two GPUs
+#   bash benchmarks/h200_session.sh multi [STEP ...]  # nvidia-h200-x2, ~9.5 min: DDP / FSDP on two GPUs
 #   bash benchmarks/h200_session.sh final   # nvidia-h200-x2, ~9.5 min: the demo GPT again, longer; the ablation
 #
 # Runs on the GPU machine from the repository root with $OUT set (the device tool's result folder).
 # Carried (git-ignored): .whl/ (fla wheels), .carry/emoji5.npz (lasad_train.formats.pack_image_set
-# of `lasad-train data emoji5`), .carry/commit.txt, and for `multi` the tokenizer
-# .carry/default-vq.safetensors that `demo` returned. Everything else is built here from those.
+# of `lasad-train data emoji5`), .carry/commit.txt, optionally Triton's compile cache
+# (.carry/tcache.tgz.part*, returned by `multi`). `multi` and `final` encode with the bundled
+# tokenizer (lasad_engine/assets/default-vq.safetensors, which `demo` trained).
 # What comes back is at most 8 files under $OUT (the device tool's limit).
 set -u -o pipefail
-mode=${1:?usage: h200_session.sh demo|multi}
+mode=${1:?usage: h200_session.sh demo|multi [STEP ...]|final}; shift
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 T0=$(date +%s)
 log() { echo "[$(( $(date +%s) - T0 )) s] $*"; }
@@ -78,7 +79,7 @@ PY
   END_S=$(( $(left) - 15 )) bash benchmarks/multi_gpu.sh "$W" b2-nodrop xl-fsdp-mem
   pack
 elif [ "$mode" = multi ]; then
-  bash benchmarks/multi_gpu.sh "$W"
+  bash benchmarks/multi_gpu.sh "$W" "$@"    # steps: multi_gpu.sh's names (default: its steps 1-3)
   pack
   # hand Triton's compile cache on to the next call when it is small enough to carry
   tar czf /tmp/tcache.tgz -C /tmp/tcache . && ls -la /tmp/tcache.tgz
@@ -88,12 +89,12 @@ elif [ "$mode" = multi ]; then
 elif [ "$mode" = final ]; then
   # the demo GPT, longer, on the tokenizer that `demo` trained (carried), and the ablation beside it
   GPT_S=${GPT_S:-290}
-  CUDA_VISIBLE_DEVICES=0 $LT codes "$W/emoji5" .carry/default-vq.safetensors "$W/codes" --label-set identity \
+  CUDA_VISIBLE_DEVICES=0 $LT codes "$W/emoji5" lasad_engine/assets/default-vq.safetensors "$W/codes" --label-set identity \
     --device cuda --no-progress --batch-size 256 > "$W/codes.log" 2>&1 || log "codes failed"
   $LT data subset "$W/emoji5" "$W/sub40" --label-set subgroup --min-count 40 >> "$W/codes.log" 2>&1
   log "codes done"
   (CUDA_VISIBLE_DEVICES=1 timeout "$(left)" python3 benchmarks/ablation.py train --images "$W/sub40" \
-     --vq .carry/default-vq.safetensors --work "$W/abl" --steps 1500 --parallel --time-limit 300 > "$W/abl.log" 2>&1
+     --vq lasad_engine/assets/default-vq.safetensors --work "$W/abl" --steps 1500 --parallel --time-limit 300 > "$W/abl.log" 2>&1
    log "ablation rc=$?"; ONE_GPU=1 END_S=$(left) bash benchmarks/multi_gpu.sh "$W" b1-nodrop; log "b1-nodrop done") &
   abl=$!
   CUDA_VISIBLE_DEVICES=0 $LT gpt "$W/codes" "$W/gpt" --preset lasad-S --set n_layer=5 --steps 1000000 \

@@ -33,7 +33,7 @@ step() {  # name, command...: run with the time left, log its exit status and du
   echo "$name rc=$? $(( $(date +%s) - t )) s" | tee -a "$M/steps.txt"
 }
 python3 -c "import torch; print(torch.cuda.device_count(), 'GPUs', torch.__version__)" | tee "$M/env.txt"
-[ -f "$W/codes/manifest.json" ] || step codes env CUDA_VISIBLE_DEVICES=$G $LT codes "$W/emoji5" .carry/default-vq.safetensors "$W/codes" \
+[ -f "$W/codes/manifest.json" ] || step codes env CUDA_VISIBLE_DEVICES=$G $LT codes "$W/emoji5" lasad_engine/assets/default-vq.safetensors "$W/codes" \
   --label-set identity --device cuda --no-progress --batch-size 256
 B=(--preset lasad-B --batch-size 64 --lr 3e-4 --warmup 20 --seed 0 --log-every 5 --no-progress --save-every 1000000)
 step b1 env CUDA_VISIBLE_DEVICES=$G $LT gpt "$W/codes" "$M/b1" "${B[@]}" --steps 210
