@@ -37,6 +37,23 @@ pack() {  # bring back logs and small results as one archive
   ls -la "$OUT"
 }
 
+package_demo() {  # the demo GPT (and with "with-vq" its tokenizer) as the package's fp16 files, in $OUT
+  python3 - "$W" "$OUT" "${1:-}" <<'PY' || log "packaging failed"
+import sys
+from pathlib import Path
+from lasad_engine import load_checkpoint, save_checkpoint
+from lasad_engine.tokenizer import load_tokenizer, save_tokenizer
+from lasad_train.formats import split_file
+w, out = Path(sys.argv[1]), Path(sys.argv[2])
+if sys.argv[3] == "with-vq":
+    save_tokenizer(out / "default-vq.safetensors", load_tokenizer(w / "vq" / "vq.safetensors").half())
+m = load_checkpoint(w / "gpt" / "model.safetensors")
+save_checkpoint(w / "default.safetensors", m.half(), meta={"tokenizer": "default-vq.safetensors",
+                                                         "step": m.checkpoint_meta.get("step")})
+split_file(w / "default.safetensors", out)  # parts under the 16 MB return limit
+PY
+}
+
 if [ "$mode" = demo ]; then
   VQ_S=${VQ_S:-210}; GPT_S=${GPT_S:-200}; ABL_S=${ABL_S:-170}
   # GPU 1: issue 4's numbers (GPT tokens/s, fla vs torch) and the GPU tests; warms Triton's cache
@@ -61,22 +78,8 @@ if [ "$mode" = demo ]; then
     --batch-size 256 --lr 6e-4 --warmup 200 --ema 0.999 --time-limit "$GPT_S" --no-progress --log-every 50 \
     --save-every 1000000 > "$W/gpt.log" 2>&1 || log "gpt failed"
   log "gpt done: $(tail -1 "$W/gpt/log.jsonl")"
-  python3 - "$W" "$OUT" <<'PY' || log "packaging failed"
-import sys
-from pathlib import Path
-from lasad_engine import load_checkpoint, save_checkpoint
-from lasad_engine.tokenizer import load_tokenizer, save_tokenizer
-from lasad_train.formats import split_file
-w, out = Path(sys.argv[1]), Path(sys.argv[2])
-save_tokenizer(out / "default-vq.safetensors", load_tokenizer(w / "vq" / "vq.safetensors").half())
-m = load_checkpoint(w / "gpt" / "model.safetensors")
-save_checkpoint(w / "default.safetensors", m.half(), meta={"tokenizer": "default-vq.safetensors",
-                                                         "step": m.checkpoint_meta.get("step")})
-split_file(w / "default.safetensors", out)
-PY
+  package_demo with-vq
   wait $abl
-  pack
-  END_S=$(( $(left) - 15 )) bash benchmarks/multi_gpu.sh "$W" b2-nodrop xl-fsdp-mem
   pack
 elif [ "$mode" = multi ]; then
   bash benchmarks/multi_gpu.sh "$W" "$@"    # steps: multi_gpu.sh's names (default: its steps 1-3)
@@ -87,7 +90,7 @@ elif [ "$mode" = multi ]; then
     python3 -c "from lasad_train.formats import split_file as s; s('/tmp/tcache.tgz', '$OUT')"
   fi
 elif [ "$mode" = final ]; then
-  # the demo GPT, longer, on the tokenizer that `demo` trained (carried), and the ablation beside it
+  # the demo GPT, longer, on the tokenizer that `demo` trained (bundled), and the ablation beside it
   GPT_S=${GPT_S:-290}
   CUDA_VISIBLE_DEVICES=0 $LT codes "$W/emoji5" lasad_engine/assets/default-vq.safetensors "$W/codes" --label-set identity \
     --device cuda --no-progress --batch-size 256 > "$W/codes.log" 2>&1 || log "codes failed"
@@ -101,17 +104,7 @@ elif [ "$mode" = final ]; then
     --batch-size 256 --lr 8e-4 --warmup 200 --ema 0.999 --time-limit "$GPT_S" --no-progress --log-every 50 \
     --save-every 1000000 > "$W/gpt.log" 2>&1 || log "gpt failed"
   log "gpt done: $(tail -1 "$W/gpt/log.jsonl")"
-  python3 - "$W" "$OUT" <<'PY' || log "packaging failed"
-import sys
-from pathlib import Path
-from lasad_engine import load_checkpoint, save_checkpoint
-from lasad_train.formats import split_file
-w, out = Path(sys.argv[1]), Path(sys.argv[2])
-m = load_checkpoint(w / "gpt" / "model.safetensors")
-save_checkpoint(w / "default.safetensors", m.half(), meta={"tokenizer": "default-vq.safetensors",
-                                                         "step": m.checkpoint_meta.get("step")})
-split_file(w / "default.safetensors", out)
-PY
+  package_demo
   wait $abl
   pack
   END_S=$(( $(left) - 15 )) bash benchmarks/multi_gpu.sh "$W" b2-nodrop xl-fsdp-mem
