@@ -8,9 +8,11 @@ Defaults follow LlamaGen's `train_c2i.py`: AdamW (0.9, 0.95), weight decay 0.05 
 ≥ 2 dims only, lr 1e-4 constant (optional linear warm-up), grad-norm clip 1.0, bf16 autocast on
 CUDA, class dropout 0.1 (in the model), optional EMA. The batch of step s is drawn from a
 generator seeded with (seed, s) and split across ranks, so a resumed run and a run on any number
-of processes see the same global batches. OUT holds `last.pt` (model, optimizer, step, RNG,
-config: resume with --resume), `model.safetensors` (the deploy checkpoint, EMA weights when EMA
-is on) and `log.jsonl` (step, loss, lr, tokens/s).
+of processes see the same global batches. OUT holds `last.pt` (model, optimizer state keyed by
+parameter name, step, RNG, config: resume with --resume, with or without FSDP, on any number of
+GPUs), `model.safetensors` (the deploy checkpoint, EMA weights when EMA is on) and `log.jsonl`
+(step, loss, lr, tokens/s, and on CUDA the rank's peak memory). `--grad-accum N` splits each
+process's batch into N micro-batches; `--no-save` writes the log only.
 """
 
 from __future__ import annotations
