@@ -554,3 +554,36 @@ def test_split_and_join_files(tmp_path, size):
     parts = split_file(tmp_path / "ckpt.pt", tmp_path / "out", max_bytes=10)
     assert all(p.stat().st_size <= 10 for p in parts) and len(parts) == max(1, -(-size // 10))
     assert join_files(parts[0], tmp_path / "back.pt").read_bytes() == data
+
+
+def test_subset_keeps_the_classes_with_enough_images(tmp_path):
+    """`data subset`: the images of the classes with >= min_count images (both splits), that
+    label set alone renumbered in the source's order, the source's split; checked image by image
+    against a selection made here on random data."""
+    rng = np.random.default_rng(3)
+    n = 60
+    images = rng.integers(0, 256, (n, 8, 8, 3), dtype=np.uint8)
+    sub = rng.choice(5, n, p=[0.45, 0.05, 0.3, 0.05, 0.15])
+    sub[:3] = [1, 3, 3]  # small classes, below the threshold
+    grp = rng.integers(0, 2, n)
+    split = (rng.random(n) < 0.3).astype(np.uint8)
+    D.write_image_set(tmp_path / "src", images, {"subgroup": (sub, [f"s{i}" for i in range(5)]),
+                                                   "group": (grp, ["g0", "g1"])}, split, {}, "licence text\n")
+    counts = np.bincount(sub, minlength=5)
+    min_count = int(np.sort(counts)[2])  # keeps the three largest classes (ties included)
+    keep_classes = [c for c in range(5) if counts[c] >= min_count]
+    r = run_cli(["subset", tmp_path / "src", tmp_path / "out", "--label-set", "subgroup", "--min-count", min_count])
+    assert r.exit_code == 0, r.output
+    imgs, labels, names, m = load_images(tmp_path / "out", "subgroup")
+    want = np.flatnonzero(np.isin(sub, keep_classes))
+    assert names == [f"s{c}" for c in keep_classes]
+    assert np.array_equal(np.asarray(imgs), images[want])
+    assert np.array_equal(labels, np.searchsorted(keep_classes, sub[want]))
+    assert np.array_equal(np.load(tmp_path / "out" / "split.npy"), split[want])
+    assert m["label_sets"] == ["subgroup"] and m["source"]["min_count"] == min_count
+    assert (tmp_path / "out" / "ATTRIBUTION.md").read_text() == "licence text\n"
+    r = run_cli(["subset", tmp_path / "src", tmp_path / "none", "--label-set", "subgroup", "--min-count", n + 1])
+    assert r.exit_code != 0 and len(r.output.strip().splitlines()) == 1
+    assert f"no class of label set 'subgroup' has {n + 1} or more images" in r.output
+    r = run_cli(["subset", tmp_path / "src", tmp_path / "none", "--label-set", "identity"])
+    assert r.exit_code != 0 and "label set 'identity' is not one of subgroup, group" in r.output
