@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import time
@@ -33,6 +32,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _repo import ROOT  # noqa: E402,F401  (the checkout importable as installed)
+
+from lasad_tools.evaluate import DEFAULT_CACHE  # noqa: E402
 
 VARIANTS = {  # name -> lasad-train gpt options
     "none": ["--row-start", "none"],
@@ -46,9 +47,9 @@ GRID_CLASSES = 8  # grid rows: the first classes of the label set, GRID_COLS sam
 GRID_COLS = 8
 
 
-def sh(*args, **kw):
+def sh(*args):
     print("+", " ".join(str(a) for a in args), flush=True)
-    return subprocess.run([str(a) for a in args], check=True, **kw)
+    subprocess.run([str(a) for a in args], check=True)
 
 
 def log_rows(run: Path) -> list[dict]:
@@ -118,6 +119,7 @@ def train(args) -> None:
     _, ref_labels, names, _ = load_images(args.images, label_set, 1)
     labels = generation_labels(ref_labels, args.num_samples, args.seed)
     grid_labels = [c for c in range(min(GRID_CLASSES, len(names))) for _ in range(GRID_COLS)]
+    np.save(w / "sample-labels.npy", np.asarray(labels, np.int64))
     results = {}
     for name in VARIANTS:
         run = w / f"gpt-{name}"
@@ -134,7 +136,6 @@ def train(args) -> None:
             if not path.is_file():
                 toks = sample_tokens(model, labs, args.cfg_scale, args.seed, args.device, args.sample_batch)
                 np.save(path, toks)
-        np.save(w / "sample-labels.npy", np.asarray(labels, np.int64))
         print(name, results[name], flush=True)
     seconds["total"] = round(time.time() - t0, 1)
     (w / "train.json").write_text(json.dumps({
@@ -144,9 +145,9 @@ def train(args) -> None:
 
 
 def evaluate(args) -> None:
-    from PIL import Image
-
-    from lasad_engine.io import atomic_path, atomic_write_text
+    from lasad_engine.cli import image_grid, save_png
+    from lasad_engine.io import atomic_write_text
+    from lasad_engine.pipeline import decode_codes, to_uint8
     from lasad_engine.tokenizer import load_tokenizer
     from lasad_tools.evaluate import InceptionFeatures, score
     from lasad_train.formats import load_images
@@ -162,12 +163,7 @@ def evaluate(args) -> None:
     np.save(ref_path, f_ref)
 
     def decode(tokens: np.ndarray) -> np.ndarray:
-        imgs = []
-        with torch.no_grad():
-            for i in range(0, len(tokens), 64):
-                x = vq.decode_code(torch.as_tensor(tokens[i:i + 64], dtype=torch.int64, device=args.device))
-                imgs.append(((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy())
-        return np.concatenate(imgs)
+        return to_uint8(decode_codes(vq, torch.as_tensor(tokens, dtype=torch.int64), args.device, 64))
 
     results = {}
     for name, row in trained["results"].items():
@@ -178,12 +174,7 @@ def evaluate(args) -> None:
             scores = score(f_ref, feats(decode(np.load(w / f"samples-{name}.npy"))))
             scores_path.write_text(json.dumps(scores))
         results[name] = {**row, **scores}
-        grid = decode(np.load(w / f"grid-{name}.npy"))
-        n, h, wd, _ = grid.shape
-        rows = n // GRID_COLS
-        sheet = grid[:rows * GRID_COLS].reshape(rows, GRID_COLS, h, wd, 3).transpose(0, 2, 1, 3, 4).reshape(rows * h, GRID_COLS * wd, 3)
-        with atomic_path(out / f"{name}.png") as tmp:
-            Image.fromarray(sheet).save(tmp, format="PNG")
+        save_png(out / f"{name}.png", image_grid(decode(np.load(w / f"grid-{name}.npy")), nrow=GRID_COLS, pad=0))
         print(name, {k: results[name][k] for k in ("steps", "heldout_loss", "fid", "kid")}, flush=True)
     atomic_write_text(out / "ablation.json", json.dumps({**trained, "results": results,
                                                          "evaluate_args": {k: str(v) for k, v in vars(args).items() if k != "func"}},
@@ -215,8 +206,7 @@ def main():
     e.add_argument("--vq", type=Path, required=True)
     e.add_argument("--work", type=Path, required=True)
     e.add_argument("--out", type=Path, required=True)
-    e.add_argument("--inception", type=Path,
-                   default=Path(os.environ.get("LASAD_CACHE", Path.home() / ".cache" / "lasad")) / "inception" / "default_1.pt")
+    e.add_argument("--inception", type=Path, default=DEFAULT_CACHE / "default_1.pt")
     e.add_argument("--device", default="cpu")
     e.add_argument("--batch-size", type=int, default=50)
     e.set_defaults(func=evaluate)

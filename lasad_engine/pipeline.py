@@ -21,6 +21,18 @@ PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float
 EXPORTED = {".onnx": "onnxruntime", ".plan": "tensorrt"}  # exported steps and the backend that runs each
 
 
+@torch.no_grad()
+def decode_codes(tokenizer, tokens: torch.Tensor, device, batch: int = 16) -> torch.Tensor:
+    """VQ-decode int64 codes `[n, h, w]` in batches to float images `[n, 3, H, W]` in [0, 1]."""
+    outs = [tokenizer.decode_code(t.to(device)).float() for t in tokens.split(batch)]
+    return ((torch.cat(outs) + 1) / 2).clamp(0, 1)
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """Float images `[n, 3, H, W]` in [0, 1] -> uint8 `[n, H, W, 3]` on the host."""
+    return (images * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
 @dataclass
 class LasadPipelineOutput:
     """images: list of PIL images, uint8 array [n, H, W, 3], float tensor [n, 3, H, W] in [0, 1],
@@ -180,7 +192,7 @@ class LasadPipeline:
         images = self.decode(tokens)  # float [n, 3, H, W] in [0, 1]
         if output_type == "pt":
             return LasadPipelineOutput(images, tokens)
-        arr = (images * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+        arr = to_uint8(images)
         if output_type == "np":
             return LasadPipelineOutput(arr, tokens)
         from PIL import Image
@@ -191,5 +203,4 @@ class LasadPipeline:
         """VQ-decode tokens `[n, h, w]` to float images `[n, 3, H, W]` in [0, 1]."""
         if self.tokenizer is None:
             raise EngineError("this checkpoint names no VQ tokenizer; pass tokenizer=... or use output_type='tokens'")
-        outs = [self.tokenizer.decode_code(t.to(self.device)).float() for t in tokens.split(batch)]
-        return ((torch.cat(outs) + 1) / 2).clamp(0, 1)
+        return decode_codes(self.tokenizer, tokens, self.device, batch)
