@@ -8,8 +8,11 @@
 # Runs on the GPU machine from the repository root with $OUT set (the device tool's result folder).
 # Carried (git-ignored): .whl/ (fla wheels), .carry/emoji5.npz (lasad_train.formats.pack_image_set
 # of `lasad-train data emoji5`), .carry/commit.txt, optionally Triton's compile cache
-# (.carry/tcache.tgz.part*, returned by `multi`). `multi` and `final` encode with the bundled
-# tokenizer (lasad_engine/assets/default-vq.safetensors, which `demo` trained).
+# (.carry/tcache.tgz.part*, returned by `multi`, compiled binaries only). `multi` and `final` encode
+# with the bundled tokenizer (lasad_engine/assets/default-vq.safetensors, which `demo` trained);
+# `multi` can take the codes instead of the images (.carry/codes.tgz: `tar czf .carry/codes.tgz -C
+# DIR codes` of `lasad-train codes ... DIR/codes --label-set identity`), which keeps the carry under
+# the 64 MiB a call takes with the Triton cache beside it.
 # What comes back is at most 8 files under $OUT (the device tool's limit).
 set -u -o pipefail
 mode=${1:?usage: h200_session.sh demo|multi [STEP ...]|final}; shift
@@ -18,7 +21,9 @@ T0=$(date +%s)
 log() { echo "[$(( $(date +%s) - T0 )) s] $*"; }
 left() { echo $(( ${END_S:-570} - ($(date +%s) - T0) )); }  # seconds to the end of the call
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH=/tmp/site:$PWD TRITON_CACHE_DIR=/tmp/tcache LASAD_COMMIT=$(head -1 .carry/commit.txt 2>/dev/null)
+# Triton keeps only the compiled binaries in its cache (no IR text): a fifth of the size to carry back
+export PYTHONPATH=/tmp/site:$PWD TRITON_CACHE_DIR=/tmp/tcache TRITON_STORE_BINARY_ONLY=1 \
+  LASAD_COMMIT=$(head -1 .carry/commit.txt 2>/dev/null)
 # Triton's compile cache from an earlier call, if carried (fla's first compile takes ~200 s)
 if ls .carry/tcache.tgz.part000 >/dev/null 2>&1; then
   python3 -c "from lasad_train.formats import join_files as j; j('.carry/tcache.tgz.part000', '/tmp/tcache.tgz')" \
@@ -28,7 +33,11 @@ LT="python3 -m lasad_train.cli"
 W=/tmp/w
 mkdir -p "$W" "$OUT"
 nvidia-smi --query-gpu=index,name,memory.total,driver_version --format=csv > "$W/gpus.csv"
-python3 -c "from lasad_train.formats import unpack_image_set as u; u('.carry/emoji5.npz', '$W/emoji5')" || exit 1
+if [ -f .carry/codes.tgz ] && [ "$mode" = multi ]; then
+  tar xzf .carry/codes.tgz -C "$W" && [ -f "$W/codes/manifest.json" ] || exit 1
+else
+  python3 -c "from lasad_train.formats import unpack_image_set as u; u('.carry/emoji5.npz', '$W/emoji5')" || exit 1
+fi
 log "unpacked"
 
 pack() {  # bring back logs and small results as one archive
@@ -85,7 +94,8 @@ elif [ "$mode" = multi ]; then
   bash benchmarks/multi_gpu.sh "$W" "$@"    # steps: multi_gpu.sh's names (default: its steps 1-3)
   pack
   # hand Triton's compile cache on to the next call when it is small enough to carry
-  tar czf /tmp/tcache.tgz -C /tmp/tcache . && ls -la /tmp/tcache.tgz
+  (cd /tmp/tcache && find . \( -name '*.cubin' -o -name '*.json' -o -name '*.so' \) | tar czf /tmp/tcache.tgz -T -)
+  ls -la /tmp/tcache.tgz
   if [ "$(stat -c %s /tmp/tcache.tgz)" -lt 31000000 ]; then
     python3 -c "from lasad_train.formats import split_file as s; s('/tmp/tcache.tgz', '$OUT')"
   fi

@@ -12,6 +12,12 @@
 #      two curves follow one trajectory; lasad-XL with FSDP, log only (xl-fsdp-mem)
 #   5. (next call) the noise floor of that comparison: b1-nodrop-repeat, b1-accum2-nodrop; and
 #      xl-fsdp + xl-fsdp-resume1 (the FSDP checkpoint continued on one GPU)
+#   6. the same, as one set with the loss of every step (n1..., n2...; dropout off): one GPU twice
+#      at once (n1 on GPU 0, n1-repeat on GPU 1: is one GPU deterministic, and are two GPUs alike?),
+#      one GPU in micro-batches of 32 and of 16 (n1-accum2, n1-accum4: the per-rank batches of n2
+#      and n2-accum2, and the size of the trajectory noise that a change of summation order makes),
+#      two GPUs twice (n2, n2-repeat) and in micro-batches of 16 (n2-accum2); then the lasad-XL FSDP
+#      checkpoint drawn by lasad-run (xl-run)
 # Usage: multi_gpu.sh W [STEP ...] (default: the steps of 1-3); ONE_GPU picks the GPU of one-GPU steps.
 set -u -o pipefail
 W=$1; shift
@@ -42,12 +48,22 @@ step b2w $TR gpt "$W/codes" "$M/b2w" "${B[@]}" --batch-size 128 --steps 40
 step run env CUDA_VISIBLE_DEVICES=$G python3 -m lasad_engine.cli --checkpoint "$M/b2/model.safetensors" \
   --class 207 -n 4 --seed 0 --no-progress -o "$M/b2-run.png"
 step b2-resume1 env CUDA_VISIBLE_DEVICES=$G $LT gpt "$W/codes" "$M/b2" "${B[@]}" --steps 210 --resume
+NODROP=(--set token_dropout=0 --set resid_dropout=0 --set ffn_dropout=0 --set class_dropout=0 --no-save)
+# 6. the noise floor with the loss of every step; two one-GPU runs at a time, one on each GPU
+N=("${B[@]}" "${NODROP[@]}" --log-every 1 --steps 200)
+one() { local name=$1 gpu=$2; shift 2; step "$name" env CUDA_VISIBLE_DEVICES=$gpu $LT gpt "$W/codes" "$M/$name" "${N[@]}" "$@"; }
+one n1 0 & one n1-repeat 1 & wait
+one n1-accum2 0 --grad-accum 2 & one n1-accum4 1 --grad-accum 4 & wait
+step n2 $TR gpt "$W/codes" "$M/n2" "${N[@]}"
+step n2-repeat $TR gpt "$W/codes" "$M/n2-repeat" "${N[@]}"
+step n2-accum2 $TR gpt "$W/codes" "$M/n2-accum2" "${N[@]}" --grad-accum 2
 X=(--preset lasad-XL --batch-size 32 --lr 1e-4 --seed 0 --log-every 5 --no-progress --save-every 1000000)
 step xl-ddp $TR gpt "$W/codes" "$M/xl-ddp" "${X[@]}" --steps 20
 rm -f "$M/xl-ddp/last.pt"  # 9 GB not needed again
 step xl-fsdp $TR gpt "$W/codes" "$M/xl-fsdp" "${X[@]}" --fsdp --steps 20
-step xl-fsdp-resume1 env CUDA_VISIBLE_DEVICES=$G $LT gpt "$W/codes" "$M/xl-fsdp" "${X[@]}" --steps 25 --resume
-NODROP=(--set token_dropout=0 --set resid_dropout=0 --set ffn_dropout=0 --set class_dropout=0 --no-save)
+step xl-fsdp-resume1 env CUDA_VISIBLE_DEVICES=$G $LT gpt "$W/codes" "$M/xl-fsdp" "${X[@]}" --steps 25 --resume --no-save
+step xl-run env CUDA_VISIBLE_DEVICES=$G python3 -m lasad_engine.cli --checkpoint "$M/xl-fsdp/model.safetensors" \
+  --class 207 -n 4 --seed 0 --no-progress -o "$M/xl-run.png"
 step b1-nodrop env CUDA_VISIBLE_DEVICES=$G $LT gpt "$W/codes" "$M/b1-nodrop" "${B[@]}" "${NODROP[@]}" --steps 200
 step b2-nodrop $TR gpt "$W/codes" "$M/b2-nodrop" "${B[@]}" "${NODROP[@]}" --steps 200
 # the noise-floor controls for the comparison above: the one-GPU run again (is it reproducible?),
