@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--two-gpu", default="n2,n2-repeat,n2-accum2")
     ap.add_argument("--out", type=Path, default=None)
     a = ap.parse_args(argv)
-    one, two = a.one_gpu.split(","), a.two_gpu.split(",")
+    one, two = [n for n in a.one_gpu.split(",") if n], [n for n in a.two_gpu.split(",") if n]
     runs = {n: read_losses(a.multi_dir / n) for n in one + two if (a.multi_dir / n / "log.jsonl").is_file()}
     if not runs:
         print(f"no run of {', '.join(one + two)} has a log.jsonl under {a.multi_dir}", file=sys.stderr)

@@ -18,6 +18,7 @@
 #      and n2-accum2, and the size of the trajectory noise that a change of summation order makes),
 #      two GPUs twice (n2, n2-repeat) and in micro-batches of 16 (n2-accum2); then the lasad-XL FSDP
 #      checkpoint drawn by lasad-run (xl-run)
+#   7. the gpu-marked FSDP test (fsdp-test); n1 and n1-accum2 in fp32 (f1, f1-accum2)
 # Usage: multi_gpu.sh W [STEP ...] (default: the steps of 1-3); ONE_GPU picks the GPU of one-GPU steps.
 set -u -o pipefail
 W=$1; shift
@@ -57,6 +58,8 @@ one n1-accum2 0 --grad-accum 2 & one n1-accum4 1 --grad-accum 4 & wait
 step n2 $TR gpt "$W/codes" "$M/n2" "${N[@]}"
 step n2-repeat $TR gpt "$W/codes" "$M/n2-repeat" "${N[@]}"
 step n2-accum2 $TR gpt "$W/codes" "$M/n2-accum2" "${N[@]}" --grad-accum 2
+# FSDP's checkpoint against the rules a one-GPU resume relies on (a gpu-marked test, one GPU)
+step fsdp-test env CUDA_VISIBLE_DEVICES=$G python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_gpt_train.py -k fsdp
 X=(--preset lasad-XL --batch-size 32 --lr 1e-4 --seed 0 --log-every 5 --no-progress --save-every 1000000)
 step xl-ddp $TR gpt "$W/codes" "$M/xl-ddp" "${X[@]}" --steps 20
 rm -f "$M/xl-ddp/last.pt"  # 9 GB not needed again
@@ -64,6 +67,9 @@ step xl-fsdp $TR gpt "$W/codes" "$M/xl-fsdp" "${X[@]}" --fsdp --steps 20
 step xl-fsdp-resume1 env CUDA_VISIBLE_DEVICES=$G $LT gpt "$W/codes" "$M/xl-fsdp" "${X[@]}" --steps 25 --resume --no-save
 step xl-run env CUDA_VISIBLE_DEVICES=$G python3 -m lasad_engine.cli --checkpoint "$M/xl-fsdp/model.safetensors" \
   --class 207 -n 4 --seed 0 --no-progress -o "$M/xl-run.png"
+# 7. the pair n1 / n1-accum2 again without bf16 (--precision fp32: fp32 GEMMs, TF32 inside fla's
+#    kernels): if their gap is bf16 rounding grown along the trajectory, it shrinks here
+one f1 0 --precision fp32 & one f1-accum2 1 --precision fp32 --grad-accum 2 & wait
 step b1-nodrop env CUDA_VISIBLE_DEVICES=$G $LT gpt "$W/codes" "$M/b1-nodrop" "${B[@]}" "${NODROP[@]}" --steps 200
 step b2-nodrop $TR gpt "$W/codes" "$M/b2-nodrop" "${B[@]}" "${NODROP[@]}" --steps 200
 # the noise-floor controls for the comparison above: the one-GPU run again (is it reproducible?),

@@ -109,6 +109,35 @@ def test_optimizer_state_by_name_moves_between_parameter_orders():
         optim_state_by_index(named, _param_names(opt3, bigger))
 
 
+@pytest.mark.gpu
+def test_fsdp_keeps_weight_decay_and_its_checkpoint_resumes_without_fsdp(codes, tmp_path):
+    """FSDP (here alone on one GPU, a process group in memory) flattens every parameter into a shard
+    view: the weight-decay groups must still be the matrices, and its checkpoint (full weights,
+    name-keyed optimizer) must continue without FSDP, as a two-GPU FSDP run's does on one GPU."""
+    from lasad_engine import LasadConfig, LasadGen
+    common = [("cuda" if a == "cpu" else a) for a in COMMON] + [*NO_DROPOUT, "--chunk-backend", "torch"]
+    fsdp, plain = tmp_path / "fsdp", tmp_path / "plain"
+    run([codes, fsdp, "--steps", "3", *common, "--fsdp"])
+    run([codes, plain, "--steps", "3", *common])
+    saved = torch.load(fsdp / "last.pt", weights_only=True)
+    model = LasadGen(LasadConfig.from_dict(saved["config"]))
+    matrices = {n for n, p in model.named_parameters() if p.dim() >= 2}
+    decayed = [g for g in saved["optimizer"]["param_groups"] if g["weight_decay"] > 0]
+    assert len(decayed) == 1 and set(decayed[0]["params"]) == matrices
+    # bf16 parameters under FSDP vs bf16 autocast: the same steps up to rounding, not bit for bit
+    np.testing.assert_allclose([r["loss"] for r in log(fsdp)], [r["loss"] for r in log(plain)], rtol=2e-2)
+    ref = torch.load(plain / "last.pt", weights_only=True)["model"]
+    flat = lambda sd: torch.cat([sd[k].float().flatten() for k in sorted(ref)])  # noqa: E731
+    assert (flat(saved["model"]) - flat(ref)).norm() < 0.05 * flat(ref).norm()
+    run([codes, fsdp, "--steps", "5", "--resume", *common])
+    rows = log(fsdp)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5] and rows[-1]["world_size"] == 1
+    assert np.isfinite([r["loss"] for r in rows]).all()
+    served = load_checkpoint(fsdp / "model.safetensors")
+    toks = LasadEngine(served, max_batch=1).generate([1], params=SamplingParams(temperature=0.0, cfg_scale=1.0))
+    assert toks.shape == (1, 4, 5)
+
+
 def test_no_save_writes_the_log_only_and_takes_the_same_steps(codes, tmp_path):
     saved, bare = tmp_path / "saved", tmp_path / "bare"
     run([codes, saved, "--steps", "4", *COMMON])

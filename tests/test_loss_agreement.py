@@ -21,8 +21,7 @@ def la():
 def _write_run(folder: Path, steps, losses):
     folder.mkdir(parents=True)
     with open(folder / "log.jsonl", "w") as f:
-        for s, v in zip(steps, losses):
-            f.write(json.dumps({"step": int(s), "loss": float(v), "lr": 1e-4}) + "\n")
+        f.writelines(json.dumps({"step": int(s), "loss": float(v), "lr": 1e-4}) + "\n" for s, v in zip(steps, losses))
 
 
 def test_pair_stats_and_window_means_match_numpy(la, tmp_path):
