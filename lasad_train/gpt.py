@@ -378,7 +378,7 @@ def train_gpt(args: GPTTrainArgs) -> dict:
 @click.option("--ema", default=0.0, show_default=True, type=click.FloatRange(0, 1, max_open=True), help="EMA decay (0 = off).")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--precision", type=click.Choice(["bf16", "fp32"]), default="bf16", show_default=True)
-@click.option("--fsdp", is_flag=True, help="Fully sharded data parallel (with torchrun), bf16 mixed precision on CUDA.")
+@click.option("--fsdp", is_flag=True, help="Fully sharded data parallel (under torchrun; alone, on one GPU), bf16 mixed precision on CUDA.")
 @click.option("--chunk-backend", type=click.Choice(["fla", "torch"]), default=None,
               help="LASAD training kernel (default: fla on CUDA, torch on CPU).")
 @click.option("--save-every", default=500, show_default=True, type=click.IntRange(min=1))
