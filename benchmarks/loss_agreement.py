@@ -1,6 +1,6 @@
 """How closely the loss curves of training runs on the same batches agree (the multi-GPU evidence).
 
-    python benchmarks/loss_agreement.py MULTI_DIR [--reference n1] [--out section.json]
+    python benchmarks/loss_agreement.py MULTI_DIR [--one-gpu n1,...] [--two-gpu n2,...] [--out result.json]
 
 MULTI_DIR holds one folder per run with the trainer's log.jsonl (benchmarks/multi_gpu.sh's step 6:
 n1, n1-repeat, n1-accum2, n1-accum4 on one GPU; n2, n2-repeat, n2-accum2 on two). Every run draws

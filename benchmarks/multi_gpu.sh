@@ -10,9 +10,8 @@
 #   4. (later call) the same lasad-B comparison with dropout off (b1-nodrop, b2-nodrop): the
 #      default dropouts draw different masks when the batch is split, so only without them do the
 #      two curves follow one trajectory; lasad-XL with FSDP, log only (xl-fsdp-mem)
-#   5. (next call) the noise floor of that comparison: b1-nodrop-repeat, b1-accum2-nodrop; and
-#      xl-fsdp + xl-fsdp-resume1 (the FSDP checkpoint continued on one GPU)
-#   6. the same, as one set with the loss of every step (n1..., n2...; dropout off): one GPU twice
+#   5. (next call) xl-fsdp + xl-fsdp-resume1 (the FSDP checkpoint continued on one GPU)
+#   6. the noise floor of that comparison, with the loss of every step (n1..., n2...): one GPU twice
 #      at once (n1 on GPU 0, n1-repeat on GPU 1: is one GPU deterministic, and are two GPUs alike?),
 #      one GPU in micro-batches of 32 and of 16 (n1-accum2, n1-accum4: the per-rank batches of n2
 #      and n2-accum2, and the size of the trajectory noise that a change of summation order makes),
@@ -72,11 +71,6 @@ step xl-run env CUDA_VISIBLE_DEVICES=$G python3 -m lasad_engine.cli --checkpoint
 one f1 0 --precision fp32 & one f1-accum2 1 --precision fp32 --grad-accum 2 & wait
 step b1-nodrop env CUDA_VISIBLE_DEVICES=$G $LT gpt "$W/codes" "$M/b1-nodrop" "${B[@]}" "${NODROP[@]}" --steps 200
 step b2-nodrop $TR gpt "$W/codes" "$M/b2-nodrop" "${B[@]}" "${NODROP[@]}" --steps 200
-# the noise-floor controls for the comparison above: the one-GPU run again (is it reproducible?),
-# and one GPU in two micro-batches of 32, the per-rank batches of the two-GPU run
-step b1-nodrop-repeat env CUDA_VISIBLE_DEVICES=$G $LT gpt "$W/codes" "$M/b1-nodrop-repeat" "${B[@]}" "${NODROP[@]}" --steps 200
-step b1-accum2-nodrop env CUDA_VISIBLE_DEVICES=$G $LT gpt "$W/codes" "$M/b1-accum2-nodrop" "${B[@]}" "${NODROP[@]}" \
-  --grad-accum 2 --steps 200
 step xl-fsdp-mem $TR gpt "$W/codes" "$M/xl-fsdp-mem" "${X[@]}" --fsdp --no-save --steps 15
 du -sh "$M"/*/last.pt 2>/dev/null | tee -a "$M/steps.txt"
 rm -f "$M"/*/last.pt "$M"/*/model.safetensors

@@ -233,8 +233,6 @@ def save_training(out: Path, wrapped, inner: LasadGen, optimizer, step: int, arg
 
 def train_gpt(args: GPTTrainArgs) -> dict:
     """Train (or resume) and return a summary dict; see the module docstring."""
-    from .codes import load_codes
-
     device = resolve_device(args.device)
     if args.fsdp and device.type != "cuda":
         raise DataError(f"--fsdp needs CUDA devices (torch's FSDP has no CPU path), got device={device}; "
@@ -243,121 +241,125 @@ def train_gpt(args: GPTTrainArgs) -> dict:
         raise DataError("--ema is not supported together with --fsdp")
     world = Dist(device.type, fsdp=args.fsdp)
     try:
-        if device.type == "cuda" and world.world > 1:
-            device = torch.device("cuda", world.local_rank)
-            torch.cuda.set_device(device)
-        if args.batch_size % world.world:
-            raise DataError(f"--batch-size {args.batch_size} is not divisible by the {world.world} processes")
-        if args.grad_accum < 1 or (args.batch_size // world.world) % args.grad_accum:
-            raise DataError(f"--grad-accum {args.grad_accum}: the batch per process ({args.batch_size // world.world}) "
-                            "must be a multiple of it")
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        codes, labels, manifest = load_codes(args.codes)
-        codes = torch.as_tensor(np.asarray(codes), dtype=torch.int64).flatten(1)
-        labels = torch.as_tensor(np.asarray(labels), dtype=torch.int64)
-        start, resumed = 0, None
-        if args.resume and (out / "last.pt").is_file():
-            resumed = read_training_checkpoint(out / "last.pt", TRAIN_FORMAT, 1, "format_version")
-            config = LasadConfig.from_dict(resumed["config"])
-            start = int(resumed["step"])
-        else:
-            config = _model_config(args, manifest)
-        torch.manual_seed(args.seed)
-        model = LasadGen(config).to(device)
-        if resumed is not None:
-            model.load_state_dict(resumed["model"])
-        ema = None
-        if args.ema:
-            ema = LasadGen(config).to(device).eval().requires_grad_(False)
-            ema.load_state_dict(resumed["ema"] if resumed is not None and "ema" in resumed else model.state_dict())
-        # the groups before wrapping: FSDP (use_orig_params) turns every parameter into a flat view of
-        # its shard, which would hide the matrices from the weight-decay rule; the objects stay the same
-        groups = param_groups(model, args.weight_decay)
-        wrapped = _wrap(model, args, world, device)
-        optimizer = torch.optim.AdamW(groups, lr=args.lr,
-                                      betas=(args.beta1, args.beta2), fused=device.type == "cuda")
-        if resumed is not None:
-            if args.fsdp:
-                from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-                with _full_state(wrapped, args):
-                    state = FSDP.optim_state_dict_to_load(wrapped, optimizer, resumed["optimizer"])
-                optimizer.load_state_dict(state)
-            else:
-                optimizer.load_state_dict(optim_state_by_index(resumed["optimizer"], _param_names(optimizer, model)))
-            set_rng_state(resumed["rng"])
-        local = args.batch_size // world.world
-        use_amp = device.type == "cuda" and args.precision == "bf16" and not args.fsdp
-        log_path = out / "log.jsonl"
-        bar = None
-        if args.progress and world.main:
-            from tqdm import tqdm
-            bar = tqdm(total=args.steps, initial=start, unit="step", desc="gpt")
-        wrapped.train()
-        tokens_per_step = args.batch_size * codes.shape[1]
-        t_last, step_last, last_loss = time.perf_counter(), start, float("nan")
-        t_start, done = time.perf_counter(), start
-        for step in range(start, args.steps):
-            idx = batch_indices(len(codes), args.batch_size, args.seed, step)
-            idx = idx[world.rank * local:(world.rank + 1) * local]
-            x, y = codes[idx].to(device, non_blocking=True), labels[idx].to(device, non_blocking=True)
-            for group in optimizer.param_groups:
-                group["lr"] = lr_at(step, args)
-            optimizer.zero_grad(set_to_none=True)
-            loss = torch.zeros((), device=device)
-            micro = local // args.grad_accum
-            for k in range(args.grad_accum):  # gradients summed over micro-batches, synced after the last
-                last = k == args.grad_accum - 1
-                sync = contextlib.nullcontext() if last or world.world == 1 else wrapped.no_sync()
-                xs, ys = x[k * micro:(k + 1) * micro], y[k * micro:(k + 1) * micro]
-                with sync:
-                    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-                        logits = wrapped(xs, ys, chunk_backend=args.chunk_backend)
-                    part = F.cross_entropy(logits.float().flatten(0, 1), xs.flatten()) / args.grad_accum
-                    part.backward()
-                loss += part.detach()
-            if args.grad_clip:
-                (wrapped.clip_grad_norm_ if args.fsdp else
-                 (lambda c: torch.nn.utils.clip_grad_norm_(wrapped.parameters(), c)))(args.grad_clip)
-            optimizer.step()
-            if ema is not None:
-                with torch.no_grad():
-                    for pe, pm in zip(ema.parameters(), model.parameters()):
-                        pe.lerp_(pm.detach(), 1 - args.ema)
-            done = step + 1
-            if done % args.log_every == 0 or done == args.steps:
-                last_loss = world.mean(loss.detach()).item()
-                now = time.perf_counter()
-                rate = tokens_per_step * (done - step_last) / max(now - t_last, 1e-9)
-                t_last, step_last = now, done
-                if world.main:
-                    with open(log_path, "a") as f:
-                        row = {"step": done, "loss": last_loss, "lr": lr_at(step, args), "tokens_per_s": rate,
-                               "world_size": world.world}
-                        if device.type == "cuda":  # this rank's peak so far (FSDP vs DDP memory)
-                            row["max_memory_allocated_MiB"] = torch.cuda.max_memory_allocated(device) / 2**20
-                        f.write(json.dumps(row) + "\n")
-                    if bar is not None:
-                        bar.set_postfix(loss=f"{last_loss:.4f}", tok_s=f"{rate:,.0f}")
-            if bar is not None:
-                bar.update(1)
-            out_of_time = args.time_limit is not None and time.perf_counter() - t_start > args.time_limit
-            if world.world > 1:  # every rank stops at the same step
-                flag = torch.tensor([float(out_of_time)], device=device)
-                out_of_time = bool(world.mean(flag).item() > 0)
-            if args.save and (done % args.save_every == 0 or done == args.steps or out_of_time):
-                save_training(out, wrapped, model, optimizer, done, args, world, ema, manifest)
-                world.barrier()
-            if out_of_time and done < args.steps:
-                break
-        if bar is not None:
-            bar.close()
-        summary = {"steps": done, "complete": done == args.steps, "final_loss": last_loss, "world_size": world.world,
-                   "out": str(out),
-                   "parameters": model.num_parameters() if not args.fsdp else None}
-        return summary
+        return _train(args, world, device)
     finally:  # also on errors: an in-process caller keeps no stale process group
         world.close()
+
+
+def _train(args: GPTTrainArgs, world: Dist, device: torch.device) -> dict:
+    """train_gpt inside its process group."""
+    from .codes import load_codes
+
+    if device.type == "cuda" and world.world > 1:
+        device = torch.device("cuda", world.local_rank)
+        torch.cuda.set_device(device)
+    if args.batch_size % world.world:
+        raise DataError(f"--batch-size {args.batch_size} is not divisible by the {world.world} processes")
+    if args.grad_accum < 1 or (args.batch_size // world.world) % args.grad_accum:
+        raise DataError(f"--grad-accum {args.grad_accum}: the batch per process ({args.batch_size // world.world}) "
+                        "must be a multiple of it")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    codes, labels, manifest = load_codes(args.codes)
+    codes = torch.as_tensor(np.asarray(codes), dtype=torch.int64).flatten(1)
+    labels = torch.as_tensor(np.asarray(labels), dtype=torch.int64)
+    start, resumed = 0, None
+    if args.resume and (out / "last.pt").is_file():
+        resumed = read_training_checkpoint(out / "last.pt", TRAIN_FORMAT, 1, "format_version")
+        config = LasadConfig.from_dict(resumed["config"])
+        start = int(resumed["step"])
+    else:
+        config = _model_config(args, manifest)
+    torch.manual_seed(args.seed)
+    model = LasadGen(config).to(device)
+    if resumed is not None:
+        model.load_state_dict(resumed["model"])
+    ema = None
+    if args.ema:
+        ema = LasadGen(config).to(device).eval().requires_grad_(False)
+        ema.load_state_dict(resumed["ema"] if resumed is not None and "ema" in resumed else model.state_dict())
+    # the groups before wrapping: FSDP (use_orig_params) turns every parameter into a flat view of
+    # its shard, which would hide the matrices from the weight-decay rule; the objects stay the same
+    groups = param_groups(model, args.weight_decay)
+    wrapped = _wrap(model, args, world, device)
+    optimizer = torch.optim.AdamW(groups, lr=args.lr,
+                                  betas=(args.beta1, args.beta2), fused=device.type == "cuda")
+    if resumed is not None:
+        if args.fsdp:
+            from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+            with _full_state(wrapped, args):
+                state = FSDP.optim_state_dict_to_load(wrapped, optimizer, resumed["optimizer"])
+            optimizer.load_state_dict(state)
+        else:
+            optimizer.load_state_dict(optim_state_by_index(resumed["optimizer"], _param_names(optimizer, model)))
+        set_rng_state(resumed["rng"])
+    local = args.batch_size // world.world
+    use_amp = device.type == "cuda" and args.precision == "bf16" and not args.fsdp
+    log_path = out / "log.jsonl"
+    bar = None
+    if args.progress and world.main:
+        from tqdm import tqdm
+        bar = tqdm(total=args.steps, initial=start, unit="step", desc="gpt")
+    wrapped.train()
+    tokens_per_step = args.batch_size * codes.shape[1]
+    t_last, step_last, last_loss = time.perf_counter(), start, float("nan")
+    t_start, done = time.perf_counter(), start
+    for step in range(start, args.steps):
+        idx = batch_indices(len(codes), args.batch_size, args.seed, step)[world.rank * local:(world.rank + 1) * local]
+        x, y = codes[idx].to(device, non_blocking=True), labels[idx].to(device, non_blocking=True)
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, args)
+        optimizer.zero_grad(set_to_none=True)
+        loss = torch.zeros((), device=device)
+        micro = local // args.grad_accum
+        for k in range(args.grad_accum):  # gradients summed over micro-batches, synced after the last
+            last = k == args.grad_accum - 1
+            sync = contextlib.nullcontext() if last or world.world == 1 else wrapped.no_sync()
+            xs, ys = x[k * micro:(k + 1) * micro], y[k * micro:(k + 1) * micro]
+            with sync:
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+                    logits = wrapped(xs, ys, chunk_backend=args.chunk_backend)
+                part = F.cross_entropy(logits.float().flatten(0, 1), xs.flatten()) / args.grad_accum
+                part.backward()
+            loss += part.detach()
+        if args.grad_clip:
+            (wrapped.clip_grad_norm_ if args.fsdp else
+             (lambda c: torch.nn.utils.clip_grad_norm_(wrapped.parameters(), c)))(args.grad_clip)
+        optimizer.step()
+        if ema is not None:
+            with torch.no_grad():
+                for pe, pm in zip(ema.parameters(), model.parameters()):
+                    pe.lerp_(pm.detach(), 1 - args.ema)
+        done = step + 1
+        if done % args.log_every == 0 or done == args.steps:
+            last_loss = world.mean(loss.detach()).item()
+            now = time.perf_counter()
+            rate = tokens_per_step * (done - step_last) / max(now - t_last, 1e-9)
+            t_last, step_last = now, done
+            if world.main:
+                with open(log_path, "a") as f:
+                    row = {"step": done, "loss": last_loss, "lr": lr_at(step, args), "tokens_per_s": rate,
+                           "world_size": world.world}
+                    if device.type == "cuda":  # this rank's peak so far (FSDP vs DDP memory)
+                        row["max_memory_allocated_MiB"] = torch.cuda.max_memory_allocated(device) / 2**20
+                    f.write(json.dumps(row) + "\n")
+                if bar is not None:
+                    bar.set_postfix(loss=f"{last_loss:.4f}", tok_s=f"{rate:,.0f}")
+        if bar is not None:
+            bar.update(1)
+        out_of_time = args.time_limit is not None and time.perf_counter() - t_start > args.time_limit
+        if world.world > 1:  # every rank stops at the same step
+            flag = torch.tensor([float(out_of_time)], device=device)
+            out_of_time = bool(world.mean(flag).item() > 0)
+        if args.save and (done % args.save_every == 0 or done == args.steps or out_of_time):
+            save_training(out, wrapped, model, optimizer, done, args, world, ema, manifest)
+            world.barrier()
+        if out_of_time and done < args.steps:
+            break
+    if bar is not None:
+        bar.close()
+    return {"steps": done, "complete": done == args.steps, "final_loss": last_loss, "world_size": world.world,
+            "out": str(out), "parameters": model.num_parameters() if not args.fsdp else None}
 
 
 @click.command("gpt", cls=OneLineCommand, context_settings={"help_option_names": ["-h", "--help"]})

@@ -61,7 +61,7 @@ class KVState:
 
     @property
     def nbytes(self) -> int:
-        return self.state_bytes + self.rope.numel() * 4 + self.logits.numel() * 4 + 16
+        return sum(t.numel() * t.element_size() for t in (self.k, self.v, self.rope, self.pos, self.width, self.logits))
 
     def rows(self, n: int) -> "KVState":
         return KVState(self.k[:, :n], self.v[:, :n], self.rope, self.pos, self.width, self.logits[:n])
