@@ -1,18 +1,34 @@
-"""lasad_engine: the LASADGen model, its op, its checkpoint format, and the runtime that serves it."""
+"""lasad_engine: the LASADGen model, its op, its checkpoint format, and the runtime that serves it.
 
-from .checkpoint import (CheckpointError, file_fingerprint, load_checkpoint, read_checkpoint,
-                         save_checkpoint)
-from .config import LASAD_PRESET_NAMES, LasadConfig
-from .engine import EngineError, LasadEngine, SamplingParams
-from .model import LasadGen, LasadState
-from .pipeline import LasadPipeline, LasadPipelineOutput
-from .tokenizer import load_tokenizer, save_tokenizer
+Names are imported on first use (PEP 562), so `import lasad_engine` and the command-line tools'
+`--help` do not pay for importing torch.
+"""
+
+import importlib
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "LasadConfig", "LASAD_PRESET_NAMES", "LasadGen", "LasadState",
-    "save_checkpoint", "load_checkpoint", "read_checkpoint", "file_fingerprint", "CheckpointError",
-    "LasadEngine", "SamplingParams", "EngineError", "LasadPipeline", "LasadPipelineOutput",
-    "load_tokenizer", "save_tokenizer",
-]
+_EXPORTS = {
+    "checkpoint": ("CheckpointError", "file_fingerprint", "load_checkpoint", "read_checkpoint", "save_checkpoint"),
+    "config": ("LASAD_PRESET_NAMES", "LasadConfig"),
+    "params": ("EngineError", "SamplingParams", "parse_grid", "resolve_device"),
+    "engine": ("LasadEngine",),
+    "model": ("LasadGen", "LasadState"),
+    "pipeline": ("LasadPipeline", "LasadPipelineOutput"),
+    "tokenizer": ("load_tokenizer", "save_tokenizer"),
+}
+_WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name):
+    module = _WHERE.get(name)
+    if module is None:
+        raise AttributeError(f"module 'lasad_engine' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(list(globals()) + __all__)

@@ -90,13 +90,10 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[LasadConfig, dict, dict]:
         except (TypeError, ValueError) as e:
             raise CheckpointError(f"{path}: damaged lasad metadata ({_reason(e)})") from None
     else:
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except Exception as e:
-            raise CheckpointError(f"{path}: not a readable checkpoint ({_reason(e)})") from None
-        if not isinstance(obj, dict) or obj.get("format") != FORMAT or "model" not in obj:
-            raise CheckpointError(f"{path}: not a lasad checkpoint (expected a dict with format='lasad', config and model)")
-        version, config, state, meta = obj.get("format_version"), obj.get("config"), obj["model"], obj.get("meta", {})
+        obj = read_envelope(path, FORMAT, FORMAT_VERSION)
+        version, config, state, meta = obj["format_version"], obj.get("config"), obj.get("model"), obj.get("meta", {})
+        if not isinstance(state, dict):
+            raise CheckpointError(f"{path}: not a lasad checkpoint (no state dict under 'model')")
     if not isinstance(version, int) or version > FORMAT_VERSION:
         raise CheckpointError(f"{path}: checkpoint format version {version!r}; this lasad reads versions up to {FORMAT_VERSION}")
     try:
@@ -104,6 +101,35 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[LasadConfig, dict, dict]:
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{path}: invalid config ({_reason(e)})") from None
     return cfg, clean_state_dict(state), meta
+
+
+def read_envelope(path: str | os.PathLike, fmt: str, max_version: int, *, what: str = "checkpoint") -> dict:
+    """The one reader of lasad's `.pt` files (models, tokenizers, training state): a dict with
+    `format` == fmt and `format_version` <= max_version (files from before the key was unified
+    carry `version`), loaded with `weights_only=True` (no pickled code runs) and memory-mapped.
+    Every problem is one `CheckpointError` line naming the file."""
+    path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"{path}: is a folder, not a {what} file")
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such {what} file")
+    try:
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:
+            if "mmap" not in str(e):  # only legacy (non-zip) files cannot be memory-mapped
+                raise
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unreadable file is one line
+        raise CheckpointError(f"{path}: not a readable {what} ({_reason(e)})") from None
+    if not isinstance(obj, dict) or obj.get("format") != fmt:
+        found = obj.get("format") if isinstance(obj, dict) else type(obj).__name__
+        raise CheckpointError(f"{path}: not a {fmt} {what} (format {found!r})")
+    version = obj.get("format_version", obj.get("version"))
+    if not isinstance(version, int) or isinstance(version, bool) or not 1 <= version <= max_version:
+        raise CheckpointError(f"{path}: {fmt} format version {version!r}; this lasad reads versions 1 to {max_version}")
+    obj["format_version"] = version
+    return obj
 
 
 def load_checkpoint(path: str | os.PathLike, *, device: str | torch.device = "cpu",

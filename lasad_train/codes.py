@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from lasad_engine.cli import OneLineCommand
-from lasad_engine.engine import resolve_device
+from lasad_engine.params import resolve_device
 from lasad_engine.io import one_line
 
 from .formats import CODES_FORMAT, VERSION, DataError, read_manifest, save_npy, write_manifest

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from lasad_engine import LasadConfig, LasadGen, save_checkpoint
 from lasad_engine.cli import OneLineCommand
-from lasad_engine.engine import resolve_device
+from lasad_engine.params import resolve_device
 from lasad_engine.config import LASAD_PRESET_NAMES
 from lasad_engine.io import atomic_path
 from lasad_engine.model import LasadBlock

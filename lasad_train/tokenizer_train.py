@@ -42,7 +42,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lasad_engine.cli import OneLineCommand
-from lasad_engine.engine import resolve_device
+from lasad_engine.params import resolve_device
 from lasad_engine.io import atomic_path, atomic_write_text, one_line
 from lasad_engine.tokenizer import VQ_PRESETS, VQConfig, VQModel, save_tokenizer
 

@@ -37,7 +37,7 @@ def main(artifact, checkpoint, backend, images, steps, tol, seed, device):
     """Teacher-forced logits of ARTIFACT against the torch reference of CHECKPOINT."""
     from lasad_engine.checkpoint import load_checkpoint
     from lasad_engine.engine import LasadEngine
-    from lasad_engine.pipeline import resolve_device
+    from lasad_engine.params import resolve_device
 
     from lasad_engine.pipeline import EXPORTED
     backend = backend or EXPORTED.get(artifact.suffix)

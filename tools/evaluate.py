@@ -172,7 +172,7 @@ def _generate(checkpoint, labels, cfg_scale, seed, device, batch):
 def fid_cmd(ref_dir, ref_split, checkpoint, gen_dir, label_set, num_ref, ref_features, num, cfg_scale, seed,
             inception, device, batch_size, out):
     """FID and KID of generated (or given) images against an image set's held-out images."""
-    from lasad_engine.pipeline import resolve_device
+    from lasad_engine.params import resolve_device
     from lasad_train.formats import load_images
     if (checkpoint is None) == (gen_dir is None):
         raise click.UsageError("pass exactly one of --checkpoint and --images")

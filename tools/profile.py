@@ -286,7 +286,8 @@ def main(preset, checkpoint, baseline, backend, device, precision, batches, grid
          cfg_scale, top_k, no_cuda_graph, vq, trace, nvtx, out):
     """Latency, throughput and memory of lasad's decode, beside a KV-cache baseline."""
     from lasad_engine.checkpoint import load_checkpoint
-    from lasad_engine.pipeline import PRECISIONS, resolve_device
+    from lasad_engine.pipeline import PRECISIONS
+    from lasad_engine.params import resolve_device
 
     device = resolve_device(device)
     backend = backend or ("cuda" if device.type == "cuda" else "torch")
