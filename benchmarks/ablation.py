@@ -80,12 +80,12 @@ def sample_tokens(model_path: Path, labels: list[int], cfg_scale: float, seed: i
     from lasad_engine.pipeline import LasadPipeline
     with LasadPipeline.from_checkpoint(model_path, device=device, max_batch=batch) as pipe:
         gen = torch.Generator(pipe.device).manual_seed(seed)
-        out = pipe(labels, cfg_scale=cfg_scale, generator=gen, output_type="tokens", progress=False)
+        out = pipe(labels, cfg_scale=cfg_scale, top_k=0, generator=gen, output_type="tokens", progress=False)
     return out.tokens.cpu().numpy().astype(np.int32)
 
 
 def train(args) -> None:
-    from lasad_tools.evaluate import generation_labels
+    from lasad_tools.fid import generation_labels
     from lasad_train.formats import load_images
     w = args.work
     w.mkdir(parents=True, exist_ok=True)
@@ -149,7 +149,7 @@ def evaluate(args) -> None:
     from lasad_engine.io import atomic_write_text
     from lasad_engine.pipeline import decode_codes, to_uint8
     from lasad_engine.tokenizer import load_tokenizer
-    from lasad_tools.evaluate import InceptionFeatures, score
+    from lasad_tools.fid import InceptionFeatures, score
     from lasad_train.formats import load_images
 
     w, out = args.work, args.out

@@ -25,7 +25,7 @@ import _repo  # noqa: E402,F401  (the checkout importable as installed)
 
 from lasad_engine import LasadConfig, LasadGen  # noqa: E402
 from lasad_engine.engine import LasadEngine, SamplingParams  # noqa: E402
-from lasad_tools.profile import streamed_weight_bytes, sync  # noqa: E402
+from lasad_tools.profiling import streamed_weight_bytes, sync  # noqa: E402
 
 TARGETS_MS_PER_IMAGE = {"lasad-B": 25.0, "lasad-XL": 120.0}
 BASELINE_COMPILED_MS = {"lasad-B": 178.4, "lasad-XL": 496.2}  # LlamaGen --compile, 1 image, same H200

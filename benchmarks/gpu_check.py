@@ -34,9 +34,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _repo import ROOT  # noqa: E402  (the checkout importable as installed)
 
 from lasad_engine import LasadConfig  # noqa: E402
-from lasad_tools.profile import copy_bandwidth, environment  # noqa: E402
-from lasad_engine.ops.lasad import (ROW_START_MODES, chunk_lasad, input_gate, lasad_step_,  # noqa: E402
-                                    lasad_step_ref_, naive_recurrent_lasad, row_start_mask)
+from lasad_tools.profiling import copy_bandwidth, environment  # noqa: E402
+from lasad_engine.ops.lasad import (ROW_START_MODES, chunk_lasad, lasad_step_,  # noqa: E402
+                                    naive_recurrent_lasad, row_start_mask)
+from lasad_engine.ops.lasad.gates import input_gate  # noqa: E402
+from lasad_engine.ops.lasad.step import lasad_step_ref_  # noqa: E402
 
 PRESETS = ("lasad-B", "lasad-L", "lasad-XL", "lasad-XXL")
 

@@ -22,7 +22,7 @@ import torch
 
 from .config import LasadConfig
 from .io import UserError, atomic_path, clean_state_dict, key_diff, one_line as _reason
-from .model import LasadGen
+from .model import LasadGen, upgrade_state_dict
 
 FORMAT = "lasad"
 FORMAT_VERSION = 1
@@ -136,22 +136,31 @@ def load_checkpoint(path: str | os.PathLike, *, device: str | torch.device = "cp
                     dtype: torch.dtype | None = None) -> LasadGen:
     """Build the model a checkpoint describes and load its weights strictly.
 
-    The model is returned in eval mode on `device` (cast to `dtype` if given); the checkpoint's
-    `meta` is kept as `model.checkpoint_meta` and its SHA-256 prefix as `model.checkpoint_id`.
+    The model is built on the meta device (nothing allocated), the file's tensors are checked
+    against it by name and shape, and only then assigned (gpt-fast's `_load_model`), so a config
+    that does not match its weights costs nothing and says which keys differ. Returned in eval
+    mode on `device`, in `dtype` (default fp32); the checkpoint's `meta` is kept as
+    `model.checkpoint_meta`, its SHA-256 prefix as `model.checkpoint_id`.
     """
     cfg, state, meta = read_checkpoint(path)
-    model = LasadGen(cfg)
-    expected = set(model.state_dict())
-    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+    with torch.device("meta"):
+        model = LasadGen(cfg)
+    state = upgrade_state_dict(state)
+    expected = model.state_dict()
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     if missing or unexpected:
         raise CheckpointError(f"{path}: keys do not match the config: {key_diff(missing, unexpected)}")
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as e:  # shape mismatches
-        raise CheckpointError(f"{path}: {_reason(e)}") from None
+    for name, t in expected.items():
+        got = state[name]
+        if not isinstance(got, torch.Tensor) or tuple(got.shape) != tuple(t.shape) or not got.is_floating_point():
+            what = tuple(got.shape) if isinstance(got, torch.Tensor) else type(got).__name__
+            raise CheckpointError(f"{path}: {name} is {what}, the config needs a float tensor of shape {tuple(t.shape)}")
+    dtype = dtype or torch.float32
+    model.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in state.items()}, strict=True, assign=True)
     model.checkpoint_meta = meta
     model.checkpoint_id = file_fingerprint(path)
-    return model.to(device=device, dtype=dtype).eval()
+    model.checkpoint_path = Path(path)
+    return model.eval()
 
 
 def file_fingerprint(path: str | os.PathLike, length: int = 16) -> str:

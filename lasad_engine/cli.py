@@ -12,6 +12,7 @@ import click
 import numpy as np
 
 from . import __version__
+from .backends import BACKENDS
 
 EXIT_USAGE, EXIT_ERROR = 2, 1
 
@@ -72,9 +73,9 @@ NAME = "lasad-run"
 @click.command(NAME, cls=OneLineCommand, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("-c", "--class", "classes", multiple=True, metavar="ID|NAME",
               help="Class to draw (repeatable): an id, or a name where the checkpoint carries names.")
-@click.option("-n", "--num-samples", default=4, show_default=True, type=click.IntRange(min=1),
+@click.option("-n", "--num-samples", default=4, show_default=True, type=click.IntRange(1, 1 << 20),
               help="Images per class.")
-@click.option("--seed", type=click.IntRange(min=0), default=None,
+@click.option("--seed", type=click.IntRange(0, (1 << 63) - 1), default=None,
               help="Random seed (default 0, printed on stderr when not given).")
 @click.option("--cfg-scale", default=4.0, show_default=True, type=float,
               help="Classifier-free guidance scale (1 = off).")
@@ -82,12 +83,13 @@ NAME = "lasad-run"
               help="Guidance only for positions <= this; -1 = every step.")
 @click.option("--temperature", default=1.0, show_default=True, type=click.FloatRange(min=0),
               help="Sampling temperature (0 = greedy).")
-@click.option("--top-k", default=0, show_default=True, type=click.IntRange(min=0), help="Top-k (0 = off).")
+@click.option("--top-k", default=2000, show_default=True, type=click.IntRange(min=0),
+              help="Keep the k most likely tokens (0 = off; LlamaGen's default).")
 @click.option("--top-p", default=1.0, show_default=True, type=click.FloatRange(0, 1, min_open=True),
               help="Top-p (1 = off).")
 @click.option("--grid", default=None, metavar="HxW",
               help="Token grid to generate, e.g. 32x32 (default: the checkpoint's trained grid).")
-@click.option("--backend", type=click.Choice(["torch", "cuda", "onnxruntime", "tensorrt"]), default=None,
+@click.option("--backend", type=click.Choice(BACKENDS), default=None,
               help="Decode backend (default: cuda on a GPU, else torch).")
 @click.option("--checkpoint", type=click.Path(path_type=Path), default=None,
               help="ckpt.pt or .safetensors (default: the bundled model).")
@@ -96,9 +98,11 @@ NAME = "lasad-run"
 @click.option("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available).")
 @click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default=None,
               help="Weight precision; the state stays fp32 (default: bf16 on CUDA, fp32 on CPU).")
-@click.option("--max-batch", default=8, show_default=True, type=click.IntRange(min=1),
+@click.option("--max-batch", default=8, show_default=True, type=click.IntRange(1, 65536),
               help="Images decoded together (buffers are sized for this).")
 @click.option("--no-cuda-graph", is_flag=True, help="Replay nothing: launch every kernel (debugging).")
+@click.option("--threads", default=None, type=click.IntRange(1, 1024),
+              help="CPU threads for the token decode (default 1: decode-sized products gain nothing from more).")
 @click.option("-o", "--output", type=click.Path(path_type=Path), default=None,
               help="PNG grid to write (default: lasad_<classes>_seed<seed>.png).")
 @click.option("--nrow", default=None, type=click.IntRange(min=1), help="Images per grid row (default: num-samples).")
@@ -108,78 +112,69 @@ NAME = "lasad-run"
 @click.option("--list-classes", is_flag=True, help="List the checkpoint's classes and exit.")
 @click.version_option(__version__, "--version", prog_name="lasad-run")
 def run_main(classes, num_samples, seed, cfg_scale, cfg_interval, temperature, top_k, top_p, grid,
-             backend, checkpoint, tokenizer, device, precision, max_batch, no_cuda_graph, output, nrow,
+             backend, checkpoint, tokenizer, device, precision, max_batch, no_cuda_graph, threads, output, nrow,
              save_individual, json_out, no_progress, list_classes):
     """Generate class-conditional images with LASADGen and write them as a PNG grid."""
-    import torch
-
-    from .checkpoint import file_fingerprint
-    from .engine import SamplingParams, parse_grid
-    from .pipeline import LasadPipeline
+    from .params import MAX_IMAGES, SamplingParams, parse_grid
 
     if checkpoint is not None and not checkpoint.is_file():
         raise click.ClickException(f"checkpoint {str(checkpoint)!r} does not exist")
     if not classes and not list_classes:
         raise click.UsageError("no class given: pass --class ID (or --list-classes)")
-    SamplingParams(cfg_scale=cfg_scale, cfg_interval=cfg_interval, temperature=temperature,
-                   top_k=top_k, top_p=top_p)  # validate before loading anything
+    params = SamplingParams(cfg_scale=cfg_scale, cfg_interval=cfg_interval, temperature=temperature,
+                            top_k=top_k, top_p=top_p)  # validated before anything is loaded
+    if grid is not None:
+        grid = parse_grid(grid, None)
+    if len(classes) * num_samples > MAX_IMAGES:
+        raise click.UsageError(f"{len(classes)} classes x {num_samples} samples: at most {MAX_IMAGES} images per run")
+    if output is not None and output.suffix.lower() != ".png":
+        raise click.UsageError(f"--output {str(output)!r} must end in .png")
     t0 = time.perf_counter()
+    from .pipeline import LasadPipeline
     pipe = LasadPipeline.from_checkpoint(checkpoint, tokenizer=tokenizer, backend=backend, device=device,
                                          precision=precision, max_batch=max_batch,
-                                         use_cuda_graph=not no_cuda_graph)
+                                         use_cuda_graph=not no_cuda_graph, threads=threads)
     with pipe:
         cfg = pipe.model.config
-        note = pipe.model.checkpoint_meta.get("note")
-        if note and not list_classes:
-            click.echo(f"note: {pipe.checkpoint_path.name}: {note}", err=True)
         if list_classes:
             names = cfg.class_names or []
             for i in range(cfg.num_classes):
                 click.echo(f"{i}\t{names[i]}" if names else str(i))
             return
-        ids = [pipe.class_id(c) for c in classes]
-        h, w = parse_grid(grid, (cfg.grid_height, cfg.grid_width))
+        note = pipe.model.checkpoint_meta.get("note")
+        if note:
+            click.echo(f"note: {pipe.checkpoint_path.name}: {note}", err=True)
+        labels = pipe.class_labels([c for c in classes for _ in range(num_samples)])
+        ids = labels.tolist()[::num_samples]
+        grid = parse_grid(grid, (cfg.grid_height, cfg.grid_width))
         if seed is None:
             seed = 0
             click.echo("seed: 0 (the default; --seed N for others)", err=True)
         if output is None:
             output = Path(f"lasad_{'-'.join(str(i) for i in ids)}_seed{seed}.png")
-        if output.suffix.lower() != ".png":
-            raise click.UsageError(f"--output {str(output)!r} must end in .png")
-        labels = [i for i in ids for _ in range(num_samples)]
-        gen = torch.Generator(pipe.device).manual_seed(seed)
+        import torch
         t_load = time.perf_counter() - t0
-        if pipe.device.type == "cuda":
-            torch.cuda.synchronize()
-        t1 = time.perf_counter()
-        out = pipe(labels, cfg_scale=cfg_scale, cfg_interval=cfg_interval, temperature=temperature,
-                   top_k=top_k, top_p=top_p, generator=gen, output_type="tokens", grid=(h, w),
-                   progress=not no_progress)
-        if pipe.device.type == "cuda":
-            torch.cuda.synchronize()
-        t2 = time.perf_counter()
-        images = (pipe.decode(out.tokens) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-        t3 = time.perf_counter()
-
-        save_png(output, image_grid(images, nrow or num_samples))
+        out = pipe(labels, params=params, generator=torch.Generator(pipe.device).manual_seed(seed),
+                   output_type="np", grid=grid, progress=not no_progress)
+        save_png(output, image_grid(out.images, nrow or num_samples))
         individual = []
         if save_individual:
             folder = output.with_suffix("")
-            for i, img in enumerate(images):
+            for i, img in enumerate(out.images):
                 individual.append(str(folder / f"{i:06d}.png"))
                 save_png(Path(individual[-1]), img)
-        ckpt_path = pipe.checkpoint_path
         record = {
             "output": str(output), "individual": individual, "classes": ids,
             "class_names": [cfg.class_names[i] for i in ids] if cfg.class_names else None,
-            "num_samples": num_samples, "seed": seed, "cfg_scale": cfg_scale, "cfg_interval": cfg_interval,
-            "temperature": temperature, "top_k": top_k, "top_p": top_p, "grid": [h, w],
-            "backend": pipe.backend, "device": str(pipe.device), "precision": precision or str(pipe.model.output.weight.dtype).split(".")[-1],
+            "num_samples": num_samples, "seed": seed, "cfg_scale": params.cfg_scale,
+            "cfg_interval": params.cfg_interval, "temperature": params.temperature, "top_k": params.top_k,
+            "top_p": params.top_p, "grid": list(grid), "backend": pipe.backend, "device": str(pipe.device),
+            "precision": precision or str(pipe.model.output.weight.dtype).split(".")[-1],
             "cuda_graph": not no_cuda_graph, "max_batch": max_batch,
-            "checkpoint": str(ckpt_path), "checkpoint_sha256": file_fingerprint(ckpt_path),
+            "checkpoint": str(pipe.checkpoint_path), "checkpoint_sha256": pipe.checkpoint_id,
             "lasad_version": __version__, "torch": torch.__version__,
-            "seconds": {"load": round(t_load, 3), "generate": round(t2 - t1, 3), "vq_decode": round(t3 - t2, 3)},
-            "ms_per_image": round((t2 - t1) * 1e3 / len(labels), 2),
+            "seconds": {"load": round(t_load, 3), **{k: round(v, 3) for k, v in out.seconds.items()}},
+            "ms_per_image": round(out.seconds["generate"] * 1e3 / len(labels), 2),
             "state_bytes": pipe.state_nbytes,
         }
         from .io import atomic_write_text
@@ -187,8 +182,8 @@ def run_main(classes, num_samples, seed, cfg_scale, cfg_interval, temperature, t
     if json_out:
         click.echo(json.dumps(record))
     else:
-        click.echo(f"wrote {output} ({len(labels)} images, {h}x{w} tokens) in {t2 - t1:.2f} s "
-                   f"+ {t3 - t2:.2f} s VQ decode; parameters in {output.with_suffix('.json')}")
+        click.echo(f"wrote {output} ({len(labels)} images, {grid.h}x{grid.w} tokens) in {out.seconds['generate']:.2f} s "
+                   f"+ {out.seconds['vq_decode']:.2f} s VQ decode; parameters in {output.with_suffix('.json')}")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """`LasadConfig`: the one description of a LASADGen network, with named presets.
 
-The presets follow LlamaGen's GPT-B/L/XL/XXL shapes (SPEC §4) with the softmax attention replaced
+The presets follow LlamaGen's GPT-B/L/XL/XXL shapes (docs/model.md, "Sizes") with the softmax attention replaced
 by the LASAD mixer, whose four projections (q, f, i, o) have the same 4·d² parameters as LlamaGen's
 wqkv + wo, so parameter counts match LlamaGen's.
 """
@@ -73,11 +73,12 @@ class LasadConfig:
         """Row of the class table used as the unconditional ("null") class for CFG."""
         return self.num_classes
 
-    @property
-    def mixer_row_start(self) -> str:
-        """The row-start mode the op applies: without decay (the ablation) the log-decay is 0 at
-        every position, row starts included, which is the "unit" override."""
-        return self.row_start if self.decay else "unit"
+    def row_rule(self, width):
+        """(row-start mode, grid width) the LASAD op applies: the one place the no-decay ablation
+        is expressed. Without decay every position after the class token is a "unit" row start
+        (width 1: log-decay 0 everywhere, nothing forgotten; the input gate is unchanged). The
+        class position's decay never matters: the state before it is zero."""
+        return (self.row_start, width) if self.decay else ("unit", 1)
 
     @property
     def seq_len(self) -> int:

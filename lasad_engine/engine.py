@@ -1,32 +1,34 @@
-"""The decode runtime: buffers allocated once, one decode step (model + sampling) per position,
-backends behind one interface.
+"""The decode runtime: buffers allocated once, one decode loop, any backend, optional CUDA graph.
 
 A generation of n images on an h×w grid is N = h·w identical steps. Each step reads the input ids,
 the position and this step's noise from fixed buffers, updates the recurrent state in place,
 samples the next ids on the device and writes them back into the id buffer (both CFG halves)
-and into the token buffer. Nothing in a step allocates and nothing syncs with the host, so the
-`cuda` backend captures the whole step once as a CUDA graph and replays it N times.
+and into the token buffer. Nothing in a step allocates and nothing syncs with the host, so when
+the backend is capturable the whole step (model + sampler) is captured once as a CUDA graph
+(`graphs.CudaGraphRunner`) and replayed N times. The same loop drives teacher forcing (`forced`
+tokens overwrite the sampled ones), so the loop the parity tests prove is the loop users run.
 
-Backends:
-- `torch`: eager, CPU or GPU, the torch reference of the step op; the reference for the others.
-- `cuda`: the Triton step kernel, and the whole step (sampling included) captured as a CUDA graph.
-- `onnxruntime`, `tensorrt`: run an exported step (the export issue); named here so that the
-  interface and the errors are the same for all.
+Calls on one engine are serialised by a lock: its buffers are shared, so two threads would
+otherwise overwrite each other's state. A server that wants parallel requests uses one engine
+(or pipeline) per worker, or batches requests into one call.
 """
 
 from __future__ import annotations
 
+import threading
 from typing import Callable
 
 import torch
 
-from .model import LasadGen, LasadState
-from .params import EngineError, SamplingParams, parse_grid, resolve_device  # noqa: F401 (re-exported)
+from .backends import Backend, make_backend
+from .graphs import CudaGraphRunner
+from .model import LasadState
+from .params import ClassLabels, EngineError, Grid, SamplingParams, parse_grid
 from .sampling import draw_noise, sample
 
-BACKENDS = ("torch", "cuda", "onnxruntime", "tensorrt")
-# Noise is drawn from the caller's generator in blocks of this many steps: the blocking is a
-# constant, so the same seed gives the same noise (and tokens) whatever max_batch or backend.
+# Noise is drawn in blocks of this many steps, per image from that image's own generator (seeded
+# from the caller's generator once per request): the tokens of an image depend on the seed and
+# the image's place in the request, never on max_batch or the backend.
 NOISE_BLOCK = 16
 
 
@@ -37,20 +39,21 @@ class DecodeBuffers:
 
     state:   LasadState for 2·max_images rows (fp32 [L, R, H, K, V] + pos + width + logits)
     ids:     int64 [R]          the step's input ids (class / null ids at p = 0, tokens after)
-    noise:   fp32 NOISE_BLOCK·max_images·V, viewed as [NOISE_BLOCK, n, V]
+    noise:   fp32 [NOISE_BLOCK, max_images, V]
     tokens:  int64 max_images·N, viewed as [n, N]
     cfg_scale: fp32 [] ; cfg_interval: int64 []   (data, so one captured step serves any value)
     """
 
-    def __init__(self, model: LasadGen, max_images: int, device: torch.device):
+    def __init__(self, model, max_images: int, device: torch.device):
         cfg = model.config
         self.max_images, self.vocab = max_images, cfg.vocab_size
         self.state = model.allocate_state(2 * max_images, device)
         self.ids = torch.zeros(2 * max_images, dtype=torch.int64, device=device)
-        self.noise = torch.ones(NOISE_BLOCK * max_images * cfg.vocab_size, device=device)
+        self.noise = torch.ones(NOISE_BLOCK, max_images, cfg.vocab_size, device=device)
         self.tokens = torch.zeros(max_images * cfg.seq_len, dtype=torch.int64, device=device)
         self.cfg_scale = torch.ones((), device=device)
         self.cfg_interval = torch.full((), -1, dtype=torch.int64, device=device)
+        self._views: dict[int, LasadState] = {}
 
     def ensure_tokens(self, n_tokens: int) -> bool:
         """Grow the token buffer for a larger grid; True when it was reallocated."""
@@ -59,8 +62,10 @@ class DecodeBuffers:
         self.tokens = torch.zeros(self.max_images * n_tokens, dtype=torch.int64, device=self.tokens.device)
         return True
 
-    def noise_view(self, n: int) -> torch.Tensor:
-        return self.noise[: NOISE_BLOCK * n * self.vocab].view(NOISE_BLOCK, n, self.vocab)
+    def state_rows(self, rows: int) -> LasadState:
+        if rows not in self._views:
+            self._views[rows] = self.state.rows(rows)
+        return self._views[rows]
 
     def tokens_view(self, n: int, n_tokens: int) -> torch.Tensor:
         return self.tokens[: n * n_tokens].view(n, n_tokens)
@@ -71,107 +76,27 @@ class DecodeBuffers:
         return self.state.nbytes + sum(t.numel() * t.element_size() for t in extra)
 
 
-class TorchBackend:
-    """Eager execution of the step on any device, through the torch reference of the step op."""
-
-    name = "torch"
-    kernel = "torch"
-
-    def __init__(self, model: LasadGen, device: torch.device):
-        self.model, self.device = model, device
-
-    def decode(self, ids: torch.Tensor, pos: torch.Tensor, state: LasadState) -> torch.Tensor:
-        """The model part of one step: `LasadGen.step` semantics, this backend's kernels."""
-        return self.model.step(ids, pos, state, kernel=self.kernel)
-
-    def run(self, key: tuple, fn: Callable[[], None]) -> None:
-        """Run one step function. `key` identifies what the function bakes in (for graphs)."""
-        fn()
-
-    def prepare(self, key: tuple, fn: Callable[[], None], reset: Callable[[], None]) -> None:
-        """Called before a generation with the step it will run; nothing to do when eager."""
-
-    def close(self) -> None:
-        pass
+def estimate_buffer_bytes(model, max_images: int, n_tokens: int) -> int:
+    """Bytes DecodeBuffers will hold, computed before allocating anything."""
+    cfg = model.config
+    rows = 2 * max_images
+    return (cfg.state_nbytes(rows) + 4 * rows * cfg.vocab_size + 8 * rows
+            + 4 * NOISE_BLOCK * max_images * cfg.vocab_size + 8 * max_images * n_tokens)
 
 
-class CudaBackend(TorchBackend):
-    """The Triton step kernel, and the whole decode step captured once per (images, sampling
-    settings, buffers) as a CUDA graph, then replayed. Captures share one memory pool."""
-
-    name = "cuda"
-    kernel = "triton"
-
-    def __init__(self, model: LasadGen, device: torch.device, use_cuda_graph: bool = True,
-                 fused: bool = True):
-        if device.type != "cuda":
-            raise EngineError(f"backend 'cuda' needs a CUDA device, got device={device}")
-        super().__init__(model, device)
-        self.use_cuda_graph = use_cuda_graph
-        # One side stream for every warm-up and capture: cuBLAS keeps a workspace per stream it
-        # has seen, so a fresh stream per capture would grow memory with every new grid.
-        self.stream = torch.cuda.Stream(device)
-        if fused:
-            from .fused import FusedDecoder
-            self.decode = FusedDecoder(model, kernel=self.kernel)
-        self.graphs: dict[tuple, torch.cuda.CUDAGraph] = {}
-        self.pool = None
-
-    def prepare(self, key, fn, reset):
-        if not self.use_cuda_graph or key in self.graphs:
-            return
-        # Warm up on a side stream (Triton compiles, cuBLAS picks kernels), then capture. Both
-        # mutate the buffers, so the caller resets them afterwards.
-        stream = self.stream
-        stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(stream):
-            for _ in range(2):
-                reset()
-                fn()
-        torch.cuda.current_stream(self.device).wait_stream(stream)
-        reset()
-        if self.pool is None:
-            self.pool = torch.cuda.graph_pool_handle()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool, stream=stream):
-            fn()
-        self.graphs[key] = graph
-
-    def run(self, key, fn):
-        graph = self.graphs.get(key)
-        if graph is None:
-            fn()
-        else:
-            graph.replay()
-
-    def close(self):
-        self.graphs.clear()
-        self.pool = None
-
-
-def make_backend(name: str, model: LasadGen, device: torch.device, use_cuda_graph: bool = True,
-                 fused: bool = True, onnx_path=None):
-    if name == "torch":
-        return TorchBackend(model, device)
-    if name == "cuda":
-        return CudaBackend(model, device, use_cuda_graph, fused)
-    if name == "onnxruntime":
-        if onnx_path is None:
-            raise EngineError("backend 'onnxruntime' runs an exported decode step: "
-                              "lasad-export CKPT step.onnx, then load step.onnx")
-        from .ort import OnnxRuntimeBackend
-        return OnnxRuntimeBackend(model, device, onnx_path)
-    if name == "tensorrt":
+def _check_memory(nbytes: int, device: torch.device, what: str) -> None:
+    """Refuse, in one line, an allocation the device cannot hold."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+    else:
+        import os
         try:
-            import tensorrt  # noqa: F401
-        except ImportError:
-            raise EngineError("backend 'tensorrt' needs NVIDIA TensorRT >= 10.8 on a GPU it supports: "
-                              "pip install 'lasad[tensorrt]'; or use one of: torch, cuda, onnxruntime") from None
-        if onnx_path is None or str(onnx_path).endswith(".onnx"):
-            raise EngineError("backend 'tensorrt' runs an engine.plan: lasad-export CKPT engine.plan, then load it")
-        from .trt import TensorRTBackend
-        return TensorRTBackend(model, device, onnx_path, use_cuda_graph)
-    raise EngineError(f"backend={name!r} is not one of {', '.join(BACKENDS)}")
+            free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):
+            return
+    if nbytes > free:
+        raise EngineError(f"{what} needs {nbytes / 2**30:.1f} GiB but {device} has {free / 2**30:.1f} GiB free; "
+                          "use a smaller --max-batch or grid")
 
 
 class LasadEngine:
@@ -182,15 +107,19 @@ class LasadEngine:
     ...                          generator=torch.Generator("cuda").manual_seed(0))  # [2, h, w]
     """
 
-    def __init__(self, model: LasadGen, *, backend: str = "torch", device=None, max_batch: int = 8,
-                 use_cuda_graph: bool = True, fused: bool = True, onnx_path=None):
-        if max_batch < 1:
-            raise EngineError(f"max_batch={max_batch} must be >= 1")
+    def __init__(self, model, *, backend: str = "torch", device=None, max_batch: int = 8,
+                 use_cuda_graph: bool = True, artifact=None):
+        if isinstance(max_batch, bool) or not isinstance(max_batch, int) or not 1 <= max_batch <= 65536:
+            raise EngineError(f"max_batch={max_batch!r} must be an integer in 1..65536")
         self.model = model.eval()
         self.device = torch.device(device) if device is not None else model.output.weight.device
-        self.backend = make_backend(backend, model, self.device, use_cuda_graph, fused, onnx_path)
+        _check_memory(estimate_buffer_bytes(model, max_batch, model.config.seq_len), self.device,
+                      f"max_batch={max_batch}")
+        self.backend: Backend = make_backend(backend, model, self.device, artifact)
+        self.graphs = (CudaGraphRunner(self.device) if use_cuda_graph and self.backend.capturable
+                       and self.device.type == "cuda" else None)
         self.buffers = DecodeBuffers(model, max_batch, self.device)
-        self._views: dict[int, LasadState] = {}
+        self._lock = threading.RLock()
 
     @property
     def max_batch(self) -> int:
@@ -202,24 +131,20 @@ class LasadEngine:
         return self.buffers.state.state_bytes
 
     def close(self) -> None:
-        """Free the graphs and the buffers."""
-        self.backend.close()
-        self.buffers = None
-        self._views.clear()
+        """Free the graphs, the backend's resources and the buffers."""
+        with self._lock:
+            if self.graphs is not None:
+                self.graphs.close()
+            self.backend.close()
+            self.buffers = None
 
-    def _state(self, rows: int) -> LasadState:
-        if rows not in self._views:
-            self._views[rows] = self.buffers.state.rows(rows)
-        return self._views[rows]
-
-    # -- the decode step ---------------------------------------------------------------------
     def _step_fn(self, n: int, n_tokens: int, params: SamplingParams) -> Callable[[], None]:
         """The whole decode step for n images: model step, sampling, bookkeeping. Reads and
         writes only fixed buffers, so it can be captured."""
         b = self.buffers
         rows = 2 * n if params.cfg else n
-        state, ids = self._state(rows), b.ids[:rows]
-        noise, tokens = b.noise_view(n), b.tokens_view(n, n_tokens)
+        state, ids = b.state_rows(rows), b.ids[:rows]
+        noise, tokens = b.noise[:, :n], b.tokens_view(n, n_tokens)
         decode = self.backend.decode
 
         def step():
@@ -243,15 +168,65 @@ class LasadEngine:
         b.cfg_scale.fill_(params.cfg_scale)
         b.cfg_interval.fill_(params.cfg_interval)
 
-    def _check_labels(self, labels) -> torch.Tensor:
-        labels = torch.as_tensor(labels, dtype=torch.int64).reshape(-1)
-        C = self.model.config.num_classes
-        if labels.numel() == 0:
-            raise EngineError("no class labels given")
-        bad = [int(x) for x in labels.tolist() if not 0 <= x <= C]
-        if bad:
-            raise EngineError(f"class {bad[0]} is out of range: this model has classes 0..{C - 1} ({C} = null class)")
-        return labels.to(self.device)
+    def _image_generators(self, generator: torch.Generator | None, n: int) -> list[torch.Generator]:
+        """One generator per image, seeded from the caller's (torch's global CPU one if None)."""
+        device = generator.device if generator is not None else torch.device("cpu")
+        seeds = torch.randint(0, 2**62, (n,), generator=generator, device=device).tolist()
+        return [torch.Generator(device).manual_seed(s) for s in seeds]
+
+    def decode(self, labels: ClassLabels, grid: Grid, params: SamplingParams, *,
+               generators: list[torch.Generator] | None = None, forced: torch.Tensor | None = None,
+               on_step: Callable[[int, LasadState, torch.Tensor], None] | None = None,
+               progress: bool = False) -> torch.Tensor:
+        """The decode loop for at most max_batch images (validated inputs).
+
+        Args:
+            labels: ClassLabels of n ≤ max_batch images.
+            grid: the token grid; N = h·w steps (or forced.shape[1]).
+            params: SamplingParams (greedy needs no generators).
+            generators: one per image, for the noise (sampling only).
+            forced: int64 `[n, T]` tokens fed instead of the sampled ones (teacher forcing).
+            on_step: called as on_step(p, state, tokens) after every step.
+            progress: a tqdm bar on stderr.
+        Returns:
+            int64 tokens `[n, N]`: a view of the engine's token buffer (copy it to keep it).
+        """
+        ids_in, n = labels.ids.to(self.device), len(labels)
+        if n > self.max_batch:
+            raise EngineError(f"{n} images exceed max_batch={self.max_batch}")
+        N = grid.tokens
+        T = N if forced is None else forced.shape[1]
+        b = self.buffers
+        if b.ensure_tokens(max(N, T)) and self.graphs is not None:
+            self.graphs.close()  # captured steps saw the old token buffer
+        N = max(N, T)
+        rows = 2 * n if params.cfg else n
+        step = self._step_fn(n, N, params)
+        reset = lambda: self._reset(ids_in, params, grid.w)  # noqa: E731
+        key = (n, N, params.graph_key())
+        if self.graphs is not None:
+            self.graphs.prepare(key, step, reset)
+        reset()
+        run = (lambda: self.graphs.replay(key)) if self.graphs is not None else step
+        tokens, state, ids = b.tokens_view(n, N), b.state_rows(rows), b.ids[:rows]
+        sampling = params.temperature != 0 and forced is None
+        bar = _progress(progress, T, f"{n} image{'s' * (n > 1)} {grid.h}x{grid.w}")
+        for p in range(T):
+            if sampling and p % NOISE_BLOCK == 0:
+                for i, g in enumerate(generators):
+                    draw_noise(g, NOISE_BLOCK, 1, self.buffers.vocab, out=b.noise[:, i:i + 1])
+            run()
+            if forced is not None:
+                f = forced[:, p]
+                tokens[:, p].copy_(f)
+                ids.copy_(torch.cat([f, f]) if params.cfg else f)
+            if on_step is not None:
+                on_step(p, state, tokens)
+            if bar is not None:
+                bar.update(1)
+        if bar is not None:
+            bar.close()
+        return tokens[:, :T]
 
     @torch.no_grad()
     def generate(self, labels, *, grid=None, params: SamplingParams = SamplingParams(),
@@ -260,79 +235,58 @@ class LasadEngine:
         """Generate one image's tokens per label.
 
         Args:
-            labels: class ids, `[n]` (any n: split into chunks of max_batch).
-            grid: (h, w) or "HxW". Default: the trained grid. Any size: the state does not grow.
+            labels: class ids `[n]` (a list, tensor or ClassLabels; any n: split into chunks of
+                max_batch; the tokens do not depend on the chunking).
+            grid: (h, w), "HxW" or a Grid. Default: the trained grid. Any size: the state does not grow.
             params: SamplingParams.
             generator: torch.Generator for the noise (CPU or the engine's device). Default: torch's
                 global CPU generator.
-            callback: called as callback(step, tokens) after every step; tokens `[n, N]` (device).
+            callback: called as callback(step, tokens) after every step; tokens `[n_chunk, N]`.
             progress: show a tqdm bar on stderr.
         Returns:
             int64 tokens `[n, h, w]` on the engine's device.
         """
-        labels = self._check_labels(labels)
-        h, w = parse_grid(grid, (self.model.config.grid_height, self.model.config.grid_width))
-        out = []
-        for chunk in labels.split(self.max_batch):
-            out.append(self._generate_chunk(chunk, h, w, params, generator, callback, progress))
+        cfg = self.model.config
+        labels = ClassLabels.of(labels, cfg.num_classes)
+        grid = parse_grid(grid, (cfg.grid_height, cfg.grid_width))
+        on_step = None if callback is None else (lambda p, state, tokens: callback(p, tokens))
+        with self._lock:
+            gens = self._image_generators(generator, len(labels)) if params.temperature != 0 else None
+            out = []
+            for start in range(0, len(labels), self.max_batch):
+                chunk = labels[start:start + self.max_batch]
+                g = None if gens is None else gens[start:start + self.max_batch]
+                out.append(self.decode(chunk, grid, params, generators=g, on_step=on_step,
+                                       progress=progress).clone().view(-1, grid.h, grid.w))
         return torch.cat(out) if len(out) > 1 else out[0]
-
-    def _generate_chunk(self, labels, h, w, params, generator, callback, progress):
-        n, N, b = labels.shape[0], h * w, self.buffers
-        if b.ensure_tokens(N):  # a larger grid than ever before: captured steps saw the old buffer
-            self.backend.close()
-        key = (n, N, params.graph_key())
-        step = self._step_fn(n, N, params)
-        self.backend.prepare(key, step, lambda: self._reset(labels, params, w))
-        self._reset(labels, params, w)
-        noise = b.noise_view(n)
-        greedy = params.temperature == 0
-        bar = None
-        if progress:
-            from tqdm import tqdm
-            bar = tqdm(total=N, unit="tok", desc=f"{n} image{'s' * (n > 1)} {h}x{w}", leave=False)
-        for p in range(N):
-            if p % NOISE_BLOCK == 0 and not greedy:
-                draw_noise(generator, NOISE_BLOCK, n, self.model.config.vocab_size, out=noise)
-            self.backend.run(key, step)
-            if callback is not None:
-                callback(p, b.tokens_view(n, N))
-            if bar is not None:
-                bar.update(1)
-        if bar is not None:
-            bar.close()
-        return b.tokens_view(n, N).clone().view(n, h, w)
 
     @torch.no_grad()
     def teacher_forced_logits(self, tokens: torch.Tensor, labels, *, width: int | None = None,
                               cfg_rows: bool = False) -> torch.Tensor:
-        """Drive this backend's step with given tokens; returns the per-step logits `[n, T, V]`
+        """The decode loop with the given tokens forced; returns the per-step logits `[rows, T, V]`
         (fp32), to compare with `LasadGen.forward`. With cfg_rows, the null-class rows run too
-        (as in guided generation) and their logits are returned after the conditional ones."""
-        labels = self._check_labels(labels)
+        (as in guided generation) and their logits follow the conditional ones."""
+        cfg = self.model.config
+        labels = ClassLabels.of(labels, cfg.num_classes, allow_null=True)
         n, T = tokens.shape
-        rows = 2 * n if cfg_rows else n
-        if rows > 2 * self.max_batch:
+        if n > self.max_batch:
             raise EngineError(f"{n} sequences exceed max_batch={self.max_batch}")
-        width = self.model.config.grid_width if width is None else width
-        b, state = self.buffers, self._state(rows)
-        forced = tokens.to(self.device)
-        if cfg_rows:
-            forced = torch.cat([forced, forced])
-        decode, ids = self.backend.decode, b.ids[:rows]
+        width = cfg.grid_width if width is None else width
+        params = SamplingParams(cfg_scale=2.0 if cfg_rows else 1.0, temperature=0.0, top_k=0)
+        rows = 2 * n if cfg_rows else n
+        out = torch.empty(rows, T, cfg.vocab_size, device=self.device)
 
-        def step():
-            decode(ids, state.pos, state)
-
-        params = SamplingParams(cfg_scale=4.0 if cfg_rows else 1.0)
-        key = ("forced", rows)
-        self.backend.prepare(key, step, lambda: self._reset(labels, params, width))
-        self._reset(labels, params, width)
-        out = torch.empty(rows, T, self.model.config.vocab_size, device=self.device)
-        for p in range(T):
-            if p > 0:
-                ids.copy_(forced[:, p - 1])
-            self.backend.run(key, step)
-            state.pos.add_(1)
+        def keep(p, state, _tokens):
             out[:, p] = state.logits
+
+        with self._lock:
+            self.decode(labels, Grid(max(1, -(-T // width)), width), params, forced=tokens.to(self.device),
+                        on_step=keep)
         return out
+
+
+def _progress(on: bool, total: int, desc: str):
+    if not on:
+        return None
+    from tqdm import tqdm
+    return tqdm(total=total, unit="tok", desc=desc, leave=False)

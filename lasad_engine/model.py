@@ -1,11 +1,16 @@
-"""LASADGen: LlamaGen's class-conditional GPT with the LASAD mixer (SPEC §1–§3).
+"""LASADGen: LlamaGen's class-conditional GPT with the LASAD mixer (docs/model.md).
 
 Two ways to run the same weights:
 - `LasadGen.forward(tokens, labels)`: parallel over the sequence (training, teacher forcing),
   through the chunked form of the op;
 - `LasadGen.step(ids, pos, state)`: one position for a batch of sequences, updating a
   preallocated `LasadState` in place (decode), through the step form of the op.
-Both go through the same projections, gates and norms (`LasadAttention._project` / `_readout`).
+
+The model owns its fusion (as gpt-fast's attention owns `wqkv`): W_q, W_f and W_i are one
+matrix `attention.qfv`, W_1 and W_3 one matrix `feed_forward.w13`. Both forms read the same
+parameters through the same gates (`fused_gates`) and norms; the step runs each GEMM with its
+neighbours as one op (`ops.linear.fused_linear`), which a backend maps onto one kernel. Older
+checkpoints with the separate matrices load through a `load_state_dict` pre-hook.
 """
 
 from __future__ import annotations
@@ -14,14 +19,45 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from .config import LasadConfig
-from .ops.norms import rms_norm, silu_mul
-from .ops.lasad import (chunk_lasad, gates, lasad_step_, layer_lower_bounds, naive_recurrent_lasad,
-                        row_start_mask)
+from .ops.lasad import (chunk_lasad, fused_gates, lasad_fused_step_, layer_lower_bounds,
+                        naive_recurrent_lasad, row_start_mask)
+from .ops.linear import fused_linear
+from .ops.norms import rms_norm, swiglu
 
-FORWARD_OPS = ("chunk", "naive")
+# How the parallel forward runs the op: fla's chunk_gla (CUDA), the pure-torch chunked form, or
+# the reference loop. The decode step's backends are "torch" and "triton" (ops.norms).
+FORWARD_BACKENDS = ("fla", "torch", "naive")
+STEP_BACKENDS = ("torch", "triton")
+
+
+# The fused matrices and the separate ones older checkpoints hold, stacked in this order (dim 0).
+FUSED_FROM = {"qfv": ("q_proj", "f_proj", "i_proj"), "w13": ("w1", "w3")}
+
+
+def _merge_old_keys(state_dict: dict, prefix: str, fused: str) -> None:
+    """Stack `prefix + part + ".weight"` of each old part into `prefix + fused + ".weight"`."""
+    keys = [f"{prefix}{p}.weight" for p in FUSED_FROM[fused]]
+    if all(k in state_dict for k in keys):
+        state_dict[f"{prefix}{fused}.weight"] = torch.cat([state_dict.pop(k) for k in keys])
+
+
+def upgrade_state_dict(state_dict: dict) -> dict:
+    """A copy of a state dict with older layouts converted (what the modules' load hooks do, for
+    readers that check keys and shapes before building anything)."""
+    out = dict(state_dict)
+    for fused, parts in FUSED_FROM.items():
+        tail = f"{parts[0]}.weight"
+        for key in [k for k in out if k.endswith(tail)]:
+            _merge_old_keys(out, key[: -len(tail)], fused)
+    return out
+
+
+def _merge_hook(fused: str):
+    def hook(state_dict, prefix, *args):
+        _merge_old_keys(state_dict, prefix, fused)
+    return hook
 
 
 def _at_least_fp32(dtype: torch.dtype) -> torch.dtype:
@@ -43,71 +79,55 @@ class RMSNorm(nn.Module):
 
 
 class FeedForward(nn.Module):
-    """SwiGLU: w2(silu(w1 x) · w3 x)."""
+    """SwiGLU: w2(silu(w1 x) · w3 x), with W_1 and W_3 stacked as `w13` `[2F, d]`."""
 
     def __init__(self, cfg: LasadConfig):
         super().__init__()
-        self.w1 = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
-        self.w3 = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
+        self.w13 = nn.Linear(cfg.dim, 2 * cfg.ffn_dim, bias=False)
         self.w2 = nn.Linear(cfg.ffn_dim, cfg.dim, bias=False)
         self.ffn_dropout = nn.Dropout(cfg.ffn_dropout)
+        self._register_load_state_dict_pre_hook(_merge_hook("w13"))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.ffn_dropout(self.w2(silu_mul(self.w1(x), self.w3(x))))
+        return self.ffn_dropout(self.w2(swiglu(self.w13(x), backend="torch")))
 
 
 class LasadAttention(nn.Module):
-    """The LASAD mixer: HGRN2 gates + spatial-aware decay (SPEC §3).
+    """The LASAD mixer: HGRN2 gates + spatial-aware decay (docs/model.md).
 
-    Parameters: q_proj, f_proj `[H·K, d]`; i_proj `[H·V, d]`; o_proj `[d, H·V]`; g_norm `[H·V]`.
+    Parameters: qfv `[2·H·K + H·V, d]` (W_q, W_f, W_i stacked); o_proj `[d, H·V]`; g_norm `[H·V]`.
     """
 
     def __init__(self, cfg: LasadConfig):
         super().__init__()
         self.cfg = cfg
         H, K, V, d = cfg.n_head, cfg.head_k_dim, cfg.head_v_dim, cfg.dim
-        self.q_proj = nn.Linear(d, H * K, bias=False)
-        self.f_proj = nn.Linear(d, H * K, bias=False)
-        self.i_proj = nn.Linear(d, H * V, bias=False)
+        self.qfv = nn.Linear(d, 2 * H * K + H * V, bias=False)
         self.o_proj = nn.Linear(H * V, d, bias=False)
         self.g_norm = RMSNorm(H * V, cfg.norm_eps, groups=H if cfg.output_norm == "group" else 1)
         self.resid_dropout = nn.Dropout(cfg.resid_dropout)
+        self._register_load_state_dict_pre_hook(_merge_hook("qfv"))
 
-    def _project(self, x: torch.Tensor, lower_bound: torch.Tensor | None):
-        """x `[..., d]` -> q, k, g `[..., H, K]` (k, g fp32) and v `[..., H, V]`."""
-        H = self.cfg.n_head
-        q = F.silu(self.q_proj(x)).unflatten(-1, (H, -1))
-        f = self.f_proj(x)
-        # k comes from the unmasked gate: the row-start override changes the decay only
-        g, k = (t.unflatten(-1, (H, -1)) for t in gates(f.to(_at_least_fp32(f.dtype)), lower_bound))
-        if not self.cfg.decay:  # ablation: nothing is ever forgotten (k keeps its gate)
-            g = torch.zeros_like(g)
-        v = self.i_proj(x).unflatten(-1, (H, -1))
-        return q, k, v, g
-
-    def _readout(self, o: torch.Tensor) -> torch.Tensor:
-        """o `[..., H, V]` -> `[..., d]`."""
+    def forward(self, x: torch.Tensor, lower_bound: torch.Tensor | None, width: int,
+                backend: str | None = None) -> torch.Tensor:
+        """Parallel form. x `[B, T, d]` (position 0 = class token) -> `[B, T, d]`."""
+        cfg = self.cfg
+        q, k, v, g = fused_gates(self.qfv(x), lower_bound, cfg.n_head, cfg.head_k_dim, cfg.head_v_dim)
+        mode, width = cfg.row_rule(width)
+        kw = dict(width=width, row_start=mode)
+        if backend == "naive":
+            o, _ = naive_recurrent_lasad(q.to(v.dtype), k.to(v.dtype), v, g, **kw)
+        else:
+            o, _ = chunk_lasad(q.to(v.dtype), k.to(v.dtype), v, g, backend=backend, **kw)
         o = self.g_norm(o.flatten(-2))
         return self.resid_dropout(self.o_proj(o.to(self.o_proj.weight.dtype)))
 
-    def forward(self, x: torch.Tensor, lower_bound: torch.Tensor | None, width: int,
-                op: str = "chunk", chunk_backend: str | None = None) -> torch.Tensor:
-        """Parallel form. x `[B, T, d]` (position 0 = class token) -> `[B, T, d]`."""
-        q, k, v, g = self._project(x, lower_bound)
-        kw = dict(width=width, row_start=self.cfg.mixer_row_start)
-        if op == "chunk":
-            o, _ = chunk_lasad(q.to(v.dtype), k.to(v.dtype), v, g, backend=chunk_backend, **kw)
-        else:
-            o, _ = naive_recurrent_lasad(q.to(v.dtype), k.to(v.dtype), v, g, **kw)
-        return self._readout(o)
 
-    def step(self, x: torch.Tensor, lower_bound: torch.Tensor | None, state: torch.Tensor,
-             start: torch.Tensor, kernel: str | None = None) -> torch.Tensor:
-        """Recurrent form. x `[B, d]`, state `[B, H, K, V]` fp32 (in place), start: row-start flag,
-        kernel: the step op's backend ("torch" | "triton"; None picks by device)."""
-        q, k, v, g = self._project(x, lower_bound)
-        o = lasad_step_(q, k, v, g, state, start, self.cfg.mixer_row_start, backend=kernel)
-        return self._readout(o)
+def _in_place_step(mode: str, backend: str | None):
+    """The LASAD op of the decode step on a preallocated state: updated in place, returned."""
+    def op(qfv, lower_bound, state, start):
+        return lasad_fused_step_(qfv, lower_bound, state, start, mode, backend=backend), state
+    return op
 
 
 class LasadBlock(nn.Module):
@@ -118,13 +138,31 @@ class LasadBlock(nn.Module):
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.feed_forward = FeedForward(cfg)
 
-    def forward(self, x, lower_bound, width, op="chunk", chunk_backend=None):
-        h = x + self.attention(self.attention_norm(x), lower_bound, width, op, chunk_backend)
+    def forward(self, x, lower_bound, width, backend=None):
+        h = x + self.attention(self.attention_norm(x), lower_bound, width, backend)
         return h + self.feed_forward(self.ffn_norm(h))
 
-    def step(self, x, lower_bound, state, start, kernel=None):
-        h = x + self.attention.step(self.attention_norm(x), lower_bound, state, start, kernel)
-        return h + self.feed_forward(self.ffn_norm(h))
+    def step(self, x: torch.Tensor, lower_bound: torch.Tensor | None, state: torch.Tensor,
+             start: torch.Tensor, lasad_op, backend: str | None = None):
+        """One position of this block, each GEMM with its neighbours as one op.
+
+        Args:
+            x: residual stream `[R, d]`.
+            lower_bound: this layer's HGRN2 bound `[H·K]` fp32, or None.
+            state: this layer's state `[R, H, K, V]` fp32 (or whatever `lasad_op` takes).
+            start: bool `[1]`, this position starts an image row.
+            lasad_op: `(qfv, lower_bound, state, start) -> (o [R, H, V], new state)`.
+            backend: "torch" | "triton" for the norms and linear layers.
+        Returns:
+            (x `[R, d]`, the new state).
+        """
+        a, f, eps = self.attention, self.feed_forward, self.attention_norm.eps
+        qfv = fused_linear(x, a.qfv.weight, norm_weight=self.attention_norm.weight, eps=eps, backend=backend)
+        o, state = lasad_op(qfv, lower_bound, state, start)
+        h = fused_linear(o.flatten(-2), a.o_proj.weight, norm_weight=a.g_norm.weight, eps=a.g_norm.eps,
+                         norm_groups=a.g_norm.groups, residual=x, backend=backend)
+        u = fused_linear(h, f.w13.weight, norm_weight=self.ffn_norm.weight, eps=eps, swiglu=True, backend=backend)
+        return fused_linear(u, f.w2.weight, residual=h, backend=backend), state
 
 
 class ClassEmbedder(nn.Module):
@@ -183,6 +221,21 @@ class LasadState:
         return self
 
 
+def _forward_backend(backend, op, chunk_backend):
+    """`backend` of the parallel forward, with the older keywords still accepted (warned)."""
+    if op is not None or chunk_backend is not None:
+        import warnings
+        warnings.warn("LasadGen.forward(op=, chunk_backend=) is deprecated: pass backend='naive'|'torch'|'fla'",
+                      DeprecationWarning, stacklevel=3)
+        old = "naive" if op == "naive" else chunk_backend
+        if backend is not None and old is not None and old != backend:
+            raise ValueError(f"backend={backend!r} conflicts with op={op!r}, chunk_backend={chunk_backend!r}")
+        backend = backend or old
+    if backend not in (None, *FORWARD_BACKENDS):
+        raise ValueError(f"backend={backend!r} is not one of {', '.join(FORWARD_BACKENDS)}")
+    return backend
+
+
 class LasadGen(nn.Module):
     """LASADGen. Parameter names follow LlamaGen's GPT (`tok_embeddings`, `cls_embedding`,
     `layers.{i}.attention_norm`, `layers.{i}.feed_forward.w1`, `norm`, `output`)."""
@@ -214,32 +267,44 @@ class LasadGen(nn.Module):
         nn.init.zeros_(self.output.weight)
 
     def _lower_bounds(self) -> list[torch.Tensor | None]:
-        """Per-layer bound `[H·K]` fp32, None for layer 0 and when the bound is off."""
+        """Per-layer bound `[H·K]` fp32, None for layer 0 and when the bound is off. In
+        inference the bounds are computed once per value of the parameter, not per step."""
         if not self.config.use_lower_bound:
             return [None] * self.config.n_layer
-        lb = layer_lower_bounds(self.lower_bounds)
-        return [None] + [lb[i] for i in range(1, self.config.n_layer)]
+        raw = self.lower_bounds
+        key = (raw.data_ptr(), raw._version, raw.device)
+        if torch.is_grad_enabled() and raw.requires_grad:
+            lb = layer_lower_bounds(raw)
+        elif getattr(self, "_lb_cache", (None,))[0] == key:
+            return self._lb_cache[1]
+        else:
+            lb = layer_lower_bounds(raw.detach())
+        out = [None] + [lb[i].contiguous() for i in range(1, self.config.n_layer)]
+        if not (torch.is_grad_enabled() and raw.requires_grad):
+            self._lb_cache = (key, out)
+        return out
 
     def forward(self, tokens: torch.Tensor, labels: torch.Tensor, *, width: int | None = None,
-                op: str = "chunk", chunk_backend: str | None = None) -> torch.Tensor:
+                backend: str | None = None, op: str | None = None, chunk_backend: str | None = None) -> torch.Tensor:
         """Teacher-forced logits.
 
         Args:
             tokens: int64 `[B, T]` image tokens x_0 … x_{T-1} in raster order (T ≤ h·w, any T ≥ 1).
             labels: int64 `[B]` class ids (num_classes = the null class).
             width: grid width for the row-start rule. Default: config.grid_width.
-            op: "chunk" (default) or "naive" (the reference loop).
-            chunk_backend: "fla" | "torch" for the chunked op. Default: fla on CUDA, else torch.
+            backend: how the LASAD op runs, one of FORWARD_BACKENDS: "fla" (fla's chunk_gla, CUDA),
+                "torch" (the chunked form in torch) or "naive" (the reference loop). Default: fla
+                on CUDA, else torch.
+            op, chunk_backend: deprecated spellings of `backend` ("naive" / "fla" / "torch").
         Returns:
             fp32 logits `[B, T, vocab]`; logits[:, t] predict x_t from the class and x_0 … x_{t-1}.
         """
-        if op not in FORWARD_OPS:
-            raise ValueError(f"op={op!r} is not one of {', '.join(FORWARD_OPS)}")
+        backend = _forward_backend(backend, op, chunk_backend)
         width = self.config.grid_width if width is None else width
         x = torch.cat([self.cls_embedding(labels)[:, None], self.tok_embeddings(tokens[:, :-1])], 1)
         x = self.tok_dropout(x)
         for layer, lb in zip(self.layers, self._lower_bounds()):
-            x = layer(x, lb, width, op, chunk_backend)
+            x = layer(x, lb, width, backend)
         logits = self.output(self.norm(x))
         return logits.to(_at_least_fp32(logits.dtype))
 
@@ -263,26 +328,48 @@ class LasadGen(nn.Module):
         tok = self.tok_embeddings(ids.clamp(0, self.config.vocab_size - 1))
         return torch.where(pos.reshape(1, 1) == 0, cls, tok)
 
+    def decode_step(self, ids: torch.Tensor, pos: torch.Tensor, width: torch.Tensor, states, lasad_op,
+                    backend: str | None = None):
+        """The decode step as a function of its inputs: what `step` runs in place and what the
+        exports trace (with `lasad_op` the custom node or the functional step).
+
+        Args:
+            ids: int64 `[R]`; pos: int64 `[1]`; width: int64 `[1]` (or a Python int).
+            states: per-layer states, indexable by layer (`[L, R, H, K, V]` or a list).
+            lasad_op: `(qfv, lower_bound, state_i, start) -> (o [R, H, V], new state_i)`.
+            backend: "torch" | "triton" for the norms and linear layers. Default: by device.
+        Returns:
+            (logits `[R, vocab]` in the weights' dtype, list of the new per-layer states).
+        """
+        start = row_start_mask(pos, self.config.row_rule(width)[1])
+        x = self.embed_step(ids, pos)
+        new_states = []
+        for i, (layer, lb) in enumerate(zip(self.layers, self._lower_bounds())):
+            x, s = layer.step(x, lb, states[i], start, lasad_op, backend)
+            new_states.append(s)
+        logits = fused_linear(x, self.output.weight, norm_weight=self.norm.weight, eps=self.norm.eps, backend=backend)
+        return logits, new_states
+
     @torch.no_grad()
     def step(self, ids: torch.Tensor, pos: torch.Tensor, state: LasadState,
-             kernel: str | None = None) -> torch.Tensor:
+             backend: str | None = None) -> torch.Tensor:
         """One decode step for every row; updates `state.ssm` in place.
 
         Args:
             ids: int64 `[B]` class ids at p = 0, token ids x_{p-1} after (B = state.batch).
             pos: int64 `[1]` device tensor, the sequence position p of this step.
             state: the buffers from `allocate_state` (or a view of their first rows).
-            kernel: backend of the step op, "torch" or "triton". Default: by device.
+            backend: "torch" (references) or "triton" (kernels). Default: triton on CUDA.
         Returns:
             `state.logits`, fp32 `[B, vocab]`: the distribution of x_p.
         """
         if ids.shape[0] != state.batch:
             raise ValueError(f"ids has {ids.shape[0]} rows but the state holds {state.batch}")
-        start = row_start_mask(pos, state.width)
-        x = self.embed_step(ids, pos)
-        for i, (layer, lb) in enumerate(zip(self.layers, self._lower_bounds())):
-            x = layer.step(x, lb, state.ssm[i], start, kernel)
-        return state.logits.copy_(self.output(self.norm(x)))
+        if backend not in (None, *STEP_BACKENDS):
+            raise ValueError(f"backend={backend!r} is not one of {', '.join(STEP_BACKENDS)}")
+        mode, _ = self.config.row_rule(state.width)
+        logits, _ = self.decode_step(ids, pos, state.width, state.ssm, _in_place_step(mode, backend), backend)
+        return state.logits.copy_(logits)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

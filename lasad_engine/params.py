@@ -1,36 +1,60 @@
 """What a user asks of a generation, validated once where it enters: the sampling settings, the
-token grid, the device. Inner layers (engine, backends, sampler) trust these typed values.
-Nothing here imports torch at module load, so command-line `--help` stays fast."""
+token grid, the class labels, the device. Inner layers (engine, backends, sampler) trust these
+typed values. Nothing here imports torch at module load, so command-line `--help` stays fast."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from .io import UserError
+
+# Sane bounds, checked before anything is allocated. A side of 1024 tokens is a 16k-pixel image
+# with a 16x VQ; a request of 1M images would take days at the fastest rates measured here.
+MAX_GRID_SIDE = 1024
+MAX_IMAGES = 1 << 20
 
 
 class EngineError(UserError):
     """Bad input to the engine; the message is one line that names the value and the choices."""
 
 
+def _number(name: str, value, kind=float):
+    """`value` as a finite Python number of `kind` (bools and NaN/inf refused)."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind is int:
+        ok = ok and float(value).is_integer() if ok and isinstance(value, float) else ok and isinstance(value, int)
+    if not ok or not math.isfinite(value):
+        raise EngineError(f"{name}={value!r} must be a finite {'integer' if kind is int else 'number'}")
+    return kind(value)
+
+
 @dataclass(frozen=True)
 class SamplingParams:
-    """How tokens are chosen (SPEC §5). Guidance (batch doubling) is on when cfg_scale != 1."""
+    """How tokens are chosen (docs/model.md, "Generation"). Guidance (batch doubling) is on when
+    cfg_scale != 1. Defaults are LlamaGen's demo sampler (cfg 4.0, top-k 2000)."""
 
     cfg_scale: float = 4.0
     cfg_interval: int = -1      # guidance only at positions p ≤ cfg_interval; -1: every step
     temperature: float = 1.0    # 0: greedy
-    top_k: int = 0              # 0: off
+    top_k: int = 2000           # 0: off
     top_p: float = 1.0          # 1.0: off
 
     def __post_init__(self):
-        if not self.temperature >= 0:
+        set_ = object.__setattr__
+        set_(self, "cfg_scale", _number("cfg_scale", self.cfg_scale))
+        set_(self, "temperature", _number("temperature", self.temperature))
+        set_(self, "top_p", _number("top_p", self.top_p))
+        set_(self, "top_k", _number("top_k", self.top_k, int))
+        set_(self, "cfg_interval", _number("cfg_interval", self.cfg_interval, int))
+        if self.temperature < 0:
             raise EngineError(f"temperature={self.temperature} must be >= 0 (0 = greedy)")
-        if not (isinstance(self.top_k, int) and self.top_k >= 0):
+        if self.top_k < 0:
             raise EngineError(f"top_k={self.top_k} must be an integer >= 0 (0 = off)")
         if not 0 < self.top_p <= 1:
             raise EngineError(f"top_p={self.top_p} must be in (0, 1] (1 = off)")
-        if not isinstance(self.cfg_interval, int) or self.cfg_interval < -1:
+        if self.cfg_interval < -1:
             raise EngineError(f"cfg_interval={self.cfg_interval} must be an integer >= -1 (-1 = always)")
 
     @property
@@ -42,31 +66,100 @@ class SamplingParams:
         return (self.cfg, self.temperature, self.top_k, self.top_p)
 
 
-def resolve_device(device=None):
-    """A torch device from a user's choice (None: cuda if available, else cpu); one-line errors."""
-    import torch
+class Grid(NamedTuple):
+    """A validated token grid: h rows of w tokens."""
 
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise EngineError(f"--device {device!r} is not a torch device (e.g. cpu, cuda, cuda:1)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise EngineError(f"device={device} was asked for, but CUDA is not available on this machine; use --device cpu")
-    return device
+    h: int
+    w: int
+
+    @property
+    def tokens(self) -> int:
+        return self.h * self.w
 
 
-def parse_grid(grid: str | tuple[int, int] | None, default: tuple[int, int]) -> tuple[int, int]:
-    """"32x32" or (32, 32) or None (the trained grid) -> (h, w)."""
+def parse_grid(grid, default) -> Grid:
+    """"32x32", (32, 32), a Grid, or None (the trained grid, `default`) -> Grid."""
+    if isinstance(grid, Grid):
+        return grid
     if grid is None:
-        return default
+        grid = default
     if isinstance(grid, str):
         parts = grid.lower().split("x")
         if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
             raise EngineError(f"grid={grid!r} is not of the form HxW, e.g. 16x16 or 32x32")
         grid = (int(parts[0]), int(parts[1]))
-    h, w = grid
-    if h < 1 or w < 1:
-        raise EngineError(f"grid={h}x{w} must have positive sides")
-    return int(h), int(w)
+    try:
+        h, w = (_number("grid side", v, int) for v in grid)
+    except (TypeError, ValueError):
+        raise EngineError(f"grid={grid!r} is not (h, w) or 'HxW'") from None
+    if not (1 <= h <= MAX_GRID_SIDE and 1 <= w <= MAX_GRID_SIDE):
+        raise EngineError(f"grid={h}x{w}: each side must be in 1..{MAX_GRID_SIDE} tokens")
+    return Grid(h, w)
+
+
+@dataclass(frozen=True)
+class ClassLabels:
+    """Validated class ids: int64 `[n]` (CPU) in 0..num_classes-1 (or ..num_classes, the null
+    class, where allowed). Made once at the edge by `ClassLabels.of`; the engine trusts it."""
+
+    ids: "torch.Tensor"  # noqa: F821
+    num_classes: int
+
+    @classmethod
+    def of(cls, labels, num_classes: int, allow_null: bool = False) -> "ClassLabels":
+        """Ids (an int, a list, a tensor) -> ClassLabels, every value checked; one-line errors."""
+        import torch
+
+        if isinstance(labels, ClassLabels) and labels.num_classes == num_classes:
+            return labels
+        if isinstance(labels, int) or (hasattr(labels, "ndim") and labels.ndim == 0):
+            labels = [labels]
+        try:
+            values = labels.reshape(-1).tolist() if hasattr(labels, "reshape") else list(labels)
+        except TypeError:
+            raise EngineError(f"class labels {labels!r} are not a list of ids") from None
+        if not values:
+            raise EngineError("no class labels given")
+        if len(values) > MAX_IMAGES:
+            raise EngineError(f"{len(values)} class labels: at most {MAX_IMAGES} per request")
+        top = num_classes if allow_null else num_classes - 1
+        for v in values:
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise EngineError(f"class {v!r} is not an integer id (0..{num_classes - 1})")
+            if not 0 <= v <= top:
+                null = f" ({num_classes} = null class)" if allow_null else ""
+                raise EngineError(f"class {v} is out of range: this model has classes 0..{num_classes - 1}{null}")
+        return cls(torch.tensor(values, dtype=torch.int64), num_classes)
+
+    def __len__(self) -> int:
+        return self.ids.numel()
+
+    def __getitem__(self, index: slice) -> "ClassLabels":
+        return ClassLabels(self.ids[index], self.num_classes)  # a slice of valid ids is valid
+
+    def tolist(self) -> list[int]:
+        return self.ids.tolist()
+
+
+def resolve_device(device=None):
+    """A torch device from a user's choice (None: cuda if available, else cpu); one-line errors."""
+    import torch
+
+    if isinstance(device, torch.device):
+        device_in = device
+    else:
+        device_in = None
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = device_in or torch.device(device)
+    except (RuntimeError, TypeError):
+        raise EngineError(f"device={device!r} is not a torch device (e.g. cpu, cuda, cuda:1)") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise EngineError(f"device={device} was asked for, but CUDA is not available on this machine; use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise EngineError(f"device={device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif device.type != "cpu":
+        raise EngineError(f"device={device}: lasad runs on cpu or cuda")
+    return device

@@ -195,7 +195,6 @@ def sample(
     logits = logits.float()
     vocab = logits.shape[-1]
 
-    # --- classifier-free guidance: [R, V] -> [B, V] ----------------------------------------
     if cfg:
         cond, uncond = logits.chunk(2, dim=0)  # [B, V] each
         guided = uncond + cfg_scale * (cond - uncond)  # [B, V]
@@ -204,12 +203,10 @@ def sample(
     else:
         guided = logits  # [B, V]
 
-    # --- greedy -------------------------------------------------------------------------------
     if temperature == 0:
         ids = guided.argmax(dim=-1)  # [B]
         return _write_out(ids, out, cfg)
 
-    # --- temperature, top-k, top-p ------------------------------------------------------------
     x = guided / max(float(temperature), _MIN_TEMPERATURE)  # [B, V]
 
     k = min(int(top_k), vocab)
@@ -232,7 +229,6 @@ def sample(
         threshold = sorted_probs.gather(-1, n_keep - 1)  # [B, 1], smallest kept probability
         x = x.masked_fill(probs < threshold, float("-inf"))
 
-    # --- exponential race -----------------------------------------------------------------------
     probs = torch.softmax(x, dim=-1)  # [B, V], exactly 0 for masked tokens
     scores = probs / noise.clamp(min=_NOISE_FLOOR)  # [B, V]
     ids = scores.argmax(dim=-1)  # [B]

@@ -1,7 +1,7 @@
 """The LasadStep custom op, defined once for the exporter, the onnxruntime implementation and the
 TensorRT plugin.
 
-One node per layer: the fused projection in, the gates (HGRN2, SPEC §3 steps 1–4), the spatial-
+One node per layer: the fused projection in, the gates (HGRN2: docs/model.md, the mixer, steps 1–4), the spatial-
 aware decay and the state update (steps 5–7) inside, the per-head readout and the new state out.
 It computes what `lasad_engine.ops.lasad.lasad_fused_step_` computes (Triton kernel
 `lasad_step_kernel` with FUSED_GATES), functionally: present_state is a new tensor in ONNX, and

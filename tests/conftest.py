@@ -20,6 +20,13 @@ except ImportError:
     HAS_TRITON = False
 
 
+# flash-linear-attention: the chunked op on CUDA. Checked by spec only (importing it needs a GPU).
+import importlib.util
+
+HAS_FLA = importlib.util.find_spec("fla") is not None
+needs_fla = pytest.mark.skipif(not HAS_FLA, reason="needs flash-linear-attention (pip install 'lasad[gpu]'): "
+                                                   "the chunked op on CUDA runs fla's chunk_gla")
+
 try:
     import tensorrt  # noqa: F401
     HAS_TENSORRT = HAS_CUDA
@@ -30,7 +37,7 @@ except ImportError:
 def pytest_collection_modifyitems(config, items):
     skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU; none is visible to torch on this machine")
     skip_trt = pytest.mark.skip(reason="needs NVIDIA TensorRT >= 10.8 and a GPU it supports (not installable "
-                                       "here: see ARCHITECTURE.md)")
+                                       "here: see docs/tensorrt.md)")
     for item in items:
         if "gpu" in item.keywords and not HAS_CUDA:
             item.add_marker(skip_gpu)

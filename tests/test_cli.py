@@ -84,7 +84,7 @@ def test_list_classes_and_version(ckpt, tmp_path):
     (["-c", "1", "-o", "x.jpg"], 2, "must end in .png"),
     (["-c", "1", "--device", "cuda"], 1, "CUDA is not available on this machine"),
     (["-c", "1", "--device", "tpu9"], 1, "is not a torch device"),
-    (["-c", "1", "--backend", "tensorrt"], 1, "backend 'tensorrt' needs NVIDIA TensorRT"),
+    (["-c", "1", "--backend", "tensorrt"], 1, "backend 'tensorrt' needs tensorrt: NVIDIA TensorRT"),
     (["--no-progress"], 2, "no class given"),
     (["-c", "1", "--precision", "fp8"], 2, "'fp8' is not one of"),
 ])

@@ -115,7 +115,7 @@ def test_onnxruntime_backend_equals_torch_backend(model, exported):
     tokens = torch.randint(0, model.config.vocab_size, (2, model.config.seq_len), generator=gen)
     labels = torch.tensor([2, 9])
     ref = LasadEngine(model, max_batch=2).teacher_forced_logits(tokens, labels, cfg_rows=True)
-    engine = LasadEngine(model, backend="onnxruntime", max_batch=2, onnx_path=path)
+    engine = LasadEngine(model, backend="onnxruntime", max_batch=2, artifact=path)
     assert engine.backend.form == form
     assert_close(f"{form} teacher-forced", engine.teacher_forced_logits(tokens, labels, cfg_rows=True), ref, 1e-4)
     for params in (SamplingParams(temperature=0.0, cfg_scale=3.0), SamplingParams(cfg_scale=2.0, top_k=16, top_p=0.9)):
@@ -214,7 +214,7 @@ def test_tensorrt_plan_equals_torch(ckpt, tmp_path, model):
     gpu_model = model.cuda()
     tokens = torch.randint(0, model.config.vocab_size, (2, model.config.seq_len)).cuda()
     ref = LasadEngine(gpu_model, backend="torch", max_batch=2).teacher_forced_logits(tokens, [1, 2], cfg_rows=True)
-    trt_engine = LasadEngine(gpu_model, backend="tensorrt", max_batch=2, onnx_path=tmp_path / "engine.plan")
+    trt_engine = LasadEngine(gpu_model, backend="tensorrt", max_batch=2, artifact=tmp_path / "engine.plan")
     assert_close("tensorrt", trt_engine.teacher_forced_logits(tokens, [1, 2], cfg_rows=True), ref, 1e-4)
 
 

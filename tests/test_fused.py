@@ -1,5 +1,6 @@
-"""The fused decode path (cuda backend) against the unfused model: norms, SwiGLU, gates+step,
-and the whole FusedDecoder; Triton kernels run in the interpreter on a CPU."""
+"""The decode step's fused ops against their definitions: norms, SwiGLU, gates+step, the fused
+linear layers, and the model's whole step on each kernel set against the parallel forward;
+Triton kernels run in the interpreter on a CPU."""
 
 import pytest
 import torch
@@ -7,9 +8,9 @@ import torch.nn.functional as F
 from conftest import HAS_TRITON, assert_close, randomize_
 
 from lasad_engine import LasadConfig, LasadGen
-from lasad_engine.fused import FusedDecoder
-from lasad_engine.ops.lasad import (ROW_START_MODES, input_gate, lasad_fused_step_, lasad_step_ref_,
-                                    log_decay)
+from lasad_engine.ops.lasad import ROW_START_MODES, lasad_fused_step_
+from lasad_engine.ops.lasad.gates import input_gate, log_decay
+from lasad_engine.ops.lasad.step import lasad_step_ref_
 from lasad_engine.ops.norms import rms_norm, swiglu
 
 KERNELS = ["torch"] + (["triton"] if HAS_TRITON else [])
@@ -77,7 +78,7 @@ def test_fused_gates_and_step(kernel, mode, with_lb):
 @pytest.mark.parametrize("mode,output_norm,lower_bound,decay", [
     ("unit", "rms", True, True), ("reset", "group", True, True), ("none", "rms", False, True),
     ("reset", "rms", True, False)])  # decay=False: the no-decay ablation
-def test_fused_decoder_equals_model_step(kernel, mode, output_norm, lower_bound, decay):
+def test_model_step_equals_parallel_forward(kernel, mode, output_norm, lower_bound, decay):
     cfg = LasadConfig.from_preset("lasad-tiny", row_start=mode, output_norm=output_norm,
                                   use_lower_bound=lower_bound, decay=decay)
     model = randomize_(LasadGen(cfg), seed=4).eval()
@@ -85,21 +86,17 @@ def test_fused_decoder_equals_model_step(kernel, mode, output_norm, lower_bound,
     tokens = torch.randint(0, cfg.vocab_size, (3, 20), generator=gen)
     labels = torch.tensor([1, 2, cfg.null_class])
     with torch.no_grad():
-        ref = model(tokens, labels)
-    decoder = FusedDecoder(model, kernel=kernel)
+        ref = model(tokens, labels, backend="naive")
     state = model.allocate_state(3)
     outs = []
     for p in range(20):
         state.pos.fill_(p)
-        outs.append(decoder(labels if p == 0 else tokens[:, p - 1], state.pos, state).clone())
-    assert_close("fused decode vs parallel", torch.stack(outs, 1), ref, 1e-5)
-    with torch.no_grad():  # the model's own parameters now view the fused weights
-        assert_close("model still intact", model(tokens, labels), ref, 1e-6)
-    assert decoder.layers[0]["qfv"].data_ptr() == model.layers[0].attention.q_proj.weight.data_ptr()
+        outs.append(model.step(labels if p == 0 else tokens[:, p - 1], state.pos, state, backend=kernel).clone())
+    assert_close("decode vs parallel", torch.stack(outs, 1), ref, 1e-5)
 
 
 @needs_triton
-def test_fused_decoder_bf16_weights():
+def test_model_step_bf16_weights():
     cfg = LasadConfig.from_preset("lasad-tiny")
     model = randomize_(LasadGen(cfg), seed=4, std=0.1).eval()
     gen = torch.Generator().manual_seed(2)
@@ -109,14 +106,13 @@ def test_fused_decoder_bf16_weights():
         ref = model(tokens, labels)
     model = model.to(torch.bfloat16)
     outs = {}
-    for name, step in (("model", lambda i, p, s: model.step(i, p, s, kernel="torch")),
-                       ("fused", FusedDecoder(model, kernel="triton"))):
+    for kernel in ("torch", "triton"):
         state, res = model.allocate_state(2), []
         for p in range(14):
             state.pos.fill_(p)
-            res.append(step(labels if p == 0 else tokens[:, p - 1], state.pos, state).clone())
-        outs[name] = torch.stack(res, 1)
-    # Both within bf16 error of the fp32 truth. (Tighter fused-vs-model bounds are checked on the
+            res.append(model.step(labels if p == 0 else tokens[:, p - 1], state.pos, state, backend=kernel).clone())
+        outs[kernel] = torch.stack(res, 1)
+    # Both within bf16 error of the fp32 truth. (Tighter kernel-vs-torch bounds are checked on the
     # GPU: Triton's CPU interpreter truncates fp32 -> bf16 where the GPU rounds to nearest.)
-    assert_close("bf16 model step vs fp32", outs["model"], ref, 3e-2)
-    assert_close("bf16 fused vs fp32", outs["fused"], ref, 3e-2)
+    assert_close("bf16 torch step vs fp32", outs["torch"], ref, 3e-2)
+    assert_close("bf16 triton step vs fp32", outs["triton"], ref, 3e-2)

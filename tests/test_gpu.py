@@ -4,11 +4,12 @@ against the torch forms, and the whole model's decode on the GPU against its par
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import assert_close, randomize_
+from conftest import assert_close, needs_fla, randomize_
 
 from lasad_engine import LasadConfig, LasadGen
-from lasad_engine.ops.lasad import (ROW_START_MODES, chunk_lasad, input_gate, lasad_step_,
-                                    lasad_step_ref_, naive_recurrent_lasad)
+from lasad_engine.ops.lasad import ROW_START_MODES, chunk_lasad, lasad_step_, naive_recurrent_lasad
+from lasad_engine.ops.lasad.gates import input_gate
+from lasad_engine.ops.lasad.step import lasad_step_ref_
 
 pytestmark = pytest.mark.gpu
 
@@ -29,6 +30,7 @@ def test_triton_step_on_cuda(mode, B, H):
         assert_close("state", s_tri, s_ref64, 1e-5)
 
 
+@needs_fla
 @pytest.mark.parametrize("mode", ROW_START_MODES)
 @pytest.mark.parametrize("width", [16, 7])
 def test_fla_chunk_matches_torch_chunk(mode, width):
@@ -49,6 +51,7 @@ def test_fla_chunk_matches_torch_chunk(mode, width):
     assert_close("fla state", S_f, ref_S, tol)
 
 
+@needs_fla
 @pytest.mark.parametrize("mode", ROW_START_MODES)
 def test_model_decode_on_cuda_equals_parallel(mode):
     cfg = LasadConfig.from_preset("lasad-tiny", row_start=mode, head_k_dim=64, dim=128, grid_width=16)
@@ -57,7 +60,7 @@ def test_model_decode_on_cuda_equals_parallel(mode):
     tokens = torch.randint(0, cfg.vocab_size, (3, 48), generator=gen).cuda()
     labels = torch.tensor([0, 3, cfg.null_class]).cuda()
     with torch.no_grad():
-        ref = model.cpu().double()(tokens.cpu(), labels.cpu(), op="naive")
+        ref = model.cpu().double()(tokens.cpu(), labels.cpu(), backend="naive")
         model.cuda().float()
         state = model.allocate_state(3)
         outs = []

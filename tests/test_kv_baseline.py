@@ -30,7 +30,7 @@ def test_cached_step_equals_parallel_forward():
     tokens = torch.randint(0, model.config.vocab_size, (3, model.config.seq_len), generator=gen)
     labels = torch.tensor([1, 4, model.config.null_class])
     ref = model.forward_reference(tokens, labels)
-    got = LasadEngine(model, max_batch=3, fused=False).teacher_forced_logits(tokens, labels)
+    got = LasadEngine(model, max_batch=3).teacher_forced_logits(tokens, labels)
     assert_close("kv step vs parallel", got, ref, 1e-5)
 
 

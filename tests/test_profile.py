@@ -4,7 +4,8 @@ import json
 
 from click.testing import CliRunner
 
-from lasad_tools.profile import main, percentiles
+from lasad_tools.profile import main
+from lasad_tools.profiling import percentiles
 
 
 def test_percentiles_against_sorted_samples():

@@ -12,7 +12,6 @@ import json
 from pathlib import Path
 
 import click
-import torch
 
 from lasad_engine.cli import OneLineCommand
 
@@ -35,12 +34,14 @@ class Mismatch(click.ClickException):
 @click.option("--device", default=None, help="Device of the reference (and of cuda/tensorrt).")
 def main(artifact, checkpoint, backend, images, steps, tol, seed, device):
     """Teacher-forced logits of ARTIFACT against the torch reference of CHECKPOINT."""
+    import torch
+
     from lasad_engine.checkpoint import load_checkpoint
     from lasad_engine.engine import LasadEngine
     from lasad_engine.params import resolve_device
 
-    from lasad_engine.pipeline import EXPORTED
-    backend = backend or EXPORTED.get(artifact.suffix)
+    from lasad_engine.backends import ARTIFACT_BACKENDS
+    backend = backend or ARTIFACT_BACKENDS.get(artifact.suffix)
     if backend is None:
         raise click.UsageError(f"cannot tell the backend of {str(artifact)!r}: pass --backend")
     device = resolve_device(device or ("cpu" if backend == "onnxruntime" else None))
@@ -53,7 +54,7 @@ def main(artifact, checkpoint, backend, images, steps, tol, seed, device):
     ref = LasadEngine(model, backend="torch", device=device, max_batch=images).teacher_forced_logits(
         tokens, labels, cfg_rows=True)
     path = None if backend == "cuda" else artifact
-    got = LasadEngine(model, backend=backend, device=device, max_batch=images, onnx_path=path).teacher_forced_logits(
+    got = LasadEngine(model, backend=backend, device=device, max_batch=images, artifact=path).teacher_forced_logits(
         tokens, labels, cfg_rows=True)
     err = ((got.double() - ref.double()).norm() / ref.double().norm()).item()
     per_step = ((got - ref).double().norm(dim=(0, 2)) / ref.double().norm(dim=(0, 2)).clamp_min(1e-30)).tolist()

@@ -1,6 +1,6 @@
 """The baseline lasad is measured against: LlamaGen's GPT (softmax attention, 2-D RoPE, SwiGLU)
 at the same preset shape, decoding with a static KV cache, SDPA and the same CUDA-graphed step
-and sampler as lasad (it plugs into `LasadEngine` with `fused=False`).
+and sampler as lasad (it plugs into `LasadEngine` like a LasadGen: `allocate_state` and `step`).
 
 Shapes follow LlamaGen's `autoregressive/models/gpt.py`: per layer `attention.wqkv` [3d, d],
 `attention.wo` [d, d], the same norms and SwiGLU as LASADGen (imported from lasad_engine), so
@@ -131,7 +131,9 @@ class KVCacheGPT(nn.Module):
             logits=torch.zeros(batch, cfg.vocab_size, device=device))
 
     @torch.no_grad()
-    def step(self, ids, pos, state: KVState, kernel=None) -> torch.Tensor:
+    def step(self, ids, pos, state: KVState, backend=None) -> torch.Tensor:
+        """One cached decode step (`backend` is accepted for the engine's interface; SDPA and
+        cuBLAS run whatever it is)."""
         x = self.embed_step(ids, pos)
         cs = state.rope.index_select(0, pos)[0]
         mask = torch.arange(state.k.shape[3], device=pos.device) <= pos

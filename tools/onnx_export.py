@@ -1,9 +1,9 @@
 """Export one LASADGen decode step (and the sampler) as ONNX.
 
-The step graph follows the step contract (docs/ARCHITECTURE): inputs `ids` int64 [rows], `pos`
+The step graph follows the step contract (docs/design.md): inputs `ids` int64 [rows], `pos`
 int64 [1], `width` int64 [1], `past_state.{i}` fp32 [rows, H, K, V] per layer; outputs `logits`
 fp32 [rows, vocab] and `present_state.{i}`. `rows` is a dynamic axis (up to 2 × max_batch with
-CFG). It is the cuda backend's fused step (`FusedDecoder.run`), traced with the LASAD op as
+CFG). It is the model's own decode step (`LasadGen.decode_step`), traced with the LASAD op as
 - the custom node `ai.lasad::LasadStep` (contract in `lasad_plugins.contract`), one per layer, or
 - `portable=True`: the same step in standard ONNX ops (the torch definition, traced).
 
@@ -15,6 +15,7 @@ is the part a TensorRT plugin accelerates.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -24,7 +25,6 @@ from pathlib import Path
 
 import torch
 
-from lasad_engine.fused import FusedDecoder
 from lasad_engine.io import atomic_path
 from lasad_engine.model import LasadGen
 from lasad_engine.ops.lasad import fused_gates, lasad_step_functional
@@ -52,16 +52,19 @@ class LasadStepOp(torch.autograd.Function):
 
 
 class StepGraph(torch.nn.Module):
+    """`LasadGen.decode_step` with the LASAD op of each layer as the custom node (or, portable,
+    the functional step in standard ops); past states in, present states out."""
+
     def __init__(self, model: LasadGen, portable: bool):
         super().__init__()
-        model.requires_grad_(False)  # the weights become initialisers, not trainable inputs
-        self.decoder = FusedDecoder(model, kernel="torch")
+        self.model = model
         cfg = model.config
         self.H, self.K, self.V = cfg.n_head, cfg.head_k_dim, cfg.head_v_dim
-        self.mode, self.portable = self.decoder.mode, portable
+        self.mode, _ = cfg.row_rule(cfg.grid_width)
+        self.portable = portable
         self.scale = cfg.head_k_dim ** -0.5
 
-    def _step(self, qfv, lb, past, start):
+    def _op(self, qfv, lb, past, start):
         if self.portable:
             q, k, v, g = fused_gates(qfv, lb, self.H, self.K, self.V)
             return lasad_step_functional(q, k, v, g, past, start, self.mode, self.scale)
@@ -71,8 +74,20 @@ class StepGraph(torch.nn.Module):
                                  int(has_lb), self.scale)
 
     def forward(self, ids, pos, width, *past):
-        logits, present = self.decoder.run(ids, pos, width, past, self._step)
+        logits, present = self.model.decode_step(ids, pos, width, past, self._op, backend="torch")
         return (logits.float(), *present)
+
+
+@contextlib.contextmanager
+def _frozen(model: LasadGen):
+    """The model without gradients for the trace (its weights become initialisers), restored after."""
+    flags = [p.requires_grad for p in model.parameters()]
+    model.requires_grad_(False)
+    try:
+        yield model
+    finally:
+        for p, flag in zip(model.parameters(), flags):
+            p.requires_grad_(flag)
 
 
 class SamplerGraph(torch.nn.Module):
@@ -132,9 +147,11 @@ def export_step(model: LasadGen, path: str | os.PathLike, *, portable: bool = Fa
     import onnx
 
     path = Path(path)
-    model = copy.deepcopy(model).float().cpu().eval()
+    w = model.output.weight
+    if w.dtype != torch.float32 or w.device.type != "cpu":  # convert a copy, never the caller's model
+        model = copy.deepcopy(model).float().cpu()
     cfg = model.config
-    graph = StepGraph(model, portable).eval()
+    graph = StepGraph(model.eval(), portable).eval()
     rows = 2 * max_batch
     L, H, K, V = cfg.n_layer, cfg.n_head, cfg.head_k_dim, cfg.head_v_dim
     past = [torch.zeros(rows, H, K, V) for _ in range(L)]
@@ -145,7 +162,7 @@ def export_step(model: LasadGen, path: str | os.PathLike, *, portable: bool = Fa
     dyn = {n: {0: "rows"} for n in ["ids", "logits"] + inputs[3:] + outputs[1:]}
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=path.parent, prefix=".lasad-export-") as tmp, torch.no_grad(), \
-            warnings.catch_warnings():
+            warnings.catch_warnings(), _frozen(model):
         warnings.simplefilter("ignore")
         raw = os.path.join(tmp, "step.onnx")
         torch.onnx.export(graph, args, raw, dynamo=False, opset_version=opset, input_names=inputs,

@@ -4,7 +4,7 @@
 compute capability, opset, plugin id and version, the ONNX file's hash); the tensorrt backend
 checks it before deserialising and refuses a plan built elsewhere (exit 3 from the CLI, with the
 command that rebuilds it). Written against the TensorRT >= 10 Python API; cannot run on our
-machines (see ARCHITECTURE.md): tests carry the `tensorrt` marker.
+machines (see docs/tensorrt.md): tests carry the `tensorrt` marker.
 """
 
 from __future__ import annotations

@@ -1,19 +1,17 @@
-"""The LASAD op in three forms that must agree: `naive_recurrent_lasad` (reference loop),
-`chunk_lasad` (training / prefill) and `lasad_step_` (in-place decode step), plus the gates and
-the row-start mask that all of them share."""
+"""The LASAD op (docs/model.md, "The mixer") in the forms that must agree:
+`naive_recurrent_lasad` (the reference loop), `chunk_lasad` (training and prefill) and
+`lasad_step_` / `lasad_fused_step_` (the in-place decode step; `lasad_step_functional` is its
+side-effect-free definition, which the exports trace), with the gates and the row-start rule that
+all of them share. Internals (the torch reference of the step kernel, the mask helpers) are
+imported from their modules."""
 
 from .chunk import chunk_lasad
-from .gates import gates, input_gate, layer_lower_bounds, log_decay
-from .mask import (RESET_LOG_DECAY_FLOOR, ROW_START_MODES, apply_row_start, row_start_log_decay,
-                   row_start_mask, sequence_positions)
+from .gates import fused_gates, layer_lower_bounds
+from .mask import ROW_START_MODES, row_start_mask
 from .naive import naive_recurrent_lasad
-from .step import (fused_gates, lasad_fused_step_, lasad_step_, lasad_step_functional,
-                   lasad_step_ref_)
+from .step import lasad_fused_step_, lasad_step_, lasad_step_functional
 
 __all__ = [
-    "chunk_lasad", "naive_recurrent_lasad", "lasad_step_", "lasad_step_ref_", "lasad_fused_step_",
-    "lasad_step_functional", "fused_gates",
-    "gates", "input_gate", "layer_lower_bounds", "log_decay",
-    "RESET_LOG_DECAY_FLOOR", "ROW_START_MODES", "apply_row_start", "row_start_log_decay",
-    "row_start_mask", "sequence_positions",
+    "naive_recurrent_lasad", "chunk_lasad", "lasad_step_", "lasad_fused_step_", "lasad_step_functional",
+    "fused_gates", "layer_lower_bounds", "row_start_mask", "ROW_START_MODES",
 ]

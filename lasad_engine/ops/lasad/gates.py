@@ -1,5 +1,5 @@
 """HGRN2's gates, written once: the forget gate in log space, its layer-wise lower bound, and the
-input gate tied to it (SPEC §3 steps 2–3)."""
+input gate tied to it (docs/model.md, the mixer, steps 2–3)."""
 
 from __future__ import annotations
 
@@ -42,3 +42,13 @@ def gates(f: torch.Tensor, lower_bound: torch.Tensor | None) -> tuple[torch.Tens
     if lower_bound is not None:
         k = (1 - lower_bound) * k
     return log_decay(f, lower_bound), k
+
+
+def fused_gates(qfv, lower_bound, H, K, V):
+    """Split the fused projection W_q x | W_f x | W_i x `[B, 2HK + HV]` and apply the gates:
+    q, k, g `[B, H, K]` (k, g fp32) and v `[B, H, V]` (the Triton step kernel computes the same with FUSED_GATES).
+    Works on any leading dims: `[..., 2HK + HV]` -> `[..., H, K]` / `[..., H, V]`."""
+    q, f, v = qfv.split([H * K, H * K, H * V], dim=-1)
+    g, k = gates(f.to(torch.promote_types(f.dtype, torch.float32)), lower_bound)
+    return (F.silu(q).unflatten(-1, (H, K)), k.unflatten(-1, (H, K)), v.unflatten(-1, (H, V)),
+            g.unflatten(-1, (H, K)))

@@ -1,4 +1,4 @@
-"""The reference form of the LASAD op: a loop over positions (SPEC §3 steps 5–7), float64-capable."""
+"""The reference form of the LASAD op: a loop over positions (docs/model.md, the mixer, steps 5–7), float64-capable."""
 
 from __future__ import annotations
 

@@ -18,9 +18,8 @@ from __future__ import annotations
 
 import torch
 
-import torch.nn.functional as F
 
-from .gates import gates
+from .gates import fused_gates
 from .mask import check_mode, row_start_log_decay
 
 try:  # triton is optional: CPU installs run the torch reference
@@ -54,15 +53,6 @@ def lasad_step_ref_(q, k, v, g, state, start, row_start, scale=None, out=None):
     o, new = lasad_step_functional(q, k, v, g, state, start, row_start, scale)
     state.copy_(new)
     return o if out is None else out.copy_(o)
-
-
-def fused_gates(qfv, lower_bound, H, K, V):
-    """Split the fused projection W_q x | W_f x | W_i x `[B, 2HK + HV]` and apply the gates:
-    q, k, g `[B, H, K]` (k, g fp32) and v `[B, H, V]` (gates.py; the Triton kernel's twin)."""
-    q, f, v = qfv.split([H * K, H * K, H * V], dim=-1)
-    g, k = gates(f.to(torch.promote_types(f.dtype, torch.float32)), lower_bound)
-    return (F.silu(q).unflatten(-1, (H, K)), k.unflatten(-1, (H, K)), v.unflatten(-1, (H, V)),
-            g.unflatten(-1, (H, K)))
 
 
 if triton is not None:

@@ -18,10 +18,11 @@ import torch
 
 from lasad_plugins import contract as C
 
-from .checkpoint import CheckpointError
-from .config import LasadConfig
-from .engine import EngineError, TorchBackend
-from .model import LasadGen, LasadState
+from ..checkpoint import CheckpointError
+from ..config import LasadConfig
+from ..model import LasadState
+from ..params import EngineError
+from .base import Backend
 
 _REGISTERED = False
 
@@ -44,7 +45,7 @@ def read_onnx_config(path: str | os.PathLike) -> tuple[LasadConfig, dict, str]:
 def lasad_step_numpy(qfv, lower_bound, past_state, start, num_heads, head_k_dim, head_v_dim, row_start,
                      has_lower_bound, scale):
     """LasadStep on numpy arrays, through the torch definition (`fused_gates` + the step)."""
-    from .ops.lasad import fused_gates, lasad_step_functional
+    from ..ops.lasad import fused_gates, lasad_step_functional
     t = torch.from_numpy
     lb = t(np.ascontiguousarray(lower_bound)) if has_lower_bound else None
     q, k, v, g = fused_gates(t(np.ascontiguousarray(qfv)), lb, num_heads, head_k_dim, head_v_dim)
@@ -70,14 +71,17 @@ def _register_custom_op() -> str:
     return get_library_path()
 
 
-class OnnxRuntimeBackend(TorchBackend):
+class OnnxRuntimeBackend(Backend):
     """Runs step.onnx on onnxruntime's CPU provider, bound to the engine's buffers."""
 
     name = "onnxruntime"
 
-    def __init__(self, model: LasadGen, device: torch.device, onnx_path: str | os.PathLike):
-        import onnx
-        import onnxruntime as ort
+    def __init__(self, model, device: torch.device, onnx_path: str | os.PathLike):
+        try:
+            import onnx
+            import onnxruntime as ort
+        except ImportError:
+            raise EngineError("backend 'onnxruntime' needs onnx and onnxruntime: pip install 'lasad[export]'") from None
         if device.type != "cpu":
             raise EngineError(f"backend 'onnxruntime' runs on the CPU here, got device={device}")
         super().__init__(model, device)

@@ -6,7 +6,7 @@ is compared with this machine; a mismatch raises `PlanMismatch` ("rebuild with l
 exit 3 from the CLIs). Tensor addresses are bound once to the engine's buffers: each layer's
 `present_state.{i}` gets the address of `past_state.{i}` (the plugin declares the alias), so the
 state is updated in place. Written against the TensorRT >= 10 Python API; it cannot run on our
-machines (ARCHITECTURE.md), so its tests carry the `tensorrt` marker.
+machines (docs/tensorrt.md), so its tests carry the `tensorrt` marker.
 """
 
 from __future__ import annotations
@@ -19,13 +19,14 @@ import torch
 
 from lasad_plugins import contract as C
 
-from .engine import CudaBackend, EngineError
-from .model import LasadGen, LasadState
+from ..model import LasadState
+from ..params import EngineError
+from .base import Backend, require_cuda
 
 
 def read_plan_config(plan: str | os.PathLike):
     """(LasadConfig, fingerprint record) from the engine.json beside a plan."""
-    from .config import LasadConfig
+    from ..config import LasadConfig
     path = Path(plan).with_suffix(".json")
     if not path.is_file():
         raise EngineError(f"{plan}: no {path.name} beside it; rebuild with lasad-export CKPT {plan}")
@@ -33,19 +34,23 @@ def read_plan_config(plan: str | os.PathLike):
     return LasadConfig.from_dict(record["config"]), record
 
 
-class TensorRTBackend(CudaBackend):
+class TensorRTBackend(Backend):
     name = "tensorrt"
+    capturable = True
 
-    def __init__(self, model: LasadGen, device: torch.device, plan_path: str | os.PathLike,
-                 use_cuda_graph: bool = True):
-        super().__init__(model, device, use_cuda_graph, fused=False)
-        import tensorrt as trt
-
-        from lasad_plugins.lasad_step.defs import register
-        from lasad_tools.trt_build import check_fingerprint, current_fingerprint
+    def __init__(self, model, device: torch.device, plan_path: str | os.PathLike):
+        try:
+            import tensorrt as trt
+        except ImportError:
+            raise EngineError("backend 'tensorrt' needs NVIDIA TensorRT >= 10.9 on a GPU it supports: "
+                              "pip install 'lasad[tensorrt]'; or use one of: torch, cuda, onnxruntime") from None
+        require_cuda(self.name, device)
+        if str(plan_path).endswith(".onnx"):
+            raise EngineError("backend 'tensorrt' runs an engine.plan: lasad-export CKPT engine.plan, then load it")
+        super().__init__(model, device)
+        from lasad_plugins.lasad_step.plan import check_fingerprint, current_fingerprint
         _, record = read_plan_config(plan_path)
         check_fingerprint(plan_path, current_fingerprint(record["opset"]), f"lasad-export CKPT {plan_path}")
-        register()
         self.runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
         self.engine = self.runtime.deserialize_cuda_engine(Path(plan_path).read_bytes())
         if self.engine is None:
