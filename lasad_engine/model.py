@@ -22,7 +22,8 @@ import torch.nn as nn
 
 from .config import LasadConfig
 from .ops.lasad import (chunk_lasad, fused_gates, lasad_fused_step_, layer_lower_bounds,
-                        naive_recurrent_lasad, row_start_mask)
+                        naive_recurrent_lasad)
+from .ops.embed import embed_step
 from .ops.linear import fused_linear
 from .ops.norms import rms_norm, swiglu
 
@@ -321,12 +322,10 @@ class LasadGen(nn.Module):
             logits=torch.zeros(batch, cfg.vocab_size, dtype=torch.float32, device=device),
         )
 
-    def embed_step(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        """Input of one step `[B, d]`: the class row at p = 0, the token row after. Both lookups
-        run and a device-side select picks one, so the position never needs a host sync."""
-        cls = self.cls_embedding.embedding_table(ids.clamp(0, self.config.num_classes))
-        tok = self.tok_embeddings(ids.clamp(0, self.config.vocab_size - 1))
-        return torch.where(pos.reshape(1, 1) == 0, cls, tok)
+    def embed_step(self, ids: torch.Tensor, pos: torch.Tensor, backend: str | None = None) -> torch.Tensor:
+        """Input of one step `[B, d]`: the class row at p = 0, the token row after (ops.embed)."""
+        return embed_step(ids, pos, 1, self.cls_embedding.embedding_table.weight, self.tok_embeddings.weight,
+                          backend=backend)[0]
 
     def decode_step(self, ids: torch.Tensor, pos: torch.Tensor, width: torch.Tensor, states, lasad_op,
                     backend: str | None = None):
@@ -341,8 +340,8 @@ class LasadGen(nn.Module):
         Returns:
             (logits `[R, vocab]` in the weights' dtype, list of the new per-layer states).
         """
-        start = row_start_mask(pos, self.config.row_rule(width)[1])
-        x = self.embed_step(ids, pos)
+        x, start = embed_step(ids, pos, self.config.row_rule(width)[1], self.cls_embedding.embedding_table.weight,
+                              self.tok_embeddings.weight, backend=backend)
         new_states = []
         for i, (layer, lb) in enumerate(zip(self.layers, self._lower_bounds())):
             x, s = layer.step(x, lb, states[i], start, lasad_op, backend)

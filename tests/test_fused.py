@@ -116,3 +116,23 @@ def test_model_step_bf16_weights():
     # GPU: Triton's CPU interpreter truncates fp32 -> bf16 where the GPU rounds to nearest.)
     assert_close("bf16 torch step vs fp32", outs["torch"], ref, 3e-2)
     assert_close("bf16 triton step vs fp32", outs["triton"], ref, 3e-2)
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_embed_step_kernel(kernel, dtype):
+    """The step's input (class row at p = 0, token row after, ids clamped) and its row-start flag,
+    against plain indexing and the mask rule, for a width given as a tensor or a constant."""
+    from lasad_engine.ops.embed import embed_step
+    from lasad_engine.ops.lasad import row_start_mask
+    gen = torch.Generator().manual_seed(3)
+    C, V, D = 7, 13, 40
+    cls_t, tok_t = (torch.randn(n, D, generator=gen).to(dtype) for n in (C + 1, V))
+    ids = torch.tensor([0, 3, 12, 7, -2, 99])
+    for p in (0, 1, 5, 6, 8):
+        for width in (torch.tensor([5]), 1, 3):
+            pos = torch.tensor([p])
+            x, start = embed_step(ids, pos, width, cls_t, tok_t, backend=kernel)
+            table, top = (cls_t, C) if p == 0 else (tok_t, V - 1)
+            assert torch.equal(x, table[ids.clamp(0, top)])
+            assert start.dtype == torch.bool and bool(start) == bool(row_start_mask(pos, width))
