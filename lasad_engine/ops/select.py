@@ -63,6 +63,8 @@ def pick_backend(backend: str | None, logits: torch.Tensor) -> str:
         raise ValueError(f"backend={backend!r} is not one of {', '.join(SAMPLE_BACKENDS)}")
     if backend == "triton" and triton is None:
         raise ValueError("backend='triton' needs the triton package (pip install triton)")
+    if backend == "triton" and not logits.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(f"backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1), got {logits.device}")
     return backend
 
 
@@ -77,7 +79,7 @@ def default_split(rows: int, vocab: int, device: torch.device) -> int:
     split = 1
     while split < 16 and rows * split * 2 <= sms and triton.cdiv(vocab, split * 2) >= 512:
         split *= 2
-    return max(split, triton.cdiv(vocab, MAX_BLOCK))
+    return max(split, triton.next_power_of_2(triton.cdiv(vocab, MAX_BLOCK)))
 
 
 def _workspace(device: torch.device, rows: int, split: int, nb: int):
@@ -126,8 +128,13 @@ def sample_triton(logits, noise, *, cfg, cfg_scale, temperature, top_k, top_p, c
     if block > MAX_BLOCK:
         raise ValueError(f"V={V} over split={split} programs is {chunk} values per program; at most "
                          f"{MAX_BLOCK}: use a larger split")
+    if split < 1 or split & (split - 1):
+        raise ValueError(f"split={split} must be a power of two (1, 2, 4, ...)")
     if split > 1 and device.type != "cuda":
         raise ValueError(f"split={split} needs a CUDA device (programs meet at a spin barrier)")
+    if split > 1 and B * split > torch.cuda.get_device_properties(device).multi_processor_count:
+        # every program of a row must be resident at once, or the barrier never opens
+        raise ValueError(f"split={split} with {B} rows is more programs than SMs; use a smaller split")
     if num_warps is None:
         num_warps = max(4, min(16, block // 1024))
 
@@ -206,14 +213,12 @@ if triton is not None:
             return tl.sum(parts, axis=0)
 
     @triton.jit
-    def _exchange_pair(a, b, scal_ws, ctr, row, p, r, SPLIT: tl.constexpr, MAX_R: tl.constexpr,
-                       WAIT: tl.constexpr):
-        """Publish two int32 scalars; with WAIT, return every program's pair ([SPLIT] each)."""
+    def _exchange_pair(a, b, scal_ws, ctr, row, p, r, SPLIT: tl.constexpr, MAX_R: tl.constexpr):
+        """Publish two int32 scalars, meet, return every program's pair ([SPLIT] each)."""
         base = (row * MAX_R + r).to(tl.int64) * SPLIT * 2
         tl.store(scal_ws + base + p * 2, a)
         tl.store(scal_ws + base + p * 2 + 1, b)
-        if WAIT:
-            _barrier(ctr + row, (r + 1) * SPLIT)
+        _barrier(ctr + row, (r + 1) * SPLIT)
         parts = tl.arange(0, SPLIT)
         pa = tl.load(scal_ws + base + parts * 2, cache_modifier=".cg")
         pb = tl.load(scal_ws + base + parts * 2 + 1, cache_modifier=".cg")
@@ -226,7 +231,7 @@ if triton is not None:
             return m
         else:
             pa, pb = _exchange_pair(m.to(tl.int32, bitcast=True), 0, scal_ws, ctr, row, p, r,
-                                    SPLIT, MAX_R, True)
+                                    SPLIT, MAX_R)
             return tl.max(pa.to(tl.uint32, bitcast=True), axis=0)
 
     @triton.jit
@@ -237,7 +242,7 @@ if triton is not None:
         else:
             # Partial sums added in program order, so the result does not depend on timing.
             pa, pb = _exchange_pair(s.to(tl.int32, bitcast=True), 0, scal_ws, ctr, row, p, r,
-                                    SPLIT, MAX_R, True)
+                                    SPLIT, MAX_R)
             return tl.sum(pa.to(tl.float32, bitcast=True), axis=0)
 
     @triton.jit
