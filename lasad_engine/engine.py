@@ -146,16 +146,16 @@ class LasadEngine:
         state, ids = b.state_rows(rows), b.ids[:rows]
         noise, tokens = b.noise[:, :n], b.tokens_view(n, n_tokens)
         decode = self.backend.decode
+        # cuda: one sampler launch that also reads the noise row at pos and writes tokens[:, pos]
+        sampler = "triton" if self.backend.name == "cuda" else "torch"
 
         def step():
             pos = state.pos
             logits = decode(ids, pos, state)
             active = (b.cfg_interval < 0) | (pos[0] <= b.cfg_interval)
-            noise_t = noise.index_select(0, torch.remainder(pos, NOISE_BLOCK))[0]
-            nxt = sample(logits, noise_t, cfg=params.cfg, cfg_scale=b.cfg_scale,
-                         temperature=params.temperature, top_k=params.top_k, top_p=params.top_p,
-                         cfg_active=active, out=ids)
-            tokens.index_copy_(1, pos, nxt[:, None])
+            sample(logits, noise, cfg=params.cfg, cfg_scale=b.cfg_scale,
+                   temperature=params.temperature, top_k=params.top_k, top_p=params.top_p,
+                   cfg_active=active, out=ids, pos=pos, tokens=tokens, backend=sampler)
             pos.add_(1)
         return step
 

@@ -25,15 +25,9 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["draw_noise", "sample", "cfg_duplicate"]
+from .ops.select import MIN_TEMPERATURE, NOISE_FLOOR, pick_backend, sample_triton
 
-# Temperatures are floored here (LlamaGen's ``max(temperature, 1e-5)``). Only exactly 0 means
-# greedy decoding.
-_MIN_TEMPERATURE = 1e-5
-# The noise is clamped to this value from below. An Exp(1) draw of exactly 0 (some RNG backends
-# can round to it) would otherwise make ``0 / 0 = NaN`` for a masked token, and argmax picks NaN.
-# 1 / tiny is about 8.5e37, which is still finite in float32.
-_NOISE_FLOOR = torch.finfo(torch.float32).tiny
+__all__ = ["draw_noise", "sample", "cfg_duplicate"]
 
 
 def draw_noise(
@@ -139,6 +133,9 @@ def sample(
     top_p: float = 1.0,
     cfg_active: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
+    pos: torch.Tensor | None = None,
+    tokens: torch.Tensor | None = None,
+    backend: str | None = None,
 ) -> torch.Tensor:
     """Choose the next token of every image in the batch, without a host sync.
 
@@ -146,7 +143,8 @@ def sample(
         logits: float32 ``[R, V]`` raw logits of this step. If ``cfg`` is set, ``R = 2B``:
             rows ``[:B]`` are conditional (class labels) and rows ``[B:]`` unconditional (the
             null class). Otherwise ``R = B``. Other float dtypes are upcast to float32.
-        noise: float32 ``[B, V]`` Exp(1) draws for this step (``draw_noise(...)[t]``).
+        noise: float32 ``[B, V]`` Exp(1) draws for this step (``draw_noise(...)[t]``), or a
+            whole block ``[S, B, V]`` of which row ``pos % S`` is this step's (needs ``pos``).
         cfg: Python bool, whether the batch is CFG-doubled.
         cfg_scale: guidance scale ``s``, a Python float or a 0-d tensor on ``logits.device``.
             The guided logits are ``u + s * (c - u)``, computed on the RAW logits, before the
@@ -171,6 +169,13 @@ def sample(
         out: optional int64 buffer that receives the ids in place: ``R`` elements (``[R]`` or
             ``[R, 1]``). With ``cfg``, both ``out[:B]`` and ``out[B:]`` get the ids, so the next
             step's input-id buffer (both CFG halves) is filled directly.
+        pos: optional int64 ``[1]`` device tensor, the decode position: selects the noise row of
+            a noise block, and the column of ``tokens`` that receives the ids.
+        tokens: optional int64 ``[B, N]`` token buffer; ``tokens[:, pos]`` receives the ids.
+        backend: ``"torch"`` (this function's body: the definition, traceable for ONNX export),
+            ``"triton"`` (``lasad_engine.ops.select``: the same kept set and, for the same noise,
+            the same ids, in one launch without a sort), or ``None``: triton for CUDA tensors
+            when triton is installed and nothing is tracing, torch otherwise.
 
     Returns:
         int64 ``[B]`` next ids. When ``out`` is given, this is a view of its first ``B`` elements.
@@ -192,6 +197,23 @@ def sample(
     if logits.dim() != 2:
         raise ValueError(f"logits must be [R, V], got shape {tuple(logits.shape)}")
 
+    if (noise.dim() == 3 or tokens is not None) and pos is None:
+        raise ValueError("a noise block [S, B, V] and tokens need pos (int64 [1] device tensor)")
+    if pick_backend(backend, logits) == "triton":
+        return sample_triton(logits, noise, cfg=cfg, cfg_scale=cfg_scale, temperature=temperature,
+                             top_k=top_k, top_p=top_p, cfg_active=cfg_active, out=out, pos=pos,
+                             tokens=tokens)
+    if noise.dim() == 3:
+        noise = noise.index_select(0, torch.remainder(pos, noise.shape[0]))[0]  # [B, V]
+    ids = _sample_torch(logits, noise, cfg=cfg, cfg_scale=cfg_scale, temperature=temperature,
+                        top_k=top_k, top_p=top_p, cfg_active=cfg_active, out=out)
+    if tokens is not None:
+        tokens.index_copy_(1, pos, ids[:, None])
+    return ids
+
+
+def _sample_torch(logits, noise, *, cfg, cfg_scale, temperature, top_k, top_p, cfg_active, out):
+    """The body of `sample` for one step's noise ``[B, V]``: the definition of the sampler."""
     logits = logits.float()
     vocab = logits.shape[-1]
 
@@ -207,7 +229,7 @@ def sample(
         ids = guided.argmax(dim=-1)  # [B]
         return _write_out(ids, out, cfg)
 
-    x = guided / max(float(temperature), _MIN_TEMPERATURE)  # [B, V]
+    x = guided / max(float(temperature), MIN_TEMPERATURE)  # [B, V]
 
     k = min(int(top_k), vocab)
     if 0 < k < vocab:
@@ -230,7 +252,7 @@ def sample(
         x = x.masked_fill(probs < threshold, float("-inf"))
 
     probs = torch.softmax(x, dim=-1)  # [B, V], exactly 0 for masked tokens
-    scores = probs / noise.clamp(min=_NOISE_FLOOR)  # [B, V]
+    scores = probs / noise.clamp(min=NOISE_FLOOR)  # [B, V]
     ids = scores.argmax(dim=-1)  # [B]
     return _write_out(ids, out, cfg)
 
