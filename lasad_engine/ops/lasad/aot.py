@@ -69,8 +69,11 @@ def cuda_driver_version() -> tuple[int, int] | None:
         except ImportError:
             cu = None
     if cu is not None:
-        err, value = cu.cuDriverGetVersion()
-        version = int(value) if int(err) == 0 else None
+        try:
+            err, value = cu.cuDriverGetVersion()
+            version = int(value) if int(err) == 0 else None
+        except RuntimeError:  # cuda-python without libcuda: "Failed to dlopen libcuda.so.1"
+            version = None
     if version is None:
         import ctypes
         try:
@@ -135,6 +138,7 @@ class CompiledStepKernel:
     triton: str
     hidden_removed: int
     ptxas_checked: bool
+    triton_ptx: str  # Triton's PTX as it first came out (hidden parameters, default ISA): diagnostics
 
     def grid(self, rows: int, heads: int) -> tuple[int, int, int]:
         return self.value_blocks, rows * heads, 1
@@ -264,7 +268,8 @@ def compile_step_kernel(constants: dict, num_warps: int, target: CudaTarget) -> 
     gpu = GPUTarget("cuda", target.arch, 32)
     options = {"num_warps": int(num_warps)}
     compiled = triton.compile(src, target=gpu, options=options)
-    if ptx_version(compiled.asm["ptx"]) > target.ptx_isa:  # Triton's toolchain is newer than the driver
+    first = compiled.asm["ptx"]
+    if ptx_version(first) > target.ptx_isa:  # Triton's toolchain is newer than the driver
         compiled = triton.compile(src, target=gpu, options={**options, "ptx_version": target.ptx_isa})
     meta = compiled.metadata
     ptx, removed = _strip_hidden(compiled.asm["ptx"], meta.name, len(PLUGIN_ABI), meta)
@@ -281,4 +286,4 @@ def compile_step_kernel(constants: dict, num_warps: int, target: CudaTarget) -> 
     V, BV = constants["V"], constants["BV"]
     return CompiledStepKernel(name=meta.name, ptx=ptx, threads=meta.num_warps * 32, shared=int(meta.shared),
                               value_blocks=-(-V // BV), params=params, ptx_isa=isa, triton=triton.__version__,
-                              hidden_removed=removed, ptxas_checked=checked)
+                              hidden_removed=removed, ptxas_checked=checked, triton_ptx=first)
