@@ -147,7 +147,7 @@ def build(monkeypatch, tmp_path, step_onnx):
     from lasad_tools.trt_build import build_plan
     path, cfg = step_onnx
     monkeypatch.setattr(defs, "register", lambda: defs.PLUGIN_ID)  # TensorRT's plugin API is not here
-    monkeypatch.setattr(defs, "COMPILED", {"k": SimpleNamespace(ptx_isa=90)})
+    monkeypatch.setattr(defs, "compile_nodes", lambda path: [SimpleNamespace(ptx_isa=90)] * cfg.n_layer)
     monkeypatch.setattr(plan, "current_fingerprint", lambda opset: {"tensorrt": "10.9.0", "opset": opset})
     monkeypatch.setattr(plan, "versions", lambda: {"tensorrt": "10.9.0", "cuda_driver": "13.0", "triton": "3.6.0",
                                                    "plugin": plan.PLUGIN})
@@ -183,11 +183,18 @@ def test_build_turns_on_aliasing_and_records_versions(build):
     ("shape", "cannot alias past_state.1"),
     ("no feature", "has no PreviewFeature.ALIASED_PLUGIN_IO_10_03"),
     ("feature ignored", "did not turn on PreviewFeature.ALIASED_PLUGIN_IO_10_03"),
+    ("kernel", "the LasadStep kernel cannot be built for TensorRT here: .* uses Triton's hidden parameter"),
 ])
-def test_a_plan_that_would_not_alias_is_refused_and_not_written(build, case, message):
+def test_a_plan_that_would_not_alias_or_launch_is_refused_and_not_written(build, monkeypatch, case, message):
     run, cfg, folder = build
     kw, engine = {}, FakeEngine(cfg.n_layer)
-    if case == "wrong alias":
+    if case == "kernel":
+        from lasad_engine.ops.lasad.aot import KernelABIError
+
+        def fails(path):
+            raise KernelABIError("lasad_step_plugin_kernel: the PTX uses Triton's hidden parameter k_param_8")
+        monkeypatch.setattr(defs, "compile_nodes", fails)
+    elif case == "wrong alias":
         engine = FakeEngine(cfg.n_layer, aliases={C.PRESENT_STATE.format(1): C.PAST_STATE.format(0)})
     elif case == "no present":
         engine = FakeEngine(cfg.n_layer, drop=[C.PRESENT_STATE.format(0)])

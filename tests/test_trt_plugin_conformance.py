@@ -154,6 +154,14 @@ def test_ptx_entry_takes_exactly_what_tensorrt_passes(report):
         assert n["ptx_version"] <= aot.ptx_isa_for_cuda(*TARGET.cuda) == 90  # the R580 driver's ISA
 
 
+def test_the_build_compiles_every_node_before_tensorrt_asks(report):
+    """trt_build compiles each node's kernel first (defs.compile_nodes), so an ABI failure stops
+    the build with its reason instead of inside TensorRT's callback."""
+    got = report["compile_nodes"]
+    assert len(got) == report["model"].n_layer
+    assert all(n == "lasad_step_plugin_kernel" and isa <= 90 and params == 8 for n, isa, params in got)
+
+
 def test_ptx_isa_table():
     assert aot.ptx_isa_for_cuda(13, 0) == 90 and aot.ptx_isa_for_cuda(12, 8) == 87
     assert aot.ptx_isa_for_cuda(12, 6) == aot.ptx_isa_for_cuda(12, 7) == 85

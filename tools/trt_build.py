@@ -1,6 +1,8 @@
 """Build a TensorRT plan from an exported step, with the LasadStep plugin, and fingerprint it.
 
-The builder runs with PreviewFeature.ALIASED_PLUGIN_IO_10_03 on (TensorRT consults the plugin's
+Every LasadStep node's kernel is compiled first (`defs.compile_nodes`: a kernel without
+TensorRT's launch ABI stops the build with its reason). The builder runs with
+PreviewFeature.ALIASED_PLUGIN_IO_10_03 on (TensorRT consults the plugin's
 aliasing of present_state onto past_state only then) and the ONNX parser takes the plugin's
 ahead-of-time kernel (the node's `aot` attribute). The built plan is deserialised once and its
 aliasing checked (`plan.check_aliasing`) before anything is written; a plan that fails is refused
@@ -43,8 +45,13 @@ def build_plan(onnx_path: str | os.PathLike, plan_path: str | os.PathLike, *, ma
     import onnx
     import tensorrt as trt
 
+    from lasad_engine.ops.lasad.aot import KernelABIError
     from lasad_plugins.lasad_step import defs
     defs.register()
+    try:
+        kernels = defs.compile_nodes(onnx_path)
+    except KernelABIError as e:
+        raise PlanRefused(f"the LasadStep kernel cannot be built for TensorRT here: {e}") from None
     props = {p.key: p.value for p in onnx.load(str(onnx_path), load_external_data=False).metadata_props}
     config_dict = json.loads(props["lasad.config"])
     logger = trt.Logger(trt.Logger.VERBOSE if verbose else trt.Logger.WARNING)
@@ -81,7 +88,7 @@ def build_plan(onnx_path: str | os.PathLike, plan_path: str | os.PathLike, *, ma
     if timing_cache:
         with atomic_path(timing_cache) as tmp:
             Path(tmp).write_bytes(bytes(config.get_timing_cache().serialize()))
-    isa = max((k.ptx_isa for k in defs.COMPILED.values()), default=None)
+    isa = max((k.ptx_isa for k in kernels), default=None)
     record = {**P.current_fingerprint(opset), **P.versions(), "kernel_ptx_isa": P.isa_text(isa),
               "aliases_reported": aliases, "onnx_sha256": file_fingerprint(onnx_path), "max_rows": max_rows,
               "config": config_dict, "meta": json.loads(props.get("lasad.meta", "{}")) if meta is None else meta}

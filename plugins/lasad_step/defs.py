@@ -44,7 +44,7 @@ ATTRIBUTE_TYPES = {"int": INT32, "float": FLOAT32}
 # The GPU and driver the plugin kernel is compiled for; None: the GPU the plan is built on.
 KERNEL_TARGET = None
 # Kernels compiled in this process, by (constants, num_warps, target): TensorRT asks for the
-# launch parameters more than once per node; the plan's record takes their PTX ISA from here.
+# launch parameters more than once per node.
 COMPILED = {}
 
 try:  # TensorRT is optional; the names below exist either way for inspection
@@ -99,20 +99,40 @@ def lasad_step_autotune(qfv: TensorDesc, lower_bound: TensorDesc, past_state: Te
     return [trtp.AutoTuneCombination("FP32, FP32, FP32, BOOL, FP32, FP32")]
 
 
+def compile_for(settings: dict):
+    """The plugin kernel for one node's settings (`node_settings`), compiled for KERNEL_TARGET or
+    this machine's GPU and driver, once per process (lasad_engine.ops.lasad.aot)."""
+    from lasad_engine.ops.lasad.aot import CudaTarget, compile_step_kernel, plugin_kernel_constants
+    s = settings
+    constants, warps = plugin_kernel_constants(s["K"], s["V"], s["row_start"], s["has_lower_bound"], s["scale"])
+    target = KERNEL_TARGET or CudaTarget.current()
+    key = (tuple(sorted(constants.items())), warps, target)
+    if key not in COMPILED:
+        COMPILED[key] = compile_step_kernel(constants, warps, target)
+    return COMPILED[key]
+
+
+def compile_nodes(onnx_path) -> list:
+    """Compile the kernel of every LasadStep node of an exported step before TensorRT asks for
+    it, so that a kernel that cannot have TensorRT's ABI fails here, with its reason; returns the
+    compiled kernels (their PTX ISA goes into engine.json)."""
+    import onnx
+    kernels = []
+    for node in onnx.load(str(onnx_path), load_external_data=False).graph.node:
+        if node.op_type == C.OP_TYPE and node.domain == C.DOMAIN:
+            a = {x.name: onnx.helper.get_attribute_value(x) for x in node.attribute}
+            kernels.append(compile_for(node_settings(*(a[n] for n in C.ATTRIBUTES))))
+    return kernels
+
+
 def lasad_step_aot(qfv: TensorDesc, lower_bound: TensorDesc, past_state: TensorDesc, start: TensorDesc,
                    num_heads: INT32, head_k_dim: INT32, head_v_dim: INT32, row_start: INT32,
                    has_lower_bound: INT32, scale: FLOAT32, outputs: Tuple[TensorDesc, TensorDesc],
                    tactic: int) -> Tuple[Union[str, bytes], Union[str, bytes], KernelLaunchParams, SymIntExprs]:
     """The kernel TensorRT embeds in the plan: (entry name, PTX, launch parameters, the int32
     extras H and S). Grid (ceil(V / BV), rows · H), one program per (row, head, value slice)."""
-    from lasad_engine.ops.lasad.aot import CudaTarget, compile_step_kernel, plugin_kernel_constants
     s = node_settings(num_heads, head_k_dim, head_v_dim, row_start, has_lower_bound, scale)
-    constants, warps = plugin_kernel_constants(s["K"], s["V"], s["row_start"], s["has_lower_bound"], s["scale"])
-    target = KERNEL_TARGET or CudaTarget.current()
-    key = (tuple(sorted(constants.items())), warps, target)
-    if key not in COMPILED:
-        COMPILED[key] = compile_step_kernel(constants, warps, target)
-    kernel = COMPILED[key]
+    kernel = compile_for(s)
     H = s["H"]
     launch = trtp.KernelLaunchParams()
     launch.grid_x = kernel.value_blocks
@@ -156,7 +176,10 @@ def _prevalidate():
     try:
         from tensorrt.plugin import _validate as v
         from tensorrt.plugin._lib import PluginDef
-    except ImportError:  # pragma: no cover - layouts of tensorrt.plugin other than 10.9 - 11.1
+        for check in ("_validate_name_and_namespace", "_parse_register_inputs", "_parse_register_return",
+                      "_validate_autotune", "_validate_aot_impl"):
+            getattr(v, check)
+    except (ImportError, AttributeError):  # pragma: no cover - a tensorrt.plugin laid out otherwise
         return
     ns, name = PLUGIN_ID.split("::")
     v._validate_name_and_namespace(ns, name)

@@ -148,6 +148,7 @@ def main(argv=None) -> int:
             has_lb.setdefault(flag, n)
         report["nodes"] = {str(flag): import_and_build(trt, standin, defs, n, [2, 8, 64, 512])
                            for flag, n in sorted(has_lb.items())}
+        report["compile_nodes"] = [[k.name, k.ptx_isa, len(k.params)] for k in defs.compile_nodes(args.onnx)]
     except Exception:
         report["crash"] = traceback.format_exc()
     args.out.write_text(json.dumps(report, indent=1))
