@@ -197,6 +197,12 @@ def pack(tensors_and_extras: list) -> tuple:
     return [array], storage
 
 
+def unpack(args: list, sizes: list) -> list:
+    """Read the argument list back as the driver does: entry i points at sizes[i] bytes."""
+    read = {8: ctypes.c_uint64, 4: ctypes.c_int32}
+    return [read[n].from_address(args[0][i]).value for i, n in enumerate(sizes)]
+
+
 def case_inputs(H, rows, has_lb, start, gen, device):
     """Random fp32 inputs on `device` (drawn there, from `gen` of that device; uninitialised
     buffers when `gen` is None: a dry run only packs their addresses)."""
@@ -228,7 +234,11 @@ def run_source(source: str, kernels: dict, drv: Driver | None, device, seed: int
     import torch
     cases, info = [], {}
     gen = torch.Generator(device).manual_seed(seed) if drv is not None else None
+    from lasad_engine.ops.lasad.aot import entry_params
     for (mode, lb), e in kernels.items():
+        sizes = [p.nbytes for p in entry_params(e["ptx"], e["name"])]
+        if sizes != [8, 8, 8, 8, 4, 4, 8, 8]:
+            raise RuntimeError(f"{source} {mode}: the PTX entry takes parameters of {sizes} bytes, not TensorRT's 8")
         function = None
         if drv is not None:
             _, function = drv.load(e["ptx"], e["name"])
@@ -250,7 +260,11 @@ def run_source(source: str, kernels: dict, drv: Driver | None, device, seed: int
                                        ("ptr", past.data_ptr())])  # present_state aliases past_state
                     case = {"source": source, "preset": preset, "H": H, "rows": rows, "mode": mode, "has_lb": lb,
                             "start": start, "launch": launch, "nargs": len(keep)}
-                    if drv is None:
+                    if drv is None:  # what the driver would read from the argument list
+                        values = [qfv.data_ptr(), lbt.data_ptr(), past.data_ptr(), st.data_ptr(), h, s,
+                                  o.data_ptr(), past.data_ptr()]
+                        if unpack(args, sizes) != values:
+                            raise RuntimeError(f"{source} {mode}: the packed arguments do not read back")
                         case.update(o_err=None, state_err=None)
                     else:
                         drv.check(drv.launch(function, launch, args, torch.cuda.current_stream().cuda_stream),
