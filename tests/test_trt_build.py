@@ -214,3 +214,27 @@ def test_check_aliasing_without_the_engine_query():
     assert check_aliasing(engine, 3) == {C.PRESENT_STATE.format(i): None for i in range(3)}
     with pytest.raises(PlanRefused, match="no input past_state.2"):
         check_aliasing(FakeEngine(3, drop=[C.PAST_STATE.format(2)], query=False), 3)
+
+
+@pytest.mark.parametrize("tensorrt,aot,triton,message", [
+    (None, False, "3.6.0", "TensorRT >= 10.9 with its Python plugin API"),
+    ("10.8.0", False, "3.6.0", "TensorRT >= 10.9 is needed for the plugin's ahead-of-time kernel .*found 10.8.0"),
+    ("10.9.0", True, "3.2.0", "Triton >= 3.3 compiles the plugin's kernel, found 3.2.0"),
+])
+def test_version_floors_are_named_in_one_line(monkeypatch, tensorrt, aot, triton, message):
+    from lasad_plugins.lasad_step.defs import PluginUnavailable, check_versions
+    monkeypatch.setattr(defs, "trtp", None if tensorrt is None else SimpleNamespace(**({"aot_impl": 1} if aot else {})))
+    monkeypatch.setitem(sys.modules, "tensorrt", SimpleNamespace(__version__=tensorrt))
+    monkeypatch.setitem(sys.modules, "triton", SimpleNamespace(__version__=triton))
+    with pytest.raises(PluginUnavailable, match=message) as e:
+        check_versions()
+    assert "\n" not in str(e.value) and "pip install 'lasad[tensorrt]'" in str(e.value)
+
+
+def test_compiling_the_kernel_needs_triton_3_3(monkeypatch):
+    from lasad_engine.ops.lasad import aot
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setitem(sys.modules, "triton", SimpleNamespace(__version__="3.2.0"))
+    constants, warps = aot.plugin_kernel_constants(64, 64, "unit", True, 0.125)
+    with pytest.raises(aot.KernelABIError, match="needs Triton >= 3.3, found 3.2.0"):
+        aot.compile_step_kernel(constants, warps, aot.CudaTarget(90, (13, 0)))

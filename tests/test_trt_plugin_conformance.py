@@ -122,6 +122,12 @@ def test_types_aliasing_and_symbolic_shapes(report):
             assert n["output_shapes"][str(rows)] == [[rows, H, V], [rows, H, K, V]]
 
 
+def test_a_qfv_of_the_wrong_width_is_refused_at_build(report):
+    cfg = report["model"]
+    S = 2 * cfg.n_head * cfg.head_k_dim + cfg.n_head * cfg.head_v_dim
+    assert f"qfv has {S + 1} columns" in report["wrong_width"] and f"need 2HK + HV = {S}" in report["wrong_width"]
+
+
 def test_format_combinations_and_tactic(report):
     for n in report["nodes"].values():
         assert n["combinations"] == [[[t, "LINEAR"] for t in ("FLOAT", "FLOAT", "FLOAT", "BOOL", "FLOAT", "FLOAT")]]

@@ -15,8 +15,8 @@ turns an INT attribute into an INT32 field and a FLOAT into FLOAT32). They are d
 arrays, so NVIDIA's creator converts them with `astype` (declared as `int`, it calls `int()` on a
 1-element array, which numpy >= 2.4 refuses).
 
-`register()` registers all three, atomically and idempotently; nothing here imports tensorrt's
-compiled parts at module load, so the contract can be checked where TensorRT is absent.
+`register()` registers all three, atomically and idempotently. TensorRT is optional at import
+(the names below exist either way), so the contract can be checked where TensorRT is absent.
 
 | # | input | shape | | # | output | shape |
 |---|---|---|---|---|---|---|
@@ -39,7 +39,6 @@ PLUGIN_ID = f"{C.PLUGIN_NAMESPACE}::{C.OP_TYPE}"
 MIN_TENSORRT = (10, 9)   # tensorrt.plugin.aot_impl
 INT32 = npt.NDArray[np.int32]      # an ONNX INT attribute, as the parser hands it over
 FLOAT32 = npt.NDArray[np.float32]  # an ONNX FLOAT attribute
-ATTRIBUTE_TYPES = {"int": INT32, "float": FLOAT32}
 
 # The GPU and driver the plugin kernel is compiled for; None: the GPU the plan is built on.
 KERNEL_TARGET = None
@@ -121,7 +120,7 @@ def compile_nodes(onnx_path) -> list:
     for node in onnx.load(str(onnx_path), load_external_data=False).graph.node:
         if node.op_type == C.OP_TYPE and node.domain == C.DOMAIN:
             a = {x.name: onnx.helper.get_attribute_value(x) for x in node.attribute}
-            kernels.append(compile_for(node_settings(*(a[n] for n in C.ATTRIBUTES))))
+            kernels.append(compile_for(node_settings(**{n: a[n] for n in C.ATTRIBUTES})))
     return kernels
 
 
@@ -143,27 +142,22 @@ def lasad_step_aot(qfv: TensorDesc, lower_bound: TensorDesc, past_state: TensorD
     return kernel.name, kernel.ptx, launch, extra
 
 
-def _version(text: str) -> tuple:
-    import re
-    return tuple(int(x) for x in re.findall(r"\d+", text)[:2])
-
-
 def check_versions():
     """Raise PluginUnavailable unless TensorRT >= 10.9 (aot_impl) and Triton >= 3.3 are here."""
-    from lasad_engine.ops.lasad.aot import MIN_TRITON
+    from lasad_engine.ops.lasad.aot import MIN_TRITON, version_tuple
     floor = ".".join(map(str, MIN_TENSORRT))
     if trtp is None:
         raise PluginUnavailable(f"TensorRT >= {floor} with its Python plugin API (tensorrt.plugin) is needed: "
                                 "pip install 'lasad[tensorrt]'")
     import tensorrt as trt
-    if _version(trt.__version__) < MIN_TENSORRT or not hasattr(trtp, "aot_impl"):
+    if version_tuple(trt.__version__) < MIN_TENSORRT or not hasattr(trtp, "aot_impl"):
         raise PluginUnavailable(f"TensorRT >= {floor} is needed for the plugin's ahead-of-time kernel "
                                 f"(tensorrt.plugin.aot_impl), found {trt.__version__}: pip install 'lasad[tensorrt]'")
     try:
         import triton
     except ImportError:
         triton = None
-    if triton is None or _version(triton.__version__) < MIN_TRITON:
+    if triton is None or version_tuple(triton.__version__) < MIN_TRITON:
         found = "none" if triton is None else triton.__version__
         raise PluginUnavailable(f"Triton >= {'.'.join(map(str, MIN_TRITON))} compiles the plugin's kernel, found "
                                 f"{found}: pip install 'lasad[tensorrt]'")

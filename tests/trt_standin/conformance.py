@@ -81,14 +81,14 @@ def numpy_scalars(trt, trtp) -> dict:
     return {"numpy": np.__version__, "int_annotation_error": err}
 
 
-def import_and_build(trt, standin, defs, node, rows) -> dict:
+def import_and_build(trt, standin, defs, node, rows, extra_columns=0) -> dict:
     from lasad_engine.ops.lasad.aot import entry_params, ptx_version
     plugin, creator, fields = standin.import_node(trt, node)
     attrs = {a.name: a for a in node.attribute}
     H, K, V = (attrs[n].i for n in ("num_heads", "head_k_dim", "head_v_dim"))
     S = 2 * H * K + H * V
     T = standin.Tensor
-    inputs = [T(trt.DataType.FLOAT, (standin.ROWS, S)), T(trt.DataType.FLOAT, (H * K,)),
+    inputs = [T(trt.DataType.FLOAT, (standin.ROWS, S + extra_columns)), T(trt.DataType.FLOAT, (H * K,)),
               T(trt.DataType.FLOAT, (standin.ROWS, H, K, V)), T(trt.DataType.BOOL, (1,))]
     built = standin.build(trt, plugin, inputs, opt_rows=8, max_rows=max(rows))
     params = entry_params(built.ptx, built.kernel_name)
@@ -148,6 +148,7 @@ def main(argv=None) -> int:
             has_lb.setdefault(flag, n)
         report["nodes"] = {str(flag): import_and_build(trt, standin, defs, n, [2, 8, 64, 512])
                            for flag, n in sorted(has_lb.items())}
+        report["wrong_width"] = _error(lambda: import_and_build(trt, standin, defs, nodes[0], [2], extra_columns=1))
         report["compile_nodes"] = [[k.name, k.ptx_isa, len(k.params)] for k in defs.compile_nodes(args.onnx)]
     except Exception:
         report["crash"] = traceback.format_exc()

@@ -158,7 +158,8 @@ def plugin_kernel_constants(head_k_dim: int, head_v_dim: int, row_start: str, ha
     return constants, warps
 
 
-def _version(text: str) -> tuple[int, ...]:
+def version_tuple(text: str) -> tuple[int, ...]:
+    """(major, minor) of a version string such as "10.9.0.34" or "3.6.0+git"."""
     return tuple(int(x) for x in re.findall(r"\d+", text)[:2])
 
 
@@ -167,7 +168,7 @@ def _triton():
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         raise KernelABIError("compiling the step kernel to PTX needs Triton's compiler, but TRITON_INTERPRET "
                              "is set (the interpreter has no PTX)")
-    if _version(triton.__version__) < MIN_TRITON:
+    if version_tuple(triton.__version__) < MIN_TRITON:
         raise KernelABIError(f"compiling the step kernel to PTX needs Triton >= {'.'.join(map(str, MIN_TRITON))}, "
                              f"found {triton.__version__}")
     return triton
