@@ -39,9 +39,12 @@ ATTRIBUTES = {
     "has_lower_bound": ("int", "1: g = log(lb + (1 - lb)·sigmoid(f)); 0: g = logsigmoid(f)"),
     "scale": ("float", "query scale, K ** -0.5"),
 }
-# Carried by the node for TensorRT's ONNX parser (it finds the plugin by op type + these); they are
-# not plugin fields, and the onnxruntime implementation ignores them.
-PARSER_ATTRIBUTES = {"plugin_namespace": PLUGIN_NAMESPACE, "plugin_version": PLUGIN_VERSION}
+# Carried by the node for TensorRT's ONNX parser (onnx-tensorrt's plugin importer): it finds the
+# plugin by op type + plugin_version + plugin_namespace, and a nonzero INT `aot` asks for the
+# ahead-of-time implementation (QuickPluginCreationRequest STRICT_AOT: the kernel is embedded in the
+# plan, which then runs without Python). They are not plugin fields; the onnxruntime implementation
+# drops them.
+PARSER_ATTRIBUTES = {"plugin_namespace": PLUGIN_NAMESPACE, "plugin_version": PLUGIN_VERSION, "aot": 1}
 ROW_START_CODES = {"none": 0, "unit": 1, "reset": 2}
 ROW_START_NAMES = {v: k for k, v in ROW_START_CODES.items()}
 

@@ -36,7 +36,7 @@ except ImportError:
 
 def pytest_collection_modifyitems(config, items):
     skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU; none is visible to torch on this machine")
-    skip_trt = pytest.mark.skip(reason="needs NVIDIA TensorRT >= 10.8 and a GPU it supports (not installable "
+    skip_trt = pytest.mark.skip(reason="needs NVIDIA TensorRT >= 10.9 and a GPU it supports (not installable "
                                        "here: see docs/tensorrt.md)")
     for item in items:
         if "gpu" in item.keywords and not HAS_CUDA:

@@ -56,6 +56,11 @@ def test_graph_passes_checker_and_shape_inference(model, exported):
                                              "plugin_namespace": C.PLUGIN_NAMESPACE}
     assert props["lasad.opset"] == "17" and json.loads(props["lasad.meta"]) == {"tokenizer": "vq.pt"}
     assert any(o.domain == C.DOMAIN and o.version == C.OP_VERSION for o in proto.opset_import) == (form == "custom")
+    # the weights are initializers, not Constant nodes, and all of them are there
+    consts = [n for n in proto.graph.node if n.op_type == "Constant"]
+    assert all(onnx.numpy_helper.to_array(n.attribute[0].t).nbytes < 1024 for n in consts)
+    weights = sum(onnx.numpy_helper.to_array(t).nbytes for t in proto.graph.initializer)
+    assert 0.98 * 4 * model.num_parameters() < weights <= 4 * model.num_parameters()  # the norms stay small constants
 
 
 def test_node_attributes_match_the_plugin_fields(model, exported):
@@ -67,18 +72,22 @@ def test_node_attributes_match_the_plugin_fields(model, exported):
     kinds = {onnx.AttributeProto.INT: "int", onnx.AttributeProto.FLOAT: "float", onnx.AttributeProto.STRING: "str"}
     attrs = {a.name: kinds[a.type] for a in node.attribute}
     expected = {name: kind for name, (kind, _) in C.ATTRIBUTES.items()}
-    assert attrs == {**expected, **{k: "str" for k in C.PARSER_ATTRIBUTES}}
-    # the plugin's descriptor takes exactly the node's inputs, then its attributes, with their types
+    assert attrs == {**expected, **{k: "int" if isinstance(v, int) else "str" for k, v in C.PARSER_ATTRIBUTES.items()}}
+    # the plugin's descriptor takes exactly the node's inputs, then its attributes, typed as the
+    # 1-element arrays TensorRT's ONNX parser makes of INT (int32) and FLOAT (float32) attributes
     params = inspect.signature(defs.lasad_step_desc).parameters
     assert list(params)[:4] == list(C.INPUTS)
-    assert {n: p.annotation.__name__ if isinstance(p.annotation, type) else p.annotation
-            for n, p in list(params.items())[4:]} == expected
-    assert list(inspect.signature(defs.lasad_step_aot).parameters)[:4 + len(expected)] == list(params)
+    assert {n: p.annotation for n, p in list(params.items())[4:]} == {
+        n: {"int": defs.INT32, "float": defs.FLOAT32}[k] for n, k in expected.items()}
+    aot_params = inspect.signature(defs.lasad_step_aot).parameters
+    assert list(aot_params) == list(params) + ["outputs", "tactic"]
+    assert inspect.signature(defs.lasad_step_aot).return_annotation is not inspect.Signature.empty
     values = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
     cfg = model.config
     assert (values["num_heads"], values["head_k_dim"], values["head_v_dim"]) == (cfg.n_head, cfg.head_k_dim, cfg.head_v_dim)
     assert values["row_start"] == C.ROW_START_CODES[cfg.row_start] and values["plugin_namespace"] == b"lasad"
     assert values["scale"] == pytest.approx(cfg.head_k_dim ** -0.5)
+    assert values["aot"] == 1 and values["plugin_version"] == C.PLUGIN_VERSION.encode()
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
@@ -87,6 +96,7 @@ def test_node_attributes_match_the_plugin_fields(model, exported):
 def test_plugin_kernel_matches_the_op(mode, aliased):
     """The kernel the TensorRT plugin compiles ahead of time, launched here with the constants
     the plugin gives it (interpreter on a CPU), against the torch op."""
+    from lasad_engine.ops.lasad.aot import plugin_kernel_constants
     from lasad_engine.ops.lasad.step import lasad_step_plugin_kernel
     B, H, K, V = 3, 2, 24, 20
     gen = torch.Generator().manual_seed(len(mode))
@@ -97,11 +107,12 @@ def test_plugin_kernel_matches_the_op(mode, aliased):
         start = torch.tensor([flag])
         ref_state = past.clone()
         ref_o = lasad_fused_step_(qfv, lb, ref_state, start, mode, backend="torch")
-        constants, (BK, BV, warps) = defs.aot_settings(H, K, V, C.ROW_START_CODES[mode], 1, K ** -0.5)
+        constants, warps = plugin_kernel_constants(K, V, mode, True, K ** -0.5)
         state_in = past.clone()
         present = state_in if aliased else torch.full_like(past, float("nan"))
         o = torch.full((B, H, V), float("nan"))
-        lasad_step_plugin_kernel[(-(-V // BV), B * H)](qfv, lb, state_in, start, H, qfv.shape[1], o, present,
+        grid = (-(-V // constants["BV"]), B * H)
+        lasad_step_plugin_kernel[grid](qfv, lb, state_in, start, H, qfv.shape[1], o, present,
                                                        **constants, num_warps=warps)
         assert_close("o", o, ref_o, 1e-5)
         assert_close("present", present, ref_state, 1e-5)
@@ -125,6 +136,37 @@ def test_onnxruntime_backend_equals_torch_backend(model, exported):
     # one image (fewer rows than the graph was exported for) through the same bindings' buffers
     one = engine.generate([5], params=SamplingParams(temperature=0.0))
     assert torch.equal(one, LasadEngine(model, max_batch=2).generate([5], params=SamplingParams(temperature=0.0)))
+
+
+def test_large_exports_keep_their_weights_beside_the_graph(model, tmp_path, monkeypatch):
+    """Over protobuf's 2 GB (the limit lowered here) the initializers go to step.onnx.data beside
+    the graph, renamed into place with it; onnx and the onnxruntime backend load the pair from
+    wherever the folder moves. A later small export to the same path drops the stale data file."""
+    import shutil
+
+    import lasad_tools.onnx_export as E
+    monkeypatch.setattr(E, "EXTERNAL_DATA_THRESHOLD", 64 << 10)
+    out = tmp_path / "x" / "step.onnx"
+    E.export_step(model, out, max_batch=2)
+    assert sorted(p.name for p in out.parent.iterdir()) == ["step.onnx", "step.onnx.data"]
+    graph = onnx.load(out, load_external_data=False)
+    external = [t for t in graph.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
+    large = [t for t in graph.graph.initializer if int(np.prod(t.dims)) * 4 >= 1024]  # smaller ones stay inline
+    assert {t.name for t in external} == {t.name for t in large} and external
+    assert {e.value for t in external for e in t.external_data if e.key == "location"} == {"step.onnx.data"}
+    nbytes = [int(np.prod(t.dims)) * 4 for t in external]
+    assert out.stat().st_size < 64 << 10 < sum(nbytes) <= (out.parent / "step.onnx.data").stat().st_size
+    moved = tmp_path / "moved"
+    shutil.move(out.parent, moved)
+    onnx.checker.check_model(str(moved / "step.onnx"), full_check=True)
+    gen = torch.Generator().manual_seed(2)
+    tokens = torch.randint(0, model.config.vocab_size, (2, model.config.seq_len), generator=gen)
+    ref = LasadEngine(model, max_batch=2).teacher_forced_logits(tokens, [1, 3], cfg_rows=True)
+    engine = LasadEngine(model, backend="onnxruntime", max_batch=2, artifact=moved / "step.onnx")
+    assert_close("external data", engine.teacher_forced_logits(tokens, [1, 3], cfg_rows=True), ref, 1e-4)
+    monkeypatch.setattr(E, "EXTERNAL_DATA_THRESHOLD", 2 << 30)
+    E.export_step(model, moved / "step.onnx", max_batch=2)
+    assert sorted(p.name for p in moved.iterdir()) == ["step.onnx"]
 
 
 def test_sampler_graph_matches_torch(tmp_path):
@@ -153,6 +195,8 @@ def test_cli_exports_and_the_pipeline_runs_it(ckpt, tmp_path):
     assert r.exit_code == 0, r.output
     written = json.loads(r.stdout.strip().splitlines()[-1])["written"]
     assert [p.split("/")[-1] for p in written] == ["step.onnx", "step.sampler.onnx"]
+    props = {p.key: p.value for p in onnx.load(tmp_path / "out" / "step.onnx").metadata_props}
+    assert json.loads(props["lasad.meta"])["tokenizer"] == "../vq.pt"  # relative to the exported file
     with LasadPipeline.from_checkpoint(tmp_path / "out" / "step.onnx", max_batch=2) as pipe:
         assert pipe.backend == "onnxruntime"
         out = pipe([3, 4], temperature=0.0, output_type="np")
@@ -194,16 +238,20 @@ def test_plan_without_tensorrt_says_what_to_install(ckpt, tmp_path):
 
 
 def test_plan_fingerprint_mismatch_names_the_difference(tmp_path):
-    from lasad_tools.trt_build import PlanMismatch, check_fingerprint
+    from lasad_plugins.lasad_step.plan import PlanMismatch, check_fingerprint
     plan = tmp_path / "engine.plan"
     plan.write_bytes(b"plan")
     recorded = {"tensorrt": "10.9.0", "cuda": "13.0", "gpu": "NVIDIA H200", "compute_capability": "9.0",
-                "opset": 17, "plugin": "lasad::LasadStep/1", "lasad_format": 1}
+                "opset": 17, "plugin": "lasad::LasadStep/1", "lasad_format": 1, "kernel_ptx_isa": "9.0"}
     (tmp_path / "engine.json").write_text(json.dumps(recorded))
-    assert check_fingerprint(plan, dict(recorded), "lasad-export ckpt.pt engine.plan") == recorded
+    here = {**recorded, "driver_ptx_isa": "9.0"}
+    assert check_fingerprint(plan, here, "lasad-export ckpt.pt engine.plan") == recorded
     with pytest.raises(PlanMismatch, match="built for gpu 'NVIDIA H200', this machine has 'NVIDIA L4'; rebuild with lasad-export") as e:
-        check_fingerprint(plan, {**recorded, "gpu": "NVIDIA L4"}, "lasad-export ckpt.pt engine.plan")
+        check_fingerprint(plan, {**here, "gpu": "NVIDIA L4"}, "lasad-export ckpt.pt engine.plan")
     assert e.value.exit_code == 3  # what the command-line tools exit with
+    with pytest.raises(PlanMismatch, match="PTX ISA 9.0 kernel; this machine's CUDA driver accepts 8.8 at most"):
+        check_fingerprint(plan, {**here, "driver_ptx_isa": "8.8"}, "lasad-export ckpt.pt engine.plan")
+    assert check_fingerprint(plan, {**here, "driver_ptx_isa": "9.1"}, "x") == recorded  # newer drivers take it
 
 
 @pytest.mark.tensorrt

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import json
+import os
 import tempfile
 from pathlib import Path
 
@@ -16,11 +17,19 @@ import click
 from lasad_engine.cli import OneLineCommand
 
 FORMATS = ("onnx", "plan")
-TENSORRT_HINT = ("building a .plan needs NVIDIA TensorRT >= 10.8 with its Python plugin API and a GPU it "
-                 "supports: pip install 'lasad[tensorrt]' (or export ONNX: lasad-export CKPT step.onnx)")
+TENSORRT_HINT = ("building a .plan needs NVIDIA TensorRT >= 10.9 with its Python plugin API, Triton >= 3.3 and "
+                 "a GPU TensorRT supports: pip install 'lasad[tensorrt]' (or export ONNX: lasad-export CKPT step.onnx)")
 
 
 NAME = "lasad-export"
+
+
+def relative_tokenizer(meta: dict, tokenizer: Path | None, written: Path) -> dict:
+    """`meta` with the tokenizer named relative to the folder of the file it is written into, as
+    checkpoints name theirs, so that an export and its tokenizer can move together."""
+    if tokenizer is None:
+        return meta
+    return {**meta, "tokenizer": os.path.relpath(tokenizer, Path(written).resolve().parent)}
 
 
 @click.command(NAME, cls=OneLineCommand, context_settings={"help_option_names": ["-h", "--help"]})
@@ -53,6 +62,8 @@ def main(checkpoint, out, fmt, portable, max_batch, opset, sampler, temperature,
             import tensorrt.plugin  # noqa: F401
         except ImportError:
             raise click.ClickException(TENSORRT_HINT) from None
+        from lasad_plugins.lasad_step.defs import check_versions
+        check_versions()
     if out.exists() and not force:
         raise click.ClickException(f"{out} exists; pass --force to replace it")
     from lasad_engine.checkpoint import file_fingerprint, load_checkpoint
@@ -60,11 +71,12 @@ def main(checkpoint, out, fmt, portable, max_batch, opset, sampler, temperature,
     from .onnx_export import export_sampler, export_step
     model = load_checkpoint(checkpoint)
     meta = {**model.checkpoint_meta, "checkpoint_sha256": file_fingerprint(checkpoint)}
-    if "tokenizer" in meta:  # keep the tokenizer reachable from the exported file's folder
-        tok = (Path(checkpoint).parent / meta["tokenizer"]).resolve()
-        meta["tokenizer"] = str(tok)
+    tok = meta.get("tokenizer")
+    if tok is not None:  # the checkpoint names it relative to itself
+        tok = (Path(checkpoint).parent / tok).resolve()
     if fmt == "onnx":
-        export_step(model, out, portable=portable, max_batch=max_batch, opset=opset, meta=meta)
+        export_step(model, out, portable=portable, max_batch=max_batch, opset=opset,
+                    meta=relative_tokenizer(meta, tok, out))
         written = [str(out)]
         if sampler:
             s = out.with_name(out.stem + ".sampler.onnx")
@@ -77,9 +89,11 @@ def main(checkpoint, out, fmt, portable, max_batch, opset, sampler, temperature,
     from .trt_build import build_plan
     with tempfile.TemporaryDirectory() as tmp:
         folder = onnx_dir or Path(tmp)
-        step = export_step(model, Path(folder) / (out.stem + ".onnx"), portable=portable, max_batch=max_batch,
-                           opset=opset, meta=meta)
-        build_plan(step, out, max_rows=2 * max_batch, opset=opset, timing_cache=timing_cache, verbose=verbose)
+        step = Path(folder) / (out.stem + ".onnx")
+        export_step(model, step, portable=portable, max_batch=max_batch, opset=opset,
+                    meta=relative_tokenizer(meta, tok, step))
+        build_plan(step, out, max_rows=2 * max_batch, opset=opset, timing_cache=timing_cache, verbose=verbose,
+                   meta=relative_tokenizer(meta, tok, out))
     click.echo(json.dumps({"written": [str(out), str(out.with_suffix(".json"))], "opset": opset}))
 
 

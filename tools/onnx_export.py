@@ -17,12 +17,15 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import gc
 import json
 import os
+import shutil
 import tempfile
 import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from lasad_engine.io import atomic_path
@@ -31,7 +34,8 @@ from lasad_engine.ops.lasad import fused_gates, lasad_step_functional
 from lasad_engine.sampling import sample
 from lasad_plugins import contract as C
 
-EXTERNAL_DATA_THRESHOLD = 2 << 30  # protobuf's 2 GB limit
+EXTERNAL_DATA_THRESHOLD = 2 << 30  # protobuf's 2 GB limit: larger exports keep their weights beside the graph
+INITIALIZER_MIN_BYTES = 1024       # constant tensors at least this large become initializers
 
 
 class LasadStepOp(torch.autograd.Function):
@@ -46,7 +50,8 @@ class LasadStepOp(torch.autograd.Function):
     def symbolic(g, qfv, lb, past, start, H, K, V, row_start, has_lb, scale):
         o, present = g.op(f"{C.DOMAIN}::{C.OP_TYPE}", qfv, lb, past, start, num_heads_i=H, head_k_dim_i=K,
                           head_v_dim_i=V, row_start_i=row_start, has_lower_bound_i=has_lb, scale_f=scale,
-                          plugin_namespace_s=C.PLUGIN_NAMESPACE, plugin_version_s=C.PLUGIN_VERSION, outputs=2)
+                          plugin_namespace_s=C.PLUGIN_NAMESPACE, plugin_version_s=C.PLUGIN_VERSION,
+                          aot_i=C.PARSER_ATTRIBUTES["aot"], outputs=2)
         present.setType(past.type())
         return o, present
 
@@ -99,17 +104,52 @@ class SamplerGraph(torch.nn.Module):
         return sample(logits, noise, cfg_scale=cfg_scale, cfg_active=cfg_active, **self.kw)
 
 
-def _save(model_proto, path: Path) -> None:
+def _tensor_bytes(t) -> int:
+    from onnx import helper
+    return int(np.prod(t.dims, dtype=np.int64)) * helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+
+
+def constants_to_initializers(graph, min_bytes: int = INITIALIZER_MIN_BYTES) -> int:
+    """Move the tensors of top-level `Constant` nodes of at least `min_bytes` into
+    `graph.initializer`, named as the node's output, and drop the nodes: whatever the tracer made
+    a constant becomes an initializer, which the external-data path stores beside the graph. A tensor that the tracer
+    already wrote to an external file keeps its reference (load its data afterwards). Returns the
+    number of tensors moved."""
+    moved = []
+    for i, node in enumerate(graph.node):
+        if node.op_type != "Constant" or node.domain not in ("", "ai.onnx") or len(node.attribute) != 1:
+            continue
+        a = node.attribute[0]
+        if a.name == "value" and _tensor_bytes(a.t) >= min_bytes:
+            moved.append(i)
+    for i in moved:
+        init = graph.initializer.add()
+        init.CopyFrom(graph.node[i].attribute[0].t)
+        init.name = graph.node[i].output[0]
+    for i in reversed(moved):
+        del graph.node[i]
+    return len(moved)
+
+
+def _save(model_proto, path: Path, scratch: Path) -> None:
+    """Write `model_proto` to `path`: one file, or (over EXTERNAL_DATA_THRESHOLD) the graph plus
+    its initializers in `path.name + ".data"` beside it. Both are written and checked under
+    `scratch` (a folder beside `path`), then renamed into place, the data file first."""
     import onnx
-    big = model_proto.ByteSize() > EXTERNAL_DATA_THRESHOLD
-    with atomic_path(path) as tmp:
-        if big:  # weights beside the graph; the data file is renamed into place with it
-            data = path.name + ".data"
-            onnx.save_model(model_proto, tmp, save_as_external_data=True, all_tensors_to_one_file=True,
-                            location=data)
-            os.replace(Path(tmp).parent / data, path.parent / data)
-        else:
-            onnx.save_model(model_proto, tmp)
+    tmp = Path(scratch) / path.name
+    data = path.name + ".data"
+    big = sum(_tensor_bytes(t) for t in model_proto.graph.initializer) > EXTERNAL_DATA_THRESHOLD
+    if big:
+        onnx.save_model(model_proto, tmp, save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=data, size_threshold=1024)
+    else:
+        onnx.save_model(model_proto, tmp)
+    onnx.checker.check_model(str(tmp))  # by path: reads external data, works past 2 GB
+    if big:
+        os.replace(tmp.parent / data, path.parent / data)
+    os.replace(tmp, path)
+    if not big and (path.parent / data).is_file():  # the data file of an earlier, larger export
+        os.unlink(path.parent / data)
 
 
 def _annotate(model_proto, cfg, rows_name: str) -> None:
@@ -138,12 +178,12 @@ def _annotate(model_proto, cfg, rows_name: str) -> None:
                     d.dim_value = size
                 else:
                     d.dim_param = size
-    onnx.checker.check_model(model_proto)
 
 
 def export_step(model: LasadGen, path: str | os.PathLike, *, portable: bool = False, max_batch: int = 8,
                 opset: int = 17, meta: dict | None = None) -> Path:
-    """Write the decode step of `model` (fp32, CPU) to `path` atomically; returns the path."""
+    """Write the decode step of `model` (fp32, CPU) to `path` atomically, its weights as
+    initializers (over 2 GB in `path.name + ".data"` beside it); returns the path."""
     import onnx
 
     path = Path(path)
@@ -164,19 +204,25 @@ def export_step(model: LasadGen, path: str | os.PathLike, *, portable: bool = Fa
     with tempfile.TemporaryDirectory(dir=path.parent, prefix=".lasad-export-") as tmp, torch.no_grad(), \
             warnings.catch_warnings(), _frozen(model):
         warnings.simplefilter("ignore")
-        raw = os.path.join(tmp, "step.onnx")
-        torch.onnx.export(graph, args, raw, dynamo=False, opset_version=opset, input_names=inputs,
-                          output_names=outputs, dynamic_axes=dyn, custom_opsets={C.DOMAIN: C.OP_VERSION},
-                          do_constant_folding=True)
-        proto = onnx.load(raw)
-    _annotate(proto, cfg, "rows")
-    info = {"lasad.config": json.dumps(cfg.to_dict()), "lasad.form": "portable" if portable else "custom",
-            "lasad.op": json.dumps({"op_type": C.OP_TYPE, "domain": C.DOMAIN, "version": C.OP_VERSION,
-                                    "plugin_namespace": C.PLUGIN_NAMESPACE}),
-            "lasad.opset": str(opset), "lasad.max_batch": str(max_batch), "lasad.meta": json.dumps(meta or {})}
-    for k, v in info.items():
-        proto.metadata_props.append(onnx.StringStringEntryProto(key=k, value=v))
-    _save(proto, path)
+        traced = Path(tmp) / "traced"  # torch's output; over 2 GB, with its tensors in files beside it
+        traced.mkdir()
+        torch.onnx.export(graph, args, str(traced / "step.onnx"), dynamo=False, opset_version=opset,
+                          input_names=inputs, output_names=outputs, dynamic_axes=dyn,
+                          custom_opsets={C.DOMAIN: C.OP_VERSION}, do_constant_folding=True)
+        del graph, model, args, past
+        gc.collect()
+        proto = onnx.load(str(traced / "step.onnx"), load_external_data=False)
+        constants_to_initializers(proto.graph)
+        onnx.load_external_data_for_model(proto, str(traced))
+        shutil.rmtree(traced)
+        _annotate(proto, cfg, "rows")
+        info = {"lasad.config": json.dumps(cfg.to_dict()), "lasad.form": "portable" if portable else "custom",
+                "lasad.op": json.dumps({"op_type": C.OP_TYPE, "domain": C.DOMAIN, "version": C.OP_VERSION,
+                                        "plugin_namespace": C.PLUGIN_NAMESPACE}),
+                "lasad.opset": str(opset), "lasad.max_batch": str(max_batch), "lasad.meta": json.dumps(meta or {})}
+        for k, v in info.items():
+            proto.metadata_props.append(onnx.StringStringEntryProto(key=k, value=v))
+        _save(proto, path, Path(tmp))
     return path
 
 

@@ -1,12 +1,14 @@
 """The `tensorrt` backend: runs engine.plan (built by `lasad-export CKPT engine.plan`) with the
 LasadStep plugin, its enqueue captured in a CUDA graph like the cuda backend's step.
 
-Before deserialising, the plan's fingerprint (`engine.json`: TensorRT, CUDA, GPU, opset, plugin)
-is compared with this machine; a mismatch raises `PlanMismatch` ("rebuild with lasad-export ...",
-exit 3 from the CLIs). Tensor addresses are bound once to the engine's buffers: each layer's
-`present_state.{i}` gets the address of `past_state.{i}` (the plugin declares the alias), so the
-state is updated in place. Written against the TensorRT >= 10 Python API; it cannot run on our
-machines (docs/tensorrt.md), so its tests carry the `tensorrt` marker.
+Before deserialising, the plan's fingerprint (`engine.json`: TensorRT, CUDA, GPU, opset, plugin,
+the kernel's PTX ISA against this driver) is compared with this machine; a mismatch raises
+`PlanMismatch` ("rebuild with lasad-export ...", exit 3 from the CLIs). The plan embeds the
+plugin's kernel (ahead of time), so loading it registers no plugin. Tensor addresses are bound
+once to the engine's buffers: each layer's `present_state.{i}` gets the address of
+`past_state.{i}` (the plugin declares the alias), so the state is updated in place. Written
+against the TensorRT >= 10.9 Python API; it cannot run on our machines (docs/tensorrt.md), so
+its tests carry the `tensorrt` marker.
 """
 
 from __future__ import annotations
@@ -48,13 +50,14 @@ class TensorRTBackend(Backend):
         if str(plan_path).endswith(".onnx"):
             raise EngineError("backend 'tensorrt' runs an engine.plan: lasad-export CKPT engine.plan, then load it")
         super().__init__(model, device)
-        from lasad_plugins.lasad_step.plan import check_fingerprint, current_fingerprint
+        from lasad_plugins.lasad_step.plan import check_aliasing, check_fingerprint, current_fingerprint
         _, record = read_plan_config(plan_path)
         check_fingerprint(plan_path, current_fingerprint(record["opset"]), f"lasad-export CKPT {plan_path}")
         self.runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
         self.engine = self.runtime.deserialize_cuda_engine(Path(plan_path).read_bytes())
         if self.engine is None:
             raise EngineError(f"{plan_path}: TensorRT could not deserialise the plan; rebuild with lasad-export")
+        check_aliasing(self.engine, model.config.n_layer)
         self.context = self.engine.create_execution_context()
         self.bound = None
 
