@@ -51,7 +51,7 @@ TILE_ELEMS = 16384      # weight elements one program holds (32 KB of bf16: 32 r
                         # 8 warps); with tl.dot the rows (padded to 16, held by every warp) a quarter
 K_SLICE_MIN = 128       # split K only down to slices of this many features
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-_COUNTERS: dict = {}    # per device: the int32 split-K arrival counters (always back at 0 after a launch)
+_COUNTERS: dict = {}    # per device: int32 split-K arrival counters (back at 0 after every launch)
 
 
 @dataclass(frozen=True)
@@ -161,13 +161,13 @@ def _sm_count(device: torch.device) -> int:
 def _counters(device: torch.device, n: int) -> torch.Tensor:
     """Split-K arrival counters, one int32 per column block, allocated zeroed once per device; the
     last program of each block resets its counter, so they are zero between launches. Launches
-    using them are serialised by the stream (or by gdc_wait), so one array serves every call."""
-    key = (device.type, device.index)
-    buf = _COUNTERS.get(key)
-    if buf is None or buf.numel() < n:
-        buf = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
-        _COUNTERS[key] = buf
-    return buf
+    that use them run one after another in a stream (a launch waits for the previous kernel
+    before it counts), so one array serves every call; not two streams at once. A grown array
+    keeps the old ones alive: captured CUDA graphs still point at them."""
+    bufs = _COUNTERS.setdefault((device.type, device.index), [])
+    if not bufs or bufs[-1].numel() < n:
+        bufs.append(torch.zeros(max(n, 4096), dtype=torch.int32, device=device))
+    return bufs[-1]
 
 
 def _pdl_supported(device: torch.device) -> bool:
