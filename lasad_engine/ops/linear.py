@@ -28,6 +28,7 @@ Shapes:
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 
@@ -118,6 +119,7 @@ def _segments(K: int, groups: int, has_norm: bool, split_k: int) -> tuple[int, i
     return -(-K // split_k), 1
 
 
+@functools.lru_cache(maxsize=None)
 def linear_tiles(rows: int, n_out: int, K: int, *, groups: int = 1, has_norm: bool = False,
                  swiglu: bool = False, sms: int = 132) -> LinearTiles:
     """Hand-chosen tiles (no autotune, as for the step kernel): enough programs to cover every SM
@@ -152,6 +154,7 @@ def linear_tiles(rows: int, n_out: int, K: int, *, groups: int = 1, has_norm: bo
     return best
 
 
+@functools.lru_cache(maxsize=None)
 def _sm_count(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
@@ -170,6 +173,7 @@ def _counters(device: torch.device, n: int) -> torch.Tensor:
     return bufs[-1]
 
 
+@functools.lru_cache(maxsize=None)
 def _pdl_supported(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
 
