@@ -12,7 +12,10 @@ served from L2 across layers. Variants:
   step kernels;
 - `fused`: fused_linear (norm prologue, SwiGLU / residual epilogues) + the step kernel;
 - `fused+pdl`: the same kernels launched with programmatic dependent launch;
-- `pdl:...`: tile variants of fused+pdl (block_n halved / doubled, split K, tl.dot at few rows).
+- `pdl:...`: tile variants of fused+pdl (block_n halved / doubled, split K, tl.dot at few rows);
+- a persistent-kernel skeleton (`--no-skeleton` skips it): one program per SM streams the same
+  bytes through the same dependent phases with a grid barrier between them instead of a kernel
+  boundary: the cost of the next design step, measured before it is built.
 Reported per (preset, rows, variant): µs per step and per layer (the layers-only graph over
 n_layer), the head's share, weight bytes / time against the copy bandwidth measured in this run
 (bytes read + written by a large device-to-device copy), and the floor (bytes / copy bandwidth);
@@ -34,6 +37,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+import triton
+import triton.language as tl
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _repo  # noqa: E402,F401  (the checkout importable as installed)
@@ -151,6 +156,108 @@ def tile_variants(cfg, groups, rows, sms) -> dict:
         out["pdl:mma"] = {op: L.linear_tiles(16, n, k, groups=g, has_norm=nrm, swiglu=sw, sms=sms)
                           for op, (n, k, g, nrm, sw) in shapes.items()}
     return out
+
+
+@triton.jit
+def persistent_skeleton_kernel(w, offs, lens, sync, act, bar, err, n_phases, NP, max_spin,
+                               TILE: tl.constexpr, ACT: tl.constexpr, R: tl.constexpr, BARRIER: tl.constexpr):
+    # Phase p: every program streams its `lens[p]` elements of the weights at offs[p], reduces them
+    # against the activations the previous phase wrote (ping-pong buffers, R rows) and writes its
+    # outputs. A phase with sync[p] != 0 first waits until every program has arrived after the
+    # previous synced phase (an int32 counter, spin bounded by max_spin: a timeout sets `err`
+    # rather than hanging); its weight loads are issued before the wait.
+    pid = tl.program_id(0)
+    j = tl.arange(0, TILE)
+    a = tl.arange(0, ACT)
+    arrived = 0
+    for p in range(n_phases):
+        ln = tl.load(lens + p)
+        start = tl.load(offs + p) + pid * ln
+        wt = tl.load(w + start + j, mask=j < ln, other=0.0)
+        if BARRIER:
+            if tl.load(sync + p) != 0:
+                target = arrived * NP
+                cnt = tl.atomic_add(bar, 0, sem="acquire", scope="gpu")
+                spins = 0
+                while (cnt < target) & (spins < max_spin):
+                    cnt = tl.atomic_add(bar, 0, sem="acquire", scope="gpu")
+                    spins += 1
+                if cnt < target:
+                    tl.atomic_xchg(err, 1)
+                tl.debug_barrier()
+        src = act + (p % 2) * R * ACT
+        dst = act + ((p + 1) % 2) * R * ACT
+        w2 = tl.reshape(wt, [TILE // ACT, ACT]).to(tl.float32)
+        o = (pid * (TILE // ACT) + tl.arange(0, TILE // ACT)) % ACT
+        for r in tl.static_range(R):
+            x = tl.load(src + r * ACT + a, cache_modifier=".cg").to(tl.float32)
+            tl.store(dst + r * ACT + o, tl.sum(w2 * x[None, :], axis=1).to(dst.dtype.element_ty))
+        if BARRIER:
+            if tl.load(sync + p + 1, mask=p + 1 < n_phases, other=1) != 0:
+                tl.debug_barrier()
+                old = tl.atomic_add(bar, 1, sem="acq_rel", scope="gpu")
+                arrived += 1
+                if old == tl.load(sync + n_phases) * NP - 1:  # the launch's last arrival: reset
+                    tl.atomic_xchg(bar, 0, sem="relaxed", scope="gpu")
+
+
+SKELETON_TILE, SKELETON_WARPS = 32768, 16   # 64 KB of bf16 per program: the whole register file
+
+
+def skeleton_phases(cfg: LasadConfig, rows: int, np_: int) -> list[tuple[int, bool]]:
+    """(bf16 elements per program, barrier before) for one decode step of the persistent design:
+    per layer W_q|W_f|W_i, the LASAD step (its fp32 state, read and written, as bytes), W_o,
+    W_1|W_3, W_2, then the head; a matrix larger than a tile runs as several phases, one barrier."""
+    d, H, K, V, F_ = cfg.dim, cfg.n_head, cfg.head_k_dim, cfg.head_v_dim, cfg.ffn_dim
+    state_elems = 2 * cfg.state_nbytes(rows) // cfg.n_layer // 2
+    mats = [(2 * H * K + H * V) * d, state_elems, d * H * V, 2 * F_ * d, d * F_] * cfg.n_layer + [cfg.vocab_size * d]
+    out = []
+    for n in mats:
+        per = -(-n // np_)
+        for i in range(0, per, SKELETON_TILE):
+            out.append((min(SKELETON_TILE, per - i), i == 0))
+    return out
+
+
+def bench_skeleton(name: str, cfg: LasadConfig, rows: int, bw: float, sms: int, results: dict,
+                   failures: list) -> None:
+    """Item-5 probe: what a persistent kernel (one program per SM, a grid barrier between
+    dependent GEMMs, the next weights in flight across the barrier) would cost per step, measured
+    on a skeleton that moves the same bytes with the same number of barriers and a GEMV's work."""
+    dev = torch.device("cuda")
+    phases = skeleton_phases(cfg, rows, sms)
+    lens = torch.tensor([n for n, _ in phases], dtype=torch.int64)
+    offs = torch.zeros_like(lens)
+    offs[1:] = torch.cumsum(lens * sms, 0)[:-1]
+    total = int((lens * sms).sum())
+    n_sync = sum(1 for _, b in phases[1:] if b) + 1
+    sync = torch.tensor([int(b) for _, b in phases] + [n_sync], dtype=torch.int32)
+    w = torch.empty(total + SKELETON_TILE, dtype=torch.bfloat16, device=dev).normal_(std=0.02)
+    act = torch.randn(2 * rows * 1024, device=dev).bfloat16()
+    bar, err = torch.zeros(1, dtype=torch.int32, device=dev), torch.zeros(1, dtype=torch.int32, device=dev)
+    lens, offs, sync = lens.to(dev), offs.to(dev), sync.to(dev)
+    row = {"preset": name, "rows": rows, "programs": sms, "phases": len(phases), "barriers": n_sync - 1,
+           "bytes": 2 * total}
+    for barrier in (True, False):
+        launch = lambda: persistent_skeleton_kernel[(sms,)](
+            w, offs, lens, sync, act, bar, err, len(phases), sms, 200000, TILE=SKELETON_TILE, ACT=1024, R=rows,
+            BARRIER=barrier, num_warps=SKELETON_WARPS)
+        launch()
+        torch.cuda.synchronize()
+        if barrier and (int(err.item()) or int(bar.item())):
+            failures.append(f"{name} rows={rows} skeleton: a barrier timed out (programs not co-resident?)")
+            row["barrier_timeout"] = True
+            break
+        g = capture(launch)
+        t = time_graph(g, 10, 5)
+        row["us_per_step_barrier" if barrier else "us_per_step_no_barrier"] = t
+    if "us_per_step_no_barrier" in row:
+        row["TBps_barrier"] = row["bytes"] / row["us_per_step_barrier"] / 1e6
+        row["fraction_of_copy_bw_barrier"] = row["TBps_barrier"] / (bw / 1e12)
+        row["us_per_barrier"] = (row["us_per_step_barrier"] - row["us_per_step_no_barrier"]) / max(1, n_sync - 1)
+        row["floor_us"] = row["bytes"] / bw * 1e6
+    results["skeleton"].append(row)
+    print(json.dumps(row), flush=True)
 
 
 def capture(fn, *args) -> torch.cuda.CUDAGraph:
@@ -285,6 +392,8 @@ def bench_preset(name: str, rows_list, args, bw: float, sms: int, results: dict,
                 failures.append(f"{name} rows={rows}: fused and fused+pdl differ")
         if args.ops:
             bench_ops(name, cfg, W, rows, x0, state0, start, bw, results)
+        if args.skeleton:
+            bench_skeleton(name, cfg, rows, bw, sms, results, failures)
         del outs
         torch.cuda.empty_cache()
 
@@ -332,6 +441,17 @@ def table(results: dict, bw: float) -> str:
                 r = by.get((*k, v))
                 cells.append(f"{r['us_per_kernel']:13.2f} {r['TBps']:5.2f}" if r else f"{'-':>13} {'-':>5}")
             lines.append(f"{k[0]:9} {k[1]:>4} {k[2]:5} " + " ".join(cells))
+    if results["skeleton"]:
+        lines.append("")
+        lines.append(f"{'persistent skeleton':20} {'rows':>4} {'barriers':>8} {'us/step':>8} {'no-barrier':>10} "
+                     f"{'us/barrier':>10} {'%copy':>6} {'floor us':>8}")
+        for r in results["skeleton"]:
+            if "us_per_barrier" not in r:
+                lines.append(f"{r['preset']:20} {r['rows']:>4} {r['barriers']:>8}  barrier timed out")
+                continue
+            lines.append(f"{r['preset']:20} {r['rows']:>4} {r['barriers']:>8} {r['us_per_step_barrier']:8.1f} "
+                         f"{r['us_per_step_no_barrier']:10.1f} {r['us_per_barrier']:10.2f} "
+                         f"{100 * r['fraction_of_copy_bw_barrier']:5.0f}% {r['floor_us']:8.1f}")
     return "\n".join(lines)
 
 
@@ -346,6 +466,8 @@ def main() -> int:
     ap.add_argument("--tile-presets", default="lasad-B", help="presets that get the tile variants")
     ap.add_argument("--tile-rows", default="2", help="row counts that get the tile variants")
     ap.add_argument("--no-ops", dest="ops", action="store_false", help="skip the per-op kernel chains")
+    ap.add_argument("--no-skeleton", dest="skeleton", action="store_false",
+                    help="skip the persistent-kernel skeleton (the grid-barrier probe)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print("decode_layer_bench needs a CUDA GPU", file=sys.stderr)
@@ -357,7 +479,7 @@ def main() -> int:
     bw = copy_bandwidth(dev)
     sms = torch.cuda.get_device_properties(dev).multi_processor_count
     results = {"environment": environment(dev, "benchmarks/decode_layer_bench.py"), "copy_bandwidth_Bps": bw,
-               "sm_count": sms, "chain": [], "ops": [], "pdl_bitwise_equal": []}
+               "sm_count": sms, "chain": [], "ops": [], "pdl_bitwise_equal": [], "skeleton": []}
     failures: list[str] = []
     torch.backends.cuda.matmul.allow_tf32 = False
     for name in args.presets.split(","):
