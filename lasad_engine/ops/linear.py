@@ -221,18 +221,16 @@ if triton is not None:
             return tl.dot(a, tl.trans(w_t))
 
     @triton.jit
-    def _epilogue(acc, acc3, out, res, rows, cols, R, N_OUT, SWIGLU: tl.constexpr, HAS_RES: tl.constexpr):
+    def _epilogue(acc, acc3, res_t, out, off, om, SWIGLU: tl.constexpr, HAS_RES: tl.constexpr):
         # acc [BR, BN] fp32 GEMM sums -> rounded to the activation dtype (F.linear's output), then
         # SwiGLU (acc3: the W_3 half) and the residual add, each rounded as the torch ops round.
         dt = out.dtype.element_ty
         y = acc.to(dt)
         if SWIGLU:
             y = silu_mul_f32(y, acc3.to(dt)).to(dt)
-        m = (rows < R)[:, None] & (cols < N_OUT)[None, :]
-        off = rows[:, None] * N_OUT + cols[None, :]
         if HAS_RES:
-            y = (tl.load(res + off, mask=m, other=0.0).to(tl.float32) + y.to(tl.float32)).to(dt)
-        tl.store(out + off, y, mask=m)
+            y = (res_t.to(tl.float32) + y.to(tl.float32)).to(dt)
+        tl.store(out + off, y, mask=om)
 
     @triton.jit
     def fused_linear_kernel(
@@ -270,27 +268,34 @@ if triton is not None:
             gdc_launch_dependents()
             gdc_wait()
         rows = tl.arange(0, BR)
+        om = (rows < R)[:, None] & (cols < N_OUT)[None, :]
+        off = rows[:, None] * N_OUT + cols[None, :]
+        if HAS_RES:  # issued now, so that its latency hides behind the GEMM
+            res_t = tl.load(res + off, mask=om, other=0.0)
+        else:
+            res_t = off
+        a = _load_normed(x, nw_t, rows, R, k, km, K, eps, BR, SEG, NSEG_P, SEG_P, NORM_N, SPLIT_K,
+                         HAS_NORM, ROW_STATS)
         if MMA:
-            a = _load_normed(x, nw_t, rows, R, k, km, K, eps, BR, SEG, NSEG_P, SEG_P, NORM_N, SPLIT_K,
-                             HAS_NORM, ROW_STATS)
             acc = _dot(a, w_t, DOT_F32)
             if SWIGLU:
                 acc3 = _dot(a, w3_t, DOT_F32)
             else:
                 acc3 = acc
         else:
+            # Few rows: each row is a vector times the tile on CUDA cores, one row at a time.
             acc = tl.zeros([BR, BN], dtype=tl.float32)
             acc3 = tl.zeros([BR, BN], dtype=tl.float32)
+            af = a.to(tl.float32)
             wf = w_t.to(tl.float32)
             w3f = w3_t.to(tl.float32)
             for r in tl.static_range(BR):
-                a = _load_normed(x, nw_t, r + tl.arange(0, 1), R, k, km, K, eps, 1, SEG, NSEG_P, SEG_P,
-                                 NORM_N, SPLIT_K, HAS_NORM, ROW_STATS).to(tl.float32)
-                acc = tl.where(rows[:, None] == r, tl.sum(wf * a, axis=1)[None, :], acc)
+                a_r = tl.sum(tl.where(rows[:, None] == r, af, 0.0), axis=0)[None, :]
+                acc = tl.where(rows[:, None] == r, tl.sum(wf * a_r, axis=1)[None, :], acc)
                 if SWIGLU:
-                    acc3 = tl.where(rows[:, None] == r, tl.sum(w3f * a, axis=1)[None, :], acc3)
+                    acc3 = tl.where(rows[:, None] == r, tl.sum(w3f * a_r, axis=1)[None, :], acc3)
         if SPLIT_K == 1:
-            _epilogue(acc, acc3, out, res, rows, cols, R, N_OUT, SWIGLU, HAS_RES)
+            _epilogue(acc, acc3, res_t, out, off, om, SWIGLU, HAS_RES)
         else:
             # Partial sums [SPLIT_K, (1 or 2), BR, BN] per column block; the last program to arrive
             # adds them in split order (the same order whichever program that is).
@@ -310,7 +315,7 @@ if triton is not None:
                     acc3 = tl.sum(tl.load(p + BR * BN, mask=sm, other=0.0, cache_modifier=".cg"), axis=0)
                 else:
                     acc3 = acc
-                _epilogue(acc, acc3, out, res, rows, cols, R, N_OUT, SWIGLU, HAS_RES)
+                _epilogue(acc, acc3, res_t, out, off, om, SWIGLU, HAS_RES)
                 tl.atomic_xchg(cnt + i_n, 0, sem="relaxed", scope="gpu")
 
 
