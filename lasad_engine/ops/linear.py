@@ -1,34 +1,374 @@
-"""A linear layer with its neighbours: the input's RMSNorm, SwiGLU on the output, the residual
-add. One op per GEMM of the decode step (docs/design.md), so a backend can run each as one kernel.
+"""Decode-sized linear layers with their neighbours fused in: RMSNorm of the input as a prologue,
+SwiGLU and the residual add as epilogues, in one launch.
 
-`fused_linear` with `backend="torch"` is the definition: the same modules the parallel forward
-uses (`norms.rms_norm`, `F.linear`, `norms.swiglu`, `+`), in the same dtypes. A Triton twin for
-decode-sized inputs is chosen by `backend="triton"`.
+`fused_linear` is one definition (the torch composition below, the same ops the model's modules
+run) with a Triton twin for few rows (R ≤ ROWS_MAX, the decode step). More rows go to the torch
+path, i.e. cuBLAS: larger batches keep the GEMM that is fastest there.
+
+The Triton kernel is built for streaming a small weight matrix at the bandwidth of the whole GPU:
+- every program owns BLOCK_N output columns over a slice of K (the whole K, or 1/SPLIT_K of it)
+  and loads its weight tile in one go, first thing, as wide loads;
+- with programmatic dependent launch (Hopper, `pdl=True`) the program issues those loads, lets the
+  next kernel launch (`gdc_launch_dependents`) and only then waits for the previous kernel
+  (`gdc_wait`) before it reads x: the weight stream of kernel n+1 overlaps the tail of kernel n;
+- each program recomputes the RMSNorm statistics of its rows (x is R × K: tiny);
+- split-K partial sums go to a workspace; the last program of a column block to arrive (an int32
+  counter, no float atomics) adds them in a fixed order, so results are bitwise reproducible.
+Numerics follow the torch definition: fp32 accumulation; the GEMM result is rounded to the
+activation dtype (as F.linear's output is) before SwiGLU and before the residual add.
 
 Shapes:
-    x:        [R, K]      (any leading dims on the torch path)
-    weight:   [N, K]      nn.Linear layout
-    residual: [R, N] (or [R, N/2] with swiglu)
-    returns   [R, N] or [R, N/2] with swiglu, in x's dtype (the weight's dtype for the GEMM input)
+    x:           [..., K]            activations (R = x.numel() / K rows)
+    weight:      [N, K]              nn.Linear layout; with swiglu, rows [:N/2] = W_1, [N/2:] = W_3
+    norm_weight: [K]                 RMSNorm weight of the input (None: no norm); norm_groups
+                                     equal slices of K, each normalised on its own
+    residual:    [..., N_out]        added after the GEMM (and SwiGLU); N_out = N/2 with swiglu, else N
+    returns      [..., N_out]        in x's dtype
 """
 
 from __future__ import annotations
 
+import functools
+import os
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
-from .norms import KERNEL_BACKENDS, rms_norm, swiglu as swiglu_op
+from .norms import _pick, rms_norm, silu_mul
+from .norms import swiglu as swiglu_op
+
+try:
+    import triton
+    import triton.language as tl
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
+    from .norms import rms_apply, silu_mul_f32
+except ImportError:  # pragma: no cover
+    triton = None
+
+ROWS_MAX = 32           # the Triton path's row limit; more rows take cuBLAS
+FMA_ROWS_MAX = 4        # up to here each row is a vector-times-tile on CUDA cores; above, tl.dot
+TILE_ELEMS = 16384      # weight elements one program holds (32 KB of bf16: 32 registers a thread at
+                        # 8 warps); with tl.dot the rows (padded to 16, held by every warp) a quarter
+K_SLICE_MIN = 128       # split K only down to slices of this many features
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+_COUNTERS: dict = {}    # per device: int32 split-K arrival counters (back at 0 after every launch)
+
+
+@dataclass(frozen=True)
+class LinearTiles:
+    """How the Triton kernel cuts the GEMM. block_n: output columns per program (power of two);
+    split_k: programs along K (1 = the whole K in one program; with a grouped norm it must divide
+    norm_groups); mma: tl.dot on tensor cores with the rows padded to 16 (else per-row FMA);
+    num_warps: warps per program."""
+
+    block_n: int
+    split_k: int = 1
+    mma: bool = False
+    num_warps: int = 4
 
 
 def fused_linear(x: torch.Tensor, weight: torch.Tensor, *, norm_weight: torch.Tensor | None = None,
                  eps: float = 1e-5, norm_groups: int = 1, residual: torch.Tensor | None = None,
-                 swiglu: bool = False, backend: str | None = None) -> torch.Tensor:
-    """y = W · rms_norm(x) (or W · x), then SwiGLU of y's two halves if `swiglu`, then
-    `residual + y` if a residual is given."""
-    if backend not in (None, *KERNEL_BACKENDS):
-        raise ValueError(f"backend={backend!r} is not one of {', '.join(KERNEL_BACKENDS)}")
-    a = x if norm_weight is None else rms_norm(x, norm_weight, eps, norm_groups, backend=backend)
-    y = F.linear(a.to(weight.dtype), weight)
+                 swiglu: bool = False, out: torch.Tensor | None = None, backend: str | None = None,
+                 pdl: bool | None = None, tiles: LinearTiles | None = None) -> torch.Tensor:
+    """y = [residual +] [silu_mul ∘ halves] F.linear([rms_norm](x), weight), shapes as the module
+    docstring.
+
+    Args:
+        backend: "torch" or "triton" (default: triton for CUDA tensors). The Triton path serves
+            R ≤ ROWS_MAX rows; more rows run the torch definition whatever the backend.
+        pdl: launch with programmatic dependent launch (default: on CUDA devices of compute
+            capability ≥ 9.0). The kernel reads only `weight` and `norm_weight` before it waits
+            for the previous kernel, so these must not be written by the kernels just before.
+        tiles: override the tile choice (`linear_tiles`), for benchmarks.
+    Examples::
+        >>> x, w = torch.randn(2, 8), torch.randn(6, 8)
+        >>> torch.equal(fused_linear(x, w, backend="torch"), F.linear(x, w))
+        True
+    """
+    N, K = weight.shape
+    if x.shape[-1] != K:
+        raise ValueError(f"x has {x.shape[-1]} features but weight {tuple(weight.shape)} expects {K}")
+    if swiglu and N % 2:
+        raise ValueError(f"swiglu needs an even number of weight rows (W_1 then W_3), got {N}")
+    if norm_groups < 1 or K % norm_groups:
+        raise ValueError(f"norm_groups={norm_groups} must divide the {K} input features")
+    rows = x.numel() // K if K else 0
+    if _pick(backend, x) == "triton" and 0 < rows <= ROWS_MAX and triton is not None:
+        return _fused_linear_triton(x, weight, norm_weight, eps, norm_groups, residual, swiglu, out,
+                                    pdl, tiles)
+    kernels = _pick(backend, x)
+    a = rms_norm(x, norm_weight, eps, norm_groups, backend=kernels) if norm_weight is not None else x
+    if kernels == "triton" and residual is not None and not swiglu and x.dim() == 2:
+        # many rows on the GPU: cuBLAS adds the residual in its epilogue (one launch; the GEMM is
+        # not rounded before the add, a difference within the activation dtype's rounding)
+        y = torch.addmm(residual, a, weight.t())
+        return y if out is None else out.copy_(y)
+    y = F.linear(a, weight)
     if swiglu:
-        y = swiglu_op(y, backend=backend)
-    return y if residual is None else residual + y
+        y = swiglu_op(y, backend=kernels) if kernels == "triton" else silu_mul(y[..., :N // 2], y[..., N // 2:])
+    if residual is not None:
+        y = residual + y
+    return y if out is None else out.copy_(y)
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def _segments(K: int, groups: int, has_norm: bool, split_k: int) -> tuple[int, int]:
+    """A program's slice of K as `nseg` segments of `seg` features: the norm groups it owns (a
+    grouped norm, statistics local to the program) or one contiguous 1/split_k of K."""
+    if has_norm and groups > 1:
+        return K // groups, groups // split_k
+    return -(-K // split_k), 1
+
+
+@functools.lru_cache(maxsize=None)
+def linear_tiles(rows: int, n_out: int, K: int, *, groups: int = 1, has_norm: bool = False,
+                 swiglu: bool = False, sms: int = 132) -> LinearTiles:
+    """Hand-chosen tiles (no autotune, as for the step kernel): enough programs to cover every SM
+    (≥ `sms`), a weight tile of at most TILE_ELEMS elements each, and the whole K per program
+    unless that leaves SMs idle or the tile too large; then the smallest split that fits."""
+    mma = rows > FMA_ROWS_MAX
+    br = max(16, _pow2(rows)) if mma else _pow2(rows)
+    nacc = 2 if swiglu else 1
+    bn_min = 16 if mma else 4
+    splits = [s for s in range(1, 33) if (s == 1 or -(-K // s) >= K_SLICE_MIN)
+              and (not (has_norm and groups > 1) or groups % s == 0)]
+    best = None
+    for s in splits:
+        seg, nseg = _segments(K, groups, has_norm, s)
+        kp = _pow2(seg) * _pow2(nseg)
+        if mma and kp < 16:
+            break
+        if bn_min * nacc * kp > TILE_ELEMS or (mma and br * kp > TILE_ELEMS // 4):
+            continue
+        bn = bn_min
+        while (bn < 64 and -(-n_out // (2 * bn)) * s >= sms and 2 * bn * nacc * kp <= TILE_ELEMS
+               and 2 * bn <= _pow2(n_out)):
+            bn *= 2
+        elems = bn * nacc * kp
+        warps = 8 if mma else max(2, min(8, elems // 2048))
+        best = LinearTiles(bn, s, mma, warps)
+        if -(-n_out // bn) * s >= sms:
+            break
+    if best is None:  # nothing fits the register budget: the smallest tile of the finest split
+        s = splits[-1]
+        best = LinearTiles(bn_min, s, mma, 8)
+    return best
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 132
+
+
+def _counters(device: torch.device, n: int) -> torch.Tensor:
+    """Split-K arrival counters, one int32 per column block, allocated zeroed once per device; the
+    last program of each block resets its counter, so they are zero between launches. Launches
+    that use them run one after another in a stream (a launch waits for the previous kernel
+    before it counts), so one array serves every call; not two streams at once. A grown array
+    keeps the old ones alive: captured CUDA graphs still point at them."""
+    bufs = _COUNTERS.setdefault((device.type, device.index), [])
+    if not bufs or bufs[-1].numel() < n:
+        bufs.append(torch.zeros(max(n, 4096), dtype=torch.int32, device=device))
+    return bufs[-1]
+
+
+@functools.lru_cache(maxsize=None)
+def _pdl_supported(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
+
+
+if triton is not None:
+
+    @triton.jit
+    def _load_normed(x, nw_t, rows, R, k, km, K: tl.constexpr, eps, BRX: tl.constexpr,
+                     SEG: tl.constexpr, NSEG_P: tl.constexpr, SEG_P: tl.constexpr, NORM_N: tl.constexpr,
+                     SPLIT_K: tl.constexpr, HAS_NORM: tl.constexpr, ROW_STATS: tl.constexpr):
+        # x rows `rows` [BRX] at the program's K offsets k [KP] -> [BRX, KP] in x's dtype, normed
+        # (norms.rms_norm) when HAS_NORM. Groups are the NSEG_P segments of SEG_P lanes; with
+        # ROW_STATS (one group, K split over programs) the statistics come from the whole row.
+        rm = rows < R
+        xt = tl.load(x + rows[:, None] * K + k[None, :], mask=rm[:, None] & km[None, :], other=0.0)
+        if HAS_NORM:
+            xf = xt.to(tl.float32)
+            if ROW_STATS:
+                ss = tl.zeros([BRX], dtype=tl.float32)
+                j = tl.arange(0, SEG_P)
+                for c in tl.static_range(SPLIT_K):
+                    kc = c * SEG + j
+                    m = rm[:, None] & ((j < SEG) & (kc < K))[None, :]
+                    xc = tl.load(x + rows[:, None] * K + kc[None, :], mask=m, other=0.0).to(tl.float32)
+                    ss += tl.sum(xc * xc, axis=1)
+                y = rms_apply(xf, tl.rsqrt(ss / NORM_N + eps)[:, None], nw_t[None, :], xt.dtype)
+            else:
+                x3 = tl.reshape(xf, [BRX, NSEG_P, SEG_P])
+                rstd = tl.rsqrt(tl.sum(x3 * x3, axis=2) / NORM_N + eps)
+                y = rms_apply(x3, rstd[:, :, None], tl.reshape(nw_t, [1, NSEG_P, SEG_P]), xt.dtype)
+                y = tl.reshape(y, [BRX, NSEG_P * SEG_P])
+            xt = y.to(xt.dtype)
+        return xt
+
+    @triton.jit
+    def _dot(a, w_t, DOT_F32: tl.constexpr):
+        # a [BR, KP] @ w_t [BN, KP]^T -> [BR, BN] fp32 on tensor cores (fp32 inputs: exact FMA).
+        # DOT_F32 (Triton's CPU interpreter, whose dot multiplies bf16 bit patterns as integers):
+        # fp32 copies with tf32 precision, which holds every bf16 and fp16 value exactly.
+        if DOT_F32:
+            return tl.dot(a.to(tl.float32), tl.trans(w_t.to(tl.float32)), input_precision="tf32")
+        elif a.dtype == tl.float32:
+            return tl.dot(a, tl.trans(w_t), input_precision="ieee")
+        else:
+            return tl.dot(a, tl.trans(w_t))
+
+    @triton.jit
+    def _epilogue(acc, acc3, res_t, out, off, om, SWIGLU: tl.constexpr, HAS_RES: tl.constexpr):
+        # acc [BR, BN] fp32 GEMM sums -> rounded to the activation dtype (F.linear's output), then
+        # SwiGLU (acc3: the W_3 half) and the residual add, each rounded as the torch ops round.
+        dt = out.dtype.element_ty
+        y = acc.to(dt)
+        if SWIGLU:
+            y = silu_mul_f32(y, acc3.to(dt)).to(dt)
+        if HAS_RES:
+            y = (res_t.to(tl.float32) + y.to(tl.float32)).to(dt)
+        tl.store(out + off, y, mask=om)
+
+    @triton.jit
+    def fused_linear_kernel(
+        x, w, nw, res, out, part, cnt, R, N_OUT, eps,
+        K: tl.constexpr, SEG: tl.constexpr, NSEG: tl.constexpr, SEG_P: tl.constexpr,
+        NSEG_P: tl.constexpr, NORM_N: tl.constexpr, SPLIT_K: tl.constexpr, SPLIT_P: tl.constexpr,
+        BR: tl.constexpr, BN: tl.constexpr, HAS_NORM: tl.constexpr, ROW_STATS: tl.constexpr,
+        SWIGLU: tl.constexpr, NACC: tl.constexpr, HAS_RES: tl.constexpr, MMA: tl.constexpr,
+        DOT_F32: tl.constexpr, USE_PDL: tl.constexpr,
+    ):
+        # One program: output columns [i_n·BN, +BN) (and their W_3 partners with SWIGLU), input
+        # features = the i_k-th slice of K, all R rows (padded to BR).
+        i_n, i_k = tl.program_id(0), tl.program_id(1)
+        cols = i_n * BN + tl.arange(0, BN)
+        kk = tl.arange(0, NSEG_P * SEG_P)
+        if SEG == SEG_P or NSEG_P == 1:  # contiguous features: keeps the loads 16 bytes wide
+            k = i_k * (NSEG * SEG) + kk
+            km = (kk < NSEG * SEG) & (k < K)
+        else:  # groups of a size that is not a power of two, each padded to SEG_P lanes
+            g, j = kk // SEG_P, kk % SEG_P
+            k = i_k * (NSEG * SEG) + g * SEG + j
+            km = (g < NSEG) & (j < SEG) & (k < K)
+        wm = (cols < N_OUT)[:, None] & km[None, :]
+        # The weights (and the norm weight) do not depend on the previous kernel: load them first.
+        w_t = tl.load(w + cols[:, None] * K + k[None, :], mask=wm, other=0.0)
+        if SWIGLU:
+            w3_t = tl.load(w + (cols + N_OUT)[:, None] * K + k[None, :], mask=wm, other=0.0)
+        else:
+            w3_t = w_t
+        if HAS_NORM:
+            nw_t = tl.load(nw + k, mask=km, other=0.0)
+        else:
+            nw_t = k
+        if USE_PDL:
+            gdc_launch_dependents()
+            gdc_wait()
+        rows = tl.arange(0, BR)
+        om = (rows < R)[:, None] & (cols < N_OUT)[None, :]
+        off = rows[:, None] * N_OUT + cols[None, :]
+        if HAS_RES:  # issued now, so that its latency hides behind the GEMM
+            res_t = tl.load(res + off, mask=om, other=0.0)
+        else:
+            res_t = off
+        a = _load_normed(x, nw_t, rows, R, k, km, K, eps, BR, SEG, NSEG_P, SEG_P, NORM_N, SPLIT_K,
+                         HAS_NORM, ROW_STATS)
+        if MMA:
+            acc = _dot(a, w_t, DOT_F32)
+            if SWIGLU:
+                acc3 = _dot(a, w3_t, DOT_F32)
+            else:
+                acc3 = acc
+        else:
+            # Few rows: each row is a vector times the tile on CUDA cores, one row at a time.
+            acc = tl.zeros([BR, BN], dtype=tl.float32)
+            acc3 = tl.zeros([BR, BN], dtype=tl.float32)
+            af = a.to(tl.float32)
+            wf = w_t.to(tl.float32)
+            w3f = w3_t.to(tl.float32)
+            for r in tl.static_range(BR):
+                a_r = tl.sum(tl.where(rows[:, None] == r, af, 0.0), axis=0)[None, :]
+                acc = tl.where(rows[:, None] == r, tl.sum(wf * a_r, axis=1)[None, :], acc)
+                if SWIGLU:
+                    acc3 = tl.where(rows[:, None] == r, tl.sum(w3f * a_r, axis=1)[None, :], acc3)
+        if SPLIT_K == 1:
+            _epilogue(acc, acc3, res_t, out, off, om, SWIGLU, HAS_RES)
+        else:
+            # Partial sums [SPLIT_K, (1 or 2), BR, BN] per column block; the last program to arrive
+            # adds them in split order (the same order whichever program that is).
+            tile = rows[:, None] * BN + tl.arange(0, BN)[None, :]
+            base = part + (i_n * SPLIT_K + i_k) * NACC * BR * BN
+            tl.store(base + tile, acc)
+            if SWIGLU:
+                tl.store(base + BR * BN + tile, acc3)
+            tl.debug_barrier()  # every thread's partials are written before the release below
+            arrived = tl.atomic_add(cnt + i_n, 1, sem="acq_rel", scope="gpu")
+            if arrived == SPLIT_K - 1:
+                s = tl.arange(0, SPLIT_P)
+                p = part + (i_n * SPLIT_K + s[:, None, None]) * NACC * BR * BN + tile[None, :, :]
+                sm = (s < SPLIT_K)[:, None, None]
+                acc = tl.sum(tl.load(p, mask=sm, other=0.0, cache_modifier=".cg"), axis=0)
+                if SWIGLU:
+                    acc3 = tl.sum(tl.load(p + BR * BN, mask=sm, other=0.0, cache_modifier=".cg"), axis=0)
+                else:
+                    acc3 = acc
+                _epilogue(acc, acc3, res_t, out, off, om, SWIGLU, HAS_RES)
+                tl.atomic_xchg(cnt + i_n, 0, sem="relaxed", scope="gpu")
+
+
+def _fused_linear_triton(x, weight, norm_weight, eps, groups, residual, swiglu, out, pdl, tiles):
+    N, K = weight.shape
+    n_out = N // 2 if swiglu else N
+    rows = x.numel() // K
+    dtype = x.dtype
+    for name, t in (("weight", weight), ("norm_weight", norm_weight), ("residual", residual), ("out", out)):
+        if t is not None and t.dtype != dtype:
+            raise ValueError(f"{name} is {t.dtype} but x is {dtype}: the Triton path takes one dtype")
+    if N * K >= 2**31:
+        raise ValueError(f"weight {tuple(weight.shape)} has 2**31 or more elements (32-bit offsets)")
+    has_norm = norm_weight is not None
+    if tiles is None:
+        tiles = linear_tiles(rows, n_out, K, groups=groups, has_norm=has_norm, swiglu=swiglu,
+                             sms=_sm_count(x.device))
+    s = tiles.split_k
+    if has_norm and groups > 1 and groups % s:
+        raise ValueError(f"split_k={s} must divide norm_groups={groups}")
+    seg, nseg = _segments(K, groups, has_norm, s)
+    br = max(16, _pow2(rows)) if tiles.mma else _pow2(rows)
+    if tiles.mma and (tiles.block_n < 16 or _pow2(seg) * _pow2(nseg) < 16):
+        raise ValueError(f"mma tiles need block_n >= 16 and a K slice of >= 16 features, got {tiles}")
+    shape = (*x.shape[:-1], n_out)
+    if out is None:
+        out = torch.empty(shape, dtype=dtype, device=x.device)
+    elif tuple(out.shape) != shape or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous {shape} tensor, got {tuple(out.shape)}")
+    if residual is not None and tuple(residual.shape) != shape:
+        raise ValueError(f"residual must be {shape}, got {tuple(residual.shape)}")
+    n_blocks = triton.cdiv(n_out, tiles.block_n)
+    nacc = 2 if swiglu else 1
+    if s > 1:
+        part = torch.empty(n_blocks * s * nacc * br * tiles.block_n, dtype=torch.float32, device=x.device)
+        cnt = _counters(x.device, n_blocks)
+    else:
+        part = cnt = out
+    use_pdl = _pdl_supported(x.device) if pdl is None else bool(pdl and _pdl_supported(x.device))
+    x = x.contiguous()
+    extra = {"launch_pdl": True} if use_pdl else {}
+    fused_linear_kernel[(n_blocks, s)](
+        x, weight.contiguous(), norm_weight if has_norm else x,
+        residual.contiguous() if residual is not None else x, out, part, cnt, rows, n_out, eps,
+        K=K, SEG=seg, NSEG=nseg, SEG_P=_pow2(seg), NSEG_P=_pow2(nseg), NORM_N=K // groups,
+        SPLIT_K=s, SPLIT_P=_pow2(s), BR=br, BN=tiles.block_n, HAS_NORM=has_norm,
+        ROW_STATS=has_norm and groups == 1 and s > 1, SWIGLU=swiglu, NACC=nacc, HAS_RES=residual is not None,
+        MMA=tiles.mma, DOT_F32=_INTERPRET, USE_PDL=use_pdl, num_warps=tiles.num_warps, **extra)
+    return out

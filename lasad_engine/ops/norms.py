@@ -65,6 +65,18 @@ def swiglu(ab: torch.Tensor, backend: str | None = None) -> torch.Tensor:
 if triton is not None:
 
     @triton.jit
+    def rms_apply(hf, rstd, w, dtype: tl.constexpr):
+        """rms_norm's last two roundings on loaded fp32 values: (h · rstd) cast to the activation
+        dtype, times the weight. Returns fp32 (the caller casts to the output dtype)."""
+        return (hf * rstd).to(dtype).to(tl.float32) * w.to(tl.float32)
+
+    @triton.jit
+    def silu_mul_f32(a, b):
+        """silu_mul on loaded values: silu(a) rounded to a's dtype, times b. Returns fp32."""
+        af = a.to(tl.float32)
+        return (af / (1.0 + tl.exp(-af))).to(a.dtype).to(tl.float32) * b.to(tl.float32)
+
+    @triton.jit
     def rms_norm_kernel(x, r, w, out, h_out, eps, N_G: tl.constexpr, GROUPS: tl.constexpr,
                         BLOCK: tl.constexpr, HAS_RESIDUAL: tl.constexpr):
         # One program: one row, one group of N_G = N / GROUPS elements.
@@ -78,8 +90,7 @@ if triton is not None:
             tl.store(h_out + base + offs, h, mask=m)
         hf = h.to(tl.float32)
         rstd = tl.rsqrt(tl.sum(hf * hf, axis=0) / N_G + eps)
-        y = (hf * rstd).to(h.dtype).to(tl.float32)
-        y = y * tl.load(w + i_g * N_G + offs, mask=m, other=0.0).to(tl.float32)
+        y = rms_apply(hf, rstd, tl.load(w + i_g * N_G + offs, mask=m, other=0.0), h.dtype)
         tl.store(out + base + offs, y.to(out.dtype.element_ty), mask=m)
 
     @triton.jit
@@ -88,10 +99,8 @@ if triton is not None:
         offs = i_b * BLOCK + tl.arange(0, BLOCK)
         m = offs < F_
         a = tl.load(ab + i_row * 2 * F_ + offs, mask=m, other=0.0)
-        b = tl.load(ab + i_row * 2 * F_ + F_ + offs, mask=m, other=0.0).to(tl.float32)
-        af = a.to(tl.float32)
-        s = (af / (1.0 + tl.exp(-af))).to(a.dtype).to(tl.float32)
-        tl.store(out + i_row * F_ + offs, (s * b).to(out.dtype.element_ty), mask=m)
+        b = tl.load(ab + i_row * 2 * F_ + F_ + offs, mask=m, other=0.0)
+        tl.store(out + i_row * F_ + offs, silu_mul_f32(a, b).to(out.dtype.element_ty), mask=m)
 
 
 def _rows(x: torch.Tensor) -> int:

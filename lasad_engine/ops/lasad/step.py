@@ -25,6 +25,7 @@ from .mask import check_mode, row_start_log_decay
 try:  # triton is optional: CPU installs run the torch reference
     import triton
     import triton.language as tl
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 except ImportError:  # pragma: no cover - exercised on installs without triton
     triton = None
 
@@ -62,6 +63,7 @@ if triton is not None:
         q, k, v, g, lb, s_in, s_out, o, start, override, scale, H, stride_qk, stride_v,
         K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
         HAS_OVERRIDE: tl.constexpr, FUSED_GATES: tl.constexpr, HAS_LB: tl.constexpr,
+        USE_PDL: tl.constexpr = False,
     ):
         # One program: one (row, head) pair and one BV-wide slice of the value dim, the whole key
         # dim (BK ≥ K). Slices are disjoint, so an in-place update (s_out == s_in) needs no
@@ -72,6 +74,15 @@ if triton is not None:
         o_v = i_v * BV + tl.arange(0, BV)
         m_k, m_v = o_k < K, o_v < V
         p_qk = i_b * stride_qk + i_h * K + o_k
+        off_s = i_bh * K * V + o_k[:, None] * V + o_v[None, :]
+        m_s = m_k[:, None] & m_v[None, :]
+        b_s = tl.load(s_in + off_s, mask=m_s, other=0.0)
+        if USE_PDL:
+            # Programmatic dependent launch (Hopper): the state is not written by the kernels just
+            # before this one (the projection GEMM), so it streams in while they finish; q, k, v
+            # and the row-start flag are their outputs and are read after the wait.
+            gdc_launch_dependents()
+            gdc_wait()
         if FUSED_GATES:
             # q, k are the raw projections W_q x and W_f x: apply the gates here (gates.gates):
             # q = silu(W_q x) (rounded to the activation dtype, as the unfused model does),
@@ -95,9 +106,6 @@ if triton is not None:
         if HAS_OVERRIDE:
             b_g = tl.where(tl.load(start) != 0, override, b_g)
         b_v = tl.load(v + i_b * stride_v + i_h * V + o_v, mask=m_v, other=0.0).to(tl.float32)
-        off_s = i_bh * K * V + o_k[:, None] * V + o_v[None, :]
-        m_s = m_k[:, None] & m_v[None, :]
-        b_s = tl.load(s_in + off_s, mask=m_s, other=0.0)
         b_s = b_s * tl.exp(b_g)[:, None] + b_k[:, None] * b_v[None, :]
         tl.store(s_out + off_s, b_s, mask=m_s)
         b_o = tl.sum(b_s * b_q[:, None], axis=0)
@@ -108,10 +116,11 @@ if triton is not None:
         q, k, v, g, lb, s, o, start, override, scale, H, stride_qk, stride_v,
         K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
         HAS_OVERRIDE: tl.constexpr, FUSED_GATES: tl.constexpr, HAS_LB: tl.constexpr,
+        USE_PDL: tl.constexpr,
     ):
         """The engine's launch: state updated in place."""
         _lasad_step_body(q, k, v, g, lb, s, s, o, start, override, scale, H, stride_qk, stride_v,
-                         K, V, BK, BV, HAS_OVERRIDE, FUSED_GATES, HAS_LB)
+                         K, V, BK, BV, HAS_OVERRIDE, FUSED_GATES, HAS_LB, USE_PDL)
 
     @triton.jit
     def lasad_step_plugin_kernel(
@@ -161,28 +170,34 @@ def lasad_step_(q, k, v, g, state, start, row_start="unit", scale=None, out=None
     return out
 
 
-def _launch(q, k, v, g, lb, state, out, start, row_start, scale, B, H, K, V, stride_qk, stride_v, fused):
+def _launch(q, k, v, g, lb, state, out, start, row_start, scale, B, H, K, V, stride_qk, stride_v, fused,
+            pdl=False):
     if scale is None:
         scale = K ** -0.5
     value = row_start_log_decay(row_start)
     BK, BV, num_warps = step_tiles(K, V, B * H)
     grid = (triton.cdiv(V, BV), B * H)
+    # Programmatic dependent launch only where the hardware has it (Hopper and later).
+    pdl = bool(pdl) and state.is_cuda and torch.cuda.get_device_capability(state.device)[0] >= 9
     lasad_step_kernel[grid](
         q, k, v, q if g is None else g, q if lb is None else lb, state, out, start,
         0.0 if value is None else value, scale, H, stride_qk, stride_v,
         K=K, V=V, BK=BK, BV=BV, HAS_OVERRIDE=value is not None, FUSED_GATES=fused,
-        HAS_LB=lb is not None, num_warps=num_warps,
+        HAS_LB=lb is not None, USE_PDL=pdl, num_warps=num_warps, **({"launch_pdl": True} if pdl else {}),
     )
 
 
 def lasad_fused_step_(qfv, lower_bound, state, start, row_start="unit", scale=None, out=None,
-                      backend=None):
+                      backend=None, pdl=False):
     """The decode step fed straight from one fused projection: gates (gates.py) + step.
 
     Args:
         qfv: `[B, H·K + H·K + H·V]`, the concatenated raw projections W_q x | W_f x | W_i x.
         lower_bound: this layer's HGRN2 bound `[H·K]` fp32, or None (layer 0 / no bound).
         state, start, row_start, scale, out, backend: as `lasad_step_`.
+        pdl: launch the Triton kernel with programmatic dependent launch (CUDA, compute
+            capability ≥ 9.0; ignored elsewhere): it reads the state before it waits for the
+            previous kernel, so the state must not be written by the kernels just before it.
     Returns:
         o `[B, H, V]` in qfv's dtype.
     """
@@ -201,5 +216,5 @@ def lasad_fused_step_(qfv, lower_bound, state, start, row_start="unit", scale=No
         out = torch.empty(B, H, V, dtype=qfv.dtype, device=qfv.device)
     S = qfv.shape[1]
     _launch(qfv, qfv[:, H * K:], qfv[:, 2 * H * K:], None, lower_bound, state, out, start, row_start,
-            scale, B, H, K, V, S, S, True)
+            scale, B, H, K, V, S, S, True, pdl)
     return out

@@ -1,0 +1,54 @@
+"""Compile the decode kernels for sm_90 (Hopper) without a GPU, through Triton's own ptxas, with
+and without programmatic dependent launch, and print what the PTX does as one JSON line. Run by
+tests/test_linear.py in a fresh process: under TRITON_INTERPRET=1 the kernels would be interpreter
+objects, not compilable ones.
+
+    python tests/hopper_ptx.py
+"""
+
+import json
+import os
+
+
+def ptx_facts() -> dict:
+    """{kernel_pdl=...: facts about its PTX} for the linear kernel and the LASAD step kernel."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from lasad_engine.ops import linear as L
+    from lasad_engine.ops.lasad import step as S
+
+    def build(fn, sig, cx):
+        sig = {**sig, **{k: "constexpr" for k in cx}}
+        names = list(sig)
+        attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if sig[n].startswith("*")}
+        k = triton.compile(ASTSource(fn, sig, constexprs=cx, attrs=attrs), target=GPUTarget("cuda", 90, 32),
+                           options=dict(num_warps=4))
+        ptx = k.asm["ptx"]
+        wait, launch = ptx.find("griddepcontrol.wait"), ptx.find("griddepcontrol.launch_dependents")
+        first_load = ptx.find("ld.global")
+        return {"wait": wait >= 0, "launch_dependents": launch >= 0,
+                "loads_before_wait": 0 <= first_load < wait, "launch_before_wait": 0 <= launch < wait,
+                "wide_loads_before_wait": ptx[:max(wait, 0)].count("ld.global.v4")}
+
+    out = {}
+    p = "*bf16"
+    for pdl in (True, False):
+        t = L.linear_tiles(2, 2304, 768, has_norm=True)
+        cx = dict(K=768, SEG=768, NSEG=1, SEG_P=1024, NSEG_P=1, NORM_N=768, SPLIT_K=1, SPLIT_P=1, BR=2,
+                  BN=t.block_n, HAS_NORM=True, ROW_STATS=False, SWIGLU=False, NACC=1, HAS_RES=False,
+                  MMA=False, DOT_F32=False, USE_PDL=pdl)
+        sig = dict(x=p, w=p, nw=p, res=p, out=p, part="*fp32", cnt="*i32", R="i32", N_OUT="i32", eps="fp32")
+        out[f"linear_pdl={pdl}"] = build(L.fused_linear_kernel, sig, cx)
+        cx = dict(K=64, V=64, BK=64, BV=16, HAS_OVERRIDE=True, FUSED_GATES=True, HAS_LB=True, USE_PDL=pdl)
+        sig = dict(q=p, k=p, v=p, g=p, lb="*fp32", s="*fp32", o=p, start="*i1", override="fp32", scale="fp32",
+                   H="i32", stride_qk="i32", stride_v="i32")
+        out[f"step_pdl={pdl}"] = build(S.lasad_step_kernel, sig, cx)
+    return out
+
+
+if __name__ == "__main__":
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        raise SystemExit("unset TRITON_INTERPRET: the interpreter's kernels do not compile")
+    print(json.dumps(ptx_facts()))
