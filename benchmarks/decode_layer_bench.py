@@ -488,8 +488,8 @@ def main() -> int:
     results["wall_s"] = time.perf_counter() - t0
     args.out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(args.out / "decode_layer_bench.json", json.dumps(results, indent=1))
+    print(f"wall {results['wall_s']:.0f} s, JSON: {args.out / 'decode_layer_bench.json'}")
     print(table(results, bw))
-    print(f"wall {results['wall_s']:.0f} s")
     if failures:
         print("FAILED: " + "; ".join(failures), file=sys.stderr)
         return 1
