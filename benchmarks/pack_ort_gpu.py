@@ -5,9 +5,13 @@
 
 The wheel is 255 MB, almost all of it libonnxruntime_providers_cuda.so, whose `.nv_fatbin` section
 holds one cubin per GPU architecture (sm_75 ... sm_120a) of every CUDA kernel. The H200 loads only
-sm_90 code, so the payloads of every other architecture are overwritten with zeros, in place: the
-file keeps its size and layout, every fatbin header stays as it was (the driver still parses the
-section), the kept cubins are byte-identical, and xz compresses the zeros away. Kept besides: the
+sm_90 code, so the payloads of every other architecture are overwritten in place: the file keeps
+its size and layout, every fatbin header stays as it was (the driver still parses the section),
+the kept cubins are byte-identical, and xz compresses the filler away. The filler is zeros, except
+where a payload is zstd-compressed (the CUDA 13 wheels compress every cubin; the entry header
+then gives the decompressed size): there an all-zero payload is not a zstd stream (cuobjdump
+stops with "Uncompress failed"), so the filler is a valid zstd frame that decompresses to that
+many zero bytes (RLE blocks), padded with a zstd skippable frame and the original padding. Kept besides: the
 pybind module (it holds the whole runtime), libonnxruntime_providers_shared.so, the Python files,
 the licence texts; left out: libonnxruntime.so (the C API library, unused from Python), the
 TensorRT provider (TensorRT is absent there), the dist-info (so the machine's own onnxruntime
@@ -16,8 +20,8 @@ install is not reported as a second package). Optionally the C API headers go in
 
 Checks before writing: the pruned file parses, kept payloads equal the wheel's, pruned ones are
 all zeros, nothing outside the pruned payloads changed, and (when cuobjdump is given or found)
-`cuobjdump --list-elf` lists the pruned file's cubins and an extracted sm_90 cubin equals the
-original payload. Output: `.carry/ort.part0`, `.part1`, ... (at most --part-mib MiB each) of one
+`cuobjdump --list-elf` on the wheel's file counts the same sm_90 cubins, sampled ones it extracts
+equal the kept payloads decompressed, and sampled pruned payloads decompress to zeros (zstd CLI). Output: `.carry/ort.part0`, `.part1`, ... (at most --part-mib MiB each) of one
 `tar.xz` whose top level is `onnxruntime/`, as benchmarks/gpu_call.sh unpacks it; a JSON summary
 on stdout.
 """
@@ -40,6 +44,10 @@ from pathlib import Path
 FATBIN_MAGIC = 0xBA55ED50
 CONTAINER = struct.Struct("<IHHQ")       # magic, version, header size, size of the entries that follow
 ENTRY = struct.Struct("<HHIQIIHHI")       # kind, ?, header size, payload size, compressed size, ?, minor, major, arch
+DECOMPRESSED_SIZE = 56                    # offset of the uint64 decompressed size in an entry header
+ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+ZSTD_SKIPPABLE = 0x184D2A50
+ZSTD_BLOCK = 1 << 17                      # largest zstd block (128 KiB)
 CUDA_PROVIDER = "onnxruntime/capi/libonnxruntime_providers_cuda.so"
 LEAVE_OUT = ("onnxruntime/capi/libonnxruntime.so", "onnxruntime/capi/libonnxruntime_providers_tensorrt.so",
              "onnxruntime/datasets/")
@@ -55,11 +63,44 @@ def bundled_cuobjdump() -> Path | None:
 
 @dataclass(frozen=True)
 class Entry:
-    """One fatbin entry: kind (1 PTX, 2 ELF), arch (e.g. 90), payload [start, start + size) in the file."""
+    """One fatbin entry: kind (1 PTX, 2 ELF), arch (e.g. 90), payload [start, start + size) in the
+    file; `compressed` bytes of zstd in it that decompress to `decompressed` bytes (0, 0: plain)."""
     kind: int
     arch: int
     start: int
     size: int
+    compressed: int = 0
+    decompressed: int = 0
+
+
+def zstd_zeros(n: int, length: int) -> bytes:
+    """Exactly `length` bytes of zstd that decompress to `n` zero bytes: one frame of RLE blocks
+    (RFC 8878, 3.1.1), then a skippable frame (RFC 8878, 3.1.2) over what is left."""
+    def frame(blocks: int) -> bytes:
+        base, extra = divmod(n, blocks)
+        out = ZSTD_MAGIC + bytes([0xA0]) + struct.pack("<I", n)  # single segment, 4-byte content size
+        for i in range(blocks):
+            size = base + (i < extra)
+            header = (size << 3) | (1 << 1) | (i == blocks - 1)  # Block_Size, Block_Type RLE, Last_Block
+            out += struct.pack("<I", header)[:3] + b"\0"
+        return out
+
+    blocks = max(1, -(-n // ZSTD_BLOCK))
+    out = frame(blocks)
+    while 0 < length - len(out) < 8 and blocks < n:  # too short for a skippable frame: one more block
+        blocks += 1
+        out = frame(blocks)
+    rest = length - len(out)
+    if rest < 0 or 0 < rest < 8:
+        raise ValueError(f"cannot write {n} zstd zeros in {length} bytes")
+    return out + (struct.pack("<II", ZSTD_SKIPPABLE, rest - 8) + bytes(rest - 8) if rest else b"")
+
+
+def filler(e: Entry) -> bytes:
+    """What replaces a pruned payload: zeros, or for a zstd payload a zstd stream of zeros."""
+    if not e.compressed:
+        return bytes(e.size)
+    return zstd_zeros(e.decompressed, e.compressed) + bytes(e.size - e.compressed)
 
 
 def elf_section(data: bytes | bytearray, name: str) -> tuple[int, int]:
@@ -89,8 +130,11 @@ def fatbin_entries(data: bytes | bytearray, offset: int, size: int) -> list[Entr
             continue
         e, stop = p + header, p + header + length
         while e < stop:
-            kind, _, eheader, esize, *_, arch = ENTRY.unpack_from(data, e)
-            entries.append(Entry(kind, arch, e + eheader, esize))
+            kind, _, eheader, esize, csize, *_, arch = ENTRY.unpack_from(data, e)
+            start = e + eheader
+            zstd = data[start:start + 4] == ZSTD_MAGIC and eheader >= DECOMPRESSED_SIZE + 8
+            dsize, = struct.unpack_from("<Q", data, e + DECOMPRESSED_SIZE) if zstd else (0,)
+            entries.append(Entry(kind, arch, start, esize, csize if zstd else 0, dsize))
             e += eheader + esize
         if e != stop:
             raise ValueError(f"fatbin container at {p:#x}: entries overrun its size")
@@ -105,24 +149,25 @@ def prune(data: bytes, keep_arch: int) -> tuple[bytearray, list[Entry], list[Ent
     kept = [e for e in entries if e.arch == keep_arch]
     pruned = [e for e in entries if e.arch != keep_arch]
     for e in pruned:
-        out[e.start:e.start + e.size] = bytes(e.size)
+        out[e.start:e.start + e.size] = filler(e)
     return out, kept, pruned
 
 
 def verify(original: bytes, new: bytes, kept: list[Entry], pruned: list[Entry]) -> None:
-    """The pruned file equals the original except for zeros over the pruned payloads."""
+    """The pruned file equals the original except for the filler over the pruned payloads."""
     if len(new) != len(original):
         raise AssertionError("the file size changed")
-    again = fatbin_entries(new, *elf_section(new, ".nv_fatbin"))
-    if sorted(again, key=lambda e: e.start) != sorted(kept + pruned, key=lambda e: e.start):
+    again = [(e.kind, e.arch, e.start, e.size) for e in fatbin_entries(new, *elf_section(new, ".nv_fatbin"))]
+    if sorted(again, key=lambda e: e[2]) != sorted([(e.kind, e.arch, e.start, e.size) for e in kept + pruned],
+                                                   key=lambda e: e[2]):
         raise AssertionError("the fatbin headers changed")
     for e in kept:
         if new[e.start:e.start + e.size] != original[e.start:e.start + e.size]:
             raise AssertionError(f"kept sm_{e.arch} entry at {e.start:#x} differs")
     cursor = 0
     for e in sorted(pruned, key=lambda e: e.start):
-        if any(new[e.start:e.start + e.size]):
-            raise AssertionError(f"pruned sm_{e.arch} entry at {e.start:#x} is not zero")
+        if new[e.start:e.start + e.size] != filler(e):
+            raise AssertionError(f"pruned sm_{e.arch} entry at {e.start:#x} is not the filler")
         if new[cursor:e.start] != original[cursor:e.start]:
             raise AssertionError(f"bytes before {e.start:#x} changed")
         cursor = e.start + e.size
@@ -130,24 +175,53 @@ def verify(original: bytes, new: bytes, kept: list[Entry], pruned: list[Entry]) 
         raise AssertionError("bytes after the last pruned entry changed")
 
 
-def cuobjdump_check(cuobjdump: str, path: Path, original: bytes, kept: list[Entry], keep_arch: int) -> dict:
-    """cuobjdump lists the pruned file; an extracted sm_{keep_arch} cubin equals the wheel's payload."""
+def _elf_names(cuobjdump: str, path: Path) -> list[str]:
     listing = subprocess.run([cuobjdump, "--list-elf", str(path)], capture_output=True, text=True, timeout=600)
     if listing.returncode != 0:
-        raise AssertionError(f"cuobjdump --list-elf failed: {listing.stderr.strip()[:200]}")
-    names = [ln.split(":", 1)[1].strip() for ln in listing.stdout.splitlines() if ln.startswith("ELF file")]
-    arch_names = [n for n in names if f".sm_{keep_arch}" in n]
-    payloads = {original[e.start:e.start + e.size] for e in kept}
+        raise AssertionError(f"cuobjdump --list-elf {path.name} failed: {listing.stderr.strip()[:200]}")
+    return [ln.split(":", 1)[1].strip() for ln in listing.stdout.splitlines() if ln.startswith("ELF file")]
+
+
+def _extract(cuobjdump: str, path: Path, name: str) -> bytes:
     with tempfile.TemporaryDirectory() as tmp:
-        one = subprocess.run([cuobjdump, "-xelf", arch_names[0], str(path.resolve())], cwd=tmp, capture_output=True,
-                             text=True, timeout=600)
+        done = subprocess.run([cuobjdump, "-xelf", name, str(path.resolve())], cwd=tmp, capture_output=True,
+                              text=True, timeout=600)
         files = list(Path(tmp).iterdir())
-        if one.returncode != 0 or not files:
-            raise AssertionError(f"cuobjdump -xelf {arch_names[0]} failed: {one.stderr.strip()[:200]}")
-        cubin = files[0].read_bytes()
-    if cubin not in payloads:
-        raise AssertionError(f"{arch_names[0]} extracted by cuobjdump is not byte-identical to a kept payload")
-    return {"elf_listed": len(names), f"sm_{keep_arch}_listed": len(arch_names), "extracted_identical": arch_names[0]}
+        if done.returncode != 0 or not files:
+            raise AssertionError(f"cuobjdump -xelf {name} {path.name} failed: {done.stderr.strip()[:200]}")
+        return files[0].read_bytes()
+
+
+def _zstd_decompress(blob: bytes) -> bytes:
+    return subprocess.run(["zstd", "-d", "-c"], input=blob, capture_output=True, check=True).stdout
+
+
+def cuobjdump_check(cuobjdump: str, original: Path, new: bytes, kept: list[Entry], pruned: list[Entry],
+                    keep_arch: int, samples: int = 4) -> dict:
+    """Cross-check with NVIDIA's cuobjdump on the wheel's file: it lists as many sm_{keep_arch}
+    cubins as the parser keeps, and sampled ones it extracts equal the kept payloads of the pruned
+    file (decompressed with zstd). Sampled pruned payloads decompress to zeros. (cuobjdump itself
+    refuses the pruned file: it validates every cubin, and a zeroed one is not an ELF file.)"""
+    names = _elf_names(cuobjdump, original)
+    mine = [n for n in names if f".sm_{keep_arch}" in n]
+    if len(mine) != len(kept) or len(names) != len(kept) + len(pruned):
+        raise AssertionError(f"cuobjdump lists {len(mine)} sm_{keep_arch} of {len(names)} cubins, "
+                             f"the parser {len(kept)} of {len(kept) + len(pruned)}")
+    order = sorted(kept, key=lambda e: e.start)
+    pick = lambda n: [i * (n - 1) // max(1, samples - 1) for i in range(min(samples, n))]  # noqa: E731
+    for i in pick(len(mine)):
+        e = order[i]
+        payload = bytes(new[e.start:e.start + (e.compressed or e.size)])
+        cubin = _zstd_decompress(payload) if e.compressed else payload[:e.size]
+        if cubin != _extract(cuobjdump, original, mine[i]):
+            raise AssertionError(f"{mine[i]} extracted from the wheel differs from the kept payload")
+    for i in pick(len(pruned)):
+        e = pruned[i]
+        out = _zstd_decompress(bytes(new[e.start:e.start + e.compressed])) if e.compressed else new[e.start:e.start + e.size]
+        if any(out) or (e.compressed and len(out) != e.decompressed):
+            raise AssertionError(f"pruned sm_{e.arch} entry at {e.start:#x} is not zeros")
+    return {"elf_listed": len(names), f"sm_{keep_arch}_listed": len(mine),
+            "identical_checked": [mine[i] for i in pick(len(mine))], "zero_checked": len(pick(len(pruned)))}
 
 
 def wanted(name: str) -> bool:
@@ -172,11 +246,14 @@ def pack(wheel: Path, out: Path, keep_arch: int, part_mib: float, include: Path 
                     target.write_bytes(new)
                     target.chmod(0o755)
                     summary["fatbin"] = {"kept": len(kept), "kept_mib": round(sum(e.size for e in kept) / 2**20, 1),
-                                         "zeroed": len(pruned),
+                                         "zeroed": len(pruned), "zstd": sum(1 for e in pruned if e.compressed),
                                          "zeroed_mib": round(sum(e.size for e in pruned) / 2**20, 1),
                                          "zeroed_archs": sorted({e.arch for e in pruned})}
-                    if cuobjdump:
-                        summary["cuobjdump"] = cuobjdump_check(cuobjdump, target, data, kept, keep_arch)
+                    if cuobjdump and shutil.which("zstd"):
+                        wheel_copy = Path(tmp) / "original.so"
+                        wheel_copy.write_bytes(data)
+                        summary["cuobjdump"] = cuobjdump_check(cuobjdump, wheel_copy, new, kept, pruned, keep_arch)
+                        wheel_copy.unlink()
                 else:
                     target.write_bytes(data)
                     if n.endswith(".so"):

@@ -159,7 +159,8 @@ class OnnxRuntimeBackend(Backend):
         elif custom:
             from lasad_plugins.ort import attach_kernels, find_library
             self.library = find_library()
-            attach_kernels(proto, self.device)
+            major, minor = torch.cuda.get_device_capability(self.device)
+            attach_kernels(proto, 10 * major + minor)
         self.model_bytes = proto.SerializeToString()  # the graph; large weights stay in their file
         self.sessions: dict[int, object] = {}
         self.bindings: dict[tuple, tuple] = {}

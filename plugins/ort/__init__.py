@@ -93,13 +93,11 @@ def entry_params(ptx: str, name: str) -> int:
     return ptx[start:ptx.index(")", start)].count(".param")
 
 
-def attach_kernels(proto, device) -> int:
+def attach_kernels(proto, arch: int) -> int:
     """Add the kernel attributes (table above) to every LasadStep node of `proto`, compiled for
-    `device`'s GPU; returns the number of distinct kernels compiled."""
-    import torch
+    compute capability `arch` (90 for an H100/H200); returns the number of distinct kernels."""
     from onnx import helper, shape_inference
 
-    major, minor = torch.cuda.get_device_capability(device)
     types = _qfv_types(proto, shape_inference)
     cache: dict[tuple, StepKernel] = {}
     for node in proto.graph.node:
@@ -109,7 +107,7 @@ def attach_kernels(proto, device) -> int:
         dtype = TRITON_TYPES[types.get(node.input[0], 1)]
         key = (dtype, *(attrs[name] for name in C.ATTRIBUTES))
         if key not in cache:
-            cache[key] = compile_step_kernel(dtype, *(attrs[name] for name in C.ATTRIBUTES), arch=10 * major + minor)
+            cache[key] = compile_step_kernel(dtype, *(attrs[name] for name in C.ATTRIBUTES), arch=arch)
         k = cache[key]
         keep = [a for a in node.attribute if a.name not in KERNEL_ATTRIBUTES]
         del node.attribute[:]
