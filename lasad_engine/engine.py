@@ -116,6 +116,7 @@ class LasadEngine:
         _check_memory(estimate_buffer_bytes(model, max_batch, model.config.seq_len), self.device,
                       f"max_batch={max_batch}")
         self.backend: Backend = make_backend(backend, model, self.device, artifact)
+        self.backend.cuda_graph = use_cuda_graph
         self.graphs = (CudaGraphRunner(self.device) if use_cuda_graph and self.backend.capturable
                        and self.device.type == "cuda" else None)
         self.buffers = DecodeBuffers(model, max_batch, self.device)
@@ -162,6 +163,7 @@ class LasadEngine:
     def _reset(self, labels: torch.Tensor, params: SamplingParams, width: int) -> None:
         b, n = self.buffers, labels.shape[0]
         b.state.reset(width)
+        self.backend.reset()
         b.ids[:n].copy_(labels)
         if params.cfg:
             b.ids[n:2 * n].fill_(self.model.config.null_class)
@@ -221,7 +223,7 @@ class LasadEngine:
                 tokens[:, p].copy_(f)
                 ids.copy_(torch.cat([f, f]) if params.cfg else f)
             if on_step is not None:
-                on_step(p, state, tokens)
+                on_step(p, self.backend.current(state), tokens)
             if bar is not None:
                 bar.update(1)
         if bar is not None:

@@ -2,6 +2,7 @@
 
     lasad-export ckpt.pt step.onnx                 # LasadStep custom node (+ step.sampler.onnx)
     lasad-export ckpt.pt step.onnx --portable      # standard ONNX ops only
+    lasad-export ckpt.pt step.onnx --dtype fp16 --rows 16   # fp16 weights, 16 fixed rows (GPU graphs)
     lasad-export ckpt.pt engine.plan --onnx-dir build/onnx --timing-cache build/trt.cache
 """
 
@@ -17,6 +18,7 @@ import click
 from lasad_engine.cli import OneLineCommand
 
 FORMATS = ("onnx", "plan")
+DTYPES = ("fp32", "fp16", "bf16")  # tools/onnx_export.py DTYPES (this module imports no torch for --help)
 TENSORRT_HINT = ("building a .plan needs NVIDIA TensorRT >= 10.9 with its Python plugin API, Triton >= 3.3 and "
                  "a GPU TensorRT supports: pip install 'lasad[tensorrt]' (or export ONNX: lasad-export CKPT step.onnx)")
 
@@ -40,6 +42,11 @@ def relative_tokenizer(meta: dict, tokenizer: Path | None, written: Path) -> dic
 @click.option("--max-batch", default=8, show_default=True, type=click.IntRange(min=1),
               help="Images per step; the graph takes up to 2x this many rows (CFG).")
 @click.option("--opset", default=17, show_default=True, type=click.IntRange(14, 21))
+@click.option("--dtype", type=click.Choice(DTYPES), default="fp32", show_default=True,
+              help="Weights and activations (ONNX output). The state and the logits stay fp32.")
+@click.option("--rows", type=click.IntRange(min=1), default=None,
+              help="A fixed row count (2x images with CFG) instead of a dynamic axis: for onnxruntime's "
+                   "CUDA graphs (ONNX output). Default: dynamic, up to 2x --max-batch.")
 @click.option("--sampler/--no-sampler", default=True, show_default=True,
               help="Also write OUT's stem + .sampler.onnx (ONNX output only).")
 @click.option("--temperature", default=1.0, show_default=True, type=click.FloatRange(min=0))
@@ -50,7 +57,7 @@ def relative_tokenizer(meta: dict, tokenizer: Path | None, written: Path) -> dic
 @click.option("--timing-cache", type=click.Path(path_type=Path), default=None, help="For .plan: TensorRT timing cache.")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
 @click.option("-v", "--verbose", is_flag=True, help="TensorRT builder log.")
-def main(checkpoint, out, fmt, portable, max_batch, opset, sampler, temperature, top_k, top_p, onnx_dir,
+def main(checkpoint, out, fmt, portable, max_batch, opset, dtype, rows, sampler, temperature, top_k, top_p, onnx_dir,
          timing_cache, force, verbose):
     """Export one LASADGen decode step (ids, pos, width, past states -> logits, present states)."""
     fmt = fmt or {".onnx": "onnx", ".plan": "plan"}.get(out.suffix.lower())
@@ -64,6 +71,8 @@ def main(checkpoint, out, fmt, portable, max_batch, opset, sampler, temperature,
             raise click.ClickException(TENSORRT_HINT) from None
         from lasad_plugins.lasad_step.defs import check_versions
         check_versions()
+    if fmt == "plan" and (dtype != "fp32" or rows is not None):
+        raise click.UsageError("--dtype and --rows apply to ONNX output; a .plan is built from the fp32 step")
     if out.exists() and not force:
         raise click.ClickException(f"{out} exists; pass --force to replace it")
     from lasad_engine.checkpoint import file_fingerprint, load_checkpoint
@@ -76,7 +85,7 @@ def main(checkpoint, out, fmt, portable, max_batch, opset, sampler, temperature,
         tok = (Path(checkpoint).parent / tok).resolve()
     if fmt == "onnx":
         export_step(model, out, portable=portable, max_batch=max_batch, opset=opset,
-                    meta=relative_tokenizer(meta, tok, out))
+                    meta=relative_tokenizer(meta, tok, out), dtype=dtype, rows=rows)
         written = [str(out)]
         if sampler:
             s = out.with_name(out.stem + ".sampler.onnx")
@@ -84,7 +93,8 @@ def main(checkpoint, out, fmt, portable, max_batch, opset, sampler, temperature,
                            top_k=top_k, top_p=top_p, opset=opset)
             written.append(str(s))
         click.echo(json.dumps({"written": written, "form": "portable" if portable else "custom",
-                               "opset": opset, "max_batch": max_batch}))
+                               "opset": opset, "max_batch": max_batch, "dtype": dtype,
+                               "rows": rows or "dynamic"}))
         return
     from .trt_build import build_plan
     with tempfile.TemporaryDirectory() as tmp:

@@ -3,7 +3,9 @@
 The step graph follows the step contract (docs/design.md): inputs `ids` int64 [rows], `pos`
 int64 [1], `width` int64 [1], `past_state.{i}` fp32 [rows, H, K, V] per layer; outputs `logits`
 fp32 [rows, vocab] and `present_state.{i}`. `rows` is a dynamic axis (up to 2 × max_batch with
-CFG). It is the model's own decode step (`LasadGen.decode_step`), traced with the LASAD op as
+CFG), or fixed with `rows=N` (what onnxruntime's CUDA graphs and TensorRT's static shapes want:
+no shape arithmetic is left in the graph). Weights and activations are in `dtype` (fp32, fp16 or
+bf16); the state and the logits stay fp32 whatever the dtype (docs/design.md, the step contract). It is the model's own decode step (`LasadGen.decode_step`), traced with the LASAD op as
 - the custom node `ai.lasad::LasadStep` (contract in `lasad_plugins.contract`), one per layer, or
 - `portable=True`: the same step in standard ONNX ops (the torch definition, traced).
 
@@ -36,6 +38,8 @@ from lasad_plugins import contract as C
 
 EXTERNAL_DATA_THRESHOLD = 2 << 30  # protobuf's 2 GB limit: larger exports keep their weights beside the graph
 INITIALIZER_MIN_BYTES = 1024       # constant tensors at least this large become initializers
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+ONNX_DTYPES = {"fp32": 1, "fp16": 10, "bf16": 16}  # onnx.TensorProto.FLOAT / FLOAT16 / BFLOAT16
 
 
 class LasadStepOp(torch.autograd.Function):
@@ -152,9 +156,8 @@ def _save(model_proto, path: Path, scratch: Path) -> None:
         os.unlink(path.parent / data)
 
 
-def _annotate(model_proto, cfg, rows_name: str) -> None:
+def _annotate(model_proto, cfg, rows_name: str | int, dtype: str = "fp32") -> None:
     """Value info for the custom nodes' outputs, so shape inference runs through the graph."""
-    import onnx
     from onnx import TensorProto, helper
     vi = {v.name for v in model_proto.graph.value_info}
     for node in model_proto.graph.node:
@@ -163,7 +166,7 @@ def _annotate(model_proto, cfg, rows_name: str) -> None:
         o, present = node.output
         if o not in vi:
             model_proto.graph.value_info.append(helper.make_tensor_value_info(
-                o, TensorProto.FLOAT, [rows_name, cfg.n_head, cfg.head_v_dim]))
+                o, ONNX_DTYPES[dtype], [rows_name, cfg.n_head, cfg.head_v_dim]))
         if present not in vi:
             model_proto.graph.value_info.append(helper.make_tensor_value_info(
                 present, TensorProto.FLOAT, [rows_name, cfg.n_head, cfg.head_k_dim, cfg.head_v_dim]))
@@ -181,25 +184,27 @@ def _annotate(model_proto, cfg, rows_name: str) -> None:
 
 
 def export_step(model: LasadGen, path: str | os.PathLike, *, portable: bool = False, max_batch: int = 8,
-                opset: int = 17, meta: dict | None = None) -> Path:
-    """Write the decode step of `model` (fp32, CPU) to `path` atomically, its weights as
-    initializers (over 2 GB in `path.name + ".data"` beside it); returns the path."""
+                opset: int = 17, meta: dict | None = None, dtype: str = "fp32", rows: int | None = None) -> Path:
+    """Write the decode step of `model` (on the CPU, weights in `dtype`: fp32 | fp16 | bf16; state
+    and logits fp32) to `path` atomically, its weights as initializers (over 2 GB in
+    `path.name + ".data"` beside it); returns the path. `rows`: a fixed row count (default: a
+    dynamic axis)."""
     import onnx
 
     path = Path(path)
     w = model.output.weight
-    if w.dtype != torch.float32 or w.device.type != "cpu":  # convert a copy, never the caller's model
-        model = copy.deepcopy(model).float().cpu()
+    if w.dtype != DTYPES[dtype] or w.device.type != "cpu":  # convert a copy, never the caller's model
+        model = copy.deepcopy(model).to(device="cpu", dtype=DTYPES[dtype])
     cfg = model.config
     graph = StepGraph(model.eval(), portable).eval()
-    rows = 2 * max_batch
+    fixed, rows = rows is not None, rows or 2 * max_batch
     L, H, K, V = cfg.n_layer, cfg.n_head, cfg.head_k_dim, cfg.head_v_dim
     past = [torch.zeros(rows, H, K, V) for _ in range(L)]
     args = (torch.zeros(rows, dtype=torch.int64), torch.ones(1, dtype=torch.int64),
             torch.full((1,), cfg.grid_width, dtype=torch.int64), *past)
     inputs = list(C.GRAPH_INPUTS) + [C.PAST_STATE.format(i) for i in range(L)]
     outputs = list(C.GRAPH_OUTPUTS) + [C.PRESENT_STATE.format(i) for i in range(L)]
-    dyn = {n: {0: "rows"} for n in ["ids", "logits"] + inputs[3:] + outputs[1:]}
+    dyn = None if fixed else {n: {0: "rows"} for n in ["ids", "logits"] + inputs[3:] + outputs[1:]}
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=path.parent, prefix=".lasad-export-") as tmp, torch.no_grad(), \
             warnings.catch_warnings(), _frozen(model):
@@ -215,8 +220,9 @@ def export_step(model: LasadGen, path: str | os.PathLike, *, portable: bool = Fa
         constants_to_initializers(proto.graph)
         onnx.load_external_data_for_model(proto, str(traced))
         shutil.rmtree(traced)
-        _annotate(proto, cfg, "rows")
+        _annotate(proto, cfg, rows if fixed else "rows", dtype)
         info = {"lasad.config": json.dumps(cfg.to_dict()), "lasad.form": "portable" if portable else "custom",
+                "lasad.dtype": dtype, "lasad.rows": str(rows) if fixed else "dynamic",
                 "lasad.op": json.dumps({"op_type": C.OP_TYPE, "domain": C.DOMAIN, "version": C.OP_VERSION,
                                         "plugin_namespace": C.PLUGIN_NAMESPACE}),
                 "lasad.opset": str(opset), "lasad.max_batch": str(max_batch), "lasad.meta": json.dumps(meta or {})}

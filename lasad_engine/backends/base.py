@@ -12,16 +12,30 @@ class Backend:
     `state` (a `LasadState` or a view of its first R rows), updates the state in place and
     returns `state.logits` `[R, vocab]` fp32. It must not allocate or sync with the host when
     `capturable` is true: the engine then captures it, with the sampler, in one CUDA graph.
+
+    A backend that keeps the state in more than one buffer (onnxruntime alternates between
+    `state.ssm` and a buffer of its own, so that no step copies it) says where the latest state
+    is with `current(state)`, and starts over from `state.ssm` at `reset()`, which the engine calls
+    after it zeroed the state for a new request. `cuda_graph` is the engine's `use_cuda_graph`, for
+    a backend that captures graphs of its own instead of being `capturable`.
     """
 
     name = "?"
     capturable = False
+    cuda_graph = True
 
     def __init__(self, model, device):
         self.model, self.device = model, device
 
     def decode(self, ids, pos, state):
         raise NotImplementedError
+
+    def reset(self) -> None:
+        """The engine zeroed `state.ssm` and the position: the next decode starts a request."""
+
+    def current(self, state):
+        """The LasadState whose `ssm` holds the state after the last decode (default: `state`)."""
+        return state
 
     def close(self) -> None:
         """Free what the backend holds (sessions, bindings); the model stays."""

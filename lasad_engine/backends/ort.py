@@ -1,17 +1,37 @@
-"""The `onnxruntime` backend: runs an exported decode step (`lasad-export ckpt.pt step.onnx`).
+"""The `onnxruntime` backend: runs an exported decode step (`lasad-export ckpt.pt step.onnx`) on
+onnxruntime's CPU provider or, with onnxruntime-gpu, its CUDA provider.
 
 Either form runs: the portable graph (standard ops) as it is, the custom-node graph through an
-onnxruntime custom-op implementation of `LasadStep` (onnxruntime-extensions' Python ops, whose
-custom domain is fixed: the session gets a copy of the graph with the node's domain mapped onto
-it; the file keeps `ai.lasad`). Inputs and outputs are bound once (I/O binding) to the engine's
-fixed buffers; the present state lands in a scratch buffer allocated once and is copied back,
-since onnxruntime does not promise that an output may alias an input.
+implementation of `LasadStep`: on the CPU onnxruntime-extensions' Python op (whose custom domain
+is fixed: the session gets a copy of the graph with the node's domain mapped onto it; the file
+keeps `ai.lasad`), on CUDA the compiled custom-op library of `lasad_plugins.ort` (the step
+kernel of lasad_engine/ops/lasad/step.py as PTX, launched on onnxruntime's stream).
+
+The state is never copied. onnxruntime does not promise that a graph output may share its buffer
+with an input, and on CUDA it runs a step more than once before it captures a graph (warm-up runs),
+which an in-place update would apply twice. So the state alternates between two buffers: the
+engine's `state.ssm` (A) and one the backend allocates once (B). Even steps read A and write B, odd
+steps read B and write A; `current(state)` says which holds the latest state and `reset()` (the
+engine calls it when it zeroes A for a new request) starts over from A. Each direction has its own
+I/O binding, made once per row count onto the engine's fixed buffers.
+
+On CUDA (docs/design.md, "The step contract"):
+- every input and output is bound to the engine's device buffers (no host copy per step);
+- onnxruntime runs on torch's current stream (`user_compute_stream`), or, when that is the legacy
+  default stream (which cannot be captured), on a stream of its own fenced with events both ways;
+  `disable_synchronize_execution_providers` keeps each run free of host syncs;
+- with `cuda_graph` one session per row count (the rows dimension fixed by
+  `add_free_dimension_override_by_name`, so constant folding removes every shape computation) and
+  `enable_cuda_graph`: onnxruntime captures one graph per direction (`gpu_graph_id` 1 and 2) and
+  replays it. The engine's own CudaGraphRunner stays off (`capturable = False`): onnxruntime's
+  capture runs inside its `Run` and cannot be nested in a capture of torch's.
 """
 
 from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -25,10 +45,18 @@ from ..params import EngineError
 from .base import Backend
 
 _REGISTERED = False
+CUDA_PROVIDER = "CUDAExecutionProvider"
+GPU_HINT = "pip uninstall -y onnxruntime onnxruntime-gpu && pip install onnxruntime-gpu"
+NUMPY_TYPES = {torch.int64: np.int64, torch.float32: np.float32}
 
 
 def read_onnx_config(path: str | os.PathLike) -> tuple[LasadConfig, dict, str]:
     """(config, meta, form) from an exported step's metadata; one-line errors for other files."""
+    props = _metadata(path)
+    return LasadConfig.from_json(props["lasad.config"]), json.loads(props.get("lasad.meta", "{}")), props.get("lasad.form", "")
+
+
+def _metadata(path) -> dict:
     import onnx
     if not os.path.isfile(path):
         raise CheckpointError(f"{path}: no such ONNX file")
@@ -39,7 +67,7 @@ def read_onnx_config(path: str | os.PathLike) -> tuple[LasadConfig, dict, str]:
     props = {p.key: p.value for p in proto.metadata_props}
     if "lasad.config" not in props:
         raise CheckpointError(f"{path}: an ONNX file but not a lasad decode step (no lasad.config metadata)")
-    return LasadConfig.from_json(props["lasad.config"]), json.loads(props.get("lasad.meta", "{}")), props.get("lasad.form", "")
+    return props
 
 
 def lasad_step_numpy(qfv, lower_bound, past_state, start, num_heads, head_k_dim, head_v_dim, row_start,
@@ -71,8 +99,32 @@ def _register_custom_op() -> str:
     return get_library_path()
 
 
+def _installed(dist: str):
+    import importlib.metadata as md
+    try:
+        return md.distribution(dist)
+    except md.PackageNotFoundError:
+        return None
+
+
+def check_cuda_provider(ort) -> None:
+    """One-line errors when onnxruntime cannot run on CUDA: the GPU package is missing, it has no
+    CUDA provider, or both packages share one site folder (the `onnxruntime` module is then
+    whichever was installed last)."""
+    cpu, gpu = _installed("onnxruntime"), _installed("onnxruntime-gpu")
+    if cpu is not None and gpu is not None and cpu.locate_file("") == gpu.locate_file(""):
+        raise EngineError(f"both onnxruntime {cpu.version} and onnxruntime-gpu {gpu.version} are installed in "
+                          f"{gpu.locate_file('')}; they overwrite each other's module: {GPU_HINT}")
+    providers = ort.get_available_providers()
+    if CUDA_PROVIDER not in providers:
+        what = "onnxruntime-gpu" if gpu is not None else "onnxruntime"
+        raise EngineError(f"backend 'onnxruntime' on a CUDA device needs onnxruntime-gpu with its CUDA provider; "
+                          f"{what} {ort.__version__} offers only {', '.join(providers)}: {GPU_HINT} "
+                          "(and a CUDA runtime it supports)")
+
+
 class OnnxRuntimeBackend(Backend):
-    """Runs step.onnx on onnxruntime's CPU provider, bound to the engine's buffers."""
+    """Runs step.onnx on onnxruntime (CPU or CUDA provider), bound to the engine's buffers."""
 
     name = "onnxruntime"
 
@@ -81,61 +133,176 @@ class OnnxRuntimeBackend(Backend):
             import onnx
             import onnxruntime as ort
         except ImportError:
-            raise EngineError("backend 'onnxruntime' needs onnx and onnxruntime: pip install 'lasad[export]'") from None
-        if device.type != "cpu":
-            raise EngineError(f"backend 'onnxruntime' runs on the CPU here, got device={device}")
+            hint = GPU_HINT if device.type == "cuda" else "pip install 'lasad[export]'"
+            raise EngineError(f"backend 'onnxruntime' needs onnx and onnxruntime: {hint}") from None
+        if device.type not in ("cpu", "cuda"):
+            raise EngineError(f"backend 'onnxruntime' runs on cpu or cuda, got device={device}")
+        if device.type == "cuda":
+            check_cuda_provider(ort)
+            device = torch.device("cuda", torch.cuda.current_device() if device.index is None else device.index)
         super().__init__(model, device)
-        proto = onnx.load(str(onnx_path))
-        opts = ort.SessionOptions()
+        self.ort, self.path = ort, Path(onnx_path)
+        props = _metadata(onnx_path)
+        self.dtype = props.get("lasad.dtype", "fp32")
+        fixed = props.get("lasad.rows", "dynamic")
+        self.fixed_rows = None if fixed == "dynamic" else int(fixed)
+        proto = onnx.load(str(onnx_path), load_external_data=False)
         custom = [n for n in proto.graph.node if n.op_type == C.OP_TYPE and n.domain == C.DOMAIN]
-        if custom:
-            opts.register_custom_ops_library(_register_custom_op())
-            from onnxruntime_extensions import _ocos
-            domain = _ocos.default_opset_domain()
-            for n in custom:
-                n.domain = domain
-                keep = [a for a in n.attribute if a.name not in C.PARSER_ATTRIBUTES]
-                del n.attribute[:]
-                n.attribute.extend(keep)
-            for imp in proto.opset_import:
-                if imp.domain == C.DOMAIN:
-                    imp.domain = domain
-        self.session = ort.InferenceSession(proto.SerializeToString(), opts, providers=["CPUExecutionProvider"])
         self.form = "custom" if custom else "portable"
-        cfg = model.config
-        self.L = cfg.n_layer
-        self.scratch = None
-        self.bindings = {}
+        self.library = None
+        if custom and device.type == "cpu":
+            if self.dtype != "fp32":
+                raise EngineError(f"{onnx_path}: the LasadStep node runs on the CPU in fp32 only (this step is "
+                                  f"{self.dtype}); export with --portable, or run it on CUDA")
+            self.library = _register_custom_op()
+            _map_to_extensions_domain(proto, custom)
+        elif custom:
+            from lasad_plugins.ort import attach_kernels, find_library
+            self.library = find_library()
+            from ..ops.lasad.aot import CudaTarget
+            attach_kernels(proto, CudaTarget.current(self.device.index or 0))
+        self.model_bytes = proto.SerializeToString()  # the graph; large weights stay in their file
+        self.sessions: dict[int, object] = {}
+        self.bindings: dict[tuple, tuple] = {}
+        self.other: torch.Tensor | None = None  # state buffer B [L, B_max, H, K, V]
+        self.parity = 0                         # 0: the state is in A (state.ssm), 1: in B
+        self.stream = None
+
+    def _session(self, rows: int):
+        """The session for `rows` rows (CPU: one session for every row count)."""
+        if self.fixed_rows is not None and rows != self.fixed_rows:
+            raise EngineError(f"{self.path} was exported for {self.fixed_rows} rows (--rows), this step has {rows} "
+                              f"(2 per image with CFG); export it without --rows or with --rows {rows}")
+        key = rows if self.device.type == "cuda" else 0
+        if key in self.sessions:
+            return self.sessions[key]
+        ort = self.ort
+        so = ort.SessionOptions()
+        so.add_session_config_entry("session.model_external_initializers_file_folder_path",
+                                    str(self.path.resolve().parent))
+        if self.library is not None:
+            so.register_custom_ops_library(self.library)
+        if self.device.type == "cpu":
+            providers = ["CPUExecutionProvider"]
+        else:
+            if self.fixed_rows is None:
+                so.add_free_dimension_override_by_name("rows", rows)
+            providers = [(CUDA_PROVIDER, self._cuda_options()), "CPUExecutionProvider"]
+        try:
+            session = ort.InferenceSession(self.model_bytes, so, providers=providers)
+        except Exception as e:  # noqa: BLE001 - onnxruntime raises its own exception types
+            raise EngineError(f"onnxruntime could not load {self.path} on {self.device}: "
+                              f"{' '.join(str(e).split())[:400]}") from None
+        self.sessions[key] = session
+        return session
+
+    def _cuda_options(self) -> dict:
+        """CUDA provider options: torch's stream (or the backend's own, see the module docstring),
+        CUDA graphs, and TF32 as torch does it (fp32 means fp32 unless torch allows TF32)."""
+        current = torch.cuda.current_stream(self.device)
+        if self.stream is None:
+            self.stream = current if current.cuda_stream != 0 else torch.cuda.Stream(self.device)
+        return {"device_id": str(self.device.index), "user_compute_stream": str(self.stream.cuda_stream),
+                "enable_cuda_graph": "1" if self.cuda_graph else "0",
+                "use_tf32": "1" if torch.backends.cuda.matmul.allow_tf32 else "0"}
+
+    def _state_pair(self, state: LasadState):
+        """(A, B): the engine's state rows and the same rows of the backend's second buffer."""
+        ssm = state.ssm
+        L, rows, H, K, V = ssm.shape
+        if ssm.stride()[1:] != (H * K * V, K * V, V, 1) or ssm.stride(0) % (H * K * V):
+            raise EngineError("the onnxruntime backend needs each layer's state rows contiguous")
+        full = ssm.stride(0) // (H * K * V)  # rows of the engine's whole buffer
+        if self.other is None or self.other.shape[1] != full:
+            self.other = torch.zeros(L, full, H, K, V, dtype=ssm.dtype, device=ssm.device)
+            self.bindings.clear()
+        return ssm, self.other[:, :rows]
 
     def _binding(self, ids, state: LasadState):
         rows = ids.shape[0]
-        key = (rows, state.ssm.data_ptr(), state.logits.data_ptr(), ids.data_ptr())
+        key = (rows, state.ssm.data_ptr(), state.logits.data_ptr(), ids.data_ptr(), state.pos.data_ptr())
         if key in self.bindings:
             return self.bindings[key]
-        cfg = self.model.config
-        if self.scratch is None or self.scratch.shape[1] < rows:
-            self.scratch = torch.zeros(self.L, max(rows, state.batch), cfg.n_head, cfg.head_k_dim, cfg.head_v_dim)
-        b = self.session.io_binding()
-        bind = lambda fn, name, t: fn(name, "cpu", 0, {torch.int64: np.int64, torch.float32: np.float32}[t.dtype],
-                                      list(t.shape), t.data_ptr())
-        bind(b.bind_input, "ids", ids)
-        bind(b.bind_input, "pos", state.pos)
-        bind(b.bind_input, "width", state.width)
-        bind(b.bind_output, "logits", state.logits[:rows])
-        for i in range(self.L):
-            bind(b.bind_input, C.PAST_STATE.format(i), state.ssm[i, :rows])
-            bind(b.bind_output, C.PRESENT_STATE.format(i), self.scratch[i, :rows])
-        self.bindings[key] = b
-        return b
+        session = self._session(rows)
+        a, b = self._state_pair(state)
+        pair = []
+        for graph_id, (past, present) in enumerate(((a, b), (b, a)), start=1):
+            binding = session.io_binding()
+            bind_io(binding, self.device, {"ids": ids, "pos": state.pos, "width": state.width},
+                    {"logits": state.logits[:rows]}, past, present)
+            pair.append((binding, self._run_options(graph_id)))
+        views = (state, LasadState(b, state.pos, state.width, state.logits))
+        self.bindings[key] = (session, pair, views)
+        return self.bindings[key]
+
+    def _run_options(self, graph_id: int):
+        opts = self.ort.RunOptions()
+        if self.device.type == "cuda":
+            opts.add_run_config_entry("disable_synchronize_execution_providers", "1")
+            opts.add_run_config_entry("gpu_graph_id", str(graph_id if self.cuda_graph else -1))
+        return opts
 
     def decode(self, ids: torch.Tensor, pos: torch.Tensor, state: LasadState) -> torch.Tensor:
         if not (ids.is_contiguous() and state.logits.is_contiguous()):
             raise EngineError("the onnxruntime backend needs contiguous id and logit buffers")
-        self.session.run_with_iobinding(self._binding(ids, state))
-        rows = ids.shape[0]
-        state.ssm.copy_(self.scratch[:, :rows])
+        session, pair, _ = self._binding(ids, state)
+        binding, options = pair[self.parity]
+        fence = self.device.type == "cuda" and torch.cuda.current_stream(self.device) != self.stream
+        if fence:
+            self.stream.wait_stream(torch.cuda.current_stream(self.device))
+        session.run_with_iobinding(binding, options)
+        if fence:
+            torch.cuda.current_stream(self.device).wait_stream(self.stream)
+        self.parity ^= 1
         return state.logits
+
+    def reset(self) -> None:
+        self.parity = 0
+
+    def current(self, state: LasadState) -> LasadState:
+        if self.parity == 0:
+            return state
+        return self._binding_views(state)[1]
+
+    def _binding_views(self, state: LasadState):
+        for (rows, ssm_ptr, *_), (_, _, views) in self.bindings.items():
+            if rows == state.batch and ssm_ptr == state.ssm.data_ptr():
+                return views
+        raise EngineError("no onnxruntime binding for this state: decode it first")
 
     def close(self):
         self.bindings.clear()
-        self.scratch = None
+        self.sessions.clear()
+        self.other = None
+
+
+def bind_io(binding, device: torch.device, inputs: dict, outputs: dict, past: torch.Tensor,
+            present: torch.Tensor) -> None:
+    """Bind named tensors by address (no copy): `inputs`/`outputs` name -> tensor, and each layer
+    i's `past_state.{i}` / `present_state.{i}` to `past[i]` / `present[i]` ([rows, H, K, V])."""
+    kind, index = device.type, device.index or 0
+
+    def bind(fn, name, t):
+        fn(name, kind, index, NUMPY_TYPES[t.dtype], list(t.shape), t.data_ptr())
+
+    for name, t in inputs.items():
+        bind(binding.bind_input, name, t)
+    for name, t in outputs.items():
+        bind(binding.bind_output, name, t)
+    for i in range(past.shape[0]):
+        bind(binding.bind_input, C.PAST_STATE.format(i), past[i])
+        bind(binding.bind_output, C.PRESENT_STATE.format(i), present[i])
+
+
+def _map_to_extensions_domain(proto, custom) -> None:
+    """Map the LasadStep nodes onto onnxruntime-extensions' fixed domain (its Python ops live there)."""
+    from onnxruntime_extensions import _ocos
+    domain = _ocos.default_opset_domain()
+    for n in custom:
+        n.domain = domain
+        keep = [a for a in n.attribute if a.name not in C.PARSER_ATTRIBUTES]
+        del n.attribute[:]
+        n.attribute.extend(keep)
+    for imp in proto.opset_import:
+        if imp.domain == C.DOMAIN:
+            imp.domain = domain

@@ -253,10 +253,11 @@ def check_with_ptxas(ptx: str, arch: int) -> bool:
     return True
 
 
-def compile_step_kernel(constants: dict, num_warps: int, target: CudaTarget) -> CompiledStepKernel:
+def compile_step_kernel(constants: dict, num_warps: int, target: CudaTarget, dtype: str = "fp32") -> CompiledStepKernel:
     """Compile `lasad_step_plugin_kernel` with `constants` (see `plugin_kernel_constants`) to
     PTX for `target`, with exactly the `PLUGIN_ABI` parameters and a PTX ISA the target's driver
-    accepts. Raises KernelABIError when that cannot be had."""
+    accepts; `dtype` (fp32 | fp16 | bf16) is the activations' (qfv in, o out; the state is fp32).
+    Raises KernelABIError when that cannot be had."""
     triton = _triton()
     from triton.backends.compiler import GPUTarget
 
@@ -264,7 +265,8 @@ def compile_step_kernel(constants: dict, num_warps: int, target: CudaTarget) -> 
     declared = tuple(n for n, p in zip(fn.arg_names, fn.params) if not p.is_constexpr)
     if declared != tuple(PLUGIN_ABI):
         raise KernelABIError(f"lasad_step_plugin_kernel takes {declared}, the ABI is {tuple(PLUGIN_ABI)}")
-    src = triton.compiler.ASTSource(fn=fn, signature={**PLUGIN_ABI, **{k: "constexpr" for k in constants}},
+    abi = {**PLUGIN_ABI, "qfv": f"*{dtype}", "o": f"*{dtype}"}
+    src = triton.compiler.ASTSource(fn=fn, signature={**abi, **{k: "constexpr" for k in constants}},
                                     constexprs=dict(constants))
     gpu = GPUTarget("cuda", target.arch, 32)
     options = {"num_warps": int(num_warps)}
