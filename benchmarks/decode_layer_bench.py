@@ -49,7 +49,7 @@ from lasad_engine.ops import linear as L  # noqa: E402
 from lasad_engine.ops.lasad import lasad_fused_step_, layer_lower_bounds  # noqa: E402
 from lasad_engine.ops.linear import LinearTiles, fused_linear  # noqa: E402
 from lasad_engine.ops.norms import rms_norm, swiglu  # noqa: E402
-from lasad_tools.profile import copy_bandwidth, environment  # noqa: E402
+from lasad_tools.profiling import copy_bandwidth, environment  # noqa: E402
 
 OPS = ("qfv", "o", "w13", "w2", "head")
 REL_TOL = 5e-2   # bf16 logits after 12-36 layers, any GEMM order vs cuBLAS's

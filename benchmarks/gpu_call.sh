@@ -6,10 +6,12 @@
 #   bash benchmarks/gpu_call.sh STEP [STEP ...]
 #
 # Steps: env | plugin | sampler | layers | engine | engine-quick | pytest | llamagen | ort-part N |
-#        ort | anatomy
+#        ort | anatomy | llamagen
 # Carried (git-ignored): .whl/ (fla-core wheel), .carry/llamagen (LlamaGen's gpt.py, generate.py,
 # drop_path.py at ce98ec4, for `llamagen`), .carry/ptx (PTX compiled on the CPU machine, for
-# `plugin`), .carry/ort.part* (onnxruntime-gpu in parts, for `ort-part` / `ort`).
+# `plugin`: benchmarks/plugin_launch_check.py --prepare build/plugin-launch), .carry/ort.partN
+# (onnxruntime-gpu pruned to sm_90 in parts: benchmarks/pack_ort_gpu.py; `ort-partN` copies one to
+# /tmp on a warm machine, `ort` joins and installs them, then runs benchmarks/ort_gpu_bench.py).
 set -u -o pipefail
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 T0=$(date +%s)
@@ -33,13 +35,13 @@ step() {  # step NAME SECONDS CMD...: run, log its end and rc, pack
 for s in "$@"; do
   case $s in
     env) step env 60 bash -c 'nvidia-smi; python3 -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())"; python3 -c "import fla; print(\"fla\", fla.__version__)"' ;;
-    plugin) step plugin 180 python3 benchmarks/plugin_launch_check.py --out "$W/plugin" ;;
+    plugin) step plugin 180 python3 benchmarks/plugin_launch_check.py --carried build/plugin-launch --out "$W/plugin" ;;
     sampler) step sampler 150 python3 benchmarks/sampler_bench.py --out "$W/sampler" ;;
     layers) step layers 240 python3 benchmarks/decode_layer_bench.py --out "$W/layers" ;;
     engine) step engine 420 python3 benchmarks/engine_bench.py --out "$W/engine" --presets lasad-B,lasad-L,lasad-XL,lasad-XXL --batches 1,8,64,256 ;;
     engine-quick) step engine 240 python3 benchmarks/engine_bench.py --out "$W/engine" --presets lasad-B,lasad-XL --batches 1,64 --quick ;;
     anatomy) step anatomy 120 python3 benchmarks/step_anatomy.py --out "$W/anatomy" ;;
-    pytest) step pytest 300 python3 -m pytest -q -p no:cacheprovider -m gpu tests -x -rs ;;
+    pytest) step pytest 300 python3 -m pytest -q -p no:cacheprovider -m gpu tests -rs ;;
     llamagen) step llamagen 300 python3 benchmarks/llamagen_bench.py --llamagen .carry/llamagen --out "$W/llamagen" ;;
     ort-part*) n=${s#ort-part}; cp .carry/ort.part"$n" /tmp/ && log "ort part $n copied" ;;
     ort) step ort-install 120 bash -c 'cat /tmp/ort.part* > /tmp/ort.tar.xz && mkdir -p /tmp/ortsite && tar xJf /tmp/ort.tar.xz -C /tmp/ortsite && python3 -c "import onnxruntime as o; print(o.__version__, o.get_available_providers())"'
