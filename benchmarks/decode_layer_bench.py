@@ -67,7 +67,7 @@ def make_weights(cfg: LasadConfig, device, seed: int = 0) -> dict:
                    lb=None if i == 0 else lbs[i].contiguous())
               for i in range(cfg.n_layer)]
     return dict(layers=layers, final_norm=norm(d), head=mat(cfg.vocab_size, d),
-                groups=H if cfg.output_norm == "group" else 1, eps=cfg.norm_eps, mode=cfg.mixer_row_start)
+                groups=H if cfg.output_norm == "group" else 1, eps=cfg.norm_eps, mode=cfg.row_rule(cfg.grid_width)[0])
 
 
 def layer_bytes(W: dict) -> int:

@@ -226,3 +226,24 @@ def test_attribute_values_arrive_as_python_scalars():
     assert all(type(s[k]) is int for k in "HKV") and type(s["scale"]) is float
     with pytest.raises(ValueError, match="row_start=7"):
         node_settings(i(20), i(64), i(64), i(7), i(1), np.array([0.125], np.float32))
+
+
+def test_attribute_annotations_are_classes_numpy_layer_can_read():
+    """NVIDIA's layer calls issubclass(annotation, TensorDesc) on every parameter of the register
+    function before it recognises numpy arrays; Python 3.12 with numpy 2.5 refuses that for the
+    `npt.NDArray[...]` alias (seen on the H200 machine). Our annotations are classes that still read
+    as NDArray[int32] / NDArray[float32] the way NVIDIA's `_infer_numpy_type` reads them."""
+    import inspect
+    import typing
+
+    import numpy as np
+
+    from lasad_plugins.lasad_step import defs
+    params = list(inspect.signature(defs.lasad_step_desc).parameters.values())
+    assert all(isinstance(p.annotation, type) for p in params)
+    attrs = {p.name: p.annotation for p in params[4:]}
+    assert set(attrs) == set(C.ATTRIBUTES)
+    for name, ann in attrs.items():
+        assert ann.__origin__ is np.ndarray
+        (dtype,) = typing.get_args(ann.__args__[1])
+        assert dtype is (np.int32 if C.ATTRIBUTES[name][0] == "int" else np.float32)

@@ -37,8 +37,20 @@ from lasad_plugins import contract as C
 
 PLUGIN_ID = f"{C.PLUGIN_NAMESPACE}::{C.OP_TYPE}"
 MIN_TENSORRT = (10, 9)   # tensorrt.plugin.aot_impl
-INT32 = npt.NDArray[np.int32]      # an ONNX INT attribute, as the parser hands it over
-FLOAT32 = npt.NDArray[np.float32]  # an ONNX FLOAT attribute
+
+
+def _ndarray_annotation(dtype) -> type:
+    """`numpy.typing.NDArray[dtype]` as NVIDIA's layer reads it (`__origin__` np.ndarray, dtype in
+    `__args__`), but a class: the layer first calls `issubclass(annotation, TensorDesc)` on every
+    annotation, which Python 3.12 with numpy 2.5 refuses for the `NDArray[...]` alias itself
+    ("issubclass() arg 1 must be a class"; seen on the H200 machine, 2026-12-02)."""
+    alias = npt.NDArray[dtype]
+    return type(f"NDArray_{np.dtype(dtype).name}", (), {"__origin__": np.ndarray, "__args__": alias.__args__,
+                                                         "__doc__": f"numpy.typing.NDArray[{np.dtype(dtype).name}]"})
+
+
+INT32 = _ndarray_annotation(np.int32)      # an ONNX INT attribute, as the parser hands it over
+FLOAT32 = _ndarray_annotation(np.float32)  # an ONNX FLOAT attribute
 
 # The GPU and driver the plugin kernel is compiled for; None: the GPU the plan is built on.
 KERNEL_TARGET = None
