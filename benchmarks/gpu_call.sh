@@ -22,6 +22,8 @@ if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     || log "wheel install failed"
 fi
+# the checkout importable as installed (pytest too): tools/ and plugins/ under their installed names
+mkdir -p /tmp/site && ln -sfn "$PWD/tools" /tmp/site/lasad_tools && ln -sfn "$PWD/plugins" /tmp/site/lasad_plugins
 export PYTHONPATH=/tmp/site:/tmp/ortsite:$PWD TRITON_CACHE_DIR=/tmp/tcache LASAD_COMMIT=$(cat .carry/commit.txt 2>/dev/null)
 pack() { (cd "$W" && tar czf "$OUT/results.tgz" --ignore-failed-read ./* 2>/dev/null); }
 step() {  # step NAME SECONDS CMD...: run, log its end and rc, pack
@@ -41,7 +43,9 @@ for s in "$@"; do
     engine) step engine 420 python3 benchmarks/engine_bench.py --out "$W/engine" --presets lasad-B,lasad-L,lasad-XL,lasad-XXL --batches 1,8,64,256 ;;
     engine-quick) step engine 240 python3 benchmarks/engine_bench.py --out "$W/engine" --presets lasad-B,lasad-XL --batches 1,64 --quick ;;
     anatomy) step anatomy 120 python3 benchmarks/step_anatomy.py --out "$W/anatomy" ;;
-    pytest) step pytest 300 python3 -m pytest -q -p no:cacheprovider -m gpu tests -rs ;;
+    pytest) step pytest 300 python3 -m pytest -q -p no:cacheprovider -m gpu tests -rs --deselect tests/test_gpt_train.py ;;
+    pytest-train) step pytest-train 200 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_gpt_train.py -rs ;;
+    tiles) step tiles 240 python3 benchmarks/linear_tile_sweep.py --out "$W/tiles" ;;
     llamagen) step llamagen 300 python3 benchmarks/llamagen_bench.py --llamagen .carry/llamagen --out "$W/llamagen" ;;
     ort-part*) n=${s#ort-part}; cp .carry/ort.part"$n" /tmp/ && log "ort part $n copied" ;;
     ort) step ort-install 120 bash -c 'cat /tmp/ort.part* > /tmp/ort.tar.xz && mkdir -p /tmp/ortsite && tar xJf /tmp/ort.tar.xz -C /tmp/ortsite && python3 -c "import onnxruntime as o; print(o.__version__, o.get_available_providers())"'

@@ -245,5 +245,6 @@ def test_attribute_annotations_are_classes_numpy_layer_can_read():
     assert set(attrs) == set(C.ATTRIBUTES)
     for name, ann in attrs.items():
         assert ann.__origin__ is np.ndarray
-        (dtype,) = typing.get_args(ann.__args__[1])
+        args = typing.get_args(ann) or ann.__args__  # read as NVIDIA's _utils._infer_numpy_type reads it
+        (dtype,) = typing.get_args(args[1]) or args[1].__args__
         assert dtype is (np.int32 if C.ATTRIBUTES[name][0] == "int" else np.float32)

@@ -96,7 +96,10 @@ def fused_linear(x: torch.Tensor, weight: torch.Tensor, *, norm_weight: torch.Te
     if norm_groups < 1 or K % norm_groups:
         raise ValueError(f"norm_groups={norm_groups} must divide the {K} input features")
     rows = x.numel() // K if K else 0
-    if _pick(backend, x) == "triton" and 0 < rows <= ROWS_MAX and triton is not None:
+    if tiles is None and _pick(backend, x) == "triton" and x.is_cuda:
+        tiles = tile_policy(rows, N // 2 if swiglu else N, K, x.device)
+    if (_pick(backend, x) == "triton" and 0 < rows <= ROWS_MAX and triton is not None
+            and tiles != LIBRARY):
         return _fused_linear_triton(x, weight, norm_weight, eps, norm_groups, residual, swiglu, out,
                                     pdl, tiles)
     kernels = _pick(backend, x)
@@ -159,6 +162,22 @@ def linear_tiles(rows: int, n_out: int, K: int, *, groups: int = 1, has_norm: bo
         s = splits[-1]
         best = LinearTiles(bn_min, s, mma, 8)
     return best
+
+
+# `tiles=LIBRARY`: this GEMM goes to the GEMM library (cuBLAS) with the norm and epilogue kernels
+# around it, where that measured faster than the Triton kernel (TILE_POLICY).
+LIBRARY = "library"
+# Measured choices that override `linear_tiles` on a GPU: (rows bound, n_out, K) -> LinearTiles or
+# LIBRARY, filled from benchmarks/linear_tile_sweep.py on the H200 (docs/performance.md).
+TILE_POLICY: dict = {}
+
+
+def tile_policy(rows: int, n_out: int, K: int, device) -> "LinearTiles | str | None":
+    """The measured choice for this GEMM on this device, or None (then `linear_tiles` decides)."""
+    for (max_rows, n, k), choice in TILE_POLICY.items():
+        if rows <= max_rows and (n, k) == (n_out, K):
+            return choice
+    return None
 
 
 @functools.lru_cache(maxsize=None)

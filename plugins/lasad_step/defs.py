@@ -27,10 +27,10 @@ arrays, so NVIDIA's creator converts them with `astype` (declared as `int`, it c
 """
 
 # No `from __future__ import annotations`: tensorrt.plugin checks these annotations as objects.
+import typing
 from typing import List, Tuple, Union
 
 import numpy as np
-import numpy.typing as npt
 
 from lasad_engine.io import UserError
 from lasad_plugins import contract as C
@@ -44,9 +44,12 @@ def _ndarray_annotation(dtype) -> type:
     `__args__`), but a class: the layer first calls `issubclass(annotation, TensorDesc)` on every
     annotation, which Python 3.12 with numpy 2.5 refuses for the `NDArray[...]` alias itself
     ("issubclass() arg 1 must be a class"; seen on the H200 machine, 2026-12-02)."""
-    alias = npt.NDArray[dtype]
-    return type(f"NDArray_{np.dtype(dtype).name}", (), {"__origin__": np.ndarray, "__args__": alias.__args__,
-                                                         "__doc__": f"numpy.typing.NDArray[{np.dtype(dtype).name}]"})
+    name = np.dtype(dtype).name
+    # NVIDIA reads the dtype as `typing.get_args(args[1]) or args[1].__args__`: spelled out here,
+    # so the layout does not depend on how this numpy version builds its typing aliases
+    dtype_arg = type(f"dtype_{name}", (), {"__args__": (dtype,)})
+    return type(f"NDArray_{name}", (), {"__origin__": np.ndarray, "__args__": (typing.Any, dtype_arg),
+                                        "__doc__": f"numpy.typing.NDArray[{name}]"})
 
 
 INT32 = _ndarray_annotation(np.int32)      # an ONNX INT attribute, as the parser hands it over
