@@ -37,16 +37,17 @@ step() {  # step NAME SECONDS CMD...: run, log its end and rc, pack
 for s in "$@"; do
   case $s in
     env) step env 60 bash -c 'nvidia-smi; python3 -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())"; python3 -c "import fla; print(\"fla\", fla.__version__)"' ;;
-    plugin) step plugin 180 python3 benchmarks/plugin_launch_check.py --carried build/plugin-launch --out "$W/plugin" ;;
+    plugin) step plugin 90 python3 benchmarks/plugin_launch_check.py --carried build/plugin-launch --out "$W/plugin" ;;
     sampler) step sampler 150 python3 benchmarks/sampler_bench.py --out "$W/sampler" ;;
     layers) step layers 240 python3 benchmarks/decode_layer_bench.py --out "$W/layers" ;;
     engine) step engine 420 python3 benchmarks/engine_bench.py --out "$W/engine" --presets lasad-B,lasad-L,lasad-XL,lasad-XXL --batches 1,8,64,256 ;;
+    engine-final) step engine 230 python3 benchmarks/engine_bench.py --out "$W/engine" --presets lasad-B,lasad-XL --batches 1,8,64,256 ;;
     engine-quick) step engine 240 python3 benchmarks/engine_bench.py --out "$W/engine" --presets lasad-B,lasad-XL --batches 1,64 --quick ;;
-    anatomy) step anatomy 120 python3 benchmarks/step_anatomy.py --out "$W/anatomy" ;;
+    anatomy) step anatomy 80 python3 benchmarks/step_anatomy.py --out "$W/anatomy" ;;
     pytest) step pytest 300 python3 -m pytest -q -p no:cacheprovider -m gpu tests -rs --deselect tests/test_gpt_train.py ;;
     pytest-train) step pytest-train 200 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_gpt_train.py -rs ;;
     tiles) step tiles 240 python3 benchmarks/linear_tile_sweep.py --out "$W/tiles" ;;
-    llamagen) step llamagen 300 python3 benchmarks/llamagen_bench.py --llamagen .carry/llamagen --out "$W/llamagen" ;;
+    llamagen) step llamagen 190 python3 benchmarks/llamagen_bench.py --llamagen .carry/llamagen --out "$W/llamagen" ;;
     ort-part*) n=${s#ort-part}; cp .carry/ort.part"$n" /tmp/ && log "ort part $n copied" ;;
     ort) step ort-install 120 bash -c 'cat /tmp/ort.part* > /tmp/ort.tar.xz && mkdir -p /tmp/ortsite && tar xJf /tmp/ort.tar.xz -C /tmp/ortsite && python3 -c "import onnxruntime as o; print(o.__version__, o.get_available_providers())"'
          step ort 420 python3 benchmarks/ort_gpu_bench.py --out "$W/ort" ;;

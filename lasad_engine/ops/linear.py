@@ -154,7 +154,7 @@ def linear_tiles(rows: int, n_out: int, K: int, *, groups: int = 1, has_norm: bo
                and 2 * bn <= _pow2(n_out)):
             bn *= 2
         elems = bn * nacc * kp
-        warps = 8 if mma else max(2, min(8, elems // 2048))
+        warps = 8 if mma else max(2, min(4, elems // 4096))  # per-row FMA: 2-4 warps measured best (H200)
         best = LinearTiles(bn, s, mma, warps)
         if -(-n_out // bn) * s >= sms:
             break
@@ -168,15 +168,40 @@ def linear_tiles(rows: int, n_out: int, K: int, *, groups: int = 1, has_norm: bo
 # around it, where that measured faster than the Triton kernel (TILE_POLICY).
 LIBRARY = "library"
 # Measured choices that override `linear_tiles` on a GPU: (rows bound, n_out, K) -> LinearTiles or
-# LIBRARY, filled from benchmarks/linear_tile_sweep.py on the H200 (docs/performance.md).
-TILE_POLICY: dict = {}
+# LIBRARY, from benchmarks/linear_tile_sweep.py on the H200 (docs/performance.md).
+def _t(bn, s, mma, w):
+    return LinearTiles(bn, s, mma, w)
+
+
+# benchmarks/results/2026-12-02-h200-tiles.json: one-op chains with PDL, distinct weights per layer,
+# lasad-B and lasad-XL shapes at 2 rows (used up to FMA_ROWS_MAX) and 16 rows (up to ROWS_MAX).
+# The 16,384-row head is faster through cuBLAS with the norm kernel before it at every size.
+TILE_POLICY: dict = {
+    # lasad-B, 1-4 rows: (n_out, K) -> tiles
+    (4, 2304, 768): _t(16, 1, False, 2), (4, 768, 768): _t(4, 1, False, 2), (4, 2048, 768): _t(8, 1, False, 4),
+    (4, 768, 2048): _t(4, 1, False, 4),
+    # lasad-XL, 1-4 rows
+    (4, 3840, 1280): _t(8, 1, False, 2), (4, 1280, 1280): _t(8, 1, False, 2), (4, 3584, 1280): _t(4, 1, False, 2),
+    (4, 1280, 3584): _t(4, 1, False, 4),
+    # lasad-B, 5-32 rows
+    (32, 2304, 768): _t(32, 3, True, 2), (32, 768, 768): _t(32, 3, True, 4), (32, 2048, 768): _t(32, 3, True, 8),
+    (32, 768, 2048): _t(32, 8, True, 2),
+    # lasad-XL, 5-32 rows
+    (32, 3840, 1280): "library", (32, 1280, 1280): _t(32, 5, True, 8), (32, 3584, 1280): "library",
+    (32, 1280, 3584): _t(64, 14, True, 2),
+}
 
 
 def tile_policy(rows: int, n_out: int, K: int, device) -> "LinearTiles | str | None":
-    """The measured choice for this GEMM on this device, or None (then `linear_tiles` decides)."""
-    for (max_rows, n, k), choice in TILE_POLICY.items():
-        if rows <= max_rows and (n, k) == (n_out, K):
-            return choice
+    """The measured choice for this GEMM (TILE_POLICY; the head, n_out ≥ 8192: the library), or
+    None (then `linear_tiles` decides). Measured on an H200 (sm_90); elsewhere the hand rule."""
+    if torch.cuda.get_device_capability(device) != (9, 0):
+        return None
+    if n_out >= 8192:
+        return LIBRARY
+    for bound in (FMA_ROWS_MAX, ROWS_MAX):
+        if rows <= bound and (bound, n_out, K) in TILE_POLICY:
+            return TILE_POLICY[(bound, n_out, K)]
     return None
 
 
