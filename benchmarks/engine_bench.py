@@ -108,7 +108,8 @@ def checks(results: dict, device) -> None:
     """cuda == torch (tokens for a seed, teacher-forced logits); memory flat across steps, images
     and grids."""
     out = results.setdefault("engine_checks", {})
-    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 1e-2)):
+    # bf16: 49 GEMM outputs per step rounded to bf16 after sums in another order than cuBLAS's
+    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
         model = random_model("lasad-B", device, dtype)
         gen = torch.Generator().manual_seed(0)
         tokens = torch.randint(0, model.config.vocab_size, (2, 256), generator=gen).to(device)
