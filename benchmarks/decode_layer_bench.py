@@ -47,7 +47,7 @@ from lasad_engine import LasadConfig  # noqa: E402
 from lasad_engine.io import atomic_write_text  # noqa: E402
 from lasad_engine.ops import linear as L  # noqa: E402
 from lasad_engine.ops.lasad import lasad_fused_step_, layer_lower_bounds  # noqa: E402
-from lasad_engine.ops.linear import LinearTiles, fused_linear  # noqa: E402
+from lasad_engine.ops.linear import fused_linear  # noqa: E402
 from lasad_engine.ops.norms import rms_norm, swiglu  # noqa: E402
 from lasad_tools.profiling import copy_bandwidth, environment  # noqa: E402
 

@@ -158,12 +158,15 @@ class LasadBlock(nn.Module):
             (x `[R, d]`, the new state).
         """
         a, f, eps = self.attention, self.feed_forward, self.attention_norm.eps
+        # the kernels update the residual stream in place (x is the step's own buffer); the
+        # traced and reference forms keep it functional
+        inplace = backend == "triton"
         qfv = fused_linear(x, a.qfv.weight, norm_weight=self.attention_norm.weight, eps=eps, backend=backend)
         o, state = lasad_op(qfv, lower_bound, state, start)
         h = fused_linear(o.flatten(-2), a.o_proj.weight, norm_weight=a.g_norm.weight, eps=a.g_norm.eps,
-                         norm_groups=a.g_norm.groups, residual=x, backend=backend)
+                         norm_groups=a.g_norm.groups, residual=x, out=x if inplace else None, backend=backend)
         u = fused_linear(h, f.w13.weight, norm_weight=self.ffn_norm.weight, eps=eps, swiglu=True, backend=backend)
-        return fused_linear(u, f.w2.weight, residual=h, backend=backend), state
+        return fused_linear(u, f.w2.weight, residual=h, out=h if inplace else None, backend=backend), state
 
 
 class ClassEmbedder(nn.Module):

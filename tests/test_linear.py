@@ -286,3 +286,16 @@ def test_step_kernel_pdl_is_the_same_step():
         oa = lasad_fused_step_(qfv, lb, a, start, "reset", pdl=False)
         ob = lasad_fused_step_(qfv, lb, b, start, "reset", pdl=True)
         assert torch.equal(oa, ob) and torch.equal(a, b)
+
+
+@pytest.mark.parametrize("rows", [3, L.ROWS_MAX + 5])  # the Triton kernel, and the GEMM-library path
+def test_residual_stream_updated_in_place(rows):
+    """out=residual (how the decode step keeps its residual stream) gives the out-of-place result
+    and writes it into the residual's buffer."""
+    x, w, kw = make(rows, 40, 50, torch.float32, True, 1, True, False, seed=7)
+    expected = fused_linear(x, w, backend="torch", **kw)
+    for backend in ["torch"] + (["triton"] if HAS_TRITON else []):
+        residual = kw["residual"].clone()
+        got = fused_linear(x, w, backend=backend, **{**kw, "residual": residual}, out=residual)
+        assert got.data_ptr() == residual.data_ptr()
+        assert_close(f"{backend} in place", residual, expected, 1e-6)

