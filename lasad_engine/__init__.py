@@ -9,7 +9,8 @@ import importlib
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "checkpoint": ("CheckpointError", "file_fingerprint", "load_checkpoint", "read_checkpoint", "save_checkpoint"),
+    "checkpoint": ("CheckpointError", "file_fingerprint", "load_checkpoint", "read_checkpoint", "resolve_checkpoint",
+                   "save_checkpoint"),
     "config": ("LASAD_PRESET_NAMES", "LasadConfig"),
     "params": ("EngineError", "SamplingParams", "parse_grid", "resolve_device"),
     "engine": ("LasadEngine",),

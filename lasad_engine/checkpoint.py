@@ -6,6 +6,12 @@
   beside these keys; loaders here ignore them).
 - deploy form, `*.safetensors`: the state dict, with `format`, `format_version`, `config` (JSON)
   and `meta` (JSON) in the safetensors metadata.
+- a model folder in Hugging Face's layout (`LasadPipeline.save_pretrained`, lasad_engine/pretrained.py):
+  `config.json` (the LasadConfig), `model.safetensors` (the deploy form), `vq.safetensors` (the
+  tokenizer, named in the weights' meta relative to the folder) and a model card `README.md`.
+
+`resolve_checkpoint` is the one place a name or path becomes a file: `default` is the bundled
+model, a folder is read as the layout above, a file is itself.
 
 Loading is strict: the error names the missing and unexpected keys. A corrupt, foreign or
 newer-version file gives one `CheckpointError` line.
@@ -26,6 +32,15 @@ from .model import LasadGen, upgrade_state_dict
 
 FORMAT = "lasad"
 FORMAT_VERSION = 1
+
+ASSETS = Path(__file__).resolve().parent / "assets"
+DEFAULT_NAME = "default"
+DEFAULT_CHECKPOINT = ASSETS / "default.safetensors"
+DEFAULT_CARD = ASSETS / "default.card.json"  # model-card facts of the bundled model (docs/demo-model.md)
+CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_FILE, CARD_FILE = "config.json", "model.safetensors", "vq.safetensors", "README.md"
+CONFIG_EXTRA_KEYS = ("model_type", "format_version", "lasad_version")  # config.json keys beside the LasadConfig
+CHECKPOINT_CHOICES = ("'default' (the bundled model), a model folder (config.json + model.safetensors, as "
+                      "save_pretrained writes it), or a ckpt.pt / .safetensors / step.onnx / engine.plan file")
 
 
 class CheckpointError(UserError):
@@ -69,9 +84,69 @@ def save_checkpoint(path: str | os.PathLike, model: torch.nn.Module, *, meta: di
     return path
 
 
+def resolve_checkpoint(name_or_path: str | os.PathLike | None = None) -> Path:
+    """The file a checkpoint argument names.
+
+    Args:
+        name_or_path: None or "default": the bundled model (a file or folder of that name in the
+            working directory wins, as a local folder wins over a hub id in Hugging Face's
+            `from_pretrained`); a folder: its `model.safetensors`, after checking that its
+            `config.json`, when there is one, describes those weights; a file: itself.
+    Returns:
+        the path of a checkpoint file (or of an exported step / plan). Anything else raises one
+        CheckpointError line listing the choices.
+    """
+    if name_or_path is None:
+        return DEFAULT_CHECKPOINT
+    path = Path(name_or_path)
+    if path.is_dir():
+        return _folder_weights(path)
+    if path.is_file():
+        return path
+    if str(name_or_path) == DEFAULT_NAME:
+        return DEFAULT_CHECKPOINT
+    raise CheckpointError(f"{name_or_path}: no such checkpoint file or folder; give {CHECKPOINT_CHOICES}")
+
+
+def _folder_weights(folder: Path) -> Path:
+    """`folder/model.safetensors`, checked against `folder/config.json` when the folder has one (a
+    training run's folder has the weights only; they carry their config)."""
+    weights = folder / WEIGHTS_FILE
+    if not weights.is_file():
+        found = sorted(p.name for p in folder.iterdir() if not p.name.startswith("."))
+        listing = f"it holds {', '.join(found[:6])}{' ...' if len(found) > 6 else ''}" if found else "it is empty"
+        raise CheckpointError(f"{folder}: a folder without {WEIGHTS_FILE} ({listing}); give {CHECKPOINT_CHOICES}")
+    config_file = folder / CONFIG_FILE
+    if not config_file.is_file():
+        return weights
+    try:
+        given = json.loads(config_file.read_text())
+        if not isinstance(given, dict):
+            raise ValueError(f"top level is {type(given).__name__}, not an object")
+        if given.get("model_type", FORMAT) != FORMAT:
+            raise ValueError(f"model_type {given['model_type']!r}, not {FORMAT!r}")
+        cfg = LasadConfig.from_dict({k: v for k, v in given.items() if k not in CONFIG_EXTRA_KEYS})
+    except (OSError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{config_file}: not a lasad config ({_reason(e)})") from None
+    try:
+        from safetensors import safe_open
+        with safe_open(str(weights), framework="pt") as f:
+            stored = LasadConfig.from_dict(json.loads((f.metadata() or {})["config"]))
+    except Exception:  # noqa: BLE001 - read_checkpoint names what is wrong with the weights
+        return weights
+    a, b = cfg.to_dict(), stored.to_dict()
+    differ = [k for k in a if a[k] != b[k]]
+    if differ:
+        shown = ", ".join(f"{k} ({a[k]!r} vs {b[k]!r})" if k != "class_names" else k for k in differ[:3])
+        raise CheckpointError(f"{folder}: {CONFIG_FILE} and {WEIGHTS_FILE} disagree on {shown}; "
+                              f"{CONFIG_FILE} must describe the weights beside it")
+    return weights
+
+
 def read_checkpoint(path: str | os.PathLike) -> tuple[LasadConfig, dict, dict]:
-    """Read (config, state_dict, meta) from either form, without building a model."""
-    path = Path(path)
+    """Read (config, state_dict, meta) from either form, without building a model. `path` goes
+    through `resolve_checkpoint` ("default", a model folder, or a file)."""
+    path = resolve_checkpoint(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
     if path.suffix == ".safetensors":
@@ -100,6 +175,8 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[LasadConfig, dict, dict]:
         cfg = LasadConfig.from_dict(config)
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{path}: invalid config ({_reason(e)})") from None
+    if path.resolve() == DEFAULT_CHECKPOINT and "card" not in meta:
+        meta = {**meta, "card": json.loads(DEFAULT_CARD.read_text())}
     return cfg, clean_state_dict(state), meta
 
 
@@ -140,8 +217,10 @@ def load_checkpoint(path: str | os.PathLike, *, device: str | torch.device = "cp
     against it by name and shape, and only then assigned (gpt-fast's `_load_model`), so a config
     that does not match its weights costs nothing and says which keys differ. Returned in eval
     mode on `device`, in `dtype` (default fp32); the checkpoint's `meta` is kept as
-    `model.checkpoint_meta`, its SHA-256 prefix as `model.checkpoint_id`.
+    `model.checkpoint_meta`, its SHA-256 prefix as `model.checkpoint_id`. `path` is anything
+    `resolve_checkpoint` takes ("default", a model folder, a file).
     """
+    path = resolve_checkpoint(path)
     cfg, state, meta = read_checkpoint(path)
     with torch.device("meta"):
         model = LasadGen(cfg)

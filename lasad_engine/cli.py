@@ -92,7 +92,8 @@ NAME = "lasad-run"
 @click.option("--backend", type=click.Choice(BACKENDS), default=None,
               help="Decode backend (default: cuda on a GPU, else torch).")
 @click.option("--checkpoint", type=click.Path(path_type=Path), default=None,
-              help="ckpt.pt or .safetensors (default: the bundled model).")
+              help="'default' (the bundled model; the default), a model folder (save_pretrained), ckpt.pt, "
+                   ".safetensors, step.onnx or engine.plan.")
 @click.option("--tokenizer", type=click.Path(path_type=Path), default=None,
               help="VQ tokenizer checkpoint (default: the one the checkpoint names).")
 @click.option("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available).")
@@ -117,8 +118,6 @@ def run_main(classes, num_samples, seed, cfg_scale, cfg_interval, temperature, t
     """Generate class-conditional images with LASADGen and write them as a PNG grid."""
     from .params import MAX_IMAGES, SamplingParams, parse_grid
 
-    if checkpoint is not None and not checkpoint.is_file():
-        raise click.ClickException(f"checkpoint {str(checkpoint)!r} does not exist")
     if not classes and not list_classes:
         raise click.UsageError("no class given: pass --class ID (or --list-classes)")
     params = SamplingParams(cfg_scale=cfg_scale, cfg_interval=cfg_interval, temperature=temperature,
@@ -147,6 +146,8 @@ def run_main(classes, num_samples, seed, cfg_scale, cfg_interval, temperature, t
         labels = pipe.class_labels([c for c in classes for _ in range(num_samples)])
         ids = labels.tolist()[::num_samples]
         grid = parse_grid(grid, (cfg.grid_height, cfg.grid_width))
+        if pipe.grid_note(grid):
+            click.echo(pipe.grid_note(grid), err=True)
         if seed is None:
             seed = 0
             click.echo("seed: 0 (the default; --seed N for others)", err=True)

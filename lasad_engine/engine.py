@@ -179,7 +179,7 @@ class LasadEngine:
     def decode(self, labels: ClassLabels, grid: Grid, params: SamplingParams, *,
                generators: list[torch.Generator] | None = None, forced: torch.Tensor | None = None,
                on_step: Callable[[int, LasadState, torch.Tensor], None] | None = None,
-               progress: bool = False) -> torch.Tensor:
+               progress: bool | dict = False) -> torch.Tensor:
         """The decode loop for at most max_batch images (validated inputs).
 
         Args:
@@ -189,7 +189,7 @@ class LasadEngine:
             generators: one per image, for the noise (sampling only).
             forced: int64 `[n, T]` tokens fed instead of the sampled ones (teacher forcing).
             on_step: called as on_step(p, state, tokens) after every step.
-            progress: a tqdm bar on stderr.
+            progress: a tqdm bar on stderr (a dict: tqdm keywords, e.g. file=, desc=).
         Returns:
             int64 tokens `[n, N]`: a view of the engine's token buffer (copy it to keep it).
         """
@@ -232,7 +232,7 @@ class LasadEngine:
 
     @torch.no_grad()
     def generate(self, labels, *, grid=None, params: SamplingParams = SamplingParams(),
-                 generator: torch.Generator | None = None, callback=None, progress: bool = False
+                 generator: torch.Generator | None = None, callback=None, progress: bool | dict = False
                  ) -> torch.Tensor:
         """Generate one image's tokens per label.
 
@@ -244,7 +244,7 @@ class LasadEngine:
             generator: torch.Generator for the noise (CPU or the engine's device). Default: torch's
                 global CPU generator.
             callback: called as callback(step, tokens) after every step; tokens `[n_chunk, N]`.
-            progress: show a tqdm bar on stderr.
+            progress: show a tqdm bar on stderr (a dict: tqdm keywords, e.g. file=, desc=).
         Returns:
             int64 tokens `[n, h, w]` on the engine's device.
         """
@@ -287,8 +287,9 @@ class LasadEngine:
         return out
 
 
-def _progress(on: bool, total: int, desc: str):
+def _progress(on: bool | dict, total: int, desc: str):
+    """A tqdm bar over the tokens when `on` (a dict: tqdm keywords over the defaults), else None."""
     if not on:
         return None
     from tqdm import tqdm
-    return tqdm(total=total, unit="tok", desc=desc, leave=False)
+    return tqdm(**{"total": total, "unit": "tok", "desc": desc, "leave": False, **(on if isinstance(on, dict) else {})})

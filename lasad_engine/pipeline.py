@@ -3,6 +3,8 @@
 The pipeline is the edge of the Python API: it turns names into ids, keyword arguments into
 `SamplingParams`, and returns everything `lasad-run` writes (images, tokens, timings), so the CLI
 adds nothing but files. Calls are serialised by a lock (the engine's buffers are shared).
+The conventions of diffusers / Hugging Face hold: `from_pretrained(dir)` / `save_pretrained(dir)`
+(the folder layout is in pretrained.py), `.to(device, dtype)`, `set_progress_bar_config(...)`.
 """
 
 from __future__ import annotations
@@ -19,12 +21,10 @@ import numpy as np
 import torch
 
 from .backends import ARTIFACT_BACKENDS
-from .checkpoint import CheckpointError, file_fingerprint, load_checkpoint
+from .checkpoint import CheckpointError, file_fingerprint, load_checkpoint, resolve_checkpoint
 from .engine import LasadEngine
 from .params import ClassLabels, EngineError, Grid, SamplingParams, parse_grid, resolve_device
 
-ASSETS = Path(__file__).resolve().parent / "assets"
-DEFAULT_CHECKPOINT = ASSETS / "default.safetensors"
 OUTPUT_TYPES = ("pil", "np", "pt", "tokens")
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -72,10 +72,26 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _precision(value) -> str:
+    """"fp32" | "bf16" | "fp16", or the torch dtype of one of them -> its name."""
+    if isinstance(value, torch.dtype):
+        for name, dtype in PRECISIONS.items():
+            if dtype == value:
+                return name
+    if value not in PRECISIONS:
+        raise EngineError(f"precision={value!r} is not one of {', '.join(PRECISIONS)} "
+                          f"(or torch.float32, torch.bfloat16, torch.float16)")
+    return value
+
+
+def _default_backend(device: torch.device) -> str:
+    return "cuda" if device.type == "cuda" else "torch"
+
+
 class LasadPipeline:
     """Generate images with a LASADGen checkpoint and its VQ tokenizer.
 
-    >>> with LasadPipeline.from_checkpoint() as pipe:          # the bundled model
+    >>> with LasadPipeline.from_pretrained("default", device="cpu") as pipe:  # the bundled model
     ...     out = pipe([207], generator=torch.Generator().manual_seed(0))
     >>> out.images[0].save("emoji.png")
     """
@@ -86,45 +102,61 @@ class LasadPipeline:
         # CPU decode: one thread unless told otherwise (see cpu_threads); no effect on CUDA.
         if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
             raise EngineError(f"threads={threads!r} must be a positive integer")
-        self.decode_threads = (threads or 1) if self.device.type == "cpu" else None
-        backend = backend or ("cuda" if self.device.type == "cuda" else "torch")
-        on_meta = model.output.weight.device.type == "meta"  # an exported step carries the weights
-        if not on_meta and model.output.weight.device != self.device:
-            model = model.to(self.device)
-        self.model = model.eval()
-        if tokenizer is not None and next(tokenizer.parameters()).device != self.device:
-            tokenizer = tokenizer.to(self.device)
-        self.tokenizer = tokenizer.eval() if tokenizer is not None else None
-        self.engine = LasadEngine(self.model, backend=backend, device=self.device, max_batch=max_batch,
-                                  use_cuda_graph=use_cuda_graph, artifact=artifact)
-        self.backend = backend
+        self._threads = threads
+        self._backend_given = backend is not None  # else .to() picks the new device's default
+        self.backend = backend or _default_backend(self.device)
+        self.artifact = artifact
+        self._engine_options = dict(max_batch=max_batch, use_cuda_graph=use_cuda_graph)
+        self._progress_config: dict | None = None
+        self.model, self.tokenizer = self._place(model, tokenizer, self.device, None)
+        self.engine = self._build_engine()
         self.checkpoint_path = getattr(model, "checkpoint_path", None)
         self.checkpoint_id = getattr(model, "checkpoint_id", None)
         self._lock = threading.RLock()
 
+    @property
+    def decode_threads(self) -> int | None:
+        return (self._threads or 1) if self.device.type == "cpu" else None
+
+    @property
+    def on_meta(self) -> bool:
+        """True when the weights live in an exported step (ONNX / plan), not in this process."""
+        return self.model.output.weight.device.type == "meta"
+
+    def _place(self, model, tokenizer, device: torch.device, dtype: torch.dtype | None):
+        """The model on `device` (in `dtype`), the tokenizer on `device` (it stays fp32)."""
+        if model.output.weight.device.type != "meta":
+            if model.output.weight.device != device or (dtype is not None and model.output.weight.dtype != dtype):
+                model = model.to(device=device, dtype=dtype)
+        if tokenizer is not None and next(tokenizer.parameters()).device != device:
+            tokenizer = tokenizer.to(device)
+        return model.eval(), (tokenizer.eval() if tokenizer is not None else None)
+
+    def _build_engine(self) -> LasadEngine:
+        return LasadEngine(self.model, backend=self.backend, device=self.device, artifact=self.artifact,
+                           **self._engine_options)
+
     @classmethod
     def from_checkpoint(cls, path: str | os.PathLike | None = None, *, tokenizer=None, backend=None,
-                        device=None, precision: str | None = None, max_batch: int = 8,
+                        device=None, precision: str | torch.dtype | None = None, max_batch: int = 8,
                         use_cuda_graph: bool = True, threads: int | None = None) -> "LasadPipeline":
         """Load a checkpoint (default: the bundled model) and the tokenizer it names.
 
         Args:
-            path: `ckpt.pt`, `*.safetensors`, or an exported `step.onnx` / `engine.plan`.
-                Default: the model inside the package.
+            path: "default" (the model inside the package; also when None), a model folder
+                (`save_pretrained`'s layout), `ckpt.pt`, `*.safetensors`, or an exported
+                `step.onnx` / `engine.plan` (checkpoint.resolve_checkpoint).
             tokenizer: VQ checkpoint path, overriding the one in the checkpoint's `meta`.
             backend: torch | cuda | onnxruntime | tensorrt. Default: cuda on a GPU, else torch
                 (the artifact's backend for an exported step).
             device: Default: cuda if available, else cpu.
-            precision: fp32 | bf16 | fp16 for the weights (the state stays fp32). Default: bf16 on
-                CUDA, fp32 on CPU.
+            precision: fp32 | bf16 | fp16 (or the torch dtype) for the weights (the state stays
+                fp32). Default: bf16 on CUDA, fp32 on CPU.
             threads: CPU threads for the token decode (default 1: see `cpu_threads`).
         """
         device = resolve_device(device)
-        if precision is None:
-            precision = "bf16" if device.type == "cuda" else "fp32"
-        if precision not in PRECISIONS:
-            raise EngineError(f"precision={precision!r} is not one of {', '.join(PRECISIONS)}")
-        path = Path(path) if path is not None else DEFAULT_CHECKPOINT
+        precision = _precision(precision or ("bf16" if device.type == "cuda" else "fp32"))
+        path = resolve_checkpoint(path)
         artifact = None
         if path.suffix in ARTIFACT_BACKENDS:  # the weights live in the exported graph or plan
             kind = ARTIFACT_BACKENDS[path.suffix]
@@ -137,6 +169,120 @@ class LasadPipeline:
         tok = _load_named_tokenizer(tokenizer, model.checkpoint_meta.get("tokenizer"), path, device)
         return cls(model, tok, backend=backend, device=device, max_batch=max_batch,
                    use_cuda_graph=use_cuda_graph, artifact=artifact, threads=threads)
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | os.PathLike = "default", **options) -> "LasadPipeline":
+        """A model folder written by `save_pretrained` (config.json, model.safetensors,
+        vq.safetensors, README.md), or "default" (the bundled model), or any checkpoint file.
+        Takes the keywords of `from_checkpoint` (tokenizer, backend, device, precision, max_batch,
+        use_cuda_graph, threads).
+
+        >>> with LasadPipeline.from_pretrained("my-model", device="cpu") as pipe:
+        ...     pipe(["handshake"]).images[0].save("handshake.png")
+        """
+        return cls.from_checkpoint(name_or_path, **options)
+
+    def save_pretrained(self, folder: str | os.PathLike, *, overwrite: bool = False,
+                        card: dict | None = None) -> Path:
+        """Write the model, its tokenizer and a model card as a folder that `from_pretrained`,
+        `lasad-run --checkpoint DIR` and the other tools read (layout: lasad_engine/pretrained.py).
+
+        Written into a temporary folder beside `folder`, then renamed into place: never
+        half-written. The weights keep their current dtype.
+
+        Args:
+            folder: the folder to create; an existing one with files in it is refused unless
+                `overwrite=True` (then it is replaced as a whole).
+            card: model-card facts merged over the checkpoint's own (keys in
+                pretrained.CARD_KEYS: license, training_data, metrics, ...); kept in the meta.
+        Returns:
+            the folder's path.
+        """
+        from .pretrained import CARD_KEYS, write_pretrained
+        if self.on_meta:
+            raise EngineError(f"this pipeline runs an exported step ({self.checkpoint_path}); save_pretrained "
+                              "needs the weights: load the checkpoint it was exported from")
+        if card is not None and (not isinstance(card, dict) or set(card) - set(CARD_KEYS)):
+            bad = sorted(set(card) - set(CARD_KEYS)) if isinstance(card, dict) else [type(card).__name__]
+            raise EngineError(f"card: unknown entries {', '.join(map(str, bad))}; use {', '.join(CARD_KEYS)}")
+        meta = dict(getattr(self.model, "checkpoint_meta", None) or {})
+        if card:
+            meta["card"] = {**meta.get("card", {}), **card}
+        if self.checkpoint_id:
+            meta["source_sha256"] = self.checkpoint_id
+        with self._lock:
+            return write_pretrained(folder, self.model, self.tokenizer, meta=meta, overwrite=overwrite)
+
+    def to(self, device=None, dtype: str | torch.dtype | None = None, *, backend: str | None = None
+           ) -> "LasadPipeline":
+        """Move the model and the tokenizer to `device`, cast the model's weights to `dtype`
+        ("fp32" | "bf16" | "fp16" or the torch dtype; the decode state and the VQ decoder stay
+        fp32), and rebuild the engine. `pipe.to("cuda")`, `pipe.to(torch.float16)` and
+        `pipe.to("cuda", torch.bfloat16)` work as in diffusers. Returns the pipeline.
+
+        Not free: the weights are copied, the decode buffers are allocated again, CUDA graphs are
+        captured again on the next call, and an exported step gets a new session. Do it once, not
+        per call. The backend follows the device (torch on CPU, cuda on a GPU) unless one was
+        chosen, here or when the pipeline was made. An exported step's dtype is fixed by
+        `lasad-export --dtype`.
+        """
+        if dtype is None and (isinstance(device, torch.dtype) or device in PRECISIONS):
+            device, dtype = None, device  # pipe.to(torch.float16), pipe.to("fp16")
+        with self._lock:
+            if self.engine is None:
+                raise EngineError("this pipeline was closed")
+            new_device = resolve_device(device) if device is not None else self.device
+            new_dtype = PRECISIONS[_precision(dtype)] if dtype is not None else None
+            if self.on_meta and new_dtype is not None:
+                raise EngineError(f"{self.checkpoint_path} is an exported step: its dtype was fixed when it was "
+                                  "exported (lasad-export --dtype)")
+            old = (self.model, self.tokenizer, self.device, self.backend, self._backend_given,
+                   None if self.on_meta else self.model.output.weight.dtype)
+            if backend is not None:
+                self.backend, self._backend_given = backend, True
+            elif not self._backend_given:
+                self.backend = _default_backend(new_device)
+            self.engine.close()
+            self.engine = None
+            try:
+                self.model, self.tokenizer = self._place(self.model, self.tokenizer, new_device, new_dtype)
+                self.device = new_device
+                self.engine = self._build_engine()
+            except BaseException:
+                model, tokenizer, self.device, self.backend, self._backend_given, dtype0 = old
+                self.model, self.tokenizer = self._place(model, tokenizer, self.device, dtype0)
+                self.engine = self._build_engine()
+                raise
+            if self.device.type == "cuda" or old[2].type == "cuda":
+                torch.cuda.empty_cache()
+        return self
+
+    def set_progress_bar_config(self, **kwargs) -> None:
+        """Switch the progress bar of later calls (diffusers' name): `disable=False` turns it on,
+        `disable=True` off; other keywords go to tqdm (`file=`, `desc=`, `leave=`, `ncols=` ...).
+        A call's `progress=True` / `False` overrides it. Without this, calls show no bar."""
+        self._progress_config = dict(kwargs)
+
+    def _progress(self, progress: bool | None):
+        """What the engine gets: False, or a dict of tqdm keywords (the configured ones)."""
+        config = self._progress_config
+        if progress is None:
+            progress = config is not None and not config.get("disable", False)
+        if not progress:
+            return False
+        return {k: v for k, v in (config or {}).items() if k != "disable"} or True
+
+    def grid_note(self, grid) -> str | None:
+        """One line for a grid the model was not trained at (lasad-run prints it on stderr);
+        None at the trained grid. Generation itself does not change: any grid runs with the same
+        memory per image (docs/model.md), but only the trained one was ever learned."""
+        cfg = self.model.config
+        trained = (cfg.grid_height, cfg.grid_width)
+        g = parse_grid(grid, trained)
+        if tuple(g) == trained:
+            return None
+        return (f"note: this model was trained at {trained[0]}x{trained[1]} tokens; {g.h}x{g.w} runs "
+                "(constant memory) but was never trained, so do not expect usable pictures")
 
     @property
     def max_batch(self) -> int:
@@ -200,12 +346,24 @@ class LasadPipeline:
     def __call__(self, class_labels, cfg_scale: float = 4.0, cfg_interval: int = -1,
                  temperature: float = 1.0, top_k: int = 2000, top_p: float = 1.0,
                  generator: torch.Generator | None = None, output_type: str = "pil", callback=None,
-                 grid=None, progress: bool = False, params: SamplingParams | None = None
+                 grid=None, progress: bool | None = None, params: SamplingParams | None = None
                  ) -> LasadPipelineOutput:
         """Generate one image per entry of `class_labels` (ids or names).
 
-        `params` (a SamplingParams) replaces the five sampling keywords when given.
-        Returns LasadPipelineOutput(images, tokens, seconds); see `output_type` in OUTPUT_TYPES.
+        Args:
+            class_labels: an id, a name, or a list of them (one image each).
+            cfg_scale, cfg_interval, temperature, top_k, top_p: sampling (SamplingParams). The
+                defaults are LlamaGen's sample_c2i.py: cfg 4.0, top-k 2000, temperature 1.0.
+            generator: a torch.Generator (CPU or the pipeline's device) for the noise; the same
+                seed gives the same tokens on every backend.
+            output_type: pil | np | pt | tokens.
+            callback: called as callback(step, tokens) after every token step.
+            grid: (h, w) or "HxW"; default the trained grid (see `grid_note`).
+            progress: a tqdm bar over the tokens on stderr; None: as `set_progress_bar_config`
+                says (off unless it was called).
+            params: a SamplingParams that replaces the five sampling keywords.
+        Returns:
+            LasadPipelineOutput(images, tokens int64 [n, h, w], seconds).
         """
         if output_type not in OUTPUT_TYPES:
             raise EngineError(f"output_type={output_type!r} is not one of {', '.join(OUTPUT_TYPES)}")
@@ -224,7 +382,7 @@ class LasadPipeline:
             t0 = time.perf_counter()
             with cpu_threads(self.decode_threads):
                 tokens = self.engine.generate(labels, grid=grid, params=params, generator=generator,
-                                              callback=callback, progress=progress)
+                                              callback=callback, progress=self._progress(progress))
             _sync(self.device)
             t1 = time.perf_counter()
             seconds = {"generate": t1 - t0}

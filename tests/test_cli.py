@@ -101,7 +101,7 @@ def test_errors_are_one_line(ckpt, tmp_path, args, code, message):
 
 def test_missing_and_corrupt_checkpoints(tmp_path):
     r, _ = run(["--checkpoint", tmp_path / "nope.pt", "-c", "1"], tmp_path)
-    assert r.exit_code == 1 and "does not exist" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert r.exit_code == 1 and "no such checkpoint file or folder" in r.stderr and len(r.stderr.strip().splitlines()) == 1
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"garbage" * 100)
     r, _ = run(["--checkpoint", bad, "-c", "1"], tmp_path)

@@ -1,4 +1,6 @@
-"""`lasad-check ARTIFACT CKPT`: prove a fast path equals the reference before trusting it.
+"""`lasad-check ARTIFACT [CKPT]`: prove a fast path equals the reference before trusting it.
+
+CKPT is anything `resolve_checkpoint` takes; left out, the bundled model.
 
 Teacher-forces the same random tokens (with the CFG rows) through the torch backend on CKPT and
 through ARTIFACT's backend (step.onnx -> onnxruntime, engine.plan -> tensorrt, or CKPT itself with
@@ -30,7 +32,7 @@ class Mismatch(click.ClickException):
 
 @click.command(NAME, cls=OneLineCommand, context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("artifact", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.argument("checkpoint", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("checkpoint", required=False, type=click.Path(path_type=Path))
 @click.option("--backend", type=click.Choice(["onnxruntime", "tensorrt", "cuda"]), default=None,
               help="Default: from ARTIFACT's suffix (.onnx -> onnxruntime, .plan -> tensorrt).")
 @click.option("--images", default=2, show_default=True, type=click.IntRange(min=1), help="Sequences (x2 rows with CFG).")
@@ -40,10 +42,14 @@ class Mismatch(click.ClickException):
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--device", default=None, help="Device of the reference (and of cuda/tensorrt).")
 def main(artifact, checkpoint, backend, images, steps, tol, seed, device):
-    """Teacher-forced logits of ARTIFACT against the torch reference of CHECKPOINT."""
+    """Teacher-forced logits of ARTIFACT against the torch reference of CHECKPOINT.
+
+    CHECKPOINT: 'default' (the bundled model; the default when left out), a model folder
+    (save_pretrained), ckpt.pt or .safetensors.
+    """
     import torch
 
-    from lasad_engine.checkpoint import load_checkpoint
+    from lasad_engine.checkpoint import load_checkpoint, resolve_checkpoint
     from lasad_engine.engine import LasadEngine
     from lasad_engine.params import resolve_device
 
@@ -54,6 +60,7 @@ def main(artifact, checkpoint, backend, images, steps, tol, seed, device):
     device = resolve_device(device or ("cpu" if backend == "onnxruntime" else None))
     if tol is None:
         tol = TOLERANCES[_artifact_dtype(artifact, backend)]
+    checkpoint = resolve_checkpoint(checkpoint)
     model = load_checkpoint(checkpoint, device=device)
     cfg = model.config
     T = steps or cfg.seq_len

@@ -53,7 +53,7 @@ def _generate(checkpoint, labels, cfg_scale, top_k, seed, device, batch):
 @main.command("fid", cls=OneLineCommand)
 @click.option("--ref", "ref_dir", required=True, type=click.Path(path_type=Path), help="Image set (lasad-train data).")
 @click.option("--ref-split", type=click.Choice(["holdout", "train", "all"]), default="holdout", show_default=True)
-@click.option("--checkpoint", type=click.Path(path_type=Path), default=None, help="Generate from this model ...")
+@click.option("--checkpoint", type=click.Path(path_type=Path), default=None, help="Generate from this model ('default': the bundled one; a model folder; a file) ...")
 @click.option("--images", "gen_dir", type=click.Path(path_type=Path), default=None, help="... or score this image set.")
 @click.option("--label-set", default=None, help="Label set whose classes the model was trained on.")
 @click.option("--num-ref", default=None, type=click.IntRange(min=2), help="Use a seeded random subset of the reference.")

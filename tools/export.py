@@ -1,5 +1,9 @@
-"""`lasad-export CKPT OUT`: the decode step as ONNX (`.onnx`) or as a TensorRT plan (`.plan`).
+"""`lasad-export [CKPT] OUT`: the decode step as ONNX (`.onnx`) or as a TensorRT plan (`.plan`).
 
+CKPT is anything `resolve_checkpoint` takes: "default" (the bundled model, also when CKPT is left
+out), a model folder (`save_pretrained`), or a ckpt.pt / .safetensors file.
+
+    lasad-export step.onnx                         # the bundled model
     lasad-export ckpt.pt step.onnx                 # LasadStep custom node (+ step.sampler.onnx)
     lasad-export ckpt.pt step.onnx --portable      # standard ONNX ops only
     lasad-export ckpt.pt step.onnx --dtype fp16 --rows 16   # fp16 weights, 16 fixed rows (GPU graphs)
@@ -35,8 +39,7 @@ def relative_tokenizer(meta: dict, tokenizer: Path | None, written: Path) -> dic
 
 
 @click.command(NAME, cls=OneLineCommand, context_settings={"help_option_names": ["-h", "--help"]})
-@click.argument("checkpoint", type=click.Path(path_type=Path))
-@click.argument("out", type=click.Path(path_type=Path))
+@click.argument("paths", nargs=-1, metavar="[CHECKPOINT] OUT", type=click.Path(path_type=Path))
 @click.option("--format", "fmt", type=click.Choice(FORMATS), default=None, help="Default: from OUT's suffix.")
 @click.option("--portable", is_flag=True, help="The LASAD step in standard ONNX ops instead of the LasadStep node.")
 @click.option("--max-batch", default=8, show_default=True, type=click.IntRange(min=1),
@@ -57,9 +60,16 @@ def relative_tokenizer(meta: dict, tokenizer: Path | None, written: Path) -> dic
 @click.option("--timing-cache", type=click.Path(path_type=Path), default=None, help="For .plan: TensorRT timing cache.")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
 @click.option("-v", "--verbose", is_flag=True, help="TensorRT builder log.")
-def main(checkpoint, out, fmt, portable, max_batch, opset, dtype, rows, sampler, temperature, top_k, top_p, onnx_dir,
+def main(paths, fmt, portable, max_batch, opset, dtype, rows, sampler, temperature, top_k, top_p, onnx_dir,
          timing_cache, force, verbose):
-    """Export one LASADGen decode step (ids, pos, width, past states -> logits, present states)."""
+    """Export one LASADGen decode step (ids, pos, width, past states -> logits, present states).
+
+    CHECKPOINT: 'default' (the bundled model; the default when left out), a model folder
+    (save_pretrained), ckpt.pt or .safetensors. OUT: a .onnx or .plan file.
+    """
+    if len(paths) not in (1, 2):
+        raise click.UsageError(f"give OUT, or CHECKPOINT and OUT ({len(paths)} paths given)")
+    checkpoint, out = (None, paths[0]) if len(paths) == 1 else paths
     fmt = fmt or {".onnx": "onnx", ".plan": "plan"}.get(out.suffix.lower())
     if fmt is None:
         raise click.UsageError(f"OUT {str(out)!r} must end in .onnx or .plan (or pass --format onnx|plan)")
@@ -75,9 +85,10 @@ def main(checkpoint, out, fmt, portable, max_batch, opset, dtype, rows, sampler,
         raise click.UsageError("--dtype and --rows apply to ONNX output; a .plan is built from the fp32 step")
     if out.exists() and not force:
         raise click.ClickException(f"{out} exists; pass --force to replace it")
-    from lasad_engine.checkpoint import file_fingerprint, load_checkpoint
+    from lasad_engine.checkpoint import file_fingerprint, load_checkpoint, resolve_checkpoint
 
     from .onnx_export import export_sampler, export_step
+    checkpoint = resolve_checkpoint(checkpoint)
     model = load_checkpoint(checkpoint)
     meta = {**model.checkpoint_meta, "checkpoint_sha256": file_fingerprint(checkpoint)}
     tok = meta.get("tokenizer")

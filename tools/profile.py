@@ -33,8 +33,8 @@ NAME = "lasad-profile"
 @click.option("--preset", default="lasad-B", show_default=True,
               type=click.Choice(["lasad-B", "lasad-L", "lasad-XL", "lasad-XXL", "lasad-S", "lasad-tiny"],
                                 case_sensitive=False), help="Shape to profile with random weights.")
-@click.option("--checkpoint", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
-              help="Profile this checkpoint instead of a preset.")
+@click.option("--checkpoint", type=click.Path(path_type=Path), default=None,
+              help="Profile this checkpoint instead of a preset: 'default' (the bundled model), a model folder or a file.")
 @click.option("--baseline", type=click.Choice(["kv"]), default=None,
               help="Also run LlamaGen's KV-cache transformer of the same shape, same batches and grids.")
 @click.option("--backend", type=click.Choice(["torch", "cuda"]), default=None,

@@ -1,0 +1,247 @@
+"""The README's code blocks, run as a reader runs them: a test that fails when the README drifts.
+
+Every fenced block in README.md has an HTML comment on the line before it (blank lines between
+are allowed) saying how this test runs it:
+
+    <!-- readme-test: run -->                       run as written
+    <!-- readme-test: run | OLD => NEW | ... -->    run with these text substitutions, for tiny sizes
+                                                    (`-n 8 => -n 1`); each must match somewhere in the
+                                                    block, so a marker cannot silently fall out of date
+    <!-- readme-test: run if COND,... | ... -->     run only where every COND holds (CONDITIONS below);
+                                                    elsewhere skipped, saying which one is missing
+    <!-- readme-test: skip | REASON -->            skipped, with the reason
+
+A block without a marker, or with a marker this file does not understand, fails. The blocks run
+in README order in one temporary folder (later blocks use the files of earlier ones, as in a
+reader's shell): bash blocks with `bash -euo pipefail` and this Python's console scripts first on
+PATH, python blocks with this Python. `$README_TEST` names this file: `python "$README_TEST"
+emoji5 DIR` writes a small stand-in of the Emoji-5 image set, whose real build downloads from npm
+and Debian, so that the training commands after it run as written (at tiny step counts).
+
+Run the whole file (`pytest tests/test_readme.py`): one block alone may miss the files of the
+blocks before it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+MARKER = re.compile(r"^<!--\s*readme-test:\s*(.*?)\s*-->\s*$")
+FENCE = re.compile(r"^```([A-Za-z0-9_+-]*)\s*$")
+RUNNERS = {"bash": ["bash", "-euo", "pipefail", "-c"], "python": [sys.executable, "-c"]}
+BLOCK_TIMEOUT_S = 900
+
+
+def _has_cuda() -> bool:
+    import torch
+    return torch.cuda.is_available()
+
+
+def _has_ort_cuda() -> bool:
+    try:
+        import onnxruntime
+    except ImportError:
+        return False
+    return _has_cuda() and "CUDAExecutionProvider" in onnxruntime.get_available_providers()
+
+
+def _has_tensorrt() -> bool:
+    try:
+        import tensorrt  # noqa: F401
+        import tensorrt.plugin  # noqa: F401
+    except ImportError:
+        return False
+    return _has_cuda()
+
+
+CONDITIONS = {  # name -> (check, what is missing when it fails)
+    "cuda": (_has_cuda, "needs a CUDA GPU"),
+    "ort-cuda": (_has_ort_cuda, "needs onnxruntime-gpu's CUDA provider and a GPU"),
+    "tensorrt": (_has_tensorrt, "needs NVIDIA TensorRT >= 10.9 with tensorrt.plugin and a GPU (docs/tensorrt.md)"),
+}
+
+
+@dataclass
+class Block:
+    line: int            # 1-based line of the opening fence
+    lang: str
+    code: str
+    marker: str | None   # the text after "readme-test:", None if the block has no marker
+
+    @property
+    def id(self) -> str:
+        return f"L{self.line}-{self.lang or 'text'}"
+
+
+@dataclass
+class Plan:
+    mode: str                       # "run" | "skip"
+    reason: str = ""
+    conditions: tuple = ()
+    substitutions: tuple = ()       # ((old, new), ...)
+
+
+def read_blocks(text: str) -> list[Block]:
+    blocks, lines, i = [], text.splitlines(), 0
+    while i < len(lines):
+        m = FENCE.match(lines[i])
+        if not m:
+            i += 1
+            continue
+        j = i + 1
+        while j < len(lines) and lines[j].strip() != "```":
+            j += 1
+        k = i - 1
+        while k >= 0 and not lines[k].strip():
+            k -= 1
+        marker = MARKER.match(lines[k]) if k >= 0 else None
+        blocks.append(Block(i + 1, m.group(1), "\n".join(lines[i + 1:j]) + "\n", marker.group(1) if marker else None))
+        i = j + 1
+    return blocks
+
+
+def parse_marker(block: Block) -> Plan:
+    """The plan for a block; ValueError names the line and what is wrong with its marker."""
+    where = f"README.md line {block.line}"
+    if block.marker is None:
+        raise ValueError(f"{where}: a ```{block.lang} block without a '<!-- readme-test: ... -->' marker before it")
+    head, *rest = [part.strip() for part in block.marker.split("|")]
+    if head == "skip":
+        if not rest or not rest[0]:
+            raise ValueError(f"{where}: 'skip' needs a reason: <!-- readme-test: skip | REASON -->")
+        return Plan("skip", reason=" | ".join(rest))
+    conditions = ()
+    if head.startswith("run if "):
+        conditions = tuple(c.strip() for c in head[len("run if "):].split(","))
+        unknown = [c for c in conditions if c not in CONDITIONS]
+        if unknown:
+            raise ValueError(f"{where}: unknown condition {unknown[0]!r}; choose from {', '.join(CONDITIONS)}")
+    elif head != "run":
+        raise ValueError(f"{where}: marker {head!r} is not 'run', 'run if COND', or 'skip | REASON'")
+    if block.lang not in RUNNERS:
+        raise ValueError(f"{where}: cannot run a ```{block.lang} block; mark it 'skip | REASON' or use "
+                         f"{' / '.join(RUNNERS)}")
+    substitutions = []
+    for part in rest:
+        if "=>" not in part:
+            raise ValueError(f"{where}: substitution {part!r} is not of the form 'OLD => NEW'")
+        old, new = (x.strip() for x in part.split("=>", 1))
+        substitutions.append((old, new))
+    return Plan("run", conditions=conditions, substitutions=tuple(substitutions))
+
+
+def rewrite(code: str, plan: Plan, line: int) -> str:
+    for old, new in plan.substitutions:
+        if old not in code:
+            raise AssertionError(f"README.md line {line}: the marker's substitution {old!r} matches nothing in the "
+                                 "block: update the marker with the block")
+        code = code.replace(old, new)
+    return code
+
+
+BLOCKS = read_blocks(README.read_text())
+
+
+def test_every_block_is_marked():
+    """Checked once, quickly, before any block runs: every block has a marker this file understands."""
+    assert BLOCKS, "README.md has no code blocks"
+    problems = []
+    for block in BLOCKS:
+        try:
+            parse_marker(block)
+        except ValueError as e:
+            problems.append(str(e))
+    assert not problems, "\n".join(problems)
+
+
+def test_marker_parsing():
+    """The marker grammar on made-up blocks (each line of it can fail)."""
+    md = ("<!-- readme-test: run | -n 8 => -n 1 | --grid 9x9 => -->\n\n```bash\nx -n 8 --grid 9x9\n```\n"
+          "```python\nprint(1)\n```\n"
+          "<!-- readme-test: skip | needs the moon -->\n```bash\nfly\n```\n"
+          "<!-- readme-test: run if cuda,tensorrt -->\n```bash\ngo\n```\n")
+    a, b, c, d = read_blocks(md)
+    plan = parse_marker(a)
+    assert plan.substitutions == (("-n 8", "-n 1"), ("--grid 9x9", "")) and a.line == 3
+    assert rewrite(a.code, plan, a.line) == "x -n 1 \n"
+    with pytest.raises(AssertionError, match="matches nothing"):
+        rewrite("x -n 4\n", plan, 3)
+    with pytest.raises(ValueError, match="without a '<!-- readme-test"):
+        parse_marker(b)
+    assert parse_marker(c) == Plan("skip", reason="needs the moon")
+    assert parse_marker(d).conditions == ("cuda", "tensorrt")
+    for bad, msg in [("skip", "needs a reason"), ("run if moon", "unknown condition 'moon'"),
+                     ("walk", "is not 'run'"), ("run | -n 8", "not of the form")]:
+        with pytest.raises(ValueError, match=msg):
+            parse_marker(Block(1, "bash", "x\n", bad))
+    with pytest.raises(ValueError, match="cannot run a ```yaml block"):
+        parse_marker(Block(1, "yaml", "x\n", "run"))
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    return tmp_path_factory.mktemp("readme")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("block", BLOCKS, ids=[b.id for b in BLOCKS])
+def test_readme_block(block, workspace):
+    plan = parse_marker(block)
+    if plan.mode == "skip":
+        pytest.skip(f"README.md line {block.line}: {plan.reason}")
+    missing = [CONDITIONS[c][1] for c in plan.conditions if not CONDITIONS[c][0]()]
+    if missing:
+        pytest.skip(f"README.md line {block.line}: {'; '.join(missing)}")
+    code = rewrite(block.code, plan, block.line)
+    bindir = str(Path(sys.executable).parent)
+    env = {**os.environ, "PATH": bindir + os.pathsep + os.environ.get("PATH", ""), "README_TEST": __file__,
+           "PYTHONUNBUFFERED": "1"}
+    r = subprocess.run(RUNNERS[block.lang] + [code], cwd=workspace, env=env, capture_output=True, text=True,
+                       timeout=BLOCK_TIMEOUT_S)
+    assert r.returncode == 0, (f"README.md line {block.line} exited {r.returncode}\n--- ran (in {workspace}):\n"
+                               f"{code}--- stdout (tail):\n{r.stdout[-3000:]}\n--- stderr (tail):\n{r.stderr[-3000:]}")
+
+
+EMOJI5_STANDIN_CLASSES = 24
+
+
+def make_emoji5_standin(out: str | os.PathLike) -> dict:
+    """A small image set in Emoji-5's layout (lasad-train data): 64x64 pictures, an `identity` label
+    set named like the bundled model's first 24 classes, one image per class and a second for the
+    first 12 (those hold the held-out split). Each picture is a coloured disc on white."""
+    import numpy as np
+    from safetensors import safe_open
+
+    from lasad_engine.checkpoint import DEFAULT_CHECKPOINT
+    from lasad_train.data import holdout_split, write_image_set
+
+    with safe_open(str(DEFAULT_CHECKPOINT), framework="pt") as f:
+        names = json.loads(f.metadata()["config"])["class_names"][:EMOJI5_STANDIN_CLASSES]
+    labels = np.concatenate([np.arange(len(names)), np.arange(len(names) // 2)]).astype(np.int64)
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[:64, :64]
+    images = np.full((len(labels), 64, 64, 3), 255, dtype=np.uint8)
+    for i, c in enumerate(labels):
+        colour = np.random.default_rng(int(c)).integers(0, 200, 3)
+        cy, cx, r = rng.integers(20, 44), rng.integers(20, 44), rng.integers(10, 20)
+        images[i][(yy - cy) ** 2 + (xx - cx) ** 2 < r * r] = colour
+    return write_image_set(out, images, {"identity": (labels, names)}, holdout_split(labels, 0.1),
+                           {"source": "tests/test_readme.py stand-in for Emoji-5"},
+                           "Synthetic discs drawn by tests/test_readme.py.\n")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 3 or sys.argv[1] != "emoji5":
+        sys.exit(f"usage: python {sys.argv[0]} emoji5 OUT")
+    manifest = make_emoji5_standin(sys.argv[2])
+    print(f"stand-in image set: {manifest['count']} images, {manifest['num_classes']['identity']} classes "
+          f"-> {sys.argv[2]}")
