@@ -10,7 +10,6 @@ since onnxruntime does not promise that an output may alias an input.
 
 from __future__ import annotations
 
-import json
 import os
 
 import numpy as np
@@ -20,6 +19,7 @@ from lasad_plugins import contract as C
 
 from ..checkpoint import CheckpointError
 from ..config import LasadConfig
+from ..io import loads_strict, one_line
 from ..model import LasadState
 from ..params import EngineError
 from .base import Backend
@@ -29,7 +29,12 @@ _REGISTERED = False
 
 def read_onnx_config(path: str | os.PathLike) -> tuple[LasadConfig, dict, str]:
     """(config, meta, form) from an exported step's metadata; one-line errors for other files."""
-    import onnx
+    try:
+        import onnx
+    except ImportError:
+        raise EngineError("reading an exported step needs onnx: pip install 'lasad[export]'") from None
+    if os.path.isdir(path):
+        raise CheckpointError(f"{path}: is a folder, not an ONNX file")
     if not os.path.isfile(path):
         raise CheckpointError(f"{path}: no such ONNX file")
     try:
@@ -38,8 +43,18 @@ def read_onnx_config(path: str | os.PathLike) -> tuple[LasadConfig, dict, str]:
         raise CheckpointError(f"{path}: not a readable ONNX file ({type(e).__name__})") from None
     props = {p.key: p.value for p in proto.metadata_props}
     if "lasad.config" not in props:
+        if "lasad.sampler" in props:
+            raise CheckpointError(f"{path}: the sampler graph lasad-export writes beside a step, not a decode step; "
+                                  "pass the step's .onnx")
         raise CheckpointError(f"{path}: an ONNX file but not a lasad decode step (no lasad.config metadata)")
-    return LasadConfig.from_json(props["lasad.config"]), json.loads(props.get("lasad.meta", "{}")), props.get("lasad.form", "")
+    try:
+        cfg = LasadConfig.from_dict(loads_strict(props["lasad.config"]))
+        meta = loads_strict(props.get("lasad.meta", "{}"))
+    except (TypeError, ValueError) as e:  # JSONDecodeError is a ValueError
+        raise CheckpointError(f"{path}: damaged lasad metadata ({one_line(e)})") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{path}: damaged lasad metadata (lasad.meta is a {type(meta).__name__}, not an object)")
+    return cfg, meta, props.get("lasad.form", "")
 
 
 def lasad_step_numpy(qfv, lower_bound, past_state, start, num_heads, head_k_dim, head_v_dim, row_start,
