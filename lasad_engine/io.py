@@ -177,6 +177,8 @@ def check_writable(path: str | os.PathLike, what: str = "output") -> None:
     system (with room for its temp's name), a parent that is a file, or a folder this process
     cannot create files in (tried with a temp file, which root's permission checks need)."""
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{what} {str(path)!r} is a folder; give a file name")
     folder = path.parent
     existing = folder
     while not existing.exists():
