@@ -6,6 +6,7 @@ import contextlib
 import hashlib
 import json
 import math
+import os
 import signal
 import sys
 import threading
@@ -22,6 +23,9 @@ EXIT_USAGE, EXIT_ERROR = 2, 1
 # A run predicted (from the rate of its first steps) to take longer than this gets a warning.
 LONG_JOB_SECONDS = 3600.0
 ETA_PROBE_STEPS = 8
+# After a signal, the clean-up (removing temps, rolling back a commit) has this long before the
+# process ends regardless.
+SIGNAL_GRACE_SECONDS = 5.0
 
 
 class FiniteFloat(click.FloatRange):
@@ -37,20 +41,28 @@ class FiniteFloat(click.FloatRange):
 
 @contextlib.contextmanager
 def _signals_as_interrupts():
-    """SIGTERM (and SIGHUP) raise KeyboardInterrupt like Ctrl-C does, so the same clean-up runs
-    (temporary files removed, nothing half-written); yields a list that receives the signal."""
+    """Ctrl-C, SIGTERM and SIGHUP raise KeyboardInterrupt, so the same clean-up runs whatever
+    stops a command (temporary files removed, a commit rolled back); a second signal stops at
+    once. Yields the list of signals received. Signals the caller ignores (nohup) stay ignored."""
     got: list[int] = []
     if threading.current_thread() is not threading.main_thread():
         yield got
         return
 
     def handler(signum, frame):
+        if got:  # asked twice: stop now
+            _exit_signalled(None, signum)
         got.append(signum)
+        # A library may swallow the interrupt (an import it cuts short can turn it into an
+        # ImportError that the library catches); the process still ends within the grace time.
+        watchdog = threading.Timer(SIGNAL_GRACE_SECONDS, _exit_signalled, (None, signum))
+        watchdog.daemon = True
+        watchdog.start()
         raise KeyboardInterrupt
 
     previous = {}
-    for sig in (signal.SIGTERM, getattr(signal, "SIGHUP", None)):
-        if sig is not None and signal.getsignal(sig) == signal.SIG_DFL:  # leave ignored ones (nohup) alone
+    for sig in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", None)):
+        if sig is not None and signal.getsignal(sig) in (signal.SIG_DFL, signal.default_int_handler):
             previous[sig] = signal.signal(sig, handler)
     try:
         yield got
@@ -59,36 +71,59 @@ def _signals_as_interrupts():
             signal.signal(sig, h)
 
 
+def _exit_signalled(prog: str | None, signum: int):
+    """One line, then exit 128 + signum at once. After a signal the process must end; skipping
+    the interpreter's teardown also avoids crashes in libraries whose import the signal cut
+    short (torch, numpy). The clean-up of this command's files has already run (the exception
+    unwound through it)."""
+    what = "interrupted" if signum == signal.SIGINT else f"terminated ({signal.Signals(signum).name})"
+    name = prog or os.path.basename(sys.argv[0]) or "lasad"
+    try:
+        sys.stdout.flush()
+        sys.stderr.write(f"{name}: {what}; no half-written file is left\n")
+        sys.stderr.flush()
+    finally:
+        os._exit(128 + signum)
+
+
 class OneLineErrors:
     """Mixin for click commands and groups: every error a user can cause ends as one line on
     stderr and a non-zero exit code (2 for usage, 1 otherwise, 128 + the signal when interrupted:
     130 for Ctrl-C, 143 for SIGTERM)."""
 
     def main(self, args=None, prog_name=None, **kwargs):
-        from .io import UserError
-
         prog = prog_name or self.name
         with _signals_as_interrupts() as got:
             try:
                 return super().main(args, prog_name=prog_name, standalone_mode=False, **kwargs)
-            except click.exceptions.NoArgsIsHelpError as e:
-                click.echo(e.ctx.get_help())
-                sys.exit(0)
-            except click.UsageError as e:
-                click.echo(f"{prog}: error: {' '.join(e.format_message().split())} (see {prog} --help)", err=True)
-                sys.exit(EXIT_USAGE)
-            except (click.ClickException, UserError, OSError) as e:
-                msg = e.format_message() if isinstance(e, click.ClickException) else str(e)
-                click.echo(f"{prog}: error: {' '.join(msg.split())}", err=True)
-                sys.exit(getattr(e, "exit_code", EXIT_ERROR) or EXIT_ERROR)
-            except MemoryError:
-                click.echo(f"{prog}: error: out of memory", err=True)
-                sys.exit(EXIT_ERROR)
-            except (click.Abort, KeyboardInterrupt):
-                signum = got[-1] if got else signal.SIGINT
-                what = "interrupted" if signum == signal.SIGINT else f"terminated ({signal.Signals(signum).name})"
-                click.echo(f"{prog}: {what}; no half-written file is left", err=True)
-                sys.exit(128 + signum)
+            except BaseException as e:
+                if got:  # a signal, whatever error it became (an import it cut short may fail later)
+                    _exit_signalled(prog, got[0])
+                code, message = _one_line(prog, e)
+                if code is None:
+                    raise
+                if message:
+                    click.echo(message, err=True)
+                sys.exit(code)
+
+
+def _one_line(prog: str, e: BaseException) -> tuple[int | None, str | None]:
+    """(exit code, one line) for an error a user can cause; (None, None) for anything else."""
+    from .io import UserError
+
+    if isinstance(e, click.exceptions.NoArgsIsHelpError):
+        click.echo(e.ctx.get_help())
+        return 0, None
+    if isinstance(e, click.UsageError):
+        return EXIT_USAGE, f"{prog}: error: {' '.join(e.format_message().split())} (see {prog} --help)"
+    if isinstance(e, (click.ClickException, UserError, OSError)):
+        msg = e.format_message() if isinstance(e, click.ClickException) else str(e)
+        return getattr(e, "exit_code", EXIT_ERROR) or EXIT_ERROR, f"{prog}: error: {' '.join(msg.split())}"
+    if isinstance(e, MemoryError):
+        return EXIT_ERROR, f"{prog}: error: out of memory"
+    if isinstance(e, (click.Abort, KeyboardInterrupt)):  # raised in-process, without a signal
+        return 128 + signal.SIGINT, f"{prog}: interrupted; no half-written file is left"
+    return None, None
 
 
 class OneLineCommand(OneLineErrors, click.Command):
