@@ -46,6 +46,7 @@ step b1 env CUDA_VISIBLE_DEVICES=$G $LT gpt "$W/codes" "$M/b1" "${B[@]}" --steps
 step b2 $TR gpt "$W/codes" "$M/b2" "${B[@]}" --steps 200
 step b2w $TR gpt "$W/codes" "$M/b2w" "${B[@]}" --batch-size 128 --steps 40
 step run env CUDA_VISIBLE_DEVICES=$G python3 -m lasad_engine.cli --checkpoint "$M/b2/model.safetensors" \
+  --tokenizer lasad_engine/assets/default-vq.safetensors \
   --class 207 -n 4 --seed 0 --no-progress -o "$M/b2-run.png"
 step b2-resume1 env CUDA_VISIBLE_DEVICES=$G $LT gpt "$W/codes" "$M/b2" "${B[@]}" --steps 210 --resume
 NODROP=(--set token_dropout=0 --set resid_dropout=0 --set ffn_dropout=0 --set class_dropout=0 --no-save)
@@ -65,6 +66,7 @@ rm -f "$M/xl-ddp/last.pt"  # 9 GB not needed again
 step xl-fsdp $TR gpt "$W/codes" "$M/xl-fsdp" "${X[@]}" --fsdp --steps 20
 step xl-fsdp-resume1 env CUDA_VISIBLE_DEVICES=$G $LT gpt "$W/codes" "$M/xl-fsdp" "${X[@]}" --steps 25 --resume --no-save
 step xl-run env CUDA_VISIBLE_DEVICES=$G python3 -m lasad_engine.cli --checkpoint "$M/xl-fsdp/model.safetensors" \
+  --tokenizer lasad_engine/assets/default-vq.safetensors \
   --class 207 -n 4 --seed 0 --no-progress -o "$M/xl-run.png"
 # 7. the pair n1 / n1-accum2 again without bf16 (--precision fp32: fp32 GEMMs, TF32 inside fla's
 #    kernels): if their gap is bf16 rounding grown along the trajectory, it shrinks here

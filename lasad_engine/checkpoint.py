@@ -27,7 +27,8 @@ from pathlib import Path
 import torch
 
 from .config import LasadConfig
-from .io import UserError, atomic_path, clean_state_dict, key_diff, one_line as _reason
+from .io import UserError, atomic_path, clean_state_dict, key_diff, loads_strict, nonfinite_tensor, \
+    one_line as _reason, torch_load_reason
 from .model import LasadGen, upgrade_state_dict
 
 FORMAT = "lasad"
@@ -69,7 +70,7 @@ def save_checkpoint(path: str | os.PathLike, model: torch.nn.Module, *, meta: di
     config = _model_of(model).config.to_dict()
     state = {k: v.detach().contiguous() for k, v in clean_state_dict(model.state_dict()).items()}
     meta = dict(meta or {})
-    json.dumps(meta)  # fail before writing anything if meta is not JSON-compatible
+    json.dumps(meta, allow_nan=False)  # fail before writing anything if meta is not JSON
     with atomic_path(path) as tmp:
         if path.suffix == ".safetensors":
             if extra:
@@ -77,7 +78,7 @@ def save_checkpoint(path: str | os.PathLike, model: torch.nn.Module, *, meta: di
             from safetensors.torch import save_file
             save_file({k: v.cpu() for k, v in state.items()}, tmp, metadata={
                 "format": FORMAT, "format_version": str(FORMAT_VERSION),
-                "config": json.dumps(config), "meta": json.dumps(meta)})
+                "config": json.dumps(config, allow_nan=False), "meta": json.dumps(meta, allow_nan=False)})
         else:
             torch.save({**(extra or {}), "format": FORMAT, "format_version": FORMAT_VERSION,
                         "config": config, "model": state, "meta": meta}, tmp)
@@ -150,34 +151,49 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[LasadConfig, dict, dict]:
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
     if path.suffix == ".safetensors":
+        from safetensors import safe_open
         try:
-            from safetensors import safe_open
             with safe_open(str(path), framework="pt") as f:
                 header = f.metadata() or {}
+                version, config, meta = header.get("format_version"), header.get("config"), header.get("meta", "{}")
+                if header.get("format") != FORMAT or config is None:
+                    raise CheckpointError(f"{path}: a safetensors file but not a lasad checkpoint (no lasad config "
+                                          "in its metadata)")
+                try:
+                    version, config, meta = int(version), loads_strict(config), loads_strict(meta)
+                except (TypeError, ValueError) as e:
+                    raise CheckpointError(f"{path}: damaged lasad metadata ({_reason(e)})") from None
+                cfg = _config(path, version, config, meta)  # checked before any tensor is read
                 state = {k: f.get_tensor(k) for k in f.keys()}
-        except Exception as e:
+        except CheckpointError:
+            raise
+        except Exception as e:  # noqa: BLE001 - safetensors raises its own types for damaged files
             raise CheckpointError(f"{path}: not a readable safetensors file ({_reason(e)})") from None
-        version, config, meta = header.get("format_version"), header.get("config"), header.get("meta", "{}")
-        if header.get("format") != FORMAT or config is None:
-            raise CheckpointError(f"{path}: a safetensors file but not a lasad checkpoint (no lasad config in its metadata)")
-        try:
-            version, config, meta = int(version), json.loads(config), json.loads(meta)
-        except (TypeError, ValueError) as e:
-            raise CheckpointError(f"{path}: damaged lasad metadata ({_reason(e)})") from None
     else:
         obj = read_envelope(path, FORMAT, FORMAT_VERSION)
         version, config, state, meta = obj["format_version"], obj.get("config"), obj.get("model"), obj.get("meta", {})
         if not isinstance(state, dict):
             raise CheckpointError(f"{path}: not a lasad checkpoint (no state dict under 'model')")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
-        raise CheckpointError(f"{path}: checkpoint format version {version!r}; this lasad reads versions up to {FORMAT_VERSION}")
-    try:
-        cfg = LasadConfig.from_dict(config)
-    except (TypeError, ValueError) as e:
-        raise CheckpointError(f"{path}: invalid config ({_reason(e)})") from None
+        cfg = _config(path, version, config, meta)
     if path.resolve() == DEFAULT_CHECKPOINT and "card" not in meta:
         meta = {**meta, "card": json.loads(DEFAULT_CARD.read_text())}
     return cfg, clean_state_dict(state), meta
+
+
+def _config(path: Path, version, config, meta) -> LasadConfig:
+    """The checkpoint's config, every field checked (LasadConfig), and its meta a JSON object."""
+    if isinstance(version, bool) or not isinstance(version, int) or not 1 <= version <= FORMAT_VERSION:
+        raise CheckpointError(f"{path}: checkpoint format version {version!r}; this lasad reads versions 1 to {FORMAT_VERSION}")
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{path}: damaged lasad metadata (meta is a {type(meta).__name__}, not an object)")
+    try:
+        json.dumps(meta, allow_nan=False)  # what lasad writes from it (exports, records) stays JSON
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: damaged lasad metadata (meta is not JSON: {_reason(e)})") from None
+    try:
+        return LasadConfig.from_dict(config)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: invalid config ({_reason(e)})") from None
 
 
 def read_envelope(path: str | os.PathLike, fmt: str, max_version: int, *, what: str = "checkpoint") -> dict:
@@ -198,15 +214,30 @@ def read_envelope(path: str | os.PathLike, fmt: str, max_version: int, *, what: 
                 raise
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unreadable file is one line
-        raise CheckpointError(f"{path}: not a readable {what} ({_reason(e)})") from None
+        reason = torch_load_reason(e)
+        if reason.startswith("it holds pickled"):
+            raise CheckpointError(f"{path}: not a {fmt} {what}: {reason}") from None
+        raise CheckpointError(f"{path}: not a readable {what} ({reason})") from None
     if not isinstance(obj, dict) or obj.get("format") != fmt:
-        found = obj.get("format") if isinstance(obj, dict) else type(obj).__name__
-        raise CheckpointError(f"{path}: not a {fmt} {what} (format {found!r})")
+        raise CheckpointError(f"{path}: not a {fmt} {what}: {_foreign(obj, fmt)}")
     version = obj.get("format_version", obj.get("version"))
     if not isinstance(version, int) or isinstance(version, bool) or not 1 <= version <= max_version:
         raise CheckpointError(f"{path}: {fmt} format version {version!r}; this lasad reads versions 1 to {max_version}")
     obj["format_version"] = version
     return obj
+
+
+def _foreign(obj, fmt: str) -> str:
+    """What a torch file that is not a lasad envelope holds, for the error message."""
+    if not isinstance(obj, dict):
+        return f"it holds a {type(obj).__name__}"
+    if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        return (f"a bare state dict of {len(obj)} tensors without a config; "
+                "save the model with lasad_engine.save_checkpoint")
+    if "format" in obj:
+        return f"its format is {str(obj.get('format'))[:40]!r}, not {fmt!r}"
+    keys = ", ".join(str(k)[:20] for k in list(obj)[:5])
+    return f"a dict with keys {keys} and no 'format': {fmt!r} entry (saved by another program or an older lasad)"
 
 
 def load_checkpoint(path: str | os.PathLike, *, device: str | torch.device = "cpu",
@@ -234,7 +265,15 @@ def load_checkpoint(path: str | os.PathLike, *, device: str | torch.device = "cp
         if not isinstance(got, torch.Tensor) or tuple(got.shape) != tuple(t.shape) or not got.is_floating_point():
             what = tuple(got.shape) if isinstance(got, torch.Tensor) else type(got).__name__
             raise CheckpointError(f"{path}: {name} is {what}, the config needs a float tensor of shape {tuple(t.shape)}")
+    bad = nonfinite_tensor(state)
+    if bad is not None:
+        raise CheckpointError(f"{path}: weight {bad} holds NaN or infinite values; the checkpoint is damaged "
+                              "(or was saved from a diverged run)")
     dtype = dtype or torch.float32
+    device = torch.device(device)
+    from .params import check_memory
+    copies = sum(v.numel() * dtype.itemsize for v in state.values() if v.dtype != dtype or v.device != device)
+    check_memory(copies, device, f"loading {Path(path).name}", "use --precision bf16 or another device")
     model.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in state.items()}, strict=True, assign=True)
     model.checkpoint_meta = meta
     model.checkpoint_id = file_fingerprint(path)

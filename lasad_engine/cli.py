@@ -2,52 +2,138 @@
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import math
+import os
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
 import click
-import numpy as np
 
 from . import __version__
 from .backends import BACKENDS
+from .params import MAX_BATCH, MAX_CFG_SCALE, MAX_IMAGES, MAX_SEED, MAX_TEMPERATURE, MAX_TOKENS, MAX_TOP_K
 
 EXIT_USAGE, EXIT_ERROR = 2, 1
+# A run predicted (from the rate of its first steps) to take longer than this gets a warning.
+LONG_JOB_SECONDS = 3600.0
+ETA_PROBE_STEPS = 8
+# After a signal, the clean-up (removing temps, rolling back a commit) has this long before the
+# process ends regardless.
+SIGNAL_GRACE_SECONDS = 5.0
+
+
+class FiniteFloat(click.FloatRange):
+    """click's FloatRange that also refuses NaN and infinities (which compare false with any
+    bound, so a plain range lets them through)."""
+
+    def convert(self, value, param, ctx):
+        rv = super().convert(value, param, ctx)
+        if not math.isfinite(rv):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return rv
+
+
+@contextlib.contextmanager
+def _signals_as_interrupts():
+    """Ctrl-C, SIGTERM and SIGHUP raise KeyboardInterrupt, so the same clean-up runs whatever
+    stops a command (temporary files removed, a commit rolled back); a second signal stops at
+    once. Yields the list of signals received. Signals the caller ignores (nohup) stay ignored."""
+    got: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield got
+        return
+
+    def handler(signum, frame):
+        if got:  # asked twice: stop now
+            _exit_signalled(None, signum)
+        got.append(signum)
+        # A library may swallow the interrupt (an import it cuts short can turn it into an
+        # ImportError that the library catches); the process still ends within the grace time.
+        watchdog = threading.Timer(SIGNAL_GRACE_SECONDS, _exit_signalled, (None, signum))
+        watchdog.daemon = True
+        watchdog.start()
+        raise KeyboardInterrupt
+
+    previous = {}
+    for sig in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", None)):
+        if sig is not None and signal.getsignal(sig) in (signal.SIG_DFL, signal.default_int_handler):
+            previous[sig] = signal.signal(sig, handler)
+    try:
+        yield got
+    finally:
+        for sig, h in previous.items():
+            signal.signal(sig, h)
+
+
+def _exit_signalled(prog: str | None, signum: int):
+    """One line, then exit 128 + signum at once. After a signal the process must end; skipping
+    the interpreter's teardown also avoids crashes in libraries whose import the signal cut
+    short (torch, numpy). The clean-up of this command's files has already run (the exception
+    unwound through it)."""
+    what = "interrupted" if signum == signal.SIGINT else f"terminated ({signal.Signals(signum).name})"
+    name = prog or os.path.basename(sys.argv[0]) or "lasad"
+    try:
+        sys.stdout.flush()
+        sys.stderr.write(f"{name}: {what}; no half-written file is left\n")
+        sys.stderr.flush()
+    finally:
+        os._exit(128 + signum)
 
 
 class OneLineErrors:
     """Mixin for click commands and groups: every error a user can cause ends as one line on
-    stderr and a non-zero exit code (2 for usage, 1 otherwise, 130 when interrupted)."""
+    stderr and a non-zero exit code (2 for usage, 1 otherwise, 128 + the signal when interrupted:
+    130 for Ctrl-C, 143 for SIGTERM)."""
 
     def main(self, args=None, prog_name=None, **kwargs):
-        from .io import UserError
-
         prog = prog_name or self.name
-        try:
-            return super().main(args, prog_name=prog_name, standalone_mode=False, **kwargs)
-        except click.exceptions.NoArgsIsHelpError as e:
-            click.echo(e.ctx.get_help())
-            sys.exit(0)
-        except click.UsageError as e:
-            click.echo(f"{prog}: error: {e.format_message()} (see {prog} --help)", err=True)
-            sys.exit(EXIT_USAGE)
-        except (click.ClickException, UserError, OSError) as e:
-            msg = e.format_message() if isinstance(e, click.ClickException) else str(e)
-            click.echo(f"{prog}: error: {' '.join(msg.split())}", err=True)
-            sys.exit(getattr(e, "exit_code", EXIT_ERROR) or EXIT_ERROR)
-        except click.Abort:
-            click.echo(f"{prog}: aborted", err=True)
-            sys.exit(130)
+        with _signals_as_interrupts() as got:
+            try:
+                return super().main(args, prog_name=prog_name, standalone_mode=False, **kwargs)
+            except BaseException as e:
+                if got:  # a signal, whatever error it became (an import it cut short may fail later)
+                    _exit_signalled(prog, got[0])
+                code, message = _one_line(prog, e)
+                if code is None:
+                    raise
+                if message:
+                    click.echo(message, err=True)
+                sys.exit(code)
+
+
+def _one_line(prog: str, e: BaseException) -> tuple[int | None, str | None]:
+    """(exit code, one line) for an error a user can cause; (None, None) for anything else."""
+    from .io import UserError
+
+    if isinstance(e, click.exceptions.NoArgsIsHelpError):
+        click.echo(e.ctx.get_help())
+        return 0, None
+    if isinstance(e, click.UsageError):
+        return EXIT_USAGE, f"{prog}: error: {' '.join(e.format_message().split())} (see {prog} --help)"
+    if isinstance(e, (click.ClickException, UserError, OSError)):
+        msg = e.format_message() if isinstance(e, click.ClickException) else str(e)
+        return getattr(e, "exit_code", EXIT_ERROR) or EXIT_ERROR, f"{prog}: error: {' '.join(msg.split())}"
+    if isinstance(e, MemoryError):
+        return EXIT_ERROR, f"{prog}: error: out of memory"
+    if isinstance(e, (click.Abort, KeyboardInterrupt)):  # raised in-process, without a signal
+        return 128 + signal.SIGINT, f"{prog}: interrupted; no half-written file is left"
+    return None, None
 
 
 class OneLineCommand(OneLineErrors, click.Command):
     pass
 
 
-def image_grid(images: np.ndarray, nrow: int, pad: int = 2) -> np.ndarray:
+def image_grid(images, nrow: int, pad: int = 2):
     """uint8 [n, H, W, 3] -> one [rows·(H+pad)+pad, nrow·(W+pad)+pad, 3] grid on white."""
+    import numpy as np
+
     n, H, W, C = images.shape
     ncol = max(1, min(nrow, n))
     rows = math.ceil(n / ncol)
@@ -59,12 +145,54 @@ def image_grid(images: np.ndarray, nrow: int, pad: int = 2) -> np.ndarray:
     return grid
 
 
-def save_png(path: Path, array: np.ndarray) -> None:
-    from PIL import Image
-
+def save_png(path: Path, array) -> None:
     from .io import atomic_path
     with atomic_path(path) as tmp:
-        Image.fromarray(array).save(tmp, format="PNG")
+        write_png(tmp, array)
+
+
+def write_png(path, array) -> None:
+    from PIL import Image
+    Image.fromarray(array).save(path, format="PNG")
+
+
+def default_output(ids: list[int], seed: int) -> Path:
+    """`lasad_<ids>_seed<seed>.png`: every class id up to 8 classes; beyond, the first four, the
+    count of the others and 8 hex digits of a hash of the whole list (distinct lists get distinct
+    names, and the name stays far below the file system's 255 bytes)."""
+    if len(ids) <= 8:
+        tag = "-".join(str(i) for i in ids)
+    else:
+        digest = hashlib.sha256(",".join(str(i) for i in ids).encode()).hexdigest()[:8]
+        tag = "-".join(str(i) for i in ids[:4]) + f"-+{len(ids) - 4}more-{digest}"
+    return Path(f"lasad_{tag}_seed{seed}.png")
+
+
+class LongJobWarning:
+    """A pipeline callback that times the first steps of a run and warns once on stderr when
+    the whole run would take longer than LONG_JOB_SECONDS at that rate."""
+
+    def __init__(self, total_steps: int, device, probe: int = ETA_PROBE_STEPS):
+        self.total, self.device, self.probe = total_steps, device, probe
+        self.calls, self.t1, self.estimate = 0, None, None
+
+    def _now(self) -> float:
+        if self.device.type == "cuda":
+            import torch
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
+    def __call__(self, step, tokens) -> None:
+        self.calls += 1
+        if self.calls == 1:  # the first step pays one-time costs (graph capture): time from here
+            self.t1 = self._now()
+        elif self.calls == 1 + self.probe and self.estimate is None:
+            per_step = (self._now() - self.t1) / self.probe
+            self.estimate = per_step * (self.total - self.calls)
+            if self.estimate > LONG_JOB_SECONDS:
+                click.echo(f"warning: this run will take about {self.estimate / 3600:.1f} hours "
+                           f"({self.total} steps at {per_step * 1e3:.1f} ms each, measured on {self.device}); "
+                           "Ctrl-C stops it and keeps nothing half-written", err=True)
 
 
 NAME = "lasad-run"
@@ -73,19 +201,19 @@ NAME = "lasad-run"
 @click.command(NAME, cls=OneLineCommand, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("-c", "--class", "classes", multiple=True, metavar="ID|NAME",
               help="Class to draw (repeatable): an id, or a name where the checkpoint carries names.")
-@click.option("-n", "--num-samples", default=4, show_default=True, type=click.IntRange(1, 1 << 20),
+@click.option("-n", "--num-samples", default=4, show_default=True, type=click.IntRange(1, MAX_IMAGES),
               help="Images per class.")
-@click.option("--seed", type=click.IntRange(0, (1 << 63) - 1), default=None,
+@click.option("--seed", type=click.IntRange(0, MAX_SEED), default=None,
               help="Random seed (default 0, printed on stderr when not given).")
-@click.option("--cfg-scale", default=4.0, show_default=True, type=float,
+@click.option("--cfg-scale", default=4.0, show_default=True, type=FiniteFloat(-MAX_CFG_SCALE, MAX_CFG_SCALE),
               help="Classifier-free guidance scale (1 = off).")
-@click.option("--cfg-interval", default=-1, show_default=True, type=click.IntRange(min=-1),
+@click.option("--cfg-interval", default=-1, show_default=True, type=click.IntRange(-1, MAX_TOKENS),
               help="Guidance only for positions <= this; -1 = every step.")
-@click.option("--temperature", default=1.0, show_default=True, type=click.FloatRange(min=0),
+@click.option("--temperature", default=1.0, show_default=True, type=FiniteFloat(0, MAX_TEMPERATURE),
               help="Sampling temperature (0 = greedy).")
-@click.option("--top-k", default=2000, show_default=True, type=click.IntRange(min=0),
+@click.option("--top-k", default=2000, show_default=True, type=click.IntRange(0, MAX_TOP_K),
               help="Keep the k most likely tokens (0 = off; LlamaGen's default).")
-@click.option("--top-p", default=1.0, show_default=True, type=click.FloatRange(0, 1, min_open=True),
+@click.option("--top-p", default=1.0, show_default=True, type=FiniteFloat(0, 1, min_open=True),
               help="Top-p (1 = off).")
 @click.option("--grid", default=None, metavar="HxW",
               help="Token grid to generate, e.g. 32x32 (default: the checkpoint's trained grid).")
@@ -95,18 +223,19 @@ NAME = "lasad-run"
               help="'default' (the bundled model; the default), a model folder (save_pretrained), ckpt.pt, "
                    ".safetensors, step.onnx or engine.plan.")
 @click.option("--tokenizer", type=click.Path(path_type=Path), default=None,
-              help="VQ tokenizer checkpoint (default: the one the checkpoint names).")
+              help="VQ tokenizer checkpoint (default: the one the checkpoint names, if it lies in the checkpoint's folder).")
 @click.option("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available).")
 @click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default=None,
               help="Weight precision; the state stays fp32 (default: bf16 on CUDA, fp32 on CPU).")
-@click.option("--max-batch", default=8, show_default=True, type=click.IntRange(1, 65536),
+@click.option("--max-batch", default=8, show_default=True, type=click.IntRange(1, MAX_BATCH),
               help="Images decoded together (buffers are sized for this).")
 @click.option("--no-cuda-graph", is_flag=True, help="Replay nothing: launch every kernel (debugging).")
 @click.option("--threads", default=None, type=click.IntRange(1, 1024),
               help="CPU threads for the token decode (default 1: decode-sized products gain nothing from more).")
 @click.option("-o", "--output", type=click.Path(path_type=Path), default=None,
-              help="PNG grid to write (default: lasad_<classes>_seed<seed>.png).")
-@click.option("--nrow", default=None, type=click.IntRange(min=1), help="Images per grid row (default: num-samples).")
+              help="PNG grid to write (default: lasad_<class ids>_seed<seed>.png; beyond 8 classes "
+                   "lasad_<first 4>-+<N>more-<hash>_seed<seed>.png).")
+@click.option("--nrow", default=None, type=click.IntRange(1, MAX_IMAGES), help="Images per grid row (default: num-samples).")
 @click.option("--save-individual", is_flag=True, help="Also write <output stem>/<i:06d>.png for every image.")
 @click.option("--json", "json_out", is_flag=True, help="Print a JSON summary on stdout.")
 @click.option("--no-progress", is_flag=True, help="No progress bar on stderr.")
@@ -116,8 +245,13 @@ def run_main(classes, num_samples, seed, cfg_scale, cfg_interval, temperature, t
              backend, checkpoint, tokenizer, device, precision, max_batch, no_cuda_graph, threads, output, nrow,
              save_individual, json_out, no_progress, list_classes):
     """Generate class-conditional images with LASADGen and write them as a PNG grid."""
-    from .params import MAX_IMAGES, SamplingParams, parse_grid
+    from .io import check_writable, safe_text
+    from .params import SamplingParams, parse_grid
 
+    if tokenizer is not None and tokenizer.is_dir():
+        raise click.ClickException(f"tokenizer {str(tokenizer)!r} is a folder, not a tokenizer file")
+    if tokenizer is not None and not tokenizer.is_file():
+        raise click.ClickException(f"tokenizer {str(tokenizer)!r} does not exist")
     if not classes and not list_classes:
         raise click.UsageError("no class given: pass --class ID (or --list-classes)")
     params = SamplingParams(cfg_scale=cfg_scale, cfg_interval=cfg_interval, temperature=temperature,
@@ -126,8 +260,10 @@ def run_main(classes, num_samples, seed, cfg_scale, cfg_interval, temperature, t
         grid = parse_grid(grid, None)
     if len(classes) * num_samples > MAX_IMAGES:
         raise click.UsageError(f"{len(classes)} classes x {num_samples} samples: at most {MAX_IMAGES} images per run")
-    if output is not None and output.suffix.lower() != ".png":
-        raise click.UsageError(f"--output {str(output)!r} must end in .png")
+    if output is not None:
+        if output.suffix.lower() != ".png":
+            raise click.UsageError(f"--output {str(output)!r} must end in .png")
+        check_writable(output, "--output")
     t0 = time.perf_counter()
     from .pipeline import LasadPipeline
     pipe = LasadPipeline.from_checkpoint(checkpoint, tokenizer=tokenizer, backend=backend, device=device,
@@ -138,11 +274,11 @@ def run_main(classes, num_samples, seed, cfg_scale, cfg_interval, temperature, t
         if list_classes:
             names = cfg.class_names or []
             for i in range(cfg.num_classes):
-                click.echo(f"{i}\t{names[i]}" if names else str(i))
+                click.echo(f"{i}\t{safe_text(names[i])}" if names else str(i))
             return
         note = pipe.model.checkpoint_meta.get("note")
         if note:
-            click.echo(f"note: {pipe.checkpoint_path.name}: {note}", err=True)
+            click.echo(f"note: {safe_text(pipe.checkpoint_path.name, 80)}: {safe_text(note)}", err=True)
         labels = pipe.class_labels([c for c in classes for _ in range(num_samples)])
         ids = labels.tolist()[::num_samples]
         grid = parse_grid(grid, (cfg.grid_height, cfg.grid_width))
@@ -151,21 +287,19 @@ def run_main(classes, num_samples, seed, cfg_scale, cfg_interval, temperature, t
         if seed is None:
             seed = 0
             click.echo("seed: 0 (the default; --seed N for others)", err=True)
-        if output is None:
-            output = Path(f"lasad_{'-'.join(str(i) for i in ids)}_seed{seed}.png")
+        output = output or default_output(ids, seed)
+        files = _output_files(output, len(labels) if save_individual else 0)
+        for f in files[:3]:  # the files this run writes (the rest share the third's folder and length)
+            check_writable(f, "output")
+        _check_grid_memory(pipe, len(labels), nrow or num_samples, grid)
+        _remove_stale_temps({f.parent for f in files[:3]})
         import torch
         t_load = time.perf_counter() - t0
+        eta = LongJobWarning(-(-len(labels) // pipe.max_batch) * grid.tokens, pipe.device)
         out = pipe(labels, params=params, generator=torch.Generator(pipe.device).manual_seed(seed),
-                   output_type="np", grid=grid, progress=not no_progress)
-        save_png(output, image_grid(out.images, nrow or num_samples))
-        individual = []
-        if save_individual:
-            folder = output.with_suffix("")
-            for i, img in enumerate(out.images):
-                individual.append(str(folder / f"{i:06d}.png"))
-                save_png(Path(individual[-1]), img)
+                   output_type="np", grid=grid, progress=not no_progress, callback=eta)
         record = {
-            "output": str(output), "individual": individual, "classes": ids,
+            "output": str(output), "individual": [str(f) for f in files[2:]], "classes": ids,
             "class_names": [cfg.class_names[i] for i in ids] if cfg.class_names else None,
             "num_samples": num_samples, "seed": seed, "cfg_scale": params.cfg_scale,
             "cfg_interval": params.cfg_interval, "temperature": params.temperature, "top_k": params.top_k,
@@ -178,13 +312,55 @@ def run_main(classes, num_samples, seed, cfg_scale, cfg_interval, temperature, t
             "ms_per_image": round(out.seconds["generate"] * 1e3 / len(labels), 2),
             "state_bytes": pipe.state_nbytes,
         }
-        from .io import atomic_write_text
-        atomic_write_text(output.with_suffix(".json"), json.dumps(record, indent=2) + "\n")
+        text = json.dumps(record, indent=2, allow_nan=False) + "\n"
+        _commit(files, image_grid(out.images, nrow or num_samples), text, out.images)
     if json_out:
-        click.echo(json.dumps(record))
+        click.echo(json.dumps(record, allow_nan=False))
     else:
         click.echo(f"wrote {output} ({len(labels)} images, {grid.h}x{grid.w} tokens) in {out.seconds['generate']:.2f} s "
                    f"+ {out.seconds['vq_decode']:.2f} s VQ decode; parameters in {output.with_suffix('.json')}")
+
+
+def _output_files(output: Path, individual: int) -> list[Path]:
+    """The grid, its JSON record, then `individual` per-image PNGs in the folder <output stem>/."""
+    folder = output.with_suffix("")
+    return [output, output.with_suffix(".json")] + [folder / f"{i:06d}.png" for i in range(individual)]
+
+
+def _check_grid_memory(pipe, n: int, nrow: int, grid) -> None:
+    """The PNG grid (uint8, 2 px padding) beside the n images, checked before the first token;
+    the pipeline checks its own decoding memory."""
+    from .params import check_memory
+    f = getattr(pipe.tokenizer, "downsample_factor", 1)
+    H, W = grid.h * f, grid.w * f
+    ncol = max(1, min(nrow, n))
+    grid_bytes = 3 * (-(-n // ncol) * (H + 2) + 2) * (ncol * (W + 2) + 2)
+    check_memory(grid_bytes + 3 * n * H * W, pipe.device if pipe.device.type == "cpu" else _cpu(),
+                 f"a PNG grid of {n} images of {H}x{W} pixels", "use fewer images per run or --nrow")
+
+
+def _cpu():
+    import torch
+    return torch.device("cpu")
+
+
+def _remove_stale_temps(folders) -> None:
+    from .io import remove_stale_temps
+    for folder in folders:
+        removed = remove_stale_temps(folder)
+        if removed:
+            click.echo(f"removed {len(removed)} temporary file(s) left in {folder} by an interrupted run", err=True)
+
+
+def _commit(files: list[Path], grid, record: str, images) -> None:
+    """Write the grid, its record and the per-image files as one commit: afterwards either all
+    are from this run or none changed (io.atomic_paths)."""
+    from .io import atomic_paths
+    with atomic_paths(files) as temps:
+        write_png(temps[0], grid)
+        Path(temps[1]).write_text(record)
+        for tmp, img in zip(temps[2:], images):
+            write_png(tmp, img)
 
 
 if __name__ == "__main__":

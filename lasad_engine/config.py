@@ -11,8 +11,22 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 
+import math
+
 from .ops.lasad.mask import ROW_START_MODES
+from .params import MAX_GRID_SIDE
+
 OUTPUT_NORMS = ("rms", "group")
+
+# Upper limits of a config's integer fields, checked before a model is built, so a crafted file
+# cannot ask for terabytes. Each is far above every preset (lasad-XXL: 48 layers, width 1536,
+# SwiGLU 4096, vocabulary 16384, 1000 classes) and below what would overflow an index.
+LIMITS = {
+    "vocab_size": 1 << 20, "num_classes": 1 << 20, "n_layer": 1024, "dim": 65536, "n_head": 4096,
+    "head_k_dim": 4096, "head_v_dim": 4096, "ffn_dim": 1 << 20,
+    "grid_height": MAX_GRID_SIDE, "grid_width": MAX_GRID_SIDE,
+}
+MAX_CLASS_NAME = 1024  # characters per class name
 
 
 def _round_up(x: int, multiple: int) -> int:
@@ -50,23 +64,43 @@ class LasadConfig:
     class_names: list[str] | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
+        """Every field checked for type and range (`LIMITS`) before anything uses it: a config
+        read from a file is untrusted."""
+        for name in ("vocab_size", "num_classes", "n_layer", "dim", "n_head", "head_k_dim"):
+            _check_int(name, getattr(self, name))
         if self.head_v_dim is None:
             if self.dim % self.n_head:
                 raise ValueError(f"dim={self.dim} is not divisible by n_head={self.n_head}")
             self.head_v_dim = self.dim // self.n_head
         if self.ffn_dim is None:
             self.ffn_dim = _round_up(int(2 * 4 * self.dim / 3), 256)
-        if self.row_start not in ROW_START_MODES:
-            raise ValueError(f"row_start={self.row_start!r} is not one of {', '.join(ROW_START_MODES)}")
-        if self.output_norm not in OUTPUT_NORMS:
-            raise ValueError(f"output_norm={self.output_norm!r} is not one of {', '.join(OUTPUT_NORMS)}")
-        for name in ("vocab_size", "num_classes", "n_layer", "dim", "n_head", "head_k_dim",
-                     "head_v_dim", "ffn_dim", "grid_height", "grid_width"):
+        for name in ("head_v_dim", "ffn_dim", "grid_height", "grid_width"):
+            _check_int(name, getattr(self, name))
+        for name, choices in (("row_start", ROW_START_MODES), ("output_norm", OUTPUT_NORMS)):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name}={value!r} must be a positive integer")
-        if self.class_names is not None and len(self.class_names) != self.num_classes:
-            raise ValueError(f"class_names has {len(self.class_names)} entries, expected num_classes={self.num_classes}")
+            if not isinstance(value, str) or value not in choices:
+                raise ValueError(f"{name}={value!r} is not one of {', '.join(choices)}")
+        for name in ("use_lower_bound", "decay"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name}={getattr(self, name)!r} must be true or false")
+        for name, low, high in (("norm_eps", 0.0, 1.0), ("token_dropout", 0.0, 1.0), ("resid_dropout", 0.0, 1.0),
+                                ("ffn_dropout", 0.0, 1.0), ("class_dropout", 0.0, 1.0),
+                                ("initializer_range", 0.0, 1.0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                    or not low <= value <= high or (name == "norm_eps" and value == 0):
+                raise ValueError(f"{name}={value!r} must be a number in {'(' if name == 'norm_eps' else '['}{low:g}, {high:g}]")
+            setattr(self, name, float(value))
+        if self.class_names is not None:
+            names = self.class_names
+            if not isinstance(names, (list, tuple)) or not all(isinstance(n, str) for n in names):
+                raise ValueError("class_names must be a list of strings")
+            if len(names) != self.num_classes:
+                raise ValueError(f"class_names has {len(names)} entries, expected num_classes={self.num_classes}")
+            longest = max(names, key=len, default="")
+            if len(longest) > MAX_CLASS_NAME:
+                raise ValueError(f"class name of {len(longest)} characters: at most {MAX_CLASS_NAME}")
+            self.class_names = list(names)
 
     @property
     def null_class(self) -> int:
@@ -105,6 +139,8 @@ class LasadConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "LasadConfig":
+        if not isinstance(d, dict):
+            raise ValueError(f"a config is a JSON object of LasadConfig fields, not a {type(d).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
@@ -126,6 +162,11 @@ class LasadConfig:
         if key not in LASAD_PRESETS:
             raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(LASAD_PRESET_NAMES)}")
         return cls(**{**LASAD_PRESETS[key], **overrides})
+
+
+def _check_int(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= LIMITS[name]:
+        raise ValueError(f"{name}={value!r} must be an integer in 1..{LIMITS[name]}")
 
 
 # Parameter counts with vocab 16384 and 1000 classes (1001 class rows), untied head.

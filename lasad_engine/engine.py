@@ -9,8 +9,9 @@ the backend is capturable the whole step (model + sampler) is captured once as a
 tokens overwrite the sampled ones), so the loop the parity tests prove is the loop users run.
 
 Calls on one engine are serialised by a lock: its buffers are shared, so two threads would
-otherwise overwrite each other's state. A server that wants parallel requests uses one engine
-(or pipeline) per worker, or batches requests into one call.
+otherwise overwrite each other's state. A call that arrives while another runs waits for it, then
+runs on the same buffers; its tokens are exactly those it gets alone. A server that wants parallel
+requests uses one engine (or pipeline) per worker, or batches requests into one call.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import torch
 from .backends import Backend, make_backend
 from .graphs import CudaGraphRunner
 from .model import LasadState
-from .params import ClassLabels, EngineError, Grid, SamplingParams, parse_grid
+from .params import MAX_BATCH, ClassLabels, EngineError, Grid, SamplingParams, check_memory, parse_grid
 from .sampling import draw_noise, sample
 
 # Noise is drawn in blocks of this many steps, per image from that image's own generator (seeded
@@ -84,21 +85,6 @@ def estimate_buffer_bytes(model, max_images: int, n_tokens: int) -> int:
             + 4 * NOISE_BLOCK * max_images * cfg.vocab_size + 8 * max_images * n_tokens)
 
 
-def _check_memory(nbytes: int, device: torch.device, what: str) -> None:
-    """Refuse, in one line, an allocation the device cannot hold."""
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-    else:
-        import os
-        try:
-            free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-        except (ValueError, OSError, AttributeError):
-            return
-    if nbytes > free:
-        raise EngineError(f"{what} needs {nbytes / 2**30:.1f} GiB but {device} has {free / 2**30:.1f} GiB free; "
-                          "use a smaller --max-batch or grid")
-
-
 class LasadEngine:
     """Token-by-token generation with a constant memory footprint.
 
@@ -109,22 +95,23 @@ class LasadEngine:
 
     def __init__(self, model, *, backend: str = "torch", device=None, max_batch: int = 8,
                  use_cuda_graph: bool = True, artifact=None):
-        if isinstance(max_batch, bool) or not isinstance(max_batch, int) or not 1 <= max_batch <= 65536:
-            raise EngineError(f"max_batch={max_batch!r} must be an integer in 1..65536")
+        if isinstance(max_batch, bool) or not isinstance(max_batch, int) or not 1 <= max_batch <= MAX_BATCH:
+            raise EngineError(f"max_batch={max_batch!r} must be an integer in 1..{MAX_BATCH}")
         self.model = model.eval()
         self.device = torch.device(device) if device is not None else model.output.weight.device
-        _check_memory(estimate_buffer_bytes(model, max_batch, model.config.seq_len), self.device,
-                      f"max_batch={max_batch}")
+        check_memory(estimate_buffer_bytes(model, max_batch, model.config.seq_len), self.device,
+                     f"max_batch={max_batch}")
         self.backend: Backend = make_backend(backend, model, self.device, artifact)
         self.backend.cuda_graph = use_cuda_graph
         self.graphs = (CudaGraphRunner(self.device) if use_cuda_graph and self.backend.capturable
                        and self.device.type == "cuda" else None)
         self.buffers = DecodeBuffers(model, max_batch, self.device)
+        self._max_batch = max_batch
         self._lock = threading.RLock()
 
     @property
     def max_batch(self) -> int:
-        return self.buffers.max_images
+        return self._max_batch
 
     @property
     def state_nbytes(self) -> int:
@@ -132,12 +119,22 @@ class LasadEngine:
         return self.buffers.state.state_bytes
 
     def close(self) -> None:
-        """Free the graphs, the backend's resources and the buffers."""
+        """Free the graphs, the backend's resources and the buffers (waits for a running call)."""
         with self._lock:
+            if self.buffers is None:
+                return
             if self.graphs is not None:
                 self.graphs.close()
             self.backend.close()
             self.buffers = None
+
+    def _check_request(self, n: int, n_tokens: int) -> None:
+        """A request that fits: the engine is open, and a larger grid's token buffer and the
+        tokens returned fit in memory (checked before the first step)."""
+        if self.buffers is None:
+            raise EngineError("this engine was closed")
+        grow = 8 * self.max_batch * n_tokens if self.buffers.tokens.numel() < self.max_batch * n_tokens else 0
+        check_memory(grow + 2 * 8 * n * n_tokens, self.device, f"{n} images of {n_tokens} tokens")
 
     def _step_fn(self, n: int, n_tokens: int, params: SamplingParams) -> Callable[[], None]:
         """The whole decode step for n images: model step, sampling, bookkeeping. Reads and
@@ -172,7 +169,11 @@ class LasadEngine:
 
     def _image_generators(self, generator: torch.Generator | None, n: int) -> list[torch.Generator]:
         """One generator per image, seeded from the caller's (torch's global CPU one if None)."""
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise EngineError(f"generator={type(generator).__name__}: pass a torch.Generator (or None)")
         device = generator.device if generator is not None else torch.device("cpu")
+        if device.type not in ("cpu", self.device.type):
+            raise EngineError(f"generator on {device}: use a CPU generator or one on {self.device}")
         seeds = torch.randint(0, 2**62, (n,), generator=generator, device=device).tolist()
         return [torch.Generator(device).manual_seed(s) for s in seeds]
 
@@ -193,11 +194,16 @@ class LasadEngine:
         Returns:
             int64 tokens `[n, N]`: a view of the engine's token buffer (copy it to keep it).
         """
+        with self._lock:
+            return self._decode(labels, grid, params, generators, forced, on_step, progress)
+
+    def _decode(self, labels, grid, params, generators, forced, on_step, progress) -> torch.Tensor:
         ids_in, n = labels.ids.to(self.device), len(labels)
         if n > self.max_batch:
             raise EngineError(f"{n} images exceed max_batch={self.max_batch}")
         N = grid.tokens
         T = N if forced is None else forced.shape[1]
+        self._check_request(n, max(N, T))
         b = self.buffers
         if b.ensure_tokens(max(N, T)) and self.graphs is not None:
             self.graphs.close()  # captured steps saw the old token buffer
@@ -252,7 +258,12 @@ class LasadEngine:
         labels = ClassLabels.of(labels, cfg.num_classes)
         grid = parse_grid(grid, (cfg.grid_height, cfg.grid_width))
         on_step = None if callback is None else (lambda p, state, tokens: callback(p, tokens))
+        if not isinstance(params, SamplingParams):
+            raise EngineError(f"params={type(params).__name__}: pass a SamplingParams")
+        if callback is not None and not callable(callback):
+            raise EngineError(f"callback={type(callback).__name__} is not callable")
         with self._lock:
+            self._check_request(len(labels), grid.tokens)
             gens = self._image_generators(generator, len(labels)) if params.temperature != 0 else None
             out = []
             for start in range(0, len(labels), self.max_batch):
@@ -276,6 +287,8 @@ class LasadEngine:
         width = cfg.grid_width if width is None else width
         params = SamplingParams(cfg_scale=2.0 if cfg_rows else 1.0, temperature=0.0, top_k=0)
         rows = 2 * n if cfg_rows else n
+        check_memory(4 * rows * T * cfg.vocab_size, self.device, f"the logits of {rows} rows x {T} steps",
+                     "use fewer images or steps")
         out = torch.empty(rows, T, cfg.vocab_size, device=self.device)
 
         def keep(p, state, _tokens):

@@ -1,12 +1,26 @@
 """Atomic file writes: a temporary file in the target's folder, then one rename. A crash or an
-error leaves the user's previous file untouched and no half-written output behind."""
+error leaves the user's previous file untouched and no half-written output behind.
+
+Temporary files are named `.{name}.{8 random characters}.tmp` (`TEMP_PATTERN`) beside their
+target; a run that was killed leaves them behind, and the next command that writes into that
+folder removes the ones older than itself (`remove_stale_temps`). Several files that belong
+together (an image and its record) are committed by `atomic_paths`: all or none.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
 import tempfile
+import time
+import unicodedata
 from pathlib import Path
+
+# mkstemp's names: prefix + 8 characters of [a-z0-9_] + suffix.
+TEMP_PATTERN = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp$")
+# A file name's temp adds ".", "." + 8 characters and ".tmp" to it: keep names this much under NAME_MAX.
+TEMP_OVERHEAD = 14
 
 
 class UserError(ValueError):
@@ -20,6 +34,17 @@ def _default_mode() -> int:
     return 0o666 & ~umask
 
 
+def _temp_beside(path: Path) -> str:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    return tmp
+
+
+def _rename(src, dst) -> None:
+    """os.replace; the one rename of a commit (tests replace it to inject a failure)."""
+    os.replace(src, dst)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike):
     """Yield a temporary path beside `path`; on success rename it onto `path`, else delete it.
@@ -29,16 +54,157 @@ def atomic_path(path: str | os.PathLike):
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    tmp = _temp_beside(path)
     try:
         yield tmp
         os.chmod(tmp, _default_mode())  # mkstemp makes 0600; give the file the usual mode
-        os.replace(tmp, path)
+        _rename(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+@contextlib.contextmanager
+def atomic_paths(paths):
+    """Yield one temporary path per target; on success commit them all, else change nothing.
+
+    The commit renames the temps onto their targets one by one, after keeping a hard link (or a
+    copy) of each target that exists; if a rename fails, the targets already replaced get their
+    previous content back (or are removed if they did not exist) before the error propagates.
+    So an error or an interrupt (Ctrl-C, SIGTERM) leaves either every file from this run or
+    every file as it was. (A SIGKILL in the middle of the renames cannot be caught: its leftovers
+    are temps that `remove_stale_temps` removes.)
+
+    >>> with atomic_paths(["grid.png", "grid.json"]) as (png, js):
+    ...     write_png(png); write_json(js)
+    """
+    paths = [Path(p) for p in paths]
+    temps: list[str] = []
+    try:
+        for p in paths:
+            p.parent.mkdir(parents=True, exist_ok=True)
+            temps.append(_temp_beside(p))
+        yield list(temps)
+        mode = _default_mode()
+        for t in temps:
+            os.chmod(t, mode)
+        _commit(paths, temps)
+    except BaseException:
+        for t in temps:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(t)
+        raise
+
+
+def _commit(paths: list[Path], temps: list[str]) -> None:
+    backups: list[str | None] = []
+    try:
+        for p in paths:
+            backups.append(_keep_copy(p) if p.exists() else None)
+        done = 0
+        try:
+            for p, t in zip(paths, temps):
+                _rename(t, p)
+                done += 1
+        except BaseException:
+            for p, b in zip(paths[:done], backups[:done]):
+                if b is None:
+                    os.unlink(p)
+                else:
+                    os.replace(b, p)
+            raise
+    finally:
+        for b in backups:
+            if b is not None:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(b)
+
+
+def _keep_copy(path: Path) -> str:
+    """A temp beside `path` with its current content (a hard link where the file system allows)."""
+    tmp = _temp_beside(path)
+    os.unlink(tmp)
+    try:
+        os.link(path, tmp)
+    except OSError:
+        import shutil
+        shutil.copy2(path, tmp)
+    return tmp
+
+
+def _process_start_time() -> float:
+    """When this process started (seconds since the epoch): /proc on Linux, else now."""
+    try:
+        with open("/proc/self/stat") as f:
+            ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/stat") as f:
+            boot = next(int(line.split()[1]) for line in f if line.startswith("btime "))
+        return boot + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return time.time()
+
+
+PROCESS_START = _process_start_time()
+
+
+def remove_stale_temps(folder: str | os.PathLike) -> list[str]:
+    """Remove the temps of killed runs from `folder`: files named like ours (`TEMP_PATTERN`),
+    owned by this user, last written before this process started. Returns their names."""
+    removed = []
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return removed
+    uid = os.getuid() if hasattr(os, "getuid") else None
+    for e in entries:
+        if not TEMP_PATTERN.match(e.name):
+            continue
+        try:
+            st = e.stat(follow_symlinks=False)
+            if not e.is_file(follow_symlinks=False) or (uid is not None and st.st_uid != uid):
+                continue
+            if st.st_mtime < PROCESS_START - 1:  # one second of slack for clock granularity
+                os.unlink(e.path)
+                removed.append(e.name)
+        except OSError:
+            continue
+    return removed
+
+
+def check_writable(path: str | os.PathLike, what: str = "output") -> None:
+    """Refuse, before any work, a file that cannot be written: its name too long for the file
+    system (with room for its temp's name), a parent that is a file, or a folder this process
+    cannot create files in (tried with a temp file, which root's permission checks need)."""
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{what} {str(path)!r} is a folder; give a file name")
+    folder = path.parent
+    existing = folder
+    while not existing.exists():
+        if existing.parent == existing:
+            break
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UserError(f"{what} {str(path)!r}: {str(existing)!r} is not a folder")
+    try:
+        name_max = os.pathconf(existing, "PC_NAME_MAX")
+    except (OSError, ValueError, AttributeError):
+        name_max = 255
+    for part in path.parts[:-1]:
+        if len(os.fsencode(part)) > name_max:
+            raise UserError(f"{what} {str(path)!r}: the folder name {part[:40]!r}... is longer than this file "
+                            f"system allows ({name_max} bytes)")
+    n = len(os.fsencode(path.name))
+    if n > name_max - TEMP_OVERHEAD:
+        raise UserError(f"{what} {str(path)!r}: its name has {n} bytes; this file system allows {name_max}, "
+                        f"and lasad needs {TEMP_OVERHEAD} of them for its temp file: choose a shorter name")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".lasad-probe.", suffix=".tmp", dir=existing)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise UserError(f"{what} {str(path)!r}: cannot write in {str(existing)!r} ({e.strerror or e})") from None
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
@@ -68,6 +234,55 @@ def clean_state_dict(state_dict) -> dict:
                     key, changed = key[len(prefix):], True
         out[key] = value
     return out
+
+
+def safe_text(text, limit: int = 200) -> str:
+    """Text from a file (a checkpoint's note, a class name) made safe to print: control and
+    format characters (escape sequences, bidi overrides) shown as escapes, one line, at most
+    `limit` characters."""
+    out = []
+    for ch in str(text):
+        if ch in "\t\n\r":
+            out.append(" ")
+        elif unicodedata.category(ch) in ("Cc", "Cf", "Cs", "Co", "Zl", "Zp"):
+            out.append(ch.encode("unicode_escape").decode("ascii"))
+        else:
+            out.append(ch)
+    s = " ".join("".join(out).split())
+    return s if len(s) <= limit else s[: limit - 3] + "..."
+
+
+def torch_load_reason(exc: BaseException) -> str:
+    """Why torch.load(weights_only=True) refused a file, in one short clause. torch's refusal is
+    several paragraphs that begin with how to turn the safety off; lasad never does, so it says
+    only what the file holds."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
+    found = re.search(r"unsupported global:?\s+(?:GLOBAL\s+)?([\w.]+)", text, re.IGNORECASE)
+    if found:
+        return (f"it holds pickled Python objects ({found.group(1)[:80]}), which files saved by lasad never do; "
+                "lasad loads only tensors and plain values, so it ran nothing from it")
+    if "Weights only load failed" in text or "WeightsUnpickler" in text:
+        operand = re.search(r"(Unsupported operand \S+|Unsupported class \S+)", text)
+        return f"damaged, or not a torch file ({operand.group(1)[:80] if operand else 'unreadable pickle'})"
+    return one_line(f"{type(exc).__name__}: {text}")
+
+
+def loads_strict(text: str):
+    """json.loads that refuses NaN and infinities (Python's json reads them; they are not JSON)."""
+    import json
+
+    def refuse(name):
+        raise ValueError(f"{name} is not a JSON value")
+    return json.loads(text, parse_constant=refuse)
+
+
+def nonfinite_tensor(state) -> str | None:
+    """The name of the first floating tensor of a state dict with a NaN or an infinity, or None
+    (one pass of isfinite over the weights)."""
+    for name, t in state.items():
+        if hasattr(t, "is_floating_point") and t.is_floating_point() and not bool(t.isfinite().all()):
+            return name
+    return None
 
 
 def one_line(e, limit: int = 200) -> str:

@@ -13,7 +13,13 @@ from .io import UserError
 # Sane bounds, checked before anything is allocated. A side of 1024 tokens is a 16k-pixel image
 # with a 16x VQ; a request of 1M images would take days at the fastest rates measured here.
 MAX_GRID_SIDE = 1024
+MAX_TOKENS = MAX_GRID_SIDE * MAX_GRID_SIDE
 MAX_IMAGES = 1 << 20
+MAX_BATCH = 1 << 16         # images decoded together (buffers are sized for this)
+MAX_SEED = (1 << 63) - 1    # torch generators take 64-bit seeds; 0 .. 2**63-1 is portable
+MAX_CFG_SCALE = 100.0       # |cfg_scale|; LlamaGen uses 1.5-10
+MAX_TEMPERATURE = 100.0     # logits / 100 is already nearly uniform
+MAX_TOP_K = 1 << 20         # the largest vocabulary a config may have; top_k >= vocab is off
 
 
 class EngineError(UserError):
@@ -48,14 +54,16 @@ class SamplingParams:
         set_(self, "top_p", _number("top_p", self.top_p))
         set_(self, "top_k", _number("top_k", self.top_k, int))
         set_(self, "cfg_interval", _number("cfg_interval", self.cfg_interval, int))
-        if self.temperature < 0:
-            raise EngineError(f"temperature={self.temperature} must be >= 0 (0 = greedy)")
-        if self.top_k < 0:
-            raise EngineError(f"top_k={self.top_k} must be an integer >= 0 (0 = off)")
+        if not abs(self.cfg_scale) <= MAX_CFG_SCALE:
+            raise EngineError(f"cfg_scale={self.cfg_scale} must be in -{MAX_CFG_SCALE:g}..{MAX_CFG_SCALE:g} (1 = off)")
+        if not 0 <= self.temperature <= MAX_TEMPERATURE:
+            raise EngineError(f"temperature={self.temperature} must be in 0..{MAX_TEMPERATURE:g} (0 = greedy)")
+        if not 0 <= self.top_k <= MAX_TOP_K:
+            raise EngineError(f"top_k={self.top_k} must be an integer in 0..{MAX_TOP_K} (0 = off)")
         if not 0 < self.top_p <= 1:
             raise EngineError(f"top_p={self.top_p} must be in (0, 1] (1 = off)")
-        if self.cfg_interval < -1:
-            raise EngineError(f"cfg_interval={self.cfg_interval} must be an integer >= -1 (-1 = always)")
+        if not -1 <= self.cfg_interval <= MAX_TOKENS:
+            raise EngineError(f"cfg_interval={self.cfg_interval} must be an integer in -1..{MAX_TOKENS} (-1 = always)")
 
     @property
     def cfg(self) -> bool:
@@ -139,6 +147,34 @@ class ClassLabels:
 
     def tolist(self) -> list[int]:
         return self.ids.tolist()
+
+
+def available_bytes(device) -> int | None:
+    """Free memory of a torch device (CUDA: the driver's count; CPU: available physical pages),
+    or None where it cannot be read."""
+    if device.type == "cuda":
+        import torch
+        free, _ = torch.cuda.mem_get_info(device)
+        return free
+    import os
+    try:
+        with open("/proc/meminfo") as f:  # MemAvailable counts reclaimable page cache
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_memory(nbytes: int, device, what: str, hint: str = "use a smaller --max-batch or grid") -> None:
+    """Refuse, in one line, an allocation the device cannot hold (before it is tried)."""
+    free = available_bytes(device)
+    if free is not None and nbytes > free:
+        raise EngineError(f"{what} needs {nbytes / 2**30:.1f} GiB but {device} has {free / 2**30:.1f} GiB free; {hint}")
 
 
 def resolve_device(device=None):

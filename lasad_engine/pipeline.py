@@ -2,7 +2,8 @@
 
 The pipeline is the edge of the Python API: it turns names into ids, keyword arguments into
 `SamplingParams`, and returns everything `lasad-run` writes (images, tokens, timings), so the CLI
-adds nothing but files. Calls are serialised by a lock (the engine's buffers are shared).
+adds nothing but files. Calls are serialised by a lock (the engine's buffers are shared): a
+call made while another runs waits, then gets exactly the result it would get alone.
 The conventions of diffusers / Hugging Face hold: `from_pretrained(dir)` / `save_pretrained(dir)`
 (the folder layout is in pretrained.py), `.to(device, dtype)`, `set_progress_bar_config(...)`.
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import itertools
 import os
 import threading
 import time
@@ -21,16 +23,19 @@ import numpy as np
 import torch
 
 from .backends import ARTIFACT_BACKENDS
-from .checkpoint import CheckpointError, file_fingerprint, load_checkpoint, resolve_checkpoint
+from .checkpoint import ASSETS, CheckpointError, file_fingerprint, load_checkpoint, resolve_checkpoint
 from .engine import LasadEngine
-from .params import ClassLabels, EngineError, Grid, SamplingParams, parse_grid, resolve_device
+from .io import safe_text
+from .params import MAX_IMAGES, ClassLabels, EngineError, Grid, SamplingParams, check_memory, parse_grid, \
+    resolve_device
 
 OUTPUT_TYPES = ("pil", "np", "pt", "tokens")
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DECODE_BATCH = 16  # images VQ-decoded together
 
 
 @torch.no_grad()
-def decode_codes(tokenizer, tokens: torch.Tensor, device, batch: int = 16) -> torch.Tensor:
+def decode_codes(tokenizer, tokens: torch.Tensor, device, batch: int = DECODE_BATCH) -> torch.Tensor:
     """VQ-decode int64 codes `[n, h, w]` in batches to float images `[n, 3, H, W]` in [0, 1]."""
     outs = [tokenizer.decode_code(t.to(device)).float() for t in tokens.split(batch)]
     return ((torch.cat(outs) + 1) / 2).clamp(0, 1)
@@ -112,6 +117,7 @@ class LasadPipeline:
         self.engine = self._build_engine()
         self.checkpoint_path = getattr(model, "checkpoint_path", None)
         self.checkpoint_id = getattr(model, "checkpoint_id", None)
+        self.tokenizer_refused: str | None = None  # why the tokenizer a checkpoint names was not loaded
         self._lock = threading.RLock()
 
     @property
@@ -166,9 +172,11 @@ class LasadPipeline:
             model, artifact = _artifact_model(path, kind), path
         else:
             model = load_checkpoint(path, device=device, dtype=PRECISIONS[precision])
-        tok = _load_named_tokenizer(tokenizer, model.checkpoint_meta.get("tokenizer"), path, device)
-        return cls(model, tok, backend=backend, device=device, max_batch=max_batch,
+        tok, refused = _load_named_tokenizer(tokenizer, model.checkpoint_meta.get("tokenizer"), path, device)
+        pipe = cls(model, tok, backend=backend, device=device, max_batch=max_batch,
                    use_cuda_graph=use_cuda_graph, artifact=artifact, threads=threads)
+        pipe.tokenizer_refused = refused
+        return pipe
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | os.PathLike = "default", **options) -> "LasadPipeline":
@@ -316,30 +324,54 @@ class LasadPipeline:
         first when the checkpoint has one spelled that way)."""
         C = self.model.config.num_classes
         names = self.class_names
-        if isinstance(label, (int, np.integer)) and not isinstance(label, bool):
+        if isinstance(label, (int, np.integer)) and not isinstance(label, (bool, np.bool_)):
             return int(label)  # the range is checked once, by ClassLabels
         if not isinstance(label, str):
-            raise EngineError(f"class {label!r} is neither an id nor a name")
+            raise EngineError(f"class {safe_text(repr(label), 80)} is neither an id nor a name")
         key = label.strip().lower()
-        lowered = {n.lower(): i for i, n in enumerate(names or [])}
+        lowered = self._name_index()
         if key in lowered:
             return lowered[key]
-        if key.isdigit():
+        if key.isascii() and key.isdigit() and len(key) <= 18:
             return int(key)
+        shown = safe_text(repr(label), 80)
         if not names:
-            raise EngineError(f"class {label!r} is not an id, and this checkpoint carries no class names; use 0..{C - 1}")
-        close = difflib.get_close_matches(key, list(lowered), n=3, cutoff=0.6)
-        hint = f"; did you mean {', '.join(repr(names[lowered[c]]) for c in close)}?" if close else "; see --list-classes"
-        raise EngineError(f"unknown class {label!r}{hint}")
+            raise EngineError(f"class {shown} is not an id, and this checkpoint carries no class names; use 0..{C - 1}")
+        close = difflib.get_close_matches(key[:200], list(lowered), n=3, cutoff=0.6)
+        hint = (f"; did you mean {', '.join(safe_text(repr(names[lowered[c]]), 60) for c in close)}?" if close
+                else "; see --list-classes")
+        raise EngineError(f"unknown class {shown}{hint}")
+
+    def _name_index(self) -> dict[str, int]:
+        """Lower-cased class name -> id (the first of equal names), built once."""
+        if getattr(self, "_names_lowered", None) is None:
+            index: dict[str, int] = {}
+            for i, n in enumerate(self.class_names or []):
+                index.setdefault(n.strip().lower(), i)
+            self._names_lowered = index
+        return self._names_lowered
 
     def class_labels(self, labels) -> ClassLabels:
         """Ids or names (one, or a list) -> validated ClassLabels."""
         if isinstance(labels, ClassLabels):
-            return labels
+            if labels.num_classes == self.model.config.num_classes:
+                return labels  # validated once already
+            labels = labels.ids
         if isinstance(labels, (int, str, np.integer)):
             labels = [labels]
         if isinstance(labels, torch.Tensor):
+            if labels.dtype == torch.bool or labels.dtype.is_floating_point or labels.dtype.is_complex:
+                raise EngineError(f"class labels of dtype {labels.dtype}: pass integer ids or names")
             labels = labels.reshape(-1).tolist()
+        elif isinstance(labels, np.ndarray):
+            if labels.dtype.kind not in "iu":
+                raise EngineError(f"class labels of dtype {labels.dtype}: pass integer ids or names")
+            labels = labels.reshape(-1).tolist()
+        if isinstance(labels, (dict, bytes, set)) or not hasattr(labels, "__iter__"):
+            raise EngineError(f"class labels {type(labels).__name__}: pass an id, a name, or a list of them")
+        labels = list(itertools.islice(labels, MAX_IMAGES + 1))  # any iterable (range, generator), bounded
+        if len(labels) > MAX_IMAGES:
+            raise EngineError(f"{len(labels)} class labels: at most {MAX_IMAGES} per request")
         return ClassLabels.of([self.class_id(c) for c in labels], self.model.config.num_classes)
 
     @torch.no_grad()
@@ -365,11 +397,15 @@ class LasadPipeline:
         Returns:
             LasadPipelineOutput(images, tokens int64 [n, h, w], seconds).
         """
-        if output_type not in OUTPUT_TYPES:
-            raise EngineError(f"output_type={output_type!r} is not one of {', '.join(OUTPUT_TYPES)}")
+        if not isinstance(output_type, str) or output_type not in OUTPUT_TYPES:
+            raise EngineError(f"output_type={safe_text(repr(output_type), 60)} is not one of {', '.join(OUTPUT_TYPES)}")
         if params is None:
             params = SamplingParams(cfg_scale=cfg_scale, cfg_interval=cfg_interval, temperature=temperature,
                                     top_k=top_k, top_p=top_p)
+        elif not isinstance(params, SamplingParams):
+            raise EngineError(f"params={type(params).__name__}: pass a SamplingParams (or the sampling keywords)")
+        if callback is not None and not callable(callback):
+            raise EngineError(f"callback={type(callback).__name__} is not callable")
         cfg = self.model.config
         with self._lock:
             if self.engine is None:
@@ -377,7 +413,7 @@ class LasadPipeline:
             labels = self.class_labels(class_labels)
             grid = parse_grid(grid, (cfg.grid_height, cfg.grid_width))
             if output_type != "tokens":
-                self._check_decodable(len(labels), grid)
+                self._check_decodable(len(labels), grid, output_type)
             _sync(self.device)
             t0 = time.perf_counter()
             with cpu_threads(self.decode_threads):
@@ -398,21 +434,29 @@ class LasadPipeline:
         from PIL import Image
         return LasadPipelineOutput([Image.fromarray(a) for a in arr], tokens, seconds)
 
-    def _check_decodable(self, n: int, grid: Grid) -> None:
-        """The VQ decoder's memory, checked before the first token is generated."""
-        if self.tokenizer is None:
-            raise EngineError("this checkpoint names no VQ tokenizer; pass tokenizer=... or use output_type='tokens'")
+    def _check_decodable(self, n: int, grid: Grid, output_type: str) -> None:
+        """The VQ decoder and the pictures, checked against free memory before the first token:
+        the decoder's peak for one batch (`decode_bytes`) plus the n images it returns."""
+        self._require_tokenizer()
+        f = self.tokenizer.downsample_factor if hasattr(self.tokenizer, "downsample_factor") else 1
+        pixels = 3 * grid.h * f * grid.w * f
+        # decode_codes: the float batches, their concatenation and two element-wise results;
+        # to_uint8 and PIL: a scaled float copy and the uint8 arrays.
+        kept = n * pixels * (12 if output_type == "pt" else 17)
         estimate = getattr(self.tokenizer, "decode_bytes", None)
-        if estimate is None:
-            return
-        from .engine import _check_memory
-        _check_memory(estimate(min(n, 16), grid.h, grid.w), self.device, f"VQ-decoding a {grid.h}x{grid.w} grid")
+        peak = estimate(min(n, DECODE_BATCH), grid.h, grid.w) if estimate is not None else 0
+        check_memory(peak + kept, self.device, f"VQ-decoding {n} image(s) of {grid.h}x{grid.w} tokens",
+                     "use fewer images per call, a smaller grid, or output_type='tokens'")
+
+    def _require_tokenizer(self) -> None:
+        if self.tokenizer is None:
+            raise EngineError(self.tokenizer_refused or "this checkpoint names no VQ tokenizer; pass tokenizer=... "
+                              "(--tokenizer) or use output_type='tokens'")
 
     @torch.no_grad()
-    def decode(self, tokens: torch.Tensor, batch: int = 16) -> torch.Tensor:
+    def decode(self, tokens: torch.Tensor, batch: int = DECODE_BATCH) -> torch.Tensor:
         """VQ-decode tokens `[n, h, w]` to float images `[n, 3, H, W]` in [0, 1]."""
-        if self.tokenizer is None:
-            raise EngineError("this checkpoint names no VQ tokenizer; pass tokenizer=... or use output_type='tokens'")
+        self._require_tokenizer()
         return decode_codes(self.tokenizer, tokens, self.device, batch)
 
 
@@ -433,18 +477,34 @@ def _artifact_model(path: Path, kind: str):
 
 
 def _load_named_tokenizer(given, named, checkpoint: Path, device):
-    """The VQ tokenizer: `given` by the user, else the one the checkpoint names (relative to the
-    checkpoint's folder), else None."""
+    """(tokenizer, why not): `given` by the user, else the one the checkpoint names, else None.
+
+    A checkpoint names its tokenizer relative to its own folder, and only a file inside that
+    folder (or the package's own bundled tokenizer, which exports of the bundled model name) is
+    followed: a name that is absolute or leaves the folder (`..`, a link out) is not opened (a checkpoint from elsewhere must not make lasad read arbitrary files); the
+    pipeline then serves tokens, and asks for `tokenizer=` (--tokenizer) when images are wanted.
+    """
     from .tokenizer import load_tokenizer
-    vq = given or named
-    if vq is None:
-        return None
-    vq = Path(vq)
-    if not vq.is_absolute() and given is None:
-        vq = checkpoint.parent / vq  # checkpoints name their tokenizer relative to themselves
+    if given is not None:
+        vq, source = Path(given), "--tokenizer"
+    elif named is None:
+        return None, None
+    else:
+        if not isinstance(named, str) or not named:
+            raise CheckpointError(f"{checkpoint}: damaged metadata (tokenizer is {safe_text(repr(named), 60)})")
+        folder = checkpoint.parent.resolve()
+        vq = (folder / named).resolve()
+        bundled = vq.is_relative_to(ASSETS) and vq.is_file()
+        if not bundled and (Path(named).is_absolute() or not vq.is_relative_to(folder)):
+            return None, (f"{checkpoint} names its tokenizer {safe_text(named, 120)!r}, outside the checkpoint's "
+                          "folder; lasad opens only tokenizer files inside it: pass tokenizer=PATH (--tokenizer "
+                          "PATH) to use that file")
+        source = f"named by {checkpoint}"
+    if vq.is_dir():
+        raise CheckpointError(f"{vq}: is a folder, not a tokenizer file ({source})")
     if not vq.is_file():
-        raise CheckpointError(f"{vq}: tokenizer file not found (named by {checkpoint})")
+        raise CheckpointError(f"{vq}: tokenizer file not found ({source})")
     try:
-        return load_tokenizer(vq, device=device)
-    except ValueError as e:
+        return load_tokenizer(vq, device=device), None
+    except (ValueError, OSError) as e:
         raise CheckpointError(str(e)) from None

@@ -24,7 +24,6 @@ import contextlib
 import dataclasses
 import json
 import os
-import re
 from dataclasses import dataclass
 from typing import Any, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
 
@@ -32,7 +31,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .io import atomic_path, clean_state_dict, key_diff, one_line
+from .io import atomic_path, clean_state_dict, key_diff, nonfinite_tensor, one_line, torch_load_reason
 
 __all__ = ["VQConfig", "VQModel", "VQ_PRESETS", "load_tokenizer", "save_tokenizer"]
 
@@ -44,6 +43,12 @@ _FORMAT_NAME = "lasad-vq"
 _FORMAT_VERSION = 1
 
 
+
+
+# Upper limits of a VQConfig's fields, far above LlamaGen's VQ-16 (codebook 16384 x 8, 5 levels,
+# base width 128, multipliers up to 4, z 256, 2-3 blocks per level).
+VQ_LIMITS = {"codebook_size": 1 << 20, "codebook_embed_dim": 4096, "z_channels": 65536, "base_ch": 4096,
+             "num_res_blocks_enc": 64, "num_res_blocks_dec": 64, "levels": 8, "ch_mult": 64}
 
 
 @dataclass(frozen=True)
@@ -73,6 +78,26 @@ class VQConfig:
     num_res_blocks_dec: int = 3
 
     def __post_init__(self) -> None:
+        # A config read from a file is untrusted: types and ranges (VQ_LIMITS) are checked before
+        # a model is built.
+        for name in ("encoder_ch_mult", "decoder_ch_mult"):
+            value = getattr(self, name)
+            if not isinstance(value, (list, tuple)) or not 1 <= len(value) <= VQ_LIMITS["levels"] or not all(
+                    isinstance(m, int) and not isinstance(m, bool) and 1 <= m <= VQ_LIMITS["ch_mult"] for m in value):
+                raise ValueError(f"VQConfig: {name}={value!r} must be 1..{VQ_LIMITS['levels']} integers in "
+                                 f"1..{VQ_LIMITS['ch_mult']}")
+        for name in ("codebook_size", "codebook_embed_dim", "z_channels", "base_ch",
+                     "num_res_blocks_enc", "num_res_blocks_dec"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= VQ_LIMITS[name]:
+                raise ValueError(f"VQConfig: {name}={value!r} must be an integer in 1..{VQ_LIMITS[name]}")
+        for name in ("codebook_l2_norm", "codebook_show_usage"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"VQConfig: {name}={getattr(self, name)!r} must be true or false")
+        for name in ("commit_loss_beta", "entropy_loss_ratio", "dropout_p"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < float("inf"):
+                raise ValueError(f"VQConfig: {name}={value!r} must be a finite number >= 0")
         # Normalise sequences to tuples (lists arrive from JSON) without breaking frozenness.
         object.__setattr__(self, "encoder_ch_mult", tuple(int(m) for m in self.encoder_ch_mult))
         object.__setattr__(self, "decoder_ch_mult", tuple(int(m) for m in self.decoder_ch_mult))
@@ -531,6 +556,52 @@ class VQModel(nn.Module):
             quant = quant.permute(0, 3, 1, 2).contiguous()
         return self.decode(quant)
 
+    def decode_bytes(self, n: int, h: int, w: int) -> int:
+        """Peak bytes that ``decode_code`` allocates beyond the weights for int64 codes
+        ``[n, h, w]`` under ``torch.no_grad``: the largest set of tensors alive at once.
+
+        Counted op by op through the decoder's code. Resident throughout: the codebook rows
+        ``[n, e, h, w]`` and the post-quant-conv output. At the code grid each attention block
+        holds two score matrices ``[n, h·w, h·w]`` (the scaled scores and their softmax) beside
+        eight activations ``[n, C, h·w]`` (input, norm, q, k, v, output, projection, sum). A
+        ResNet block holds its input and, at most, four tensors of its output's size (conv, norm,
+        sigmoid, product) or two of each (its first conv); an upsampling its input, the x2
+        nearest copy and the conv's output. Every conv also holds one copy of its output and of
+        its weight while it runs (oneDNN's reorders on the CPU), and a level's input stays alive
+        until the level ends (the caller's reference). tests/test_faults.py compares this count
+        with the allocations torch.profiler records.
+        """
+        cfg = self.config
+        size = self.decoder.conv_out.weight.element_size()
+        levels, ch = len(cfg.decoder_ch_mult), cfg.base_ch
+        H, W = h, w
+        act = lambda channels: n * channels * H * W  # noqa: E731 - elements of one activation
+        c = ch * cfg.decoder_ch_mult[-1]
+        base = act(cfg.codebook_embed_dim) + act(cfg.z_channels)  # quant, post_quant_conv(quant)
+        peaks = [2 * cfg.codebook_size * cfg.codebook_embed_dim,  # the normalised codebook
+                 act(cfg.codebook_embed_dim) * 2 + act(cfg.z_channels), 2 * act(c)]  # conv_in (+ its copy)
+
+        def res(ci, co):
+            return max(4 * act(ci), 2 * act(ci) + 2 * act(co), act(ci) + 4 * act(co))
+
+        def attn(c):
+            return 8 * act(c) + 2 * n * (H * W) ** 2
+
+        peaks += [res(c, c), attn(c)]
+        for idx in range(levels):
+            co, level_in = ch * cfg.decoder_ch_mult[levels - 1 - idx], act(c)
+            for i in range(cfg.num_res_blocks_dec):
+                peaks.append((level_in if i else 0) + res(c, co))
+                c = co
+                if idx == 0:
+                    peaks.append(level_in + attn(c))
+            if idx != levels - 1:
+                peaks.append(13 * act(c))  # input, nearest x2 (4x), conv (4x) and its copy (4x)
+                H, W = 2 * H, 2 * W
+        peaks.append(4 * act(c) + 2 * act(3))  # norm_out, sigmoid, product; conv_out (+ copy)
+        weights = max(m.weight.numel() for m in self.decoder.modules() if isinstance(m, nn.Conv2d))
+        return 8 * n * h * w + size * (base + max(peaks) + weights)
+
     def forward(self, images: torch.Tensor) -> Tuple[torch.Tensor, VQLosses]:
         """Training pass: ``(reconstruction, VQLosses)``; gradients reach the encoder through the
         straight-through estimator. Add ``vq_loss + commit_loss + entropy_loss`` to your
@@ -542,14 +613,7 @@ class VQModel(nn.Module):
 
 
 def _unreadable(path, exc: BaseException) -> ValueError:
-    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
-    found = re.search(r"Unsupported global: GLOBAL (\S+)", text)
-    if found:
-        # torch's weights_only refusal is a long multi-paragraph message; keep the essential part.
-        detail = f"it pickles {found.group(1)}, which weights_only loading does not allow"
-    else:
-        detail = f"{type(exc).__name__}: {one_line(text)}"
-    return ValueError(f"{path}: not a readable tokenizer checkpoint ({detail})")
+    return ValueError(f"{path}: not a readable tokenizer checkpoint ({torch_load_reason(exc)})")
 
 
 def _is_state_dict(obj: Any) -> bool:
@@ -690,6 +754,9 @@ def load_tokenizer(path: Union[str, os.PathLike], device: Union[str, torch.devic
             parts.append(f"shape mismatches (file vs model): {', '.join(mismatched[:3])}{more}")
         raise ValueError(f"{path_str}: checkpoint does not match the tokenizer config ({'; '.join(parts)})")
 
+    bad = nonfinite_tensor(state_dict)
+    if bad is not None:
+        raise ValueError(f"{path_str}: tokenizer weight {bad} holds NaN or infinite values; the file is damaged")
     model = model.to_empty(device=device)
     model.load_state_dict(state_dict, strict=True)
     return model.eval()

@@ -197,13 +197,15 @@ def test_cli_exports_and_the_pipeline_runs_it(ckpt, tmp_path):
     assert [p.split("/")[-1] for p in written] == ["step.onnx", "step.sampler.onnx"]
     props = {p.key: p.value for p in onnx.load(tmp_path / "out" / "step.onnx").metadata_props}
     assert json.loads(props["lasad.meta"])["tokenizer"] == "../vq.pt"  # relative to the exported file
-    with LasadPipeline.from_checkpoint(tmp_path / "out" / "step.onnx", max_batch=2) as pipe:
+    assert "needs --tokenizer" in r.stderr  # the tokenizer lies outside out/: named, not followed
+    with LasadPipeline.from_checkpoint(tmp_path / "out" / "step.onnx", max_batch=2,
+                                       tokenizer=tmp_path / "vq.pt") as pipe:
         assert pipe.backend == "onnxruntime"
         out = pipe([3, 4], temperature=0.0, output_type="np")
         assert out.images.shape == (2, 8, 10, 3)  # vq-tiny: 2 px per token, 4x5 tokens
     from lasad_engine.cli import run_main
     r = CliRunner().invoke(run_main, ["--checkpoint", str(tmp_path / "out" / "step.onnx"), "-c", "3", "-n", "1",
-                                      "--no-progress", "-o", str(tmp_path / "x.png")])
+                                      "--tokenizer", str(tmp_path / "vq.pt"), "--no-progress", "-o", str(tmp_path / "x.png")])
     assert r.exit_code == 0, r.output
     assert json.loads((tmp_path / "x.json").read_text())["backend"] == "onnxruntime"
 

@@ -16,14 +16,18 @@ onnxruntime's CPU provider has no bf16 kernels for the step's ops, so bf16 steps
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import click
 
-from lasad_engine.cli import OneLineCommand
+from lasad_engine.cli import FiniteFloat, OneLineCommand
+from lasad_engine.params import MAX_BATCH, MAX_SEED, MAX_TOKENS
 
 NAME = "lasad-check"
 TOLERANCES = {"fp32": 1e-4, "fp16": 5e-3, "bf16": 5e-2}  # the module docstring says where they come from
+SHAPE_FIELDS = ("vocab_size", "num_classes", "n_layer", "dim", "n_head", "head_k_dim", "head_v_dim", "ffn_dim",
+                "use_lower_bound")
 
 
 class Mismatch(click.ClickException):
@@ -35,11 +39,12 @@ class Mismatch(click.ClickException):
 @click.argument("checkpoint", required=False, type=click.Path(path_type=Path))
 @click.option("--backend", type=click.Choice(["onnxruntime", "tensorrt", "cuda"]), default=None,
               help="Default: from ARTIFACT's suffix (.onnx -> onnxruntime, .plan -> tensorrt).")
-@click.option("--images", default=2, show_default=True, type=click.IntRange(min=1), help="Sequences (x2 rows with CFG).")
-@click.option("--steps", default=None, type=click.IntRange(min=1), help="Positions (default: the whole grid).")
-@click.option("--tol", default=None, type=click.FloatRange(min=0),
+@click.option("--images", default=2, show_default=True, type=click.IntRange(1, MAX_BATCH),
+              help="Sequences (x2 rows with CFG).")
+@click.option("--steps", default=None, type=click.IntRange(1, MAX_TOKENS), help="Positions (default: the whole grid).")
+@click.option("--tol", default=None, type=FiniteFloat(0, 1),
               help="Max relative error. Default by the step's dtype: fp32 1e-4, fp16 5e-3, bf16 5e-2.")
-@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(0, MAX_SEED))
 @click.option("--device", default=None, help="Device of the reference (and of cuda/tensorrt).")
 def main(artifact, checkpoint, backend, images, steps, tol, seed, device):
     """Teacher-forced logits of ARTIFACT against the torch reference of CHECKPOINT.
@@ -51,7 +56,7 @@ def main(artifact, checkpoint, backend, images, steps, tol, seed, device):
 
     from lasad_engine.checkpoint import load_checkpoint, resolve_checkpoint
     from lasad_engine.engine import LasadEngine
-    from lasad_engine.params import resolve_device
+    from lasad_engine.params import check_memory, resolve_device
 
     from lasad_engine.backends import ARTIFACT_BACKENDS
     backend = backend or ARTIFACT_BACKENDS.get(artifact.suffix)
@@ -61,9 +66,20 @@ def main(artifact, checkpoint, backend, images, steps, tol, seed, device):
     if tol is None:
         tol = TOLERANCES[_artifact_dtype(artifact, backend)]
     checkpoint = resolve_checkpoint(checkpoint)
+    if backend == "onnxruntime":
+        from lasad_engine.backends.ort import read_onnx_config
+        art_cfg, _, _ = read_onnx_config(artifact)  # one line for a random or sampler .onnx
     model = load_checkpoint(checkpoint, device=device)
     cfg = model.config
+    if backend == "onnxruntime":
+        differ = [f for f in SHAPE_FIELDS if getattr(art_cfg, f) != getattr(cfg, f)]
+        if differ:
+            raise click.ClickException(f"{artifact} was exported from a model of another shape than {checkpoint} "
+                                       f"({differ[0]} {getattr(art_cfg, differ[0])} vs {getattr(cfg, differ[0])})")
     T = steps or cfg.seq_len
+    # Both runs keep every step's logits of 2 x images rows: refuse what cannot fit.
+    check_memory(2 * 4 * 2 * images * T * cfg.vocab_size, device, f"{images} images x {T} steps of logits",
+                 "use fewer --images or --steps")
     gen = torch.Generator().manual_seed(seed)
     tokens = torch.randint(0, cfg.vocab_size, (images, T), generator=gen).to(device)
     labels = torch.randint(0, cfg.num_classes, (images,), generator=gen).to(device)
@@ -72,13 +88,16 @@ def main(artifact, checkpoint, backend, images, steps, tol, seed, device):
     path = None if backend == "cuda" else artifact
     got = LasadEngine(model, backend=backend, device=device, max_batch=images, artifact=path).teacher_forced_logits(
         tokens, labels, cfg_rows=True)
-    err = ((got.double() - ref.double()).norm() / ref.double().norm()).item()
-    per_step = ((got - ref).double().norm(dim=(0, 2)) / ref.double().norm(dim=(0, 2)).clamp_min(1e-30)).tolist()
+    err = ((got.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-30)).item()
+    per_step = ((got - ref).double().norm(dim=(0, 2)) / ref.double().norm(dim=(0, 2)).clamp_min(1e-30))
+    per_step = per_step.nan_to_num(nan=float("inf")).tolist()  # a NaN step is the worst step
     worst = max(range(T), key=lambda i: per_step[i])
-    summary = {"artifact": str(artifact), "backend": backend, "rows": 2 * images, "steps": T, "rel_err": err,
-               "worst_step": worst, "worst_step_rel_err": per_step[worst], "tol": tol, "pass": err <= tol}
-    click.echo(json.dumps(summary))
-    if err > tol:
+    passed = math.isfinite(err) and err <= tol  # NaN compares false with everything: never a pass
+    finite = lambda x: x if math.isfinite(x) else None  # noqa: E731 - JSON has no NaN or inf
+    summary = {"artifact": str(artifact), "backend": backend, "rows": 2 * images, "steps": T, "rel_err": finite(err),
+               "worst_step": worst, "worst_step_rel_err": finite(per_step[worst]), "tol": tol, "pass": passed}
+    click.echo(json.dumps(summary, allow_nan=False))
+    if not passed:
         raise Mismatch(f"{artifact} differs from {checkpoint}: relative error {err:.3e} > tol {tol:.1e} "
                        f"(worst at step {worst}: {per_step[worst]:.3e})")
 

@@ -19,7 +19,8 @@ from pathlib import Path
 
 import click
 
-from lasad_engine.cli import OneLineCommand
+from lasad_engine.cli import FiniteFloat, OneLineCommand
+from lasad_engine.params import MAX_BATCH, MAX_TEMPERATURE, MAX_TOP_K
 
 FORMATS = ("onnx", "plan")
 DTYPES = ("fp32", "fp16", "bf16")  # tools/onnx_export.py DTYPES (this module imports no torch for --help)
@@ -42,7 +43,7 @@ def relative_tokenizer(meta: dict, tokenizer: Path | None, written: Path) -> dic
 @click.argument("paths", nargs=-1, metavar="[CHECKPOINT] OUT", type=click.Path(path_type=Path))
 @click.option("--format", "fmt", type=click.Choice(FORMATS), default=None, help="Default: from OUT's suffix.")
 @click.option("--portable", is_flag=True, help="The LASAD step in standard ONNX ops instead of the LasadStep node.")
-@click.option("--max-batch", default=8, show_default=True, type=click.IntRange(min=1),
+@click.option("--max-batch", default=8, show_default=True, type=click.IntRange(1, MAX_BATCH),
               help="Images per step; the graph takes up to 2x this many rows (CFG).")
 @click.option("--opset", default=17, show_default=True, type=click.IntRange(14, 21))
 @click.option("--dtype", type=click.Choice(DTYPES), default="fp32", show_default=True,
@@ -52,13 +53,13 @@ def relative_tokenizer(meta: dict, tokenizer: Path | None, written: Path) -> dic
                    "CUDA graphs (ONNX output). Default: dynamic, up to 2x --max-batch.")
 @click.option("--sampler/--no-sampler", default=True, show_default=True,
               help="Also write OUT's stem + .sampler.onnx (ONNX output only).")
-@click.option("--temperature", default=1.0, show_default=True, type=click.FloatRange(min=0))
-@click.option("--top-k", default=0, show_default=True, type=click.IntRange(min=0))
-@click.option("--top-p", default=1.0, show_default=True, type=click.FloatRange(0, 1, min_open=True))
+@click.option("--temperature", default=1.0, show_default=True, type=FiniteFloat(0, MAX_TEMPERATURE))
+@click.option("--top-k", default=0, show_default=True, type=click.IntRange(0, MAX_TOP_K))
+@click.option("--top-p", default=1.0, show_default=True, type=FiniteFloat(0, 1, min_open=True))
 @click.option("--onnx-dir", type=click.Path(path_type=Path), default=None,
               help="For .plan: keep the intermediate ONNX here.")
 @click.option("--timing-cache", type=click.Path(path_type=Path), default=None, help="For .plan: TensorRT timing cache.")
-@click.option("--force", is_flag=True, help="Replace OUT if it exists.")
+@click.option("--force", is_flag=True, help="Replace OUT (and the files written beside it) if they exist.")
 @click.option("-v", "--verbose", is_flag=True, help="TensorRT builder log.")
 def main(paths, fmt, portable, max_batch, opset, dtype, rows, sampler, temperature, top_k, top_p, onnx_dir,
          timing_cache, force, verbose):
@@ -83,17 +84,38 @@ def main(paths, fmt, portable, max_batch, opset, dtype, rows, sampler, temperatu
         check_versions()
     if fmt == "plan" and (dtype != "fp32" or rows is not None):
         raise click.UsageError("--dtype and --rows apply to ONNX output; a .plan is built from the fp32 step")
-    if out.exists() and not force:
-        raise click.ClickException(f"{out} exists; pass --force to replace it")
+    targets = _outputs(out, fmt, sampler, onnx_dir)
+    existing = [str(p) for p in targets if p.exists()]
+    if existing and not force:
+        raise click.ClickException(f"{existing[0]} exists; pass --force to replace it"
+                                   + (f" (and {len(existing) - 1} more file(s) this export writes)" if len(existing) > 1 else ""))
     from lasad_engine.checkpoint import file_fingerprint, load_checkpoint, resolve_checkpoint
+    from lasad_engine.io import check_writable, remove_stale_temps
+    from lasad_engine.params import check_memory
 
+    for p in targets:
+        check_writable(p, "output")
     from .onnx_export import export_sampler, export_step
     checkpoint = resolve_checkpoint(checkpoint)
     model = load_checkpoint(checkpoint)
+    cfg = model.config
+    # The exporters trace with example inputs of the largest batch: the states of 2 x max_batch
+    # rows, and the sampler's logits and noise.
+    check_memory(cfg.state_nbytes(2 * max_batch) + 4 * 3 * max_batch * cfg.vocab_size, _cpu(),
+                 f"tracing an export for --max-batch {max_batch}", "use a smaller --max-batch")
     meta = {**model.checkpoint_meta, "checkpoint_sha256": file_fingerprint(checkpoint)}
     tok = meta.get("tokenizer")
-    if tok is not None:  # the checkpoint names it relative to itself
+    if isinstance(tok, str):  # the checkpoint names it relative to itself
         tok = (Path(checkpoint).parent / tok).resolve()
+        from lasad_engine.checkpoint import ASSETS
+        if os.path.relpath(tok, out.parent.resolve()).startswith("..") and not tok.is_relative_to(ASSETS):
+            click.echo(f"note: the tokenizer {tok} lies outside {out.parent}; lasad opens only tokenizers in an "
+                       f"exported file's folder, so running {out.name} needs --tokenizer {tok} (or a copy beside it)",
+                       err=True)
+    else:
+        tok = None
+    for folder in {p.parent for p in targets}:
+        remove_stale_temps(folder)
     if fmt == "onnx":
         export_step(model, out, portable=portable, max_batch=max_batch, opset=opset,
                     meta=relative_tokenizer(meta, tok, out), dtype=dtype, rows=rows)
@@ -105,7 +127,7 @@ def main(paths, fmt, portable, max_batch, opset, dtype, rows, sampler, temperatu
             written.append(str(s))
         click.echo(json.dumps({"written": written, "form": "portable" if portable else "custom",
                                "opset": opset, "max_batch": max_batch, "dtype": dtype,
-                               "rows": rows or "dynamic"}))
+                               "rows": rows or "dynamic"}, allow_nan=False))
         return
     from .trt_build import build_plan
     with tempfile.TemporaryDirectory() as tmp:
@@ -116,6 +138,26 @@ def main(paths, fmt, portable, max_batch, opset, dtype, rows, sampler, temperatu
         build_plan(step, out, max_rows=2 * max_batch, opset=opset, timing_cache=timing_cache, verbose=verbose,
                    meta=relative_tokenizer(meta, tok, out))
     click.echo(json.dumps({"written": [str(out), str(out.with_suffix(".json"))], "opset": opset}))
+
+
+def _cpu():
+    import torch
+    return torch.device("cpu")
+
+
+def _outputs(out: Path, fmt: str, sampler: bool, onnx_dir) -> list[Path]:
+    """Every file an export may write: OUT, its external-data file, the sampler graph beside it
+    (ONNX), or the plan's engine.json and the kept intermediate ONNX (plan)."""
+    if fmt == "onnx":
+        files = [out, out.with_name(out.name + ".data")]
+        if sampler:
+            files.append(out.with_name(out.stem + ".sampler.onnx"))
+        return files
+    files = [out, out.with_suffix(".json")]
+    if onnx_dir is not None:
+        step = Path(onnx_dir) / (out.stem + ".onnx")
+        files += [step, step.with_name(step.name + ".data")]
+    return files
 
 
 if __name__ == "__main__":

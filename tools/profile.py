@@ -24,7 +24,8 @@ from pathlib import Path
 
 import click
 
-from lasad_engine.cli import OneLineCommand
+from lasad_engine.cli import FiniteFloat, OneLineCommand
+from lasad_engine.params import MAX_CFG_SCALE, MAX_TOP_K
 
 NAME = "lasad-profile"
 
@@ -45,10 +46,10 @@ NAME = "lasad-profile"
 @click.option("--batches", default="1,8,64,256,512", show_default=True, help="Images per batch, for throughput.")
 @click.option("--grids", default="16x16,32x32,64x64", show_default=True, help="Grids for memory vs resolution.")
 @click.option("--latency-grid", default=None, help="Grid of the per-step latency run (default: the largest of --grids).")
-@click.option("--iters", default=3, show_default=True, type=click.IntRange(min=1), help="Timed repeats.")
-@click.option("--warmup", default=1, show_default=True, type=click.IntRange(min=0), help="Untimed runs first.")
-@click.option("--cfg-scale", default=4.0, show_default=True, type=float)
-@click.option("--top-k", default=2000, show_default=True, type=click.IntRange(min=0))
+@click.option("--iters", default=3, show_default=True, type=click.IntRange(1, 10000), help="Timed repeats.")
+@click.option("--warmup", default=1, show_default=True, type=click.IntRange(0, 10000), help="Untimed runs first.")
+@click.option("--cfg-scale", default=4.0, show_default=True, type=FiniteFloat(-MAX_CFG_SCALE, MAX_CFG_SCALE))
+@click.option("--top-k", default=2000, show_default=True, type=click.IntRange(0, MAX_TOP_K))
 @click.option("--no-cuda-graph", is_flag=True, help="Launch every kernel (graph off).")
 @click.option("--vq/--no-vq", default=True, show_default=True, help="Time the VQ-16 decoder stage too.")
 @click.option("--trace", type=click.Path(path_type=Path), default=None, help="torch.profiler trace (Chrome JSON) of one generation.")
@@ -69,6 +70,16 @@ def main(preset, checkpoint, baseline, backend, device, precision, batches, grid
     from lasad_engine.pipeline import PRECISIONS
     from lasad_engine.params import resolve_device
 
+    from lasad_engine.io import check_writable, remove_stale_temps
+    from lasad_engine.params import MAX_BATCH
+    batch_list = parse_list(batches)
+    if not batch_list or not all(1 <= b <= MAX_BATCH for b in batch_list):
+        raise click.BadParameter(f"{batches!r}: give batches in 1..{MAX_BATCH}, comma-separated", param_hint="--batches")
+    grid_list = [parse_grid(g, (16, 16)) for g in grids.split(",")]
+    for path, what in ((out, "--out"), (trace, "--trace")):
+        if path is not None:
+            check_writable(path, what)
+            remove_stale_temps(path.parent)
     device = resolve_device(device)
     backend = backend or ("cuda" if device.type == "cuda" else "torch")
     dtype = PRECISIONS[precision or ("bf16" if device.type == "cuda" else "fp32")]
@@ -81,8 +92,6 @@ def main(preset, checkpoint, baseline, backend, device, precision, batches, grid
         with torch.no_grad():
             model.output.weight.normal_(std=0.02)
         model = model.to(dtype).eval()
-    batch_list = parse_list(batches)
-    grid_list = [parse_grid(g, (16, 16)) for g in grids.split(",")]
     lat_grid = parse_grid(latency_grid, max(grid_list, key=lambda g: g[0] * g[1]))
     params = SamplingParams(cfg_scale=cfg_scale, top_k=top_k)
     bw = copy_bandwidth(device)
@@ -102,7 +111,7 @@ def main(preset, checkpoint, baseline, backend, device, precision, batches, grid
         with rng(f"{s.name} memory"):
             r["memory"] = memory(s, grid_list, params, device)
         result["subjects"][s.name] = r
-        atomic_write_text(out, json.dumps(result) + "\n")  # keep what is measured so far
+        atomic_write_text(out, json.dumps(result, allow_nan=False) + "\n")  # keep what is measured so far
     if vq:
         with rng("vq decode"):
             result["vq_decode"] = vq_stage(device, dtype, train_grid, 1, iters)
@@ -115,7 +124,7 @@ def main(preset, checkpoint, baseline, backend, device, precision, batches, grid
             engine.generate([1], params=params, generator=torch.Generator(device).manual_seed(1))
         prof.export_chrome_trace(str(trace))
         result["trace"] = str(trace)
-    atomic_write_text(out, json.dumps(result) + "\n")
+    atomic_write_text(out, json.dumps(result, allow_nan=False) + "\n")
     for name, r in result["subjects"].items():
         lat = r["latency"]
         click.echo(f"{name}: step p50 {lat['step_ms_percentiles']['p50']:.3f} ms, p99 {lat['step_ms_percentiles']['p99']:.3f} ms "

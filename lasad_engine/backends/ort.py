@@ -29,7 +29,6 @@ On CUDA (docs/design.md, "The step contract"):
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -40,6 +39,7 @@ from lasad_plugins import contract as C
 
 from ..checkpoint import CheckpointError
 from ..config import LasadConfig
+from ..io import loads_strict, one_line
 from ..model import LasadState
 from ..params import EngineError
 from .base import Backend
@@ -53,11 +53,24 @@ NUMPY_TYPES = {torch.int64: np.int64, torch.float32: np.float32}
 def read_onnx_config(path: str | os.PathLike) -> tuple[LasadConfig, dict, str]:
     """(config, meta, form) from an exported step's metadata; one-line errors for other files."""
     props = _metadata(path)
-    return LasadConfig.from_json(props["lasad.config"]), json.loads(props.get("lasad.meta", "{}")), props.get("lasad.form", "")
+    try:
+        cfg = LasadConfig.from_dict(loads_strict(props["lasad.config"]))
+        meta = loads_strict(props.get("lasad.meta", "{}"))
+    except (TypeError, ValueError) as e:  # JSONDecodeError is a ValueError
+        raise CheckpointError(f"{path}: damaged lasad metadata ({one_line(e)})") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{path}: damaged lasad metadata (lasad.meta is a {type(meta).__name__}, not an object)")
+    return cfg, meta, props.get("lasad.form", "")
 
 
 def _metadata(path) -> dict:
-    import onnx
+    """The metadata properties of a lasad decode step's ONNX file (one-line errors otherwise)."""
+    try:
+        import onnx
+    except ImportError:
+        raise EngineError("reading an exported step needs onnx: pip install 'lasad[export]'") from None
+    if os.path.isdir(path):
+        raise CheckpointError(f"{path}: is a folder, not an ONNX file")
     if not os.path.isfile(path):
         raise CheckpointError(f"{path}: no such ONNX file")
     try:
@@ -66,6 +79,9 @@ def _metadata(path) -> dict:
         raise CheckpointError(f"{path}: not a readable ONNX file ({type(e).__name__})") from None
     props = {p.key: p.value for p in proto.metadata_props}
     if "lasad.config" not in props:
+        if "lasad.sampler" in props:
+            raise CheckpointError(f"{path}: the sampler graph lasad-export writes beside a step, not a decode step; "
+                                  "pass the step's .onnx")
         raise CheckpointError(f"{path}: an ONNX file but not a lasad decode step (no lasad.config metadata)")
     return props
 

@@ -13,7 +13,6 @@ its tests carry the `tensorrt` marker.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -29,11 +28,21 @@ from .base import Backend, require_cuda
 def read_plan_config(plan: str | os.PathLike):
     """(LasadConfig, fingerprint record) from the engine.json beside a plan."""
     from ..config import LasadConfig
+    from ..io import loads_strict, one_line
     path = Path(plan).with_suffix(".json")
     if not path.is_file():
         raise EngineError(f"{plan}: no {path.name} beside it; rebuild with lasad-export CKPT {plan}")
-    record = json.loads(path.read_text())
-    return LasadConfig.from_dict(record["config"]), record
+    try:
+        record = loads_strict(path.read_text())
+        if not isinstance(record, dict):
+            raise ValueError(f"it holds a JSON {type(record).__name__}, not an object")
+        if not isinstance(record.get("meta", {}), dict):
+            raise ValueError("its meta is not an object")
+        if isinstance(record.get("opset"), bool) or not isinstance(record.get("opset"), int):
+            raise ValueError("it records no integer opset")
+        return LasadConfig.from_dict(record.get("config")), record
+    except (OSError, UnicodeDecodeError, TypeError, ValueError) as e:
+        raise EngineError(f"{path}: not a lasad plan record ({one_line(e)}); rebuild with lasad-export CKPT {plan}") from None
 
 
 class TensorRTBackend(Backend):
