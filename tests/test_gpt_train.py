@@ -578,3 +578,30 @@ def test_running_out_of_gpu_memory_in_a_step_is_one_line_with_advice(codes, tmp_
     monkeypatch.setattr(gpt, "_train_step", oom)
     cli_fails([codes, tmp_path / "run", "--steps", "2", *COMMON], "out of GPU memory at step 1",
               "micro-batches of 16", "--grad-accum")
+
+
+@pytest.mark.gpu
+def test_on_cuda_resume_is_the_same_run_and_the_memory_check_uses_free_memory(codes, tmp_path, monkeypatch):
+    """On a GPU (bf16 autocast): --resume alone restores the hyper-parameters
+    and the EMA (the lr column equals an uninterrupted run's, the losses agree up to the GPU's
+    nondeterminism); a GPU whose free memory cannot hold the weights and AdamW state is refused."""
+    from lasad_engine import LasadConfig
+    from lasad_train import memory
+    flags = [("cuda" if a == "cpu" else a) for a in RUN_FLAGS if a not in ("--precision", "fp32")]
+    flags += ["--chunk-backend", "torch"]  # flash-linear-attention may be missing
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    run([codes, whole, "--steps", "6", *flags])
+    run([codes, parts, "--steps", "3", *flags])
+    run([codes, parts, "--steps", "6", "--resume", "--device", "cuda", "--no-progress", "--log-every", "1",
+         "--chunk-backend", "torch"])
+    a, b = log(whole), log(parts)
+    assert [r["lr"] for r in a] == [r["lr"] for r in b]
+    np.testing.assert_allclose([r["loss"] for r in b], [r["loss"] for r in a], rtol=1e-2)
+    assert load_checkpoint(parts / "model.safetensors").checkpoint_meta["ema"] is True
+    cfg = LasadConfig.from_preset("lasad-XXL", vocab_size=16384, num_classes=1000, grid_height=16, grid_width=16)
+    free = memory.available_bytes(torch.device("cuda"))
+    assert free is not None and free > 0
+    monkeypatch.setattr(memory, "available_bytes", lambda device=None: 8 << 30)
+    with pytest.raises(DataError, match="GPU memory for its weights"):
+        memory.check_training_memory(cfg, preset="lasad-XXL", batch_size=8, grad_accum=1, world=1,
+                                     device=torch.device("cuda"), ema=False, fsdp=False)
