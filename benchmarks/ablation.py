@@ -98,13 +98,14 @@ def train(args) -> None:
     seconds = {"codes": round(time.time() - t0, 1)}
     common = [*SHAPE, "--steps", args.steps, "--batch-size", args.batch_size, "--lr", args.lr, "--warmup",
               args.warmup, "--seed", 0, "--device", args.device, "--no-progress", "--log-every", 50,
-              "--save-every", 10**9, "--resume"]
+              "--save-every", 10**9]
     if args.time_limit:
         common += ["--time-limit", args.time_limit]
     todo = [n for n in VARIANTS if not (log_rows(w / f"gpt-{n}") or [{"step": -1}])[-1]["step"] >= args.steps]
     procs = []
     for name in todo:
-        cmd = [*LT, "gpt", w / "codes-train", w / f"gpt-{name}", *VARIANTS[name], *common]
+        resume = ["--resume"] if (w / f"gpt-{name}" / "last.pt").is_file() else []  # a new run refuses --resume
+        cmd = [*LT, "gpt", w / "codes-train", w / f"gpt-{name}", *VARIANTS[name], *common, *resume]
         if args.parallel:
             print("+", " ".join(map(str, cmd)), "&", flush=True)
             log = open(w / f"gpt-{name}.out", "w")

@@ -14,18 +14,21 @@ Dataset over memory-mapped shards returning ``(codes int64 [h*w], label int64)``
 from __future__ import annotations
 
 import bisect
+import json
+import shutil
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
-import click
 import numpy as np
 import torch
 
-from lasad_engine.cli import OneLineCommand
-from lasad_engine.params import resolve_device
 from lasad_engine.io import one_line
+from lasad_engine.params import resolve_device
 
-from .formats import CODES_FORMAT, VERSION, DataError, read_manifest, save_npy, write_manifest
+from .folders import clean_stale_siblings, replace_folder, staging_folder
+from .formats import (CODES_FORMAT, IMAGES_FORMAT, VERSION, DataError, load_images, load_npy, read_manifest,
+                      save_npy, spread, write_manifest)
 
 SPLITS = {"train": 0, "holdout": 1, "all": None}
 FLIP_ORDER = "interleaved: row 2i is image i, row 2i+1 its horizontal mirror"
@@ -37,132 +40,170 @@ def _default_label_set(label_sets: list) -> str | None:
     return "class" if "class" in label_sets else label_sets[0]
 
 
-def extract_codes(images_dir, vq_path, out_dir, *, label_set: str | None = None, split: str = "train",
-                  flip: bool = True, shard_size: int = 4096, batch_size: int = 64, device=None,
-                  progress: bool = True) -> dict:
-    """Encode the image set ``images_dir`` with the tokenizer ``vq_path`` into ``out_dir``.
+def _check_out(out: Path, images_dir: Path) -> None:
+    """OUT may be new, empty or an earlier code set (replaced whole); anything else is refused."""
+    if out.resolve() == images_dir.resolve():
+        raise DataError(f"{out}: the output folder must differ from the image set; choose another output folder")
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise DataError(f"{out}: exists and is not a folder; choose another output folder")
+    if not any(out.iterdir()):
+        return
+    try:
+        found = json.loads((out / "manifest.json").read_text()).get("format")
+    except (OSError, ValueError, AttributeError):
+        found = None
+    if found != CODES_FORMAT:
+        raise DataError(f"{out} holds another kind of data set or other files (no code-set manifest.json); "
+                        "choose another output folder")
 
-    ``label_set``: which labels to carry (default ``"class"`` if the set has it, else its first
-    label set; an image set without label sets gives one class, label 0). ``split``: ``"train"``,
-    ``"holdout"`` or ``"all"``. Returns the manifest written. Raises ``DataError`` / ``ValueError``
-    with one-line messages.
-    """
-    from lasad_engine.tokenizer import load_tokenizer
 
-    from .formats import IMAGES_FORMAT, load_images
+@dataclass
+class _Selection:
+    """The images to encode (uint8 `[n, H, W, 3]`), their labels (int64 `[n]`, all >= 0) and what
+    the manifest records about how they were chosen."""
 
-    images_dir, vq_path, out_dir = Path(images_dir), Path(vq_path), Path(out_dir)
-    if split not in SPLITS:
-        raise ValueError(f"split {split!r} is not one of {', '.join(SPLITS)}")
-    if int(shard_size) < 1 or int(batch_size) < 1:
-        raise ValueError("shard_size and batch_size must be >= 1")
-    if (out_dir / "manifest.json").is_file():
-        try:
-            read_manifest(out_dir, CODES_FORMAT)
-        except DataError:
-            raise DataError(f"{out_dir} holds another kind of data set (its manifest.json is not a "
-                            "code set); choose another output folder") from None
-    if out_dir.resolve() == images_dir.resolve():
-        raise DataError(f"{out_dir}: the output folder must differ from the image set")
+    images: np.ndarray
+    labels: np.ndarray
+    names: list
+    label_set: str | None
+    considered: int
+    dropped: int
+    source: dict
 
+
+def _select(images_dir: Path, label_set: str | None, split: str, limit: int | None) -> _Selection:
+    """The split's images (`limit`: that many, spread over the split), unlabelled ones dropped."""
     img_manifest = read_manifest(images_dir, IMAGES_FORMAT)
-    sets = list(img_manifest.get("label_sets", []))
     if label_set is None:
-        label_set = _default_label_set(sets)
+        label_set = _default_label_set(list(img_manifest.get("label_sets", [])))
     images, labels, names, _ = load_images(images_dir, label_set, SPLITS[split])
     if labels is None:  # no label sets at all: one class
         labels, names = np.zeros(len(images), dtype=np.int64), ["all"]
-    labels = np.asarray(labels, dtype=np.int64)
-    if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
-        raise DataError(f"{images_dir}/images.npy: expected uint8 [N, H, W, 3], got "
-                        f"{images.dtype} {list(images.shape)}")
-    if len(labels) != len(images):
-        raise DataError(f"{images_dir}/labels-{label_set}.npy: {len(labels)} labels for {len(images)} images")
+    keep = spread(len(images), limit)
+    images, labels = images[keep], np.asarray(labels, dtype=np.int64)[keep]
     if labels.size and (labels.max() >= len(names) or labels.min() < -1):
         raise DataError(f"{images_dir}/labels-{label_set}.npy: labels outside [-1, {len(names) - 1}]")
-    keep = labels >= 0
-    dropped = int((~keep).sum())
-    considered = len(images)
+    labelled = labels >= 0
+    dropped, considered = int((~labelled).sum()), len(images)
     if dropped:
-        images, labels = images[keep], labels[keep]
+        images, labels = images[labelled], labels[labelled]
     if len(images) == 0:
         raise DataError(f"{images_dir}: no labelled images in split {split!r} of label set {label_set!r}")
+    return _Selection(images, labels, list(names), label_set, considered, dropped, img_manifest)
+
+
+def _load_vq(vq_path: Path, dev):
+    from lasad_engine.tokenizer import load_tokenizer
 
     if not vq_path.is_file():
         raise DataError(f"{vq_path}: no such tokenizer file")
-    dev = resolve_device(device)
-    model = load_tokenizer(vq_path, device=dev)
-    f = model.config.downsample_factor
-    H, W = images.shape[1:3]
-    if H % f or W % f:
-        raise DataError(f"{images_dir}: images are {H}x{W}, not a multiple of the tokenizer's "
-                        f"downsample factor {f}")
-    h, w = H // f, W // f
-    vocab = model.config.codebook_size
-    dtype = np.int32 if vocab <= np.iinfo(np.int32).max else np.int64
+    try:
+        return load_tokenizer(vq_path, device=dev)
+    except ValueError as e:  # load_tokenizer's one-line messages
+        raise DataError(one_line(e, 300)) from None
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "manifest.json").unlink(missing_ok=True)  # the folder is incomplete until the end
-    shards: list[dict] = []
-    buf_codes: list[np.ndarray] = []
-    buf_labels: list[np.ndarray] = []
 
-    def flush(final: bool) -> None:
-        nonlocal buf_codes, buf_labels
-        codes = np.concatenate(buf_codes) if buf_codes else np.zeros((0, h, w), dtype)
-        labs = np.concatenate(buf_labels) if buf_labels else np.zeros((0,), np.int64)
-        while len(codes) >= shard_size or (final and len(codes)):
-            k = len(shards)
-            n = min(shard_size, len(codes))
+class _ShardWriter:
+    """Code grids and labels into `codes-{k:05d}.npy` / `labels-{k:05d}.npy` of `shard_size` rows."""
+
+    def __init__(self, folder: Path, shard_size: int, grid: tuple[int, int], dtype):
+        self.folder, self.shard_size, self.grid, self.dtype = folder, shard_size, grid, dtype
+        self.shards: list[dict] = []
+        self._codes: list[np.ndarray] = []
+        self._labels: list[np.ndarray] = []
+
+    def add(self, codes: np.ndarray, labels: np.ndarray) -> None:
+        """codes `[n, h, w]`, labels `[n]`."""
+        self._codes.append(codes.astype(self.dtype))
+        self._labels.append(labels.astype(np.int64))
+        if sum(len(c) for c in self._codes) >= self.shard_size:
+            self.flush(final=False)
+
+    def flush(self, final: bool) -> None:
+        codes = np.concatenate(self._codes) if self._codes else np.zeros((0, *self.grid), self.dtype)
+        labels = np.concatenate(self._labels) if self._labels else np.zeros((0,), np.int64)
+        while len(codes) >= self.shard_size or (final and len(codes)):
+            k, n = len(self.shards), min(self.shard_size, len(codes))
             entry = {"codes": f"codes-{k:05d}.npy", "labels": f"labels-{k:05d}.npy", "count": int(n)}
-            save_npy(out_dir / entry["codes"], np.ascontiguousarray(codes[:n]))
-            save_npy(out_dir / entry["labels"], np.ascontiguousarray(labs[:n]))
-            shards.append(entry)
-            codes, labs = codes[n:], labs[n:]
-        buf_codes, buf_labels = ([codes], [labs]) if len(codes) else ([], [])
+            save_npy(self.folder / entry["codes"], np.ascontiguousarray(codes[:n]))
+            save_npy(self.folder / entry["labels"], np.ascontiguousarray(labels[:n]))
+            self.shards.append(entry)
+            codes, labels = codes[n:], labels[n:]
+        self._codes, self._labels = ([codes], [labels]) if len(codes) else ([], [])
 
+
+def _encode(model, sel: _Selection, writer: _ShardWriter, flip: bool, batch_size: int, dev, progress: bool) -> None:
+    """Encode every selected image (and, with `flip`, its mirror right after it) into `writer`."""
     from tqdm import tqdm
 
-    n = len(images)
+    n = len(sel.images)
     bar = tqdm(total=n, disable=not progress, file=sys.stderr, unit="img", desc="codes", dynamic_ncols=True)
     try:
         with torch.no_grad():
             for i in range(0, n, batch_size):
-                batch = torch.from_numpy(np.array(images[i:i + batch_size])).to(dev)  # copy: memmaps are read-only
+                batch = torch.from_numpy(np.array(sel.images[i:i + batch_size])).to(dev)  # copy: memmaps are read-only
                 x = batch.permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
-                if flip:
-                    # interleave: image, mirror, image, mirror ...
+                labels = sel.labels[i:i + batch_size]
+                if flip:  # interleave: image, mirror, image, mirror ...
                     x = torch.stack([x, x.flip(-1)], dim=1).reshape(-1, *x.shape[1:])
-                codes = model.encode(x).cpu().numpy().astype(dtype)
-                labs = labels[i:i + batch_size]
-                if flip:
-                    labs = np.repeat(labs, 2)
-                buf_codes.append(codes)
-                buf_labels.append(labs.astype(np.int64))
-                if sum(len(c) for c in buf_codes) >= shard_size:
-                    flush(False)
+                    labels = np.repeat(labels, 2)
+                writer.add(model.encode(x).cpu().numpy(), labels)
                 bar.update(len(batch))
-        flush(True)
+        writer.flush(final=True)
     finally:
         bar.close()
 
-    # remove shards of an earlier, larger extraction into the same folder
-    for p in list(out_dir.glob("codes-*.npy")) + list(out_dir.glob("labels-*.npy")):
-        stem = p.stem.split("-", 1)[1]
-        if stem.isdigit() and len(stem) == 5 and int(stem) >= len(shards):
-            p.unlink()
 
-    manifest = {
-        "format": CODES_FORMAT, "version": VERSION, "grid": [h, w], "vocab_size": int(vocab),
-        "label_set": label_set, "num_classes": len(names), "class_names": list(names),
-        "flip": bool(flip), "flip_order": FLIP_ORDER if flip else None,
-        "shards": shards, "count": int(sum(s["count"] for s in shards)),
-        "images_encoded": int(n), "images_considered": int(considered), "dropped_unlabelled": dropped,
-        "split": split, "image_size": [int(H), int(W)], "downsample_factor": int(f),
-        "tokenizer": str(vq_path.resolve()), "tokenizer_config": model.config.to_dict(),
-        "images": str(images_dir.resolve()), "images_source": img_manifest.get("source"),
-    }
-    write_manifest(out_dir, manifest)
+def extract_codes(images_dir, vq_path, out_dir, *, label_set: str | None = None, split: str = "train",
+                  flip: bool = True, shard_size: int = 4096, batch_size: int = 64, limit: int | None = None,
+                  device=None, progress: bool = True) -> dict:
+    """Encode the image set ``images_dir`` with the tokenizer ``vq_path`` into ``out_dir``.
+
+    ``label_set``: which labels to carry (default ``"class"`` if the set has it, else its first
+    label set; an image set without label sets gives one class, label 0). ``split``: ``"train"``,
+    ``"holdout"`` or ``"all"``. ``limit``: encode that many images, spread over the split. The
+    code set is written beside ``out_dir`` and swapped into place whole (`folders.replace_folder`).
+    Returns the manifest written. Raises ``DataError`` with one-line messages.
+    """
+    images_dir, vq_path, out_dir = Path(images_dir), Path(vq_path), Path(out_dir)
+    if split not in SPLITS:
+        raise DataError(f"split {split!r} is not one of {', '.join(SPLITS)}")
+    if int(shard_size) < 1 or int(batch_size) < 1 or (limit is not None and int(limit) < 1):
+        raise DataError("shard_size, batch_size and limit must be >= 1")
+    _check_out(out_dir, images_dir)
+    sel = _select(images_dir, label_set, split, limit)
+    dev = resolve_device(device)
+    model = _load_vq(vq_path, dev)
+    f = model.config.downsample_factor
+    H, W = sel.images.shape[1:3]
+    if H % f or W % f:
+        raise DataError(f"{images_dir}: images are {H}x{W}, not a multiple of the tokenizer's "
+                        f"downsample factor {f}")
+    vocab = model.config.codebook_size
+    clean_stale_siblings(out_dir)
+    staging = staging_folder(out_dir)
+    try:
+        writer = _ShardWriter(staging, int(shard_size), (H // f, W // f),
+                              np.int32 if vocab <= np.iinfo(np.int32).max else np.int64)
+        _encode(model, sel, writer, flip, int(batch_size), dev, progress)
+        manifest = {
+            "format": CODES_FORMAT, "version": VERSION, "grid": [H // f, W // f], "vocab_size": int(vocab),
+            "label_set": sel.label_set, "num_classes": len(sel.names), "class_names": sel.names,
+            "flip": bool(flip), "flip_order": FLIP_ORDER if flip else None,
+            "shards": writer.shards, "count": int(sum(s["count"] for s in writer.shards)),
+            "images_encoded": len(sel.images), "images_considered": sel.considered,
+            "dropped_unlabelled": sel.dropped, "split": split, "limit": limit, "image_size": [int(H), int(W)],
+            "downsample_factor": int(f), "tokenizer": str(vq_path.resolve()),
+            "tokenizer_config": model.config.to_dict(), "images": str(images_dir.resolve()),
+            "images_source": sel.source.get("source"),
+        }
+        write_manifest(staging, manifest)  # last: a folder without it is not a code set
+        replace_folder(staging, out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     return manifest
 
 
@@ -172,29 +213,23 @@ def extract_codes(images_dir, vq_path, out_dir, *, label_set: str | None = None,
 
 
 def _open_shards(folder: Path, mmap: bool):
+    """(manifest, [(codes [n, h, w], labels [n]) per shard]) with every shard checked against the
+    manifest (`formats.read_manifest` checks the manifest's own fields)."""
     manifest = read_manifest(folder, CODES_FORMAT)
-    try:
-        h, w = (int(v) for v in manifest["grid"])
-        shards = manifest["shards"]
-        int(manifest["vocab_size"]), int(manifest["num_classes"])
-    except (KeyError, TypeError, ValueError):
-        raise DataError(f"{folder}/manifest.json: missing or bad grid / shards / vocab_size / num_classes") from None
+    h, w = manifest["grid"]
     out = []
-    for s in shards:
+    for s in manifest["shards"]:
         cp, lp = folder / s["codes"], folder / s["labels"]
         for p in (cp, lp):
             if not p.is_file():
                 raise DataError(f"{p}: missing shard (listed in {folder}/manifest.json)")
-        codes = np.load(cp, mmap_mode="r" if mmap else None)
-        labels = np.load(lp, mmap_mode="r" if mmap else None)
-        n = int(s["count"])
+        codes, labels = load_npy(cp, mmap), load_npy(lp, mmap)
+        n = s["count"]
         if codes.shape != (n, h, w) or not np.issubdtype(codes.dtype, np.integer):
             raise DataError(f"{cp}: expected integer [{n}, {h}, {w}], got {codes.dtype} {list(codes.shape)}")
         if labels.shape != (n,) or not np.issubdtype(labels.dtype, np.integer):
             raise DataError(f"{lp}: expected integer [{n}], got {labels.dtype} {list(labels.shape)}")
         out.append((codes, labels))
-    if sum(len(c) for c, _ in out) != int(manifest.get("count", -1)):
-        raise DataError(f"{folder}/manifest.json: count {manifest.get('count')} does not match its shards")
     return manifest, out
 
 
@@ -250,38 +285,3 @@ class CodeDataset(torch.utils.data.Dataset):
         j = i - self._starts[k]
         return (torch.from_numpy(np.array(codes[j], dtype=np.int64).reshape(-1)),
                 torch.tensor(int(labels[j]), dtype=torch.int64))
-
-
-# --------------------------------------------------------------------------------------------
-# CLI
-# --------------------------------------------------------------------------------------------
-
-
-@click.command("codes", cls=OneLineCommand, context_settings={"help_option_names": ["-h", "--help"]})
-@click.argument("images", type=click.Path(path_type=Path))
-@click.argument("vq", type=click.Path(path_type=Path))
-@click.argument("out", type=click.Path(path_type=Path))
-@click.option("--label-set", default=None, metavar="NAME",
-              help="Labels to carry [default: 'class' if the image set has it, else its first label set].")
-@click.option("--split", type=click.Choice(list(SPLITS)), default="train", show_default=True,
-              help="Which images to encode.")
-@click.option("--flip/--no-flip", default=True, show_default=True,
-              help="Also encode horizontally mirrored copies (as LlamaGen's extraction).")
-@click.option("--shard-size", type=click.IntRange(min=1), default=4096, show_default=True,
-              help="Code grids per shard file.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True,
-              help="Images encoded together.")
-@click.option("--device", default=None, help="cpu, cuda, cuda:1 ... [default: cuda if available].")
-@click.option("--no-progress", is_flag=True, help="No progress bar on stderr.")
-def codes_cmd(images, vq, out, label_set, split, flip, shard_size, batch_size, device, no_progress):
-    """Encode the image set IMAGES with the tokenizer VQ into the code set OUT (for `lasad-train gpt`)."""
-    try:
-        m = extract_codes(images, vq, out, label_set=label_set, split=split, flip=flip, shard_size=shard_size,
-                          batch_size=batch_size, device=device, progress=not no_progress)
-    except (DataError, ValueError) as e:
-        raise click.ClickException(one_line(e, 400)) from None
-    h, w = m["grid"]
-    dropped = f"; dropped {m['dropped_unlabelled']} unlabelled" if m["dropped_unlabelled"] else ""
-    click.echo(f"wrote {m['count']} code grids ({h}x{w}, vocab {m['vocab_size']}, {m['num_classes']} classes "
-               f"of label set {m['label_set']!r}{', with mirrors' if m['flip'] else ''}) in "
-               f"{len(m['shards'])} shard(s) to {out}{dropped}")

@@ -7,8 +7,9 @@ and a pure *build* step that reads already-unpacked files and writes OUT:
     fashion-mnist  fetch_fashion_mnist(cache)   -> build_fashion_mnist(folder, out)
     folder         (nothing to fetch)           -> build_folder(src, out)
 
-OUT is built in a temporary folder beside it and renamed into place at the end, so a failure
-leaves an existing OUT untouched and no partial files behind.
+OUT is built in a temporary folder beside it and swapped into place at the end
+(`folders.replace_folder`), so a failure or a kill leaves an existing OUT whole and the next run
+removes what a killed one left. `--limit N` takes N images spread evenly over the source (a quick try).
 
 Examples::
 
@@ -42,7 +43,9 @@ from lasad_engine.cli import OneLineCommand, OneLineErrors
 from lasad_engine.io import atomic_write_text, one_line
 
 from . import formats
-from .formats import IMAGES_FORMAT, VERSION, DataError
+from .folders import clean_stale_siblings, replace_folder, staging_folder
+from .formats import IMAGES_FORMAT, VERSION, DataError, spread
+from .options import LIMIT_OPTION, SEED, Finite
 
 # Emoji-5: five art styles of the same emoji, labels from emoji-datasource-google's emoji.json.
 
@@ -162,7 +165,14 @@ def _load_rgb_args(args) -> np.ndarray:
 
 def load_many(paths, size: int, square: str = "crop", exif: bool = False, workers: int = 1) -> np.ndarray:
     """uint8 [len(paths), size, size, 3]; `workers` > 1 decodes in that many processes (SVG
-    rasterising is pure Python, so threads would not help)."""
+    rasterising is pure Python, so threads would not help). Refused in one line, before anything
+    is decoded, when the array (twice: it is also written out) would not fit in memory."""
+    from .memory import available_bytes
+
+    need, avail = 2 * len(paths) * size * size * 3, available_bytes()
+    if avail is not None and need > avail:
+        raise DataError(f"{len(paths)} images of {size}x{size} need about {need / 2**30:.1f} GiB of memory, "
+                        f"{avail / 2**30:.1f} GiB are available: pass a smaller --size or --limit")
     out = np.empty((len(paths), size, size, 3), dtype=np.uint8)
     jobs = [(p, size, square, exif) for p in paths]
     if workers > 1 and len(jobs) >= 64:
@@ -247,8 +257,11 @@ def holdout_split(labels: np.ndarray, fraction: float, seed: int = 0) -> np.ndar
     return split
 
 
-def _check_out(out: Path) -> None:
-    """OUT may be new, an empty folder, or an earlier image set; anything else is refused."""
+def _prepare_out(out: Path) -> None:
+    """Before a build: what a killed earlier build left beside OUT is restored or removed
+    (`folders.clean_stale_siblings`), then OUT must be new, an empty folder, or an earlier image
+    set; anything else is refused."""
+    clean_stale_siblings(out)
     if not out.exists():
         return
     if not out.is_dir():
@@ -260,7 +273,9 @@ def _check_out(out: Path) -> None:
 
 def write_image_set(out: str | Path, images: np.ndarray, label_sets: dict, split: np.ndarray,
                     manifest: dict, attribution: str) -> dict:
-    """Write the formats.py image-set layout into OUT, replacing an earlier set atomically.
+    """Write the formats.py image-set layout beside OUT and swap it into place whole
+    (`folders.replace_folder`: OUT is never left missing), after restoring or removing what a
+    killed earlier run left beside OUT.
 
     Args:
         images: uint8 [N, H, W, 3].
@@ -270,7 +285,7 @@ def write_image_set(out: str | Path, images: np.ndarray, label_sets: dict, split
     Returns the manifest written.
     """
     out, manifest = Path(out), dict(manifest)
-    _check_out(out)
+    _prepare_out(out)
     n, h, w, c = images.shape
     assert images.dtype == np.uint8 and c == 3, (images.dtype, images.shape)
     assert split.shape == (n,), split.shape
@@ -279,12 +294,8 @@ def write_image_set(out: str | Path, images: np.ndarray, label_sets: dict, split
             "num_classes": {k: len(names) for k, (_, names) in label_sets.items()},
             "splits": {name: int((split == i).sum()) for i, name in enumerate(SPLIT_NAMES)},
             **manifest}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    tmp = staging_folder(out)
     try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)
         formats.save_npy(tmp / "images.npy", images)
         for name, (labels, names) in label_sets.items():
             labels = np.asarray(labels, dtype=np.int64)
@@ -294,26 +305,11 @@ def write_image_set(out: str | Path, images: np.ndarray, label_sets: dict, split
         formats.save_npy(tmp / "split.npy", split.astype(np.uint8))
         atomic_write_text(tmp / "ATTRIBUTION.md", attribution)
         formats.write_manifest(tmp, full)  # last: a folder without it is not an image set
-        _swap_into_place(tmp, out)
+        replace_folder(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return full
-
-
-def _swap_into_place(tmp: Path, out: Path) -> None:
-    if not out.exists():
-        os.rename(tmp, out)
-        return
-    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
-    os.rename(out, old / "set")
-    try:
-        os.rename(tmp, out)
-    except BaseException:
-        os.rename(old / "set", out)
-        raise
-    finally:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 # Emoji-5 build (pure: reads unpacked package folders).
@@ -404,7 +400,7 @@ def emoji5_attribution(styles, counts: dict[str, int]) -> str:
 
 def build_emoji5(sources: dict, emoji_json: str | Path, out: str | Path, *, size: int = 64,
                  skin_tones: bool = False, holdout: float = 0.1, seed: int = 0,
-                 source_info: dict | None = None, workers: int = 1) -> dict:
+                 source_info: dict | None = None, workers: int = 1, limit: int | None = None) -> dict:
     """Build Emoji-5 from unpacked package folders into OUT; returns the manifest.
 
     Args:
@@ -417,10 +413,12 @@ def build_emoji5(sources: dict, emoji_json: str | Path, out: str | Path, *, size
         holdout: fraction held out per identity class (split.npy = 1), seeded by `seed`.
         source_info: {style: "registry:package@version"} to record (default: read package.json).
         workers: processes that decode and rasterise the images.
+        limit: take that many of the images found, spread evenly over them (style by style).
     Label sets: identity (one class per emoji with an image, named by short_name), subgroup,
     group and style; class tables are in emoji.json sort order.
     """
     t0 = time.perf_counter()
+    _prepare_out(Path(out))
     unknown = sorted(set(sources) - set(STYLES))
     if unknown:
         raise DataError(f"unknown emoji5 style {unknown[0]!r}; choose from {', '.join(STYLES)}")
@@ -448,7 +446,7 @@ def build_emoji5(sources: dict, emoji_json: str | Path, out: str | Path, *, size
     if not found:
         raise DataError(f"{emoji_json}: none of its emoji has an image in the given packages "
                         f"({', '.join(f'{s}={sources[s]}' for s in styles)})")
-
+    found = [found[i] for i in spread(len(found), limit)]
     images = load_many([path for _, _, path in found], size, square="pad", workers=workers)
 
     used = sorted({ei for _, ei, _ in found})
@@ -469,7 +467,7 @@ def build_emoji5(sources: dict, emoji_json: str | Path, out: str | Path, *, size
     manifest = {
         "source": "emoji5",
         "split": {"by": "identity", "holdout": holdout, "seed": seed},
-        "skin_tones": skin_tones,
+        "skin_tones": skin_tones, "limit": limit,
         "sources": {
             "labels": {"file": str(emoji_json), "package": info.get("labels", _package_label(EMOJI_JSON_STYLE, Path(emoji_json).parent))},
             **{s: {"package": info.get(s) or _package_label(s, Path(sources[s])), "path": str(sources[s]),
@@ -654,11 +652,14 @@ def fashion_attribution() -> str:
             "28x28 grey, padded or resized and repeated to RGB.\n")
 
 
-def build_fashion_mnist(folder: str | Path, out: str | Path, *, size: int = 32, source_info: str | None = None) -> dict:
+def build_fashion_mnist(folder: str | Path, out: str | Path, *, size: int = 32, source_info: str | None = None,
+                        limit: int | None = None) -> dict:
     """Fashion-MNIST idx files in FOLDER -> image set OUT (label set "class", split = official
-    train 0 / test 1); returns the manifest. Sizes 28-32 pad with black, others resize."""
+    train 0 / test 1); returns the manifest. Sizes 28-32 pad with black, others resize. `limit`:
+    that many images spread over the 70,000 (both splits in proportion)."""
     t0 = time.perf_counter()
     folder = Path(folder)
+    _prepare_out(Path(out))
     if not folder.is_dir():
         raise DataError(f"{folder}: no such folder (expected the Fashion-MNIST idx files)")
     parts, labels, splits = [], [], []
@@ -669,13 +670,15 @@ def build_fashion_mnist(folder: str | Path, out: str | Path, *, size: int = 32, 
             raise DataError(f"{lab_path}: {len(y)} labels for {len(x)} images in {img_path.name}")
         if len(y) and y.max() >= len(FASHION_CLASSES):
             raise DataError(f"{lab_path}: label {int(y.max())} out of range 0..{len(FASHION_CLASSES) - 1}")
-        parts.append(_fit_grey(x, size))
+        parts.append(x)
         labels.append(y.astype(np.int64))
         splits.append(np.full(len(y), split, dtype=np.uint8))
-    grey = np.concatenate(parts)
+    keep = spread(sum(len(y) for y in labels), limit)
+    grey = _fit_grey(np.concatenate(parts)[keep], size)
+    labels, splits = [np.concatenate(labels)[keep]], [np.concatenate(splits)[keep]]
     images = np.repeat(grey[..., None], 3, axis=-1)
     manifest = {
-        "source": "fashion-mnist",
+        "source": "fashion-mnist", "limit": limit,
         "split": {"by": "official", "train": "train-*", "heldout": "t10k-*"},
         "sources": {"fashion-mnist": {"package": source_info or str(folder), "path": str(folder), "licence": "MIT"}},
     }
@@ -719,20 +722,24 @@ def scan_folder(src: str | Path) -> tuple[list[str], list[list[Path]]]:
 
 
 def build_folder(src: str | Path, out: str | Path, *, size: int = 64, holdout: float = 0.1, seed: int = 0,
-                 workers: int = 1) -> dict:
+                 workers: int = 1, limit: int | None = None) -> dict:
     """SRC/<class>/<images> -> image set OUT (label set "class", classes = sorted folder names);
-    images centre-cropped to a square, composited on white, resized to `size`."""
+    images centre-cropped to a square, composited on white, resized to `size`. `limit`: that
+    many images spread evenly over the sorted list (so every class keeps its share)."""
     t0 = time.perf_counter()
     src, out = Path(src), Path(out)
     if out.resolve().is_relative_to(src.resolve()):
         raise DataError(f"{out}: OUT must not be inside SRC {src}")
+    _prepare_out(out)
     classes, files = scan_folder(src)
     n = sum(len(p) for p in files)
-    images = load_many([p for paths in files for p in paths], size, square="crop", exif=True, workers=workers)
-    labels = np.repeat(np.arange(len(classes), dtype=np.int64), [len(p) for p in files])
+    keep = spread(n, limit)
+    paths = [p for paths in files for p in paths]
+    images = load_many([paths[i] for i in keep], size, square="crop", exif=True, workers=workers)
+    labels = np.repeat(np.arange(len(classes), dtype=np.int64), [len(p) for p in files])[keep]
     split = holdout_split(labels, holdout, seed)
     manifest = {
-        "source": "folder",
+        "source": "folder", "limit": limit,
         "split": {"by": "class", "holdout": holdout, "seed": seed},
         "sources": {"folder": {"path": str(src.resolve()), "images": n,
                                "per_class": {name: len(p) for name, p in zip(classes, files)}}},
@@ -766,6 +773,7 @@ def build_subset(src: str | Path, out: str | Path, *, label_set: str, min_count:
     The split is SRC's; the attribution is copied. E.g. the ablation's task: Emoji-5 subgroups
     with at least 40 images."""
     src, out = Path(src), Path(out)
+    _prepare_out(out)
     images, labels, names, manifest = formats.load_images(src, label_set)
     if min_count < 1:
         raise DataError(f"min_count {min_count} must be >= 1")
@@ -796,9 +804,10 @@ def _summary(out: Path, m: dict) -> None:
                f"{m['seconds']:.1f} s")
 
 
-HOLDOUT = click.FloatRange(0, 1, max_open=True)
+HOLDOUT = Finite(0, 1, max_open=True)
+SIZE = click.IntRange(4, 4096)
 WORKERS = click.option("--workers", default=default_workers(), show_default="CPU cores, at most 8",
-                       type=click.IntRange(min=1), help="Processes that decode the images.")
+                       type=click.IntRange(1, 256), help="Processes that decode the images.")
 
 
 @click.group("data", cls=DataGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -810,16 +819,17 @@ def data_cmd():
 @click.argument("out", type=click.Path(path_type=Path))
 @click.option("--cache", type=click.Path(path_type=Path), default=str(DEFAULT_CACHE / "emoji5"),
               show_default=True, help="Where the npm / Debian packages are downloaded and unpacked (reused).")
-@click.option("--size", default=64, show_default=True, type=click.IntRange(min=4), help="Image side in pixels.")
+@click.option("--size", default=64, show_default=True, type=SIZE, help="Image side in pixels.")
 @click.option("--skin-tones/--no-skin-tones", default=False, show_default=True,
               help="Also take the skin-tone variants (labelled as their base emoji).")
 @click.option("--holdout", default=0.1, show_default=True, type=HOLDOUT,
               help="Fraction of every identity class held out (split.npy = 1).")
-@click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0), help="Seed of the split.")
+@click.option("--seed", default=0, show_default=True, type=SEED, help="Seed of the split.")
 @click.option("--style", "styles", multiple=True, type=click.Choice(STYLES),
               help="Art style to include (repeatable; default: all five).")
+@LIMIT_OPTION
 @WORKERS
-def emoji5_cmd(out, cache, size, skin_tones, holdout, seed, styles, workers):
+def emoji5_cmd(out, cache, size, skin_tones, holdout, seed, styles, limit, workers):
     """Emoji-5: ~1.9k emoji in five art styles (Noto, Twemoji, Fluent 3D, OpenMoji, EmojiOne 2),
     label sets identity / subgroup / group / style. Downloads with npm and apt-get into --cache."""
     styles = list(styles) or list(STYLES)
@@ -830,7 +840,7 @@ def emoji5_cmd(out, cache, size, skin_tones, holdout, seed, styles, workers):
             raise DataError("no emoji5 style left to build (openmoji needs cairosvg)")
     sources, emoji_json, info = fetch_emoji5(Path(cache).expanduser(), styles)
     m = build_emoji5(sources, emoji_json, out, size=size, skin_tones=skin_tones, holdout=holdout,
-                     seed=seed, source_info=info, workers=workers)
+                     seed=seed, source_info=info, workers=workers, limit=limit)
     per_style = ", ".join(f"{s} {v['images']}" for s, v in m["sources"].items() if s != "labels")
     _summary(out, m)
     click.echo(f"  per style: {per_style}")
@@ -840,13 +850,14 @@ def emoji5_cmd(out, cache, size, skin_tones, holdout, seed, styles, workers):
 @click.argument("out", type=click.Path(path_type=Path))
 @click.option("--cache", type=click.Path(path_type=Path), default=str(DEFAULT_CACHE / "fashion-mnist"),
               show_default=True, help="Where the Debian package is downloaded and unpacked (reused).")
-@click.option("--size", default=32, show_default=True, type=click.IntRange(min=4),
+@click.option("--size", default=32, show_default=True, type=SIZE,
               help="Image side: 28-32 pads the 28x28 images with black, other sizes resize them.")
-def fashion_cmd(out, cache, size):
+@LIMIT_OPTION
+def fashion_cmd(out, cache, size, limit):
     """Fashion-MNIST (Debian dataset-fashion-mnist): 70k grey images as RGB, label set "class",
     split = the official train (0) / test (1)."""
     folder = fetch_fashion_mnist(Path(cache).expanduser())
-    m = build_fashion_mnist(folder, out, size=size,
+    m = build_fashion_mnist(folder, out, size=size, limit=limit,
                             source_info=f"deb:{FASHION_DEB['package']}@{FASHION_DEB['version']}")
     _summary(out, m)
 
@@ -854,15 +865,16 @@ def fashion_cmd(out, cache, size):
 @data_cmd.command("folder")
 @click.argument("src", type=click.Path(path_type=Path))
 @click.argument("out", type=click.Path(path_type=Path))
-@click.option("--size", default=64, show_default=True, type=click.IntRange(min=4), help="Image side in pixels.")
+@click.option("--size", default=64, show_default=True, type=SIZE, help="Image side in pixels.")
 @click.option("--holdout", default=0.1, show_default=True, type=HOLDOUT,
               help="Fraction of every class held out (split.npy = 1).")
-@click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0), help="Seed of the split.")
+@click.option("--seed", default=0, show_default=True, type=SEED, help="Seed of the split.")
+@LIMIT_OPTION
 @WORKERS
-def folder_cmd(src, out, size, holdout, seed, workers):
+def folder_cmd(src, out, size, holdout, seed, limit, workers):
     """Any folder with one sub-folder of images per class (class names = sorted folder names;
     hidden files ignored). Images are centre-cropped, composited on white and resized."""
-    m = build_folder(src, out, size=size, holdout=holdout, seed=seed, workers=workers)
+    m = build_folder(src, out, size=size, holdout=holdout, seed=seed, workers=workers, limit=limit)
     _summary(out, m)
 
 
@@ -870,7 +882,7 @@ def folder_cmd(src, out, size, holdout, seed, workers):
 @click.argument("src", type=click.Path(path_type=Path))
 @click.argument("out", type=click.Path(path_type=Path))
 @click.option("--label-set", required=True, help="Label set whose classes are filtered (e.g. subgroup).")
-@click.option("--min-count", default=1, show_default=True, type=click.IntRange(min=1),
+@click.option("--min-count", default=1, show_default=True, type=click.IntRange(1, 1 << 40),
               help="Keep the classes with at least this many images (both splits).")
 def subset_cmd(src, out, label_set, min_count):
     """The classes of SRC's LABEL_SET with at least --min-count images, as a new image set

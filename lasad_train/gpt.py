@@ -8,67 +8,96 @@ Defaults follow LlamaGen's `train_c2i.py`: AdamW (0.9, 0.95), weight decay 0.05 
 ≥ 2 dims only, lr 1e-4 constant (optional linear warm-up), grad-norm clip 1.0, bf16 autocast on
 CUDA, class dropout 0.1 (in the model), optional EMA. The batch of step s is drawn from a
 generator seeded with (seed, s) and split across ranks, so a resumed run and a run on any number
-of processes see the same global batches. OUT holds `last.pt` (model, optimizer state keyed by
-parameter name, step, RNG, config: resume with --resume, with or without FSDP, on any number of
-GPUs), `model.safetensors` (the deploy checkpoint, EMA weights when EMA is on) and `log.jsonl`
-(step, loss, lr, tokens/s, and on CUDA the rank's peak memory). `--grad-accum N` splits each
-process's batch into N micro-batches; `--no-save` writes the log only.
+of processes see the same global batches.
+
+OUT holds `last.pt` (model, optimizer state keyed by parameter name, step, RNG, config, every
+hyper-parameter, EMA weights: resume with --resume, with or without FSDP, on any number of GPUs),
+`model.safetensors` (the deploy checkpoint, EMA weights when EMA is on, derived from last.pt) and
+`log.jsonl` (step, loss, lr, tokens/s, and on CUDA the rank's peak memory). The folder rules
+(refusing to replace a run, resuming as the same run, the save order) are `runs.py`'s.
+`--grad-accum N` splits each process's batch into N micro-batches; `--no-save` writes the log only.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
+import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import click
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
 from lasad_engine import LasadConfig, LasadGen, save_checkpoint
-from lasad_engine.cli import OneLineCommand
-from lasad_engine.params import resolve_device
-from lasad_engine.config import LASAD_PRESET_NAMES
-from lasad_engine.io import atomic_path
+from lasad_engine.io import atomic_path, clean_state_dict, one_line
 from lasad_engine.model import LasadBlock
+from lasad_engine.params import resolve_device
 
-from .formats import DataError, read_training_checkpoint, rng_state, set_rng_state
+from .formats import DataError
+from .runs import RunFolder, resolve_hyperparameters, rng_state, set_rng_state
 
-TRAIN_FORMAT = "lasad-train"
+TRAIN_FORMAT, TRAIN_VERSION = "lasad-train", 1
+DEPLOY = "model.safetensors"
+
+# The hyper-parameters that define a run. On --resume they come from last.pt: an option left out
+# takes the stored value, a different one is refused. (--grad-accum is restored too but may change:
+# micro-batches give the same update.)
+DEFAULTS = {
+    "preset": "lasad-B",
+    "overrides": {},        # LasadConfig fields (row_start, dropouts, ...)
+    "batch_size": 256,      # global, over all ranks
+    "lr": 1e-4,
+    "warmup": 0,
+    "beta1": 0.9,
+    "beta2": 0.95,
+    "weight_decay": 0.05,
+    "grad_clip": 1.0,
+    "ema": 0.0,             # EMA decay (0 = off), e.g. 0.9999
+    "seed": 0,
+    "precision": "bf16",    # autocast dtype on CUDA ("fp32" = off)
+}
+# The fields of the model config that come from the code set rather than from --preset / --set.
+DATA_FIELDS = ("vocab_size", "num_classes", "grid_height", "grid_width", "class_names")
 
 
 @dataclass
 class GPTTrainArgs:
+    """One `lasad-train gpt` run. The hyper-parameters of DEFAULTS are None when not given: a new
+    run then takes DEFAULTS, a resumed one the values stored in last.pt."""
+
     codes: str
     out: str
-    preset: str = "lasad-B"
-    overrides: dict = field(default_factory=dict)  # LasadConfig fields (row_start, dropouts, ...)
+    preset: str | None = None
+    overrides: dict | None = None
     steps: int = 1000
-    batch_size: int = 256          # global, over all ranks
-    lr: float = 1e-4
-    warmup: int = 0
-    beta1: float = 0.9
-    beta2: float = 0.95
-    weight_decay: float = 0.05
-    grad_clip: float = 1.0
-    grad_accum: int = 1            # micro-batches per step on each process (same update, less memory)
-    ema: float = 0.0               # EMA decay (0 = off), e.g. 0.9999
-    seed: int = 0
-    precision: str = "bf16"        # autocast dtype on CUDA ("fp32" = off)
+    batch_size: int | None = None
+    lr: float | None = None
+    warmup: int | None = None
+    beta1: float | None = None
+    beta2: float | None = None
+    weight_decay: float | None = None
+    grad_clip: float | None = None
+    grad_accum: int | None = None  # micro-batches per step on each process (same update, less memory); default 1
+    ema: float | None = None
+    seed: int | None = None
+    precision: str | None = None
     fsdp: bool = False
     chunk_backend: str | None = None  # "fla" | "torch"; default fla on CUDA, torch on CPU
     save_every: int = 500
     log_every: int = 10
     device: str | None = None
     resume: bool = False
+    overwrite: bool = False        # start again in an OUT that holds a run
     progress: bool = True
     time_limit: float | None = None  # seconds: stop after the step that crosses it, save, resume later
     save: bool = True              # False: write the log only (benchmark runs)
+    memory_check: bool = True      # refuse a run the machine's memory cannot hold (memory.py)
 
 
 class Dist:
@@ -164,11 +193,108 @@ def lr_at(step: int, args: GPTTrainArgs) -> float:
     return args.lr
 
 
-def _model_config(args: GPTTrainArgs, manifest: dict) -> LasadConfig:
+# Parameters the model stores fused (one matrix, rows stacked in this order) that checkpoints
+# from before the fusion hold separately; the model converts its own state dict on load, the
+# optimizer state is converted here.
+FUSED_PARAMETERS = {
+    "attention.qfv.weight": ("attention.q_proj.weight", "attention.f_proj.weight", "attention.i_proj.weight"),
+    "feed_forward.w13.weight": ("feed_forward.w1.weight", "feed_forward.w3.weight"),
+}
+
+
+def fuse_optimizer_state(state: dict, names) -> dict:
+    """A name-keyed optimizer state (`optim_state_by_name`) from before the fusion, converted for
+    a model whose parameters are `names`: for every fused parameter the model has and the state
+    lacks, its parts' entries become one — tensors (AdamW's exp_avg, exp_avg_sq `[rows, d]`) are
+    concatenated along dim 0 in FUSED_PARAMETERS order, scalars (`step`) must agree and are kept
+    once — and the group lists the fused name where the first part was. A state that already
+    matches is returned unchanged; a partial or inconsistent one is one DataError line."""
+    wanted = set(names)
+    listed = {n for g in state["param_groups"] for n in g["params"]}
+    merges = {}
+    for name in sorted(wanted - listed):
+        for suffix, parts in FUSED_PARAMETERS.items():
+            if name.endswith(suffix):
+                old = [name[: -len(suffix)] + p for p in parts]
+                if any(o in listed for o in old):
+                    missing = [o for o in old if o not in listed]
+                    if missing:
+                        raise DataError(f"the checkpoint's optimizer has part of {name} but not {missing[0]}")
+                    merges[name] = old
+    if not merges:
+        return state
+    entries, groups = dict(state["state"]), [dict(g, params=list(g["params"])) for g in state["param_groups"]]
+    for name, old in merges.items():
+        group = next(g for g in groups if old[0] in g["params"])
+        if not all(o in group["params"] for o in old):
+            raise DataError(f"the checkpoint's optimizer puts the parts of {name} in different parameter groups")
+        group["params"][group["params"].index(old[0])] = name
+        for o in old[1:]:
+            group["params"].remove(o)
+        parts = [entries.pop(o, None) for o in old]
+        if all(p is None for p in parts):
+            continue
+        if any(p is None for p in parts) or any(set(p) != set(parts[0]) for p in parts):
+            raise DataError(f"the checkpoint's optimizer holds different state for the parts of {name}")
+        merged = {}
+        for key, first in parts[0].items():
+            if isinstance(first, torch.Tensor) and first.dim() > 0:
+                merged[key] = torch.cat([p[key] for p in parts], dim=0)
+            elif all(torch.equal(torch.as_tensor(p[key]), torch.as_tensor(first)) for p in parts):
+                merged[key] = first
+            else:
+                raise DataError(f"the checkpoint's optimizer has different {key!r} for the parts of {name}")
+        entries[name] = merged
+    return {"state": entries, "param_groups": groups}
+
+
+def _model_config(preset: str, overrides: dict, manifest: dict) -> LasadConfig:
     h, w = manifest["grid"]
-    return LasadConfig.from_preset(args.preset, vocab_size=int(manifest["vocab_size"]),
-                                   num_classes=int(manifest["num_classes"]), grid_height=int(h), grid_width=int(w),
-                                   class_names=manifest.get("class_names"), **args.overrides)
+    try:
+        return LasadConfig.from_preset(preset, vocab_size=int(manifest["vocab_size"]),
+                                       num_classes=int(manifest["num_classes"]), grid_height=int(h),
+                                       grid_width=int(w), class_names=manifest.get("class_names"), **overrides)
+    except (TypeError, ValueError) as e:
+        raise DataError(f"--preset {preset} with --set {overrides}: {one_line(e)}") from None
+
+
+def resolve_args(args: GPTTrainArgs, checkpoint: dict | None, source: Path) -> GPTTrainArgs:
+    """`args` with every hyper-parameter filled in: given > last.pt's (on resume) > DEFAULTS; a
+    given one that differs from the run's is refused. Overrides are compared by the model they
+    make (`check_same_model`)."""
+    stored = checkpoint.get("args", {}) if checkpoint is not None else None
+    given = {k: getattr(args, k) for k in DEFAULTS if k != "overrides"}
+    values = resolve_hyperparameters(given, DEFAULTS, stored, source)
+    if stored is None:
+        values["overrides"] = dict(args.overrides or {})
+    else:
+        values["overrides"] = dict(stored.get("overrides") or {})
+    accum = args.grad_accum if args.grad_accum is not None else (stored or {}).get("grad_accum", 1)
+    if stored is not None and accum != stored.get("grad_accum", 1):
+        print(f"lasad-train gpt: --grad-accum {accum} instead of the run's {stored.get('grad_accum', 1)}: "
+              "the same update in other micro-batches", file=sys.stderr)
+    return dataclasses.replace(args, **values, grad_accum=accum)
+
+
+def check_same_model(args: GPTTrainArgs, given_overrides: dict | None, manifest: dict, codes_count: int,
+                     checkpoint: dict, source: Path) -> None:
+    """On resume: the model that --preset/--set and the code set make must be the run's (one line
+    naming the first difference), and the code set must hold as many grids (the batches are drawn
+    by index)."""
+    overrides = args.overrides if given_overrides is None else given_overrides
+    built = _model_config(args.preset, overrides, manifest).to_dict()
+    stored = LasadConfig.from_dict(checkpoint["config"]).to_dict()
+    diff = [k for k in built if built[k] != stored.get(k)]
+    if diff:
+        k, more = diff[0], f" (and {len(diff) - 1} more field(s))" if len(diff) > 1 else ""
+        cause = (f"the code set {args.codes} gives" if k in DATA_FIELDS else
+                 f"--preset {args.preset} with --set/--row-start/--no-decay {overrides} gives")
+        raise DataError(f"{source} was trained with {k}={one_line(repr(stored.get(k)), 80)}, {cause} "
+                        f"{k}={one_line(repr(built[k]), 80)}{more}: resuming would not continue the same run")
+    count = checkpoint.get("codes_count")
+    if count is not None and count != codes_count:
+        raise DataError(f"{source} was trained on {count} code grids, {args.codes} holds {codes_count}: "
+                        "resuming would not continue the same run")
 
 
 def _wrap(model: LasadGen, args: GPTTrainArgs, world: Dist, device: torch.device):
@@ -204,31 +330,225 @@ def _full_state(wrapped, args: GPTTrainArgs):
         yield
 
 
-def save_training(out: Path, wrapped, inner: LasadGen, optimizer, step: int, args: GPTTrainArgs, world: Dist,
-                  ema: LasadGen | None, manifest: dict) -> None:
-    with _full_state(wrapped, args):
-        model_state = wrapped.state_dict()
+@dataclass
+class _Parts:
+    """What one training process holds: the model, its wrapper (DDP / FSDP / the model itself),
+    the EMA copy, the optimizer, and the model's parameter names (taken before wrapping)."""
+
+    model: LasadGen
+    wrapped: torch.nn.Module
+    ema: LasadGen | None
+    optimizer: torch.optim.Optimizer
+    names: list[str]
+
+
+def _build(args: GPTTrainArgs, config: LasadConfig, device: torch.device, world: Dist,
+           checkpoint: dict | None) -> _Parts:
+    """Model, EMA, optimizer, initialised from the seed or restored from last.pt (RNG included)."""
+    torch.manual_seed(args.seed)
+    model = LasadGen(config).to(device)
+    if checkpoint is not None:
+        model.load_state_dict(checkpoint["model"])
+    ema = None
+    if args.ema:
+        ema = LasadGen(config).to(device).eval().requires_grad_(False)
+        ema.load_state_dict(checkpoint["ema"] if checkpoint is not None and "ema" in checkpoint else model.state_dict())
+    names = [n for n, _ in model.named_parameters()]
+    # the groups before wrapping: FSDP (use_orig_params) turns every parameter into a flat view of
+    # its shard, which would hide the matrices from the weight-decay rule; the objects stay the same
+    groups = param_groups(model, args.weight_decay)
+    wrapped = _wrap(model, args, world, device)
+    optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(args.beta1, args.beta2), fused=device.type == "cuda")
+    parts = _Parts(model, wrapped, ema, optimizer, names)
+    if checkpoint is not None:
+        saved = fuse_optimizer_state(checkpoint["optimizer"], names)
         if args.fsdp:
             from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-            optim_state = FSDP.optim_state_dict(wrapped, optimizer)
+            with _full_state(wrapped, args):
+                saved = FSDP.optim_state_dict_to_load(wrapped, optimizer, saved)
         else:
-            optim_state = optim_state_by_name(optimizer.state_dict(), _param_names(optimizer, inner))
+            saved = optim_state_by_index(saved, _param_names(optimizer, model))
+        optimizer.load_state_dict(saved)
+        set_rng_state(checkpoint["rng"])
+    return parts
+
+
+def deploy_meta(step: int, args: GPTTrainArgs, manifest: dict) -> dict:
+    return {"step": step, "tokenizer": manifest.get("tokenizer"), "codes": str(args.codes), "ema": bool(args.ema)}
+
+
+def write_deploy(path: Path, checkpoint: dict) -> None:
+    """model.safetensors from the content of a last.pt: its EMA weights when the run keeps them."""
+    with torch.device("meta"):  # no initialisation: it would consume the training RNG
+        deploy = LasadGen(LasadConfig.from_dict(checkpoint["config"]))
+    deploy.load_state_dict(checkpoint["ema"] if "ema" in checkpoint else checkpoint["model"], assign=True)
+    meta = checkpoint.get("meta") or {"step": int(checkpoint["step"]), "ema": "ema" in checkpoint}
+    save_checkpoint(path, deploy, meta=meta)
+
+
+def deploy_step(path: Path) -> int | None:
+    """The step a deploy file records (None: missing or unreadable)."""
+    try:
+        from safetensors import safe_open
+        with safe_open(str(path), framework="pt") as f:
+            return json.loads((f.metadata() or {}).get("meta", "{}")).get("step")
+    except Exception:  # noqa: BLE001 - any unreadable file is rewritten
+        return None
+
+
+def save_training(out: Path, parts: _Parts, step: int, args: GPTTrainArgs, world: Dist, manifest: dict,
+                  codes_count: int) -> None:
+    """last.pt, the commit point, then model.safetensors derived from it (rank 0 writes). A kill
+    between the two leaves a deploy file of an earlier step, which the next --resume rewrites."""
+    with _full_state(parts.wrapped, args):
+        model_state = parts.wrapped.state_dict()
+        if args.fsdp:
+            from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+            optim_state = FSDP.optim_state_dict(parts.wrapped, parts.optimizer)
+        else:
+            optim_state = optim_state_by_name(parts.optimizer.state_dict(), _param_names(parts.optimizer, parts.model))
     if not world.main:
         return
-    from lasad_engine.io import clean_state_dict
-    model_state = clean_state_dict(model_state)
-    obj = {"format": TRAIN_FORMAT, "format_version": 1, "step": step, "config": inner.config.to_dict(),
-           "model": model_state, "optimizer": optim_state, "rng": rng_state(), "args": asdict(args),
-           "world_size": world.world}
-    if ema is not None:
-        obj["ema"] = ema.state_dict()
+    obj = {"format": TRAIN_FORMAT, "format_version": TRAIN_VERSION, "step": step,
+           "config": parts.model.config.to_dict(), "model": clean_state_dict(model_state),
+           "optimizer": optim_state, "rng": rng_state(), "args": asdict(args), "world_size": world.world,
+           "codes_count": codes_count, "meta": deploy_meta(step, args, manifest)}
+    if parts.ema is not None:
+        obj["ema"] = parts.ema.state_dict()
     with atomic_path(out / "last.pt") as tmp:
         torch.save(obj, tmp)
-    with torch.device("meta"):  # no initialisation: it would consume the training RNG
-        deploy = LasadGen(inner.config)
-    deploy.load_state_dict(ema.state_dict() if ema is not None else model_state, assign=True)
-    save_checkpoint(out / "model.safetensors", deploy, meta={
-        "step": step, "tokenizer": manifest.get("tokenizer"), "codes": str(args.codes), "ema": ema is not None})
+    write_deploy(out / DEPLOY, obj)
+
+
+def _repair_deploy(out: Path, checkpoint: dict) -> None:
+    """A deploy file of another step than last.pt (a run stopped between its two saves) is
+    derived again from last.pt."""
+    path, step = out / DEPLOY, int(checkpoint["step"])
+    found = deploy_step(path)
+    if found != step:
+        write_deploy(path, checkpoint)
+        print(f"lasad-train gpt: {path} was {'from step ' + str(found) if found is not None else 'missing'}; "
+              f"written again from last.pt (step {step})", file=sys.stderr)
+
+
+def _train_step(parts: _Parts, args: GPTTrainArgs, step: int, x: torch.Tensor, y: torch.Tensor, world: Dist,
+                device: torch.device) -> torch.Tensor:
+    """One optimizer step on this process's part of the batch, x int64 `[b, T]`, y int64 `[b]`:
+    gradients summed over --grad-accum micro-batches (synced after the last), clipped, AdamW, EMA.
+    Returns the batch's mean loss (a detached scalar)."""
+    for group in parts.optimizer.param_groups:
+        group["lr"] = lr_at(step, args)
+    parts.optimizer.zero_grad(set_to_none=True)
+    use_amp = device.type == "cuda" and args.precision == "bf16" and not args.fsdp
+    loss = torch.zeros((), device=device)
+    micro = len(x) // args.grad_accum
+    for k in range(args.grad_accum):
+        last = k == args.grad_accum - 1
+        sync = contextlib.nullcontext() if last or world.world == 1 else parts.wrapped.no_sync()
+        xs, ys = x[k * micro:(k + 1) * micro], y[k * micro:(k + 1) * micro]
+        with sync:
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+                logits = parts.wrapped(xs, ys, chunk_backend=args.chunk_backend)
+            part = F.cross_entropy(logits.float().flatten(0, 1), xs.flatten()) / args.grad_accum
+            part.backward()
+        loss += part.detach()
+    if args.grad_clip:
+        if args.fsdp:
+            parts.wrapped.clip_grad_norm_(args.grad_clip)
+        else:
+            torch.nn.utils.clip_grad_norm_(parts.wrapped.parameters(), args.grad_clip)
+    parts.optimizer.step()
+    if parts.ema is not None:
+        with torch.no_grad():
+            for pe, pm in zip(parts.ema.parameters(), parts.model.parameters()):
+                pe.lerp_(pm.detach(), 1 - args.ema)
+    return loss
+
+
+class _Progress:
+    """The main rank's log.jsonl rows and progress bar."""
+
+    def __init__(self, args: GPTTrainArgs, world: Dist, device: torch.device, start: int, tokens_per_step: int,
+                 path: Path):
+        self.args, self.world, self.device, self.path = args, world, device, path
+        self.tokens_per_step, self.t_last, self.step_last = tokens_per_step, time.perf_counter(), start
+        self.bar = None
+        if args.progress and world.main:
+            from tqdm import tqdm
+            self.bar = tqdm(total=args.steps, initial=start, unit="step", desc="gpt", file=sys.stderr)
+
+    def log(self, done: int, step: int, loss: torch.Tensor) -> float:
+        """Append the row of step `done` (all ranks take part in the mean); returns the loss."""
+        value = self.world.mean(loss).item()
+        now = time.perf_counter()
+        rate = self.tokens_per_step * (done - self.step_last) / max(now - self.t_last, 1e-9)
+        self.t_last, self.step_last = now, done
+        if self.world.main:
+            row = {"step": done, "loss": value, "lr": lr_at(step, self.args), "tokens_per_s": rate,
+                   "world_size": self.world.world}
+            if self.device.type == "cuda":  # this rank's peak so far (FSDP vs DDP memory)
+                row["max_memory_allocated_MiB"] = torch.cuda.max_memory_allocated(self.device) / 2**20
+            with open(self.path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+            if self.bar is not None:
+                self.bar.set_postfix(loss=f"{value:.4f}", tok_s=f"{rate:,.0f}")
+        return value
+
+    def tick(self) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _out_of_time(args: GPTTrainArgs, t_start: float, world: Dist, device: torch.device) -> bool:
+    out = args.time_limit is not None and time.perf_counter() - t_start > args.time_limit
+    if world.world > 1:  # every rank stops at the same step
+        out = bool(world.mean(torch.tensor([float(out)], device=device)).item() > 0)
+    return out
+
+
+def _loop(args: GPTTrainArgs, parts: _Parts, codes: torch.Tensor, labels: torch.Tensor, start: int,
+          world: Dist, device: torch.device, out: Path, manifest: dict) -> tuple[int, float]:
+    """Steps start .. args.steps (or until --time-limit): returns (last step done, last logged loss)."""
+    local = args.batch_size // world.world
+    progress = _Progress(args, world, device, start, args.batch_size * codes.shape[1], out / "log.jsonl")
+    t_start, done, last_loss = time.perf_counter(), start, float("nan")
+    try:
+        for step in range(start, args.steps):
+            idx = batch_indices(len(codes), args.batch_size, args.seed, step)[world.rank * local:(world.rank + 1) * local]
+            x, y = codes[idx].to(device, non_blocking=True), labels[idx].to(device, non_blocking=True)
+            try:
+                loss = _train_step(parts, args, step, x, y, world, device)
+            except torch.cuda.OutOfMemoryError:
+                raise DataError(f"out of GPU memory at step {step + 1} with micro-batches of "
+                                f"{local // args.grad_accum} sequences ({args.preset}): pass a larger --grad-accum "
+                                "(the same update in smaller micro-batches), a smaller --batch-size or --preset") from None
+            done = step + 1
+            if done % args.log_every == 0 or done == args.steps:
+                last_loss = progress.log(done, step, loss)
+            progress.tick()
+            out_of_time = _out_of_time(args, t_start, world, device)
+            if args.save and (done % args.save_every == 0 or done == args.steps or out_of_time):
+                save_training(out, parts, done, args, world, manifest, len(codes))
+                world.barrier()
+            if out_of_time and done < args.steps:
+                break
+    finally:
+        progress.close()
+    return done, last_loss
+
+
+def _check_options(args: GPTTrainArgs, world: Dist) -> None:
+    if args.fsdp and args.ema:
+        raise DataError("--ema is not supported together with --fsdp")
+    if args.batch_size % world.world:
+        raise DataError(f"--batch-size {args.batch_size} is not divisible by the {world.world} processes")
+    if args.grad_accum < 1 or (args.batch_size // world.world) % args.grad_accum:
+        raise DataError(f"--grad-accum {args.grad_accum}: the batch per process ({args.batch_size // world.world}) "
+                        "must be a multiple of it")
 
 
 def train_gpt(args: GPTTrainArgs) -> dict:
@@ -237,8 +557,6 @@ def train_gpt(args: GPTTrainArgs) -> dict:
     if args.fsdp and device.type != "cuda":
         raise DataError(f"--fsdp needs CUDA devices (torch's FSDP has no CPU path), got device={device}; "
                         "drop --fsdp to train with DDP")
-    if args.fsdp and args.ema:
-        raise DataError("--ema is not supported together with --fsdp")
     world = Dist(device.type, fsdp=args.fsdp)
     try:
         return _train(args, world, device)
@@ -247,178 +565,38 @@ def train_gpt(args: GPTTrainArgs) -> dict:
 
 
 def _train(args: GPTTrainArgs, world: Dist, device: torch.device) -> dict:
-    """train_gpt inside its process group."""
+    """train_gpt inside its process group: data, run folder, hyper-parameters, memory, model, loop."""
     from .codes import load_codes
+    from .memory import check_training_memory
 
     if device.type == "cuda" and world.world > 1:
         device = torch.device("cuda", world.local_rank)
         torch.cuda.set_device(device)
-    if args.batch_size % world.world:
-        raise DataError(f"--batch-size {args.batch_size} is not divisible by the {world.world} processes")
-    if args.grad_accum < 1 or (args.batch_size // world.world) % args.grad_accum:
-        raise DataError(f"--grad-accum {args.grad_accum}: the batch per process ({args.batch_size // world.world}) "
-                        "must be a multiple of it")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     codes, labels, manifest = load_codes(args.codes)
     codes = torch.as_tensor(np.asarray(codes), dtype=torch.int64).flatten(1)
     labels = torch.as_tensor(np.asarray(labels), dtype=torch.int64)
-    start, resumed = 0, None
-    if args.resume and (out / "last.pt").is_file():
-        resumed = read_training_checkpoint(out / "last.pt", TRAIN_FORMAT, 1, "format_version")
-        config = LasadConfig.from_dict(resumed["config"])
-        start = int(resumed["step"])
-    else:
-        config = _model_config(args, manifest)
-    torch.manual_seed(args.seed)
-    model = LasadGen(config).to(device)
-    if resumed is not None:
-        model.load_state_dict(resumed["model"])
-    ema = None
-    if args.ema:
-        ema = LasadGen(config).to(device).eval().requires_grad_(False)
-        ema.load_state_dict(resumed["ema"] if resumed is not None and "ema" in resumed else model.state_dict())
-    # the groups before wrapping: FSDP (use_orig_params) turns every parameter into a flat view of
-    # its shard, which would hide the matrices from the weight-decay rule; the objects stay the same
-    groups = param_groups(model, args.weight_decay)
-    wrapped = _wrap(model, args, world, device)
-    optimizer = torch.optim.AdamW(groups, lr=args.lr,
-                                  betas=(args.beta1, args.beta2), fused=device.type == "cuda")
-    if resumed is not None:
-        if args.fsdp:
-            from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-            with _full_state(wrapped, args):
-                state = FSDP.optim_state_dict_to_load(wrapped, optimizer, resumed["optimizer"])
-            optimizer.load_state_dict(state)
-        else:
-            optimizer.load_state_dict(optim_state_by_index(resumed["optimizer"], _param_names(optimizer, model)))
-        set_rng_state(resumed["rng"])
-    local = args.batch_size // world.world
-    use_amp = device.type == "cuda" and args.precision == "bf16" and not args.fsdp
-    log_path = out / "log.jsonl"
-    bar = None
-    if args.progress and world.main:
-        from tqdm import tqdm
-        bar = tqdm(total=args.steps, initial=start, unit="step", desc="gpt")
-    wrapped.train()
-    tokens_per_step = args.batch_size * codes.shape[1]
-    t_last, step_last, last_loss = time.perf_counter(), start, float("nan")
-    t_start, done = time.perf_counter(), start
-    for step in range(start, args.steps):
-        idx = batch_indices(len(codes), args.batch_size, args.seed, step)[world.rank * local:(world.rank + 1) * local]
-        x, y = codes[idx].to(device, non_blocking=True), labels[idx].to(device, non_blocking=True)
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, args)
-        optimizer.zero_grad(set_to_none=True)
-        loss = torch.zeros((), device=device)
-        micro = local // args.grad_accum
-        for k in range(args.grad_accum):  # gradients summed over micro-batches, synced after the last
-            last = k == args.grad_accum - 1
-            sync = contextlib.nullcontext() if last or world.world == 1 else wrapped.no_sync()
-            xs, ys = x[k * micro:(k + 1) * micro], y[k * micro:(k + 1) * micro]
-            with sync:
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-                    logits = wrapped(xs, ys, chunk_backend=args.chunk_backend)
-                part = F.cross_entropy(logits.float().flatten(0, 1), xs.flatten()) / args.grad_accum
-                part.backward()
-            loss += part.detach()
-        if args.grad_clip:
-            (wrapped.clip_grad_norm_ if args.fsdp else
-             (lambda c: torch.nn.utils.clip_grad_norm_(wrapped.parameters(), c)))(args.grad_clip)
-        optimizer.step()
-        if ema is not None:
-            with torch.no_grad():
-                for pe, pm in zip(ema.parameters(), model.parameters()):
-                    pe.lerp_(pm.detach(), 1 - args.ema)
-        done = step + 1
-        if done % args.log_every == 0 or done == args.steps:
-            last_loss = world.mean(loss.detach()).item()
-            now = time.perf_counter()
-            rate = tokens_per_step * (done - step_last) / max(now - t_last, 1e-9)
-            t_last, step_last = now, done
-            if world.main:
-                with open(log_path, "a") as f:
-                    row = {"step": done, "loss": last_loss, "lr": lr_at(step, args), "tokens_per_s": rate,
-                           "world_size": world.world}
-                    if device.type == "cuda":  # this rank's peak so far (FSDP vs DDP memory)
-                        row["max_memory_allocated_MiB"] = torch.cuda.max_memory_allocated(device) / 2**20
-                    f.write(json.dumps(row) + "\n")
-                if bar is not None:
-                    bar.set_postfix(loss=f"{last_loss:.4f}", tok_s=f"{rate:,.0f}")
-        if bar is not None:
-            bar.update(1)
-        out_of_time = args.time_limit is not None and time.perf_counter() - t_start > args.time_limit
-        if world.world > 1:  # every rank stops at the same step
-            flag = torch.tensor([float(out_of_time)], device=device)
-            out_of_time = bool(world.mean(flag).item() > 0)
-        if args.save and (done % args.save_every == 0 or done == args.steps or out_of_time):
-            save_training(out, wrapped, model, optimizer, done, args, world, ema, manifest)
-            world.barrier()
-        if out_of_time and done < args.steps:
-            break
-    if bar is not None:
-        bar.close()
+    with RunFolder(args.out, fmt=TRAIN_FORMAT, max_version=TRAIN_VERSION, deploy=DEPLOY, resume=args.resume,
+                   overwrite=args.overwrite, main=world.main) as run:
+        checkpoint, run.checkpoint = run.checkpoint, None
+        given_overrides = args.overrides
+        args = resolve_args(args, checkpoint, run.ckpt_path)
+        _check_options(args, world)
+        config = _model_config(args.preset, args.overrides, manifest)
+        start = 0
+        if checkpoint is not None:
+            check_same_model(args, given_overrides, manifest, len(codes), checkpoint, run.ckpt_path)
+            start = int(checkpoint["step"])
+            if start > args.steps:
+                raise DataError(f"{run.ckpt_path} is at step {start}, past --steps {args.steps}")
+        if args.memory_check:
+            check_training_memory(config, preset=args.preset, batch_size=args.batch_size, grad_accum=args.grad_accum,
+                                  world=world.world, device=device, ema=bool(args.ema), fsdp=args.fsdp)
+        parts = _build(args, config, device, world, checkpoint)
+        run.start(start)
+        if checkpoint is not None and args.save and world.main:
+            _repair_deploy(run.out, checkpoint)
+        del checkpoint
+        done, last_loss = _loop(args, parts, codes, labels, start, world, device, run.out, manifest)
     return {"steps": done, "complete": done == args.steps, "final_loss": last_loss, "world_size": world.world,
-            "out": str(out), "parameters": model.num_parameters() if not args.fsdp else None}
-
-
-@click.command("gpt", cls=OneLineCommand, context_settings={"help_option_names": ["-h", "--help"]})
-@click.argument("codes", type=click.Path(path_type=Path))
-@click.argument("out", type=click.Path(path_type=Path))
-@click.option("--preset", default="lasad-B", show_default=True, type=click.Choice(LASAD_PRESET_NAMES, case_sensitive=False))
-@click.option("--row-start", type=click.Choice(["none", "unit", "reset"]), default=None, help="Default: the preset's (unit).")
-@click.option("--no-decay", is_flag=True, help="Ablation: linear attention without decay (log-decay 0 everywhere).")
-@click.option("--set", "sets", multiple=True, metavar="FIELD=VALUE", help="Override any LasadConfig field (JSON value).")
-@click.option("--steps", default=1000, show_default=True, type=click.IntRange(min=1))
-@click.option("--batch-size", default=256, show_default=True, type=click.IntRange(min=1), help="Global batch.")
-@click.option("--lr", default=1e-4, show_default=True, type=click.FloatRange(min=0, min_open=True))
-@click.option("--warmup", default=0, show_default=True, type=click.IntRange(min=0))
-@click.option("--weight-decay", default=0.05, show_default=True, type=click.FloatRange(min=0))
-@click.option("--grad-clip", default=1.0, show_default=True, type=click.FloatRange(min=0))
-@click.option("--grad-accum", default=1, show_default=True, type=click.IntRange(min=1),
-              help="Micro-batches per step on each process: the same update in less memory.")
-@click.option("--ema", default=0.0, show_default=True, type=click.FloatRange(0, 1, max_open=True), help="EMA decay (0 = off).")
-@click.option("--seed", default=0, show_default=True, type=int)
-@click.option("--precision", type=click.Choice(["bf16", "fp32"]), default="bf16", show_default=True)
-@click.option("--fsdp", is_flag=True, help="Fully sharded data parallel (under torchrun; alone, on one GPU), bf16 mixed precision on CUDA.")
-@click.option("--chunk-backend", type=click.Choice(["fla", "torch"]), default=None,
-              help="LASAD training kernel (default: fla on CUDA, torch on CPU).")
-@click.option("--save-every", default=500, show_default=True, type=click.IntRange(min=1))
-@click.option("--log-every", default=10, show_default=True, type=click.IntRange(min=1))
-@click.option("--device", default=None)
-@click.option("--resume", is_flag=True, help="Continue from OUT/last.pt.")
-@click.option("--no-progress", is_flag=True)
-@click.option("--time-limit", type=click.FloatRange(min=0, min_open=True), default=None,
-              help="Stop (and save) after the step that crosses this many seconds; --resume continues.")
-@click.option("--no-save", is_flag=True, help="Write the log only, no checkpoints (speed and memory runs).")
-def gpt_cmd(codes, out, preset, row_start, no_decay, sets, steps, batch_size, lr, warmup, weight_decay, grad_clip,
-            grad_accum,
-            ema, seed, precision, fsdp, chunk_backend, save_every, log_every, device, resume, no_progress,
-            time_limit, no_save):
-    """Train LASADGen on a code set (from lasad-train codes)."""
-    overrides = {}
-    for item in sets:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise click.UsageError(f"--set {item!r} is not FIELD=VALUE")
-        try:
-            overrides[key] = json.loads(value)
-        except json.JSONDecodeError:
-            overrides[key] = value
-    if row_start:
-        overrides["row_start"] = row_start
-    if no_decay:
-        overrides["decay"] = False
-    try:
-        LasadConfig.from_preset(preset, **overrides)
-    except (TypeError, ValueError) as e:
-        raise click.UsageError(" ".join(str(e).split())) from None
-    args = GPTTrainArgs(codes=str(codes), out=str(out), preset=preset, overrides=overrides, steps=steps,
-                        batch_size=batch_size, lr=lr, warmup=warmup, weight_decay=weight_decay, grad_clip=grad_clip, grad_accum=grad_accum,
-                        ema=ema, seed=seed, precision=precision, fsdp=fsdp, chunk_backend=chunk_backend,
-                        save_every=save_every,
-                        log_every=log_every, device=device, resume=resume, progress=not no_progress,
-                        time_limit=time_limit, save=not no_save)
-    summary = train_gpt(args)
-    if int(os.environ.get("RANK", "0")) == 0:
-        click.echo(json.dumps(summary))
+            "out": str(run.out), "resumed_from": start if args.resume else None,
+            "parameters": parts.model.num_parameters() if not args.fsdp else None}

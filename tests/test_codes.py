@@ -2,6 +2,7 @@
 the readers (load_codes, CodeDataset) and one-line CLI errors. CPU only, vq-tiny, tiny images."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -196,3 +197,93 @@ def test_bad_tokenizer_file_is_one_line(images, tmp_path):
     r = cli(images, bad, tmp_path / "o")
     assert r.exit_code == 1 and len(r.stderr.strip().splitlines()) == 1
     assert "not a readable tokenizer checkpoint" in r.stderr
+
+
+def test_limit_encodes_the_spread_images(images, vq, tmp_path):
+    from lasad_train.formats import spread
+    path, model = vq
+    m = extract_codes(images, path, tmp_path / "c", limit=10, flip=False, progress=False, device="cpu")
+    train = np.load(images / "images.npy")[np.load(images / "split.npy") == 0]
+    picked = train[spread(len(train), 10)]
+    codes, labels, _ = load_codes(tmp_path / "c")
+    with torch.no_grad():
+        assert np.array_equal(codes, model.encode(pixels(picked)).numpy())
+    train_labels = np.load(images / "labels-class.npy")[np.load(images / "split.npy") == 0]
+    assert np.array_equal(labels, train_labels[spread(28, 10)])
+    assert m["images_encoded"] == 10 and m["limit"] == 10
+
+
+def _codes_with(folder, src, **change):
+    import shutil
+    shutil.copytree(src, folder)
+    m = json.loads((folder / "manifest.json").read_text())
+    (folder / "manifest.json").write_text(json.dumps({**m, **change}))
+    return folder
+
+
+@pytest.mark.parametrize("change,text", [
+    ({"count": "lots"}, "count is 'lots'"),
+    ({"count": True}, "count is True"),
+    ({"shards": "all"}, "shards is 'all'"),
+    ({"shards": [{"codes": "../../etc/passwd", "labels": "labels-00000.npy", "count": 56}]}, "expected a file name"),
+    ({"shards": [{"codes": "codes-00000.npy", "labels": "labels-00000.npy", "count": "56"}]}, "shard 0's count"),
+    ({"grid": ["8", 8]}, "grid is '8'"),
+    ({"grid": [8]}, "grid is [8]"),
+    ({"vocab_size": 2.5}, "vocab_size is 2.5"),
+    ({"num_classes": None}, "num_classes is None"),
+    ({"class_names": "red"}, "class_names must be null or a list of 4 strings"),
+    ({"count": 57}, "count 57 does not match its shards (56)"),
+])
+def test_malformed_code_manifests_are_one_line(images, vq, tmp_path, change, text):
+    """load_codes and `lasad-train gpt` on a damaged code set: one line naming the field."""
+    extract_codes(images, vq[0], tmp_path / "good", shard_size=100, progress=False, device="cpu")
+    bad = _codes_with(tmp_path / "bad", tmp_path / "good", **change)
+    with pytest.raises(DataError, match=re.escape(text)):
+        load_codes(bad)
+    r = CliRunner().invoke(main, ["gpt", str(bad), str(tmp_path / "run"), "--device", "cpu"])
+    err = r.stderr.strip()
+    assert r.exit_code == 1 and len(err.splitlines()) == 1 and text in err and "Traceback" not in err
+
+
+def test_damaged_shard_is_one_line(images, vq, tmp_path):
+    extract_codes(images, vq[0], tmp_path / "c", shard_size=100, progress=False, device="cpu")
+    (tmp_path / "c" / "codes-00000.npy").write_bytes(b"\x93NUMPY garbage")
+    with pytest.raises(DataError, match="codes-00000.npy: not a readable .npy array"):
+        load_codes(tmp_path / "c")
+
+
+def test_out_is_replaced_whole_and_other_folders_are_refused(images, vq, tmp_path, monkeypatch):
+    """A re-extraction is written beside OUT and swapped in; an error half-way leaves the earlier
+    code set as it was; a folder holding other files is never written into."""
+    from lasad_train import codes as C
+    path, _ = vq
+    out = tmp_path / "c"
+    extract_codes(images, path, out, flip=False, shard_size=10, progress=False, device="cpu")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    real, calls = C.save_npy, []
+
+    def failing(p, a):
+        calls.append(p)
+        if len(calls) == 3:
+            raise OSError(28, "No space left on device")
+        real(p, a)
+
+    monkeypatch.setattr(C, "save_npy", failing)
+    with pytest.raises(OSError, match="No space"):
+        extract_codes(images, path, out, flip=True, shard_size=10, progress=False, device="cpu")
+    monkeypatch.setattr(C, "save_npy", real)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c"]
+
+    user = tmp_path / "mine"
+    user.mkdir()
+    (user / "notes.txt").write_text("keep me")
+    r = cli(images, path, user)
+    assert r.exit_code == 1 and "choose another output folder" in r.stderr
+    assert [p.name for p in user.iterdir()] == ["notes.txt"]
+
+
+@pytest.mark.parametrize("flag,value", [("--limit", 0), ("--batch-size", 10**9), ("--shard-size", 2**40)])
+def test_cli_numbers_are_bounded(images, vq, tmp_path, flag, value):
+    r = cli(images, vq[0], tmp_path / "o", flag, value)
+    assert r.exit_code == 2 and flag in r.stderr and len(r.stderr.strip().splitlines()) == 1

@@ -587,3 +587,86 @@ def test_subset_keeps_the_classes_with_enough_images(tmp_path):
     assert f"no class of label set 'subgroup' has {n + 1} or more images" in r.output
     r = run_cli(["subset", tmp_path / "src", tmp_path / "none", "--label-set", "identity"])
     assert r.exit_code != 0 and "label set 'identity' is not one of subgroup, group" in r.output
+
+
+KILLED_BUILD = """
+import os, sys
+from lasad_train import data, folders
+point, fallback, src, out = sys.argv[1], sys.argv[2] == "1", sys.argv[3], sys.argv[4]
+if fallback:
+    folders._RENAMEAT2 = None  # a system without renameat2(RENAME_EXCHANGE): two renames
+folders._fault = lambda at: os._exit(9) if at == point else None
+data.build_folder(src, out, size=16)
+"""
+
+
+@pytest.mark.parametrize("point,fallback,leftovers", [("exchanged", False, [".tmp"]), ("backed-up", True, [".old", ".tmp"]),
+                                                      ("replaced", True, [".old"])])
+def test_a_kill_while_replacing_an_image_set_loses_nothing(tmp_path, point, fallback, leftovers):
+    """The process dies (os._exit, no clean-up) at each step of the swap: OUT is there (old or new
+    set) or, on the two-rename fallback only, restored by the next run; the next run leaves no
+    temporary folders behind."""
+    import subprocess
+    import sys
+    make_class_folder(tmp_path / "src")
+    out = tmp_path / "out"
+    D.build_folder(tmp_path / "src", out, size=8)
+    p = subprocess.run([sys.executable, "-c", KILLED_BUILD, point, "1" if fallback else "0",
+                        str(tmp_path / "src"), str(out)], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 9, p.stderr
+    left = sorted(q.suffix for q in tmp_path.iterdir() if q.name.startswith(".out."))
+    assert left == leftovers
+    if point == "backed-up":  # between the two renames: OUT is missing, its old set beside it
+        assert not out.exists()
+        with pytest.raises(DataError, match="run the same lasad-train data command again"):
+            load_images(out)
+    else:
+        assert load_images(out)[0].shape == (6, 16, 16, 3)
+    D.build_folder(tmp_path / "src", out, size=12, holdout=0.5)
+    assert load_images(out)[0].shape == (6, 12, 12, 3)
+    assert sorted(q.name for q in tmp_path.iterdir()) == ["out", "src"]
+
+
+def test_the_next_run_restores_a_set_a_kill_left_as_backup_before_building(tmp_path, monkeypatch):
+    """Recovery comes first: even a next run that fails on its input leaves OUT restored."""
+    make_class_folder(tmp_path / "src")
+    out = tmp_path / "out"
+    D.build_folder(tmp_path / "src", out, size=8)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    os.rename(out, tmp_path / ".out.999999999.0123abcd.old")  # a dead process's backup
+    (tmp_path / ".out.999999999.89abcdef.tmp").mkdir()  # and its half-written set
+    (tmp_path / ".out.backup").mkdir()  # the user's: not our pattern
+    with pytest.raises(DataError, match="no such folder"):
+        D.build_folder(tmp_path / "missing", out, size=8)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert sorted(q.name for q in tmp_path.iterdir()) == [".out.backup", "out", "src"]
+
+
+def test_limit_takes_images_spread_over_the_source(tmp_path):
+    make_class_folder(tmp_path / "src")
+    m = D.build_folder(tmp_path / "src", tmp_path / "out", size=8, holdout=0.0, limit=3)
+    x, y, names, _ = load_images(tmp_path / "out", "class")
+    full = D.build_folder(tmp_path / "src", tmp_path / "all", size=8, holdout=0.0)
+    xa, ya, _, _ = load_images(tmp_path / "all", "class")
+    keep = formats.spread(6, 3)
+    assert list(keep) == [0, 2, 4] and m["count"] == 3 and m["limit"] == 3 and full["count"] == 6
+    assert np.array_equal(x, xa[keep]) and list(y) == [0, 0, 1] and names == ["cat", "dog", "zebra"]
+    r = run_cli(["folder", tmp_path / "src", tmp_path / "cli", "--size", "8", "--limit", "2"])
+    assert r.exit_code == 0 and load_images(tmp_path / "cli")[0].shape[0] == 2
+
+
+@pytest.mark.parametrize("args", [["--size", "100000"], ["--size", "3"], ["--workers", "100000"],
+                                  ["--holdout", "nan"], ["--seed", str(2**64)], ["--limit", "0"]])
+def test_folder_numbers_are_bounded(tmp_path, args):
+    make_class_folder(tmp_path / "src")
+    r = run_cli(["folder", tmp_path / "src", tmp_path / "out", *args])
+    assert r.exit_code == 2 and args[0] in r.stderr and r.stderr.count("\n") == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_image_array_that_cannot_fit_is_refused_before_decoding(tmp_path, monkeypatch):
+    from lasad_train import memory
+    make_class_folder(tmp_path / "src")
+    monkeypatch.setattr(memory, "available_bytes", lambda device=None: 10_000)
+    r = run_cli(["folder", tmp_path / "src", tmp_path / "out", "--size", "64"])
+    assert r.exit_code == 1 and "6 images of 64x64 need about" in r.stderr and r.stderr.count("\n") == 1

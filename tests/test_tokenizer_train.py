@@ -9,6 +9,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from lasad_engine.io import UserError
 from lasad_engine.tokenizer import load_tokenizer
 from lasad_train.cli import main
 from lasad_train.formats import DataError, save_npy, write_manifest
@@ -183,3 +184,79 @@ def test_cli_errors_are_one_line(images, tmp_path, args, code, text):
     err = r.stderr.strip()
     assert len(err.splitlines()) == 1 and text in err and "Traceback" not in err
     assert not (tmp_path / "o" / "last.pt").exists()
+
+
+def test_held_out_evaluation_is_capped_and_shows_progress(images, tmp_path, capsys):
+    """eval_limit held-out images spread over the split (the summary's PSNR is that of exactly
+    those images), a progress bar on stderr while they are evaluated; 0 evaluates none."""
+    from lasad_train.formats import spread
+    s = train_tokenizer(images, tmp_path / "a", steps=2, eval_limit=2, **{**FAST, "progress": True})
+    err = capsys.readouterr().err
+    assert "held-out" in err and "2/2" in err
+    assert s["holdout_images"] == 2 and s["holdout_images_total"] == 4
+    held = np.load(images / "images.npy")[np.load(images / "split.npy") == 1][spread(4, 2)]
+    vq = load_tokenizer(tmp_path / "a" / "vq.safetensors")
+    x = torch.from_numpy(held).permute(0, 3, 1, 2).float() / 127.5 - 1
+    with torch.no_grad():
+        rec = vq.decode_code(vq.encode(x))
+    assert psnr_db((rec.clamp(-1, 1) + 1) / 2, (x + 1) / 2).item() == pytest.approx(s["holdout_psnr"], abs=1e-4)
+    none = train_tokenizer(images, tmp_path / "b", steps=1, eval_limit=0, **FAST)
+    assert none["holdout_psnr"] is None and none["holdout_images"] == 0
+    assert "held-out" not in capsys.readouterr().err  # progress=False: no bar
+
+
+def test_limit_trains_on_the_spread_images_and_belongs_to_the_run(images, tmp_path):
+    """limit=12 trains exactly as a run on an image set made of those 12 training images; a resume
+    keeps the limit and refuses another."""
+    from lasad_train.formats import spread
+    train_tokenizer(images, tmp_path / "lim", steps=3, limit=12, **FAST)
+    split = np.load(images / "split.npy")
+    picked = np.flatnonzero(split == 0)[spread(int((split == 0).sum()), 12)]
+    small = tmp_path / "small"
+    small.mkdir()
+    save_npy(small / "images.npy", np.load(images / "images.npy")[picked])
+    save_npy(small / "split.npy", np.zeros(12, np.uint8))
+    write_manifest(small, {"format": "lasad-images", "version": 1, "count": 12, "size": [16, 16], "label_sets": []})
+    train_tokenizer(small, tmp_path / "ref", steps=3, **FAST)
+    a = torch.load(tmp_path / "lim" / "last.pt", weights_only=True)
+    b = torch.load(tmp_path / "ref" / "last.pt", weights_only=True)
+    assert a["train"]["limit"] == 12 and a["train"]["train_images"] == 12
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    with pytest.raises(DataError, match="limit=12"):
+        train_tokenizer(images, tmp_path / "lim", steps=4, resume=True, limit=8, device="cpu", progress=False)
+    s = train_tokenizer(images, tmp_path / "lim", steps=4, resume=True, device="cpu", progress=False)
+    assert s["images"] == 12 and s["steps"] == 4
+
+
+def test_checkpoint_writes_format_version_and_a_legacy_one_still_resumes(images, tmp_path):
+    kw = dict(FAST, eval_limit=0)
+    train_tokenizer(images, tmp_path / "whole", steps=4, **kw)
+    train_tokenizer(images, tmp_path / "old", steps=2, **kw)
+    path = tmp_path / "old" / "last.pt"
+    ckpt = torch.load(path, weights_only=True)
+    assert ckpt["format_version"] == 1 and "version" not in ckpt
+    del ckpt["format_version"]
+    torch.save({**ckpt, "version": 1}, path)  # as lasad wrote it before the key was unified
+    train_tokenizer(images, tmp_path / "old", steps=4, resume=True, device="cpu", progress=False, eval_limit=0)
+    a = torch.load(tmp_path / "whole" / "last.pt", weights_only=True)["model"]
+    b = torch.load(path, weights_only=True)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    torch.save({**ckpt, "version": 7}, path)
+    with pytest.raises(UserError, match="version 7; this lasad reads versions 1 to 1"):
+        train_tokenizer(images, tmp_path / "old", steps=5, resume=True, device="cpu", progress=False)
+
+
+def test_overwrite_starts_again(images, tmp_path):
+    out = tmp_path / "r"
+    train_tokenizer(images, out, steps=3, **FAST)
+    s = train_tokenizer(images, out, steps=2, overwrite=True, **FAST)
+    assert s["steps"] == 2 and [r["step"] for r in read_log(out)] == [1, 2]
+    assert torch.load(out / "last.pt", weights_only=True)["step"] == 2
+
+
+@pytest.mark.parametrize("flag,value", [("--seed", 2**40), ("--lr", "nan"), ("--beta1", "inf"),
+                                        ("--batch-size", 10**8), ("--eval-limit", -1), ("--limit", 0)])
+def test_cli_numbers_are_bounded(images, tmp_path, flag, value):
+    r = cli("tokenizer", images, tmp_path / "o", flag, value, "--device", "cpu", "--no-progress")
+    assert r.exit_code == 2 and flag in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "o").exists()

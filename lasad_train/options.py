@@ -1,0 +1,60 @@
+"""Option types shared by the `lasad-train` commands (no torch): bounded numbers, NaN and infinity
+refused, choices read from the registries that define them."""
+
+from __future__ import annotations
+
+import math
+
+import click
+
+
+class RegistryChoice(click.Choice):
+    """A `click.Choice` whose names come from a registry, read on first use (`load()` returns
+    them), so declaring the option imports nothing; the registry stays the one list of names."""
+
+    def __init__(self, load, case_sensitive: bool = True):
+        self._load, self._names = load, None
+        super().__init__((), case_sensitive)
+
+    @property
+    def choices(self):
+        if self._names is None:
+            self._names = tuple(self._load())
+        return self._names
+
+    @choices.setter
+    def choices(self, value):  # click.Choice.__init__ assigns the (empty) list given above
+        pass
+
+
+class Finite(click.FloatRange):
+    """A FloatRange that also refuses NaN and infinity (which pass its comparisons)."""
+
+    def convert(self, value, param, ctx):
+        rv = super().convert(value, param, ctx)
+        if not math.isfinite(rv):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return rv
+
+
+def lasad_presets():
+    from lasad_engine.config import LASAD_PRESET_NAMES
+    return LASAD_PRESET_NAMES
+
+
+def vq_presets():
+    from lasad_engine.tokenizer import VQ_PRESETS
+    return sorted(VQ_PRESETS)
+
+
+SEED = click.IntRange(0, 2**32 - 1)
+BATCH = click.IntRange(1, 1 << 20)
+STEPS = click.IntRange(1, 10**12)
+EVERY = click.IntRange(1, 10**12)
+LIMIT = click.IntRange(1, 1 << 40)
+POSITIVE = Finite(min=0, min_open=True)
+NON_NEGATIVE = Finite(min=0)
+BETA = Finite(0, 1, max_open=True)
+LIMIT_OPTION = click.option("--limit", type=LIMIT, default=None, metavar="N",
+                            help="Use N images only, spread evenly over the set (deterministic): a quick try.")
+
