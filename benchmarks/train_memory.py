@@ -37,7 +37,7 @@ def measure(preset: str, batch: int, vocab: int) -> dict:
     x, y = torch.randint(0, vocab, (batch, 256)), torch.randint(0, 100, (batch,))
     for _ in range(2):
         opt.zero_grad(set_to_none=True)
-        F.cross_entropy(model(x, y, chunk_backend="torch").flatten(0, 1), x.flatten()).backward()
+        F.cross_entropy(model(x, y, backend="torch").flatten(0, 1), x.flatten()).backward()
         opt.step()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - start
     return {"preset": preset, "batch": batch, "vocab": vocab, "estimate_GiB": mem.total(batch) / 2**30,

@@ -197,6 +197,10 @@ RUN = "on --resume: the run's"
 @click.option("--device", default=None)
 @click.option("--resume", is_flag=True, help="Continue the run in OUT/last.pt (its hyper-parameters are kept).")
 @click.option("--overwrite", is_flag=True, help="Start again in an OUT that holds a run (its files are replaced).")
+@click.option("--init", default=None, metavar="CKPT",
+              help="Start a new run from these weights ('default', a model folder, ckpt.pt, .safetensors) instead "
+                   "of random ones: fine-tuning, or training in pieces where last.pt cannot travel. The model they "
+                   "hold must be the one --preset/--set and the code set make; the optimizer starts fresh.")
 @click.option("--no-progress", is_flag=True)
 @click.option("--time-limit", type=POSITIVE, default=None,
               help="Stop (and save) after the step that crosses this many seconds; --resume continues.")

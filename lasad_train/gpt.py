@@ -94,6 +94,7 @@ class GPTTrainArgs:
     device: str | None = None
     resume: bool = False
     overwrite: bool = False        # start again in an OUT that holds a run
+    init: str | None = None        # a new run starts from these weights (a checkpoint), not random ones
     progress: bool = True
     time_limit: float | None = None  # seconds: stop after the step that crosses it, save, resume later
     save: bool = True              # False: write the log only (benchmark runs)
@@ -282,19 +283,36 @@ def check_same_model(args: GPTTrainArgs, given_overrides: dict | None, manifest:
     naming the first difference), and the code set must hold as many grids (the batches are drawn
     by index)."""
     overrides = args.overrides if given_overrides is None else given_overrides
-    built = _model_config(args.preset, overrides, manifest).to_dict()
-    stored = LasadConfig.from_dict(checkpoint["config"]).to_dict()
+    built = _model_config(args.preset, overrides, manifest)
+    _require_same_config(built, LasadConfig.from_dict(checkpoint["config"]), args, overrides, source,
+                         "resuming would not continue the same run")
+    count = checkpoint.get("codes_count")
+    if count is not None and count != codes_count:
+        raise DataError(f"{source} was trained on {count} code grids, {args.codes} holds {codes_count}: "
+                        "resuming would not continue the same run")
+
+
+def _require_same_config(built: LasadConfig, stored: LasadConfig, args: GPTTrainArgs, overrides: dict | None,
+                         source, consequence: str) -> None:
+    """One line naming the first field where the model the options make differs from `stored`."""
+    built, stored = built.to_dict(), stored.to_dict()
     diff = [k for k in built if built[k] != stored.get(k)]
     if diff:
         k, more = diff[0], f" (and {len(diff) - 1} more field(s))" if len(diff) > 1 else ""
         cause = (f"the code set {args.codes} gives" if k in DATA_FIELDS else
                  f"--preset {args.preset} with --set/--row-start/--no-decay {overrides} gives")
         raise DataError(f"{source} was trained with {k}={one_line(repr(stored.get(k)), 80)}, {cause} "
-                        f"{k}={one_line(repr(built[k]), 80)}{more}: resuming would not continue the same run")
-    count = checkpoint.get("codes_count")
-    if count is not None and count != codes_count:
-        raise DataError(f"{source} was trained on {count} code grids, {args.codes} holds {codes_count}: "
-                        "resuming would not continue the same run")
+                        f"{k}={one_line(repr(built[k]), 80)}{more}: {consequence}")
+
+
+def init_weights(args: GPTTrainArgs, config: LasadConfig) -> dict:
+    """The state dict of --init (any checkpoint form `read_checkpoint` takes), fp32, after checking
+    that it holds the model the options and the code set make."""
+    from lasad_engine.checkpoint import read_checkpoint, resolve_checkpoint
+    source = resolve_checkpoint(args.init)
+    stored, state, _ = read_checkpoint(source)
+    _require_same_config(config, stored, args, args.overrides, source, "pass the --preset/--set it was trained with")
+    return {k: v.float() for k, v in state.items()}
 
 
 def _wrap(model: LasadGen, args: GPTTrainArgs, world: Dist, device: torch.device):
@@ -343,12 +361,15 @@ class _Parts:
 
 
 def _build(args: GPTTrainArgs, config: LasadConfig, device: torch.device, world: Dist,
-           checkpoint: dict | None) -> _Parts:
-    """Model, EMA, optimizer, initialised from the seed or restored from last.pt (RNG included)."""
+           checkpoint: dict | None, init: dict | None = None) -> _Parts:
+    """Model, EMA, optimizer, initialised from the seed (or the --init weights) or restored from
+    last.pt (RNG included)."""
     torch.manual_seed(args.seed)
     model = LasadGen(config).to(device)
     if checkpoint is not None:
         model.load_state_dict(checkpoint["model"])
+    elif init is not None:
+        model.load_state_dict(init)
     ema = None
     if args.ema:
         ema = LasadGen(config).to(device).eval().requires_grad_(False)
@@ -374,7 +395,10 @@ def _build(args: GPTTrainArgs, config: LasadConfig, device: torch.device, world:
 
 
 def deploy_meta(step: int, args: GPTTrainArgs, manifest: dict) -> dict:
-    return {"step": step, "tokenizer": manifest.get("tokenizer"), "codes": str(args.codes), "ema": bool(args.ema)}
+    meta = {"step": step, "tokenizer": manifest.get("tokenizer"), "codes": str(args.codes), "ema": bool(args.ema)}
+    if args.init is not None:
+        meta["init"] = str(args.init)  # steps count from these weights
+    return meta
 
 
 def write_deploy(path: Path, checkpoint: dict) -> None:
@@ -448,7 +472,7 @@ def _train_step(parts: _Parts, args: GPTTrainArgs, step: int, x: torch.Tensor, y
         xs, ys = x[k * micro:(k + 1) * micro], y[k * micro:(k + 1) * micro]
         with sync:
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-                logits = parts.wrapped(xs, ys, chunk_backend=args.chunk_backend)
+                logits = parts.wrapped(xs, ys, backend=args.chunk_backend)
             part = F.cross_entropy(logits.float().flatten(0, 1), xs.flatten()) / args.grad_accum
             part.backward()
         loss += part.detach()
@@ -582,7 +606,11 @@ def _train(args: GPTTrainArgs, world: Dist, device: torch.device) -> dict:
         args = resolve_args(args, checkpoint, run.ckpt_path)
         _check_options(args, world)
         config = _model_config(args.preset, args.overrides, manifest)
-        start = 0
+        start, init = 0, None
+        if args.init is not None and checkpoint is not None:
+            raise DataError("--init starts a new run from given weights, --resume continues OUT's run: pass one")
+        if args.init is not None:
+            init = init_weights(args, config)
         if checkpoint is not None:
             check_same_model(args, given_overrides, manifest, len(codes), checkpoint, run.ckpt_path)
             start = int(checkpoint["step"])
@@ -591,7 +619,8 @@ def _train(args: GPTTrainArgs, world: Dist, device: torch.device) -> dict:
         if args.memory_check:
             check_training_memory(config, preset=args.preset, batch_size=args.batch_size, grad_accum=args.grad_accum,
                                   world=world.world, device=device, ema=bool(args.ema), fsdp=args.fsdp)
-        parts = _build(args, config, device, world, checkpoint)
+        parts = _build(args, config, device, world, checkpoint, init)
+        del init
         run.start(start)
         if checkpoint is not None and args.save and world.main:
             _repair_deploy(run.out, checkpoint)

@@ -72,7 +72,7 @@ def _saved_bytes(model, batch: int) -> tuple[int, int]:
     tokens = torch.zeros(batch, cfg.grid_height * cfg.grid_width, dtype=torch.int64, device="meta")
     labels = torch.zeros(batch, dtype=torch.int64, device="meta")
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        logits = model(tokens, labels, chunk_backend="torch")
+        logits = model(tokens, labels, backend="torch")
         F.cross_entropy(logits.float().flatten(0, 1), tokens.flatten())
     return sum(seen.values()), max(seen.values(), default=0)
 

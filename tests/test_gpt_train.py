@@ -608,3 +608,34 @@ def test_on_cuda_resume_is_the_same_run_and_the_memory_check_uses_free_memory(co
     with pytest.raises(DataError, match="GPU memory for its weights"):
         memory.check_training_memory(cfg, preset="lasad-XXL", batch_size=8, grad_accum=1, world=1,
                                      device=torch.device("cuda"), ema=False, fsdp=False)
+
+
+def test_init_starts_a_new_run_from_given_weights(codes, tmp_path):
+    """--init: the new run's step-0 weights are the given checkpoint's (a step with a vanishing
+    learning rate changes them by far less than the tolerance), its log starts at step 1, and a
+    model of another shape or --init with --resume is one line."""
+    from lasad_engine.checkpoint import read_checkpoint
+    first = tmp_path / "a"
+    run([codes, first, "--steps", "30", *COMMON])
+    _, trained, _ = read_checkpoint(first / "model.safetensors")
+    second = tmp_path / "b"
+    args = [a if a != "3e-3" else "1e-30" for a in COMMON]
+    summary = run([codes, second, "--steps", "1", "--init", first / "model.safetensors", "--weight-decay", "0", *args])
+    assert summary["steps"] == 1 and [r["step"] for r in log(second)] == [1]
+    _, started, meta = read_checkpoint(second / "model.safetensors")
+    assert meta["init"] == str(first / "model.safetensors")
+    fresh = torch.load(second / "last.pt", weights_only=True)["model"]
+    assert set(started) == set(trained)
+    for k in trained:
+        torch.testing.assert_close(started[k], trained[k], rtol=0, atol=1e-6)
+        torch.testing.assert_close(fresh[k].float(), trained[k].float(), rtol=0, atol=1e-6)
+    # a random initialisation is far from the trained weights: the comparison can fail
+    run([codes, tmp_path / "c", "--steps", "1", *args])
+    _, random_init, _ = read_checkpoint(tmp_path / "c" / "model.safetensors")
+    assert max((random_init[k] - trained[k]).abs().max().item() for k in trained) > 1e-3
+    r = CliRunner().invoke(main, ["gpt", str(codes), str(tmp_path / "d"), "--init", str(first / "model.safetensors"),
+                                  "--set", "n_layer=3", *map(str, COMMON)])
+    assert r.exit_code != 0 and len(r.stderr.strip().splitlines()) == 1 and "n_layer" in r.stderr, r.output
+    r = CliRunner().invoke(main, ["gpt", str(codes), str(first), "--resume", "--steps", "40",
+                                  "--init", str(first / "model.safetensors"), "--no-progress", "--device", "cpu"])
+    assert r.exit_code != 0 and "--init" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.output
