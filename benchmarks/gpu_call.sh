@@ -42,6 +42,7 @@ for s in "$@"; do
     layers) step layers 240 python3 benchmarks/decode_layer_bench.py --out "$W/layers" ;;
     engine) step engine 420 python3 benchmarks/engine_bench.py --out "$W/engine" --presets lasad-B,lasad-L,lasad-XL,lasad-XXL --batches 1,8,64,256 ;;
     engine-final) step engine 230 python3 benchmarks/engine_bench.py --out "$W/engine" --presets lasad-B,lasad-XL --batches 1,8,64,256 ;;
+    engine-lxxl) step engine-lxxl 200 python3 benchmarks/engine_bench.py --out "$W/engine-lxxl" --presets lasad-L,lasad-XXL --batches 1,8,64,256 ;;
     engine-quick) step engine 240 python3 benchmarks/engine_bench.py --out "$W/engine" --presets lasad-B,lasad-XL --batches 1,64 --quick ;;
     anatomy) step anatomy 80 python3 benchmarks/step_anatomy.py --out "$W/anatomy" ;;
     pytest) step pytest 300 python3 -m pytest -q -p no:cacheprovider -m gpu tests -rs --deselect tests/test_gpt_train.py ;;
