@@ -60,7 +60,8 @@ def sample_cmd(a):
         for cfg, top_k, temperature in SWEEP if a.settings is None else [tuple(map(float, s.split(","))) for s in a.settings]:
             gen = torch.Generator().manual_seed(SEED)
             t0 = time.perf_counter()
-            tokens = pipe(labels, cfg_scale=cfg, top_k=int(top_k), temperature=temperature, generator=gen,
+            tokens = pipe(labels, cfg_scale=cfg, top_k=int(top_k), temperature=temperature, cfg_interval=-1, top_p=1.0,
+                          generator=gen,
                           output_type="tokens").tokens
             times[key(cfg, int(top_k), temperature)] = time.perf_counter() - t0
             out[key(cfg, int(top_k), temperature)] = tokens.cpu().numpy().astype(np.int16)

@@ -205,16 +205,16 @@ NAME = "lasad-run"
               help="Images per class.")
 @click.option("--seed", type=click.IntRange(0, MAX_SEED), default=None,
               help="Random seed (default 0, printed on stderr when not given).")
-@click.option("--cfg-scale", default=4.0, show_default=True, type=FiniteFloat(-MAX_CFG_SCALE, MAX_CFG_SCALE),
-              help="Classifier-free guidance scale (1 = off).")
-@click.option("--cfg-interval", default=-1, show_default=True, type=click.IntRange(-1, MAX_TOKENS),
-              help="Guidance only for positions <= this; -1 = every step.")
-@click.option("--temperature", default=1.0, show_default=True, type=FiniteFloat(0, MAX_TEMPERATURE),
-              help="Sampling temperature (0 = greedy).")
-@click.option("--top-k", default=2000, show_default=True, type=click.IntRange(0, MAX_TOP_K),
-              help="Keep the k most likely tokens (0 = off; LlamaGen's default).")
-@click.option("--top-p", default=1.0, show_default=True, type=FiniteFloat(0, 1, min_open=True),
-              help="Top-p (1 = off).")
+@click.option("--cfg-scale", default=None, type=FiniteFloat(-MAX_CFG_SCALE, MAX_CFG_SCALE),
+              help="Classifier-free guidance scale (1 = off) [default: the model's recommended, else 4.0].")
+@click.option("--cfg-interval", default=None, type=click.IntRange(-1, MAX_TOKENS),
+              help="Guidance only for positions <= this; -1 = every step [default: the model's, else -1].")
+@click.option("--temperature", default=None, type=FiniteFloat(0, MAX_TEMPERATURE),
+              help="Sampling temperature, 0 = greedy [default: the model's, else 1.0].")
+@click.option("--top-k", default=None, type=click.IntRange(0, MAX_TOP_K),
+              help="Keep the k most likely tokens, 0 = off [default: the model's, else 2000 as LlamaGen].")
+@click.option("--top-p", default=None, type=FiniteFloat(0, 1, min_open=True),
+              help="Top-p, 1 = off [default: the model's, else 1].")
 @click.option("--grid", default=None, metavar="HxW",
               help="Token grid to generate, e.g. 32x32 (default: the checkpoint's trained grid).")
 @click.option("--backend", type=click.Choice(BACKENDS), default=None,
@@ -254,8 +254,8 @@ def run_main(classes, num_samples, seed, cfg_scale, cfg_interval, temperature, t
         raise click.ClickException(f"tokenizer {str(tokenizer)!r} does not exist")
     if not classes and not list_classes:
         raise click.UsageError("no class given: pass --class ID (or --list-classes)")
-    params = SamplingParams(cfg_scale=cfg_scale, cfg_interval=cfg_interval, temperature=temperature,
-                            top_k=top_k, top_p=top_p)  # validated before anything is loaded
+    given = dict(cfg_scale=cfg_scale, cfg_interval=cfg_interval, temperature=temperature, top_k=top_k, top_p=top_p)
+    SamplingParams.resolve(given)  # validated before anything is loaded
     if grid is not None:
         grid = parse_grid(grid, None)
     if len(classes) * num_samples > MAX_IMAGES:
@@ -295,6 +295,7 @@ def run_main(classes, num_samples, seed, cfg_scale, cfg_interval, temperature, t
         _remove_stale_temps({f.parent for f in files[:3]})
         import torch
         t_load = time.perf_counter() - t0
+        params = pipe.sampling_params(**given)
         eta = LongJobWarning(-(-len(labels) // pipe.max_batch) * grid.tokens, pipe.device)
         out = pipe(labels, params=params, generator=torch.Generator(pipe.device).manual_seed(seed),
                    output_type="np", grid=grid, progress=not no_progress, callback=eta)

@@ -4,6 +4,7 @@ typed values. Nothing here imports torch at module load, so command-line `--help
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -68,6 +69,27 @@ class SamplingParams:
     @property
     def cfg(self) -> bool:
         return self.cfg_scale != 1.0
+
+    @classmethod
+    def resolve(cls, given: dict, recommended=None, source: str = "the checkpoint") -> "SamplingParams":
+        """The settings of one call: each field `given` (None = left out), else the model's
+        `recommended` one (a checkpoint's meta["sampling"], as Hugging Face models carry a
+        generation config), else the class default. A recommendation that is not a dict of known
+        fields with valid values is one EngineError line naming `source`."""
+        fields = ("cfg_scale", "cfg_interval", "temperature", "top_k", "top_p")
+        unknown = sorted(set(given) - set(fields))
+        if unknown:
+            raise EngineError(f"unknown sampling setting {unknown[0]!r}; use {', '.join(fields)}")
+        values = {}
+        if recommended is not None:
+            if not isinstance(recommended, dict) or set(recommended) - set(fields):
+                raise EngineError(f"{source}: damaged metadata (sampling must map {', '.join(fields)} to values)")
+            try:
+                values = dataclasses.asdict(cls(**recommended))
+            except EngineError as e:
+                raise EngineError(f"{source}: damaged metadata (sampling: {e})") from None
+        values.update({k: v for k, v in given.items() if v is not None})
+        return cls(**values)
 
     def graph_key(self) -> tuple:
         """What a captured step bakes in (Python scalars); the scale and interval are data."""

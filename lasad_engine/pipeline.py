@@ -293,6 +293,18 @@ class LasadPipeline:
                 "(constant memory) but was never trained, so do not expect usable pictures")
 
     @property
+    def sampling_defaults(self) -> SamplingParams:
+        """What a call uses for the sampling keywords it leaves out: the model's recommended
+        settings (a checkpoint's meta["sampling"], chosen for that model; Hugging Face models
+        carry theirs as a generation config), the rest LlamaGen's defaults."""
+        return self.sampling_params()
+
+    def sampling_params(self, **given) -> SamplingParams:
+        """The SamplingParams of a call given these sampling keywords (None = left out)."""
+        recommended = (getattr(self.model, "checkpoint_meta", None) or {}).get("sampling")
+        return SamplingParams.resolve(given, recommended, str(self.checkpoint_path or "the model"))
+
+    @property
     def max_batch(self) -> int:
         return self.engine.max_batch
 
@@ -375,8 +387,8 @@ class LasadPipeline:
         return ClassLabels.of([self.class_id(c) for c in labels], self.model.config.num_classes)
 
     @torch.no_grad()
-    def __call__(self, class_labels, cfg_scale: float = 4.0, cfg_interval: int = -1,
-                 temperature: float = 1.0, top_k: int = 2000, top_p: float = 1.0,
+    def __call__(self, class_labels, cfg_scale: float | None = None, cfg_interval: int | None = None,
+                 temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
                  generator: torch.Generator | None = None, output_type: str = "pil", callback=None,
                  grid=None, progress: bool | None = None, params: SamplingParams | None = None
                  ) -> LasadPipelineOutput:
@@ -384,8 +396,10 @@ class LasadPipeline:
 
         Args:
             class_labels: an id, a name, or a list of them (one image each).
-            cfg_scale, cfg_interval, temperature, top_k, top_p: sampling (SamplingParams). The
-                defaults are LlamaGen's sample_c2i.py: cfg 4.0, top-k 2000, temperature 1.0.
+            cfg_scale, cfg_interval, temperature, top_k, top_p: sampling (SamplingParams). One
+                left out takes the model's recommended value (`sampling_defaults`: the
+                checkpoint's meta["sampling"]), else LlamaGen's sample_c2i.py default (cfg 4.0,
+                top-k 2000, temperature 1.0).
             generator: a torch.Generator (CPU or the pipeline's device) for the noise; the same
                 seed gives the same tokens on every backend.
             output_type: pil | np | pt | tokens.
@@ -400,8 +414,8 @@ class LasadPipeline:
         if not isinstance(output_type, str) or output_type not in OUTPUT_TYPES:
             raise EngineError(f"output_type={safe_text(repr(output_type), 60)} is not one of {', '.join(OUTPUT_TYPES)}")
         if params is None:
-            params = SamplingParams(cfg_scale=cfg_scale, cfg_interval=cfg_interval, temperature=temperature,
-                                    top_k=top_k, top_p=top_p)
+            params = self.sampling_params(cfg_scale=cfg_scale, cfg_interval=cfg_interval, temperature=temperature,
+                                          top_k=top_k, top_p=top_p)
         elif not isinstance(params, SamplingParams):
             raise EngineError(f"params={type(params).__name__}: pass a SamplingParams (or the sampling keywords)")
         if callback is not None and not callable(callback):

@@ -275,3 +275,42 @@ def test_export_and_check_default_to_the_bundled_model(tmp_path):
     assert r.exit_code == 2 and "give OUT, or CHECKPOINT and OUT (0 paths given)" in r.stderr
     r = CliRunner().invoke(export_main, ["nope", str(tmp_path / "x.onnx")])
     assert r.exit_code == 1 and "nope: no such checkpoint file or folder" in r.stderr
+
+
+def test_a_model_recommends_its_sampling_settings(tmp_path):
+    """meta["sampling"] (a generation config) fills what a call leaves out: tokens equal those of
+    the same settings passed explicitly, a given keyword wins, lasad-run records what it used,
+    save_pretrained keeps it, and a damaged one is one line."""
+    import random
+    rng = random.Random(7)
+    recommended = {"cfg_scale": rng.choice([1.5, 2.0, 3.0]), "top_k": rng.choice([5, 20]),
+                   "temperature": rng.choice([0.7, 0.9])}
+    cfg = LasadConfig.from_preset("lasad-tiny", vocab_size=64, grid_height=4, grid_width=4, class_names=NAMES)
+    vq = VQModel(VQ_PRESETS["vq-tiny"])
+    save_tokenizer(tmp_path / "vq.pt", randomize_(vq, 3, std=0.1))
+    ckpt = save_checkpoint(tmp_path / "m.pt", randomize_(LasadGen(cfg), 2),
+                           meta={"tokenizer": "vq.pt", "sampling": recommended})
+    with LasadPipeline.from_checkpoint(ckpt, device="cpu", max_batch=4) as pipe:
+        assert pipe.sampling_defaults.cfg_scale == recommended["cfg_scale"]
+        assert pipe.sampling_defaults.top_p == 1.0  # not recommended: the class default
+        implicit = pipe([1, 2, 3], generator=torch.Generator().manual_seed(0), output_type="tokens").tokens
+        explicit = pipe([1, 2, 3], generator=torch.Generator().manual_seed(0), output_type="tokens",
+                        **recommended).tokens
+        plain = pipe([1, 2, 3], generator=torch.Generator().manual_seed(0), output_type="tokens",
+                     cfg_scale=4.0, top_k=2000, temperature=1.0).tokens
+        assert torch.equal(implicit, explicit) and not torch.equal(implicit, plain)
+        saved = pipe.save_pretrained(tmp_path / "folder")
+    with LasadPipeline.from_pretrained(saved, device="cpu", max_batch=4) as pipe:
+        assert pipe.sampling_defaults.top_k == recommended["top_k"]
+    r = CliRunner().invoke(run_main, ["--checkpoint", str(ckpt), "-c", "1", "-n", "2", "--no-progress", "--top-k", "3",
+                                      "-o", str(tmp_path / "a.png")])
+    assert r.exit_code == 0, r.output
+    record = json.loads((tmp_path / "a.json").read_text())
+    assert (record["cfg_scale"], record["top_k"], record["temperature"]) == (
+        recommended["cfg_scale"], 3, recommended["temperature"])
+    for damaged in ({"cfg_scale": "strong"}, {"beam": 4}, [1.0], {"top_k": -1}):
+        bad = save_checkpoint(tmp_path / "bad.pt", randomize_(LasadGen(cfg), 2), meta={"sampling": damaged})
+        with pytest.raises(EngineError) as e:
+            with LasadPipeline.from_checkpoint(bad, device="cpu", max_batch=2) as pipe:
+                pipe([1], output_type="tokens")
+        assert "bad.pt" in str(e.value) and "sampling" in str(e.value) and "\n" not in str(e.value)

