@@ -213,7 +213,7 @@ def export_step(model: LasadGen, path: str | os.PathLike, *, portable: bool = Fa
         traced.mkdir()
         torch.onnx.export(graph, args, str(traced / "step.onnx"), dynamo=False, opset_version=opset,
                           input_names=inputs, output_names=outputs, dynamic_axes=dyn,
-                          custom_opsets={C.DOMAIN: C.OP_VERSION}, do_constant_folding=True)
+                          custom_opsets=None if portable else {C.DOMAIN: C.OP_VERSION}, do_constant_folding=True)
         del graph, model, args, past
         gc.collect()
         proto = onnx.load(str(traced / "step.onnx"), load_external_data=False)
