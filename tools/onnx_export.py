@@ -57,6 +57,8 @@ class LasadStepOp(torch.autograd.Function):
                           plugin_namespace_s=C.PLUGIN_NAMESPACE, plugin_version_s=C.PLUGIN_VERSION,
                           aot_i=C.PARSER_ATTRIBUTES["aot"], outputs=2)
         present.setType(past.type())
+        rows = past.type().varyingSizes()[0]  # None where the rows are a dynamic axis
+        o.setType(qfv.type().with_sizes([rows, H, V]))  # o [rows, H, V] in qfv's dtype: no "shape inference missing"
         return o, present
 
 
