@@ -328,6 +328,14 @@ def test_readme_paths_exist():
     assert not missing, f"README.md names files that are not in the repository: {', '.join(missing)}"
 
 
+def test_readme_extras_exist():
+    """Every `pip install -e ".[a,b]"` extra the README names is one of pyproject.toml's."""
+    tomllib = pytest.importorskip("tomllib", reason="tomllib is in the standard library from Python 3.11")
+    extras = set(tomllib.loads((README.parent / "pyproject.toml").read_text())["project"]["optional-dependencies"])
+    named = {e.strip() for group in re.findall(r"\.\[([a-z0-9_,-]+)\]", README.read_text()) for e in group.split(",")}
+    assert named and not named - extras, f"README.md names extras pyproject.toml lacks: {sorted(named - extras)}"
+
+
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
     return tmp_path_factory.mktemp("readme")
