@@ -60,13 +60,22 @@ def _signals_as_interrupts():
         watchdog.start()
         raise KeyboardInterrupt
 
+    def unraisable(info):
+        # The interrupt was raised where Python cannot propagate it (a weakref or import-lock
+        # callback: "Exception ignored in ..." plus a traceback) and the command went on: stop now.
+        if got and isinstance(info.exc_value, KeyboardInterrupt):
+            _exit_signalled(None, got[0])
+        previous_hook(info)
+
     previous = {}
     for sig in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", None)):
         if sig is not None and signal.getsignal(sig) in (signal.SIG_DFL, signal.default_int_handler):
             previous[sig] = signal.signal(sig, handler)
+    previous_hook, sys.unraisablehook = sys.unraisablehook, unraisable
     try:
         yield got
     finally:
+        sys.unraisablehook = previous_hook
         for sig, h in previous.items():
             signal.signal(sig, h)
 
