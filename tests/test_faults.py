@@ -844,7 +844,7 @@ def test_api_arguments_of_the_wrong_type_are_one_line_errors(ckpt):
             dict(class_labels=[1], generator=np.random.default_rng(0)),
             dict(class_labels=[1], output_type="jpg"), dict(class_labels=[1], output_type=["pil"]),
             dict(class_labels=[1], params="greedy"), dict(class_labels=[1], callback=5),
-            dict(class_labels=[1], cfg_scale="4"), dict(class_labels=[1], top_k=2.5), dict(class_labels=[1], temperature=None),
+            dict(class_labels=[1], cfg_scale="4"), dict(class_labels=[1], top_k=2.5), dict(class_labels=[1], temperature="hot"),
             dict(class_labels=[1], top_p=0), dict(class_labels=[1], cfg_interval=-2),
         ]
         for kw in bad_calls:
@@ -852,6 +852,9 @@ def test_api_arguments_of_the_wrong_type_are_one_line_errors(ckpt):
                 pipe(**kw)
             assert "\n" not in str(e.value) and len(str(e.value)) < 400, (kw, str(e.value)[:500])
         assert pipe([1], output_type="tokens").tokens.shape == (1, 4, 4)  # still usable
+        # None is "not given" (the model's recommendation, else the default), not a wrong type
+        assert torch.equal(pipe([1], temperature=None, output_type="tokens", generator=torch.Generator().manual_seed(0)).tokens,
+                           pipe([1], output_type="tokens", generator=torch.Generator().manual_seed(0)).tokens)
         assert pipe(range(3), output_type="tokens").tokens.shape == (3, 4, 4)  # any iterable of ids
 
 
