@@ -286,7 +286,7 @@ def run_main(classes, num_samples, seed, cfg_scale, cfg_interval, temperature, t
     if not classes and not list_classes:
         raise click.UsageError("no class given: pass --class ID (or --list-classes)")
     given = dict(cfg_scale=cfg_scale, cfg_interval=cfg_interval, temperature=temperature, top_k=top_k, top_p=top_p)
-    SamplingParams.resolve(given)  # validated before anything is loaded
+    params = SamplingParams.resolve(given)  # validated before anything is loaded
     if grid is not None:
         grid = parse_grid(grid, None)
     if len(classes) * num_samples > MAX_IMAGES:
@@ -332,7 +332,8 @@ def run_main(classes, num_samples, seed, cfg_scale, cfg_interval, temperature, t
         _remove_stale_temps({f.parent for f in files[:3]})
         import torch
         t_load = time.perf_counter() - t0
-        params = pipe.sampling_params(**given)
+        if (getattr(pipe.model, "checkpoint_meta", None) or {}).get("sampling") is not None:
+            params = pipe.sampling_params(**given)  # the model's recommendation fills what was left out
         eta = LongJobWarning(-(-len(labels) // pipe.max_batch) * grid.tokens, pipe.device)
         out = pipe(labels, params=params, generator=torch.Generator(pipe.device).manual_seed(seed),
                    output_type="np", grid=grid, progress=not no_progress, callback=eta)
