@@ -60,13 +60,22 @@ def _signals_as_interrupts():
         watchdog.start()
         raise KeyboardInterrupt
 
+    def unraisable(info):
+        # The interrupt was raised where Python cannot propagate it (a weakref or import-lock
+        # callback: "Exception ignored in ..." plus a traceback) and the command went on: stop now.
+        if got and isinstance(info.exc_value, KeyboardInterrupt):
+            _exit_signalled(None, got[0])
+        previous_hook(info)
+
     previous = {}
     for sig in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", None)):
         if sig is not None and signal.getsignal(sig) in (signal.SIG_DFL, signal.default_int_handler):
             previous[sig] = signal.signal(sig, handler)
+    previous_hook, sys.unraisablehook = sys.unraisablehook, unraisable
     try:
         yield got
     finally:
+        sys.unraisablehook = previous_hook
         for sig, h in previous.items():
             signal.signal(sig, h)
 
@@ -156,16 +165,36 @@ def write_png(path, array) -> None:
     Image.fromarray(array).save(path, format="PNG")
 
 
-def default_output(ids: list[int], seed: int) -> Path:
-    """`lasad_<ids>_seed<seed>.png`: every class id up to 8 classes; beyond, the first four, the
-    count of the others and 8 hex digits of a hash of the whole list (distinct lists get distinct
-    names, and the name stays far below the file system's 255 bytes)."""
+def default_output(ids: list[int], seed: int, grid=None) -> Path:
+    """`lasad_<ids>_seed<seed>[_<h>x<w>].png`: every class id up to 8 classes; beyond, the first
+    four, the count of the others and 8 hex digits of a hash of the whole list (distinct lists get
+    distinct names, and the name stays far below the file system's 255 bytes). The grid is named
+    when it is given (lasad-run gives it when it is not the model's trained grid)."""
     if len(ids) <= 8:
         tag = "-".join(str(i) for i in ids)
     else:
         digest = hashlib.sha256(",".join(str(i) for i in ids).encode()).hexdigest()[:8]
         tag = "-".join(str(i) for i in ids[:4]) + f"-+{len(ids) - 4}more-{digest}"
-    return Path(f"lasad_{tag}_seed{seed}.png")
+    size = f"_{grid[0]}x{grid[1]}" if grid is not None else ""
+    return Path(f"lasad_{tag}_seed{seed}{size}.png")
+
+
+MAX_NUMBERED = 10_000
+
+
+def unused_output(output: Path) -> Path:
+    """`output`, or the first of `<stem>-2.png`, `<stem>-3.png`, ... whose PNG, JSON record and
+    `--save-individual` folder are all absent: a default name never replaces an earlier run."""
+    def taken(p: Path) -> bool:
+        return any(f.exists() or f.is_symlink() for f in (p, p.with_suffix(".json"), p.with_suffix("")))
+    if not taken(output):
+        return output
+    for n in range(2, MAX_NUMBERED + 1):
+        candidate = output.with_name(f"{output.stem}-{n}{output.suffix}")
+        if not taken(candidate):
+            return candidate
+    raise click.ClickException(f"{output} and {MAX_NUMBERED - 1} numbered names beside it are taken; "
+                               "pass --output FILE.png")
 
 
 class LongJobWarning:
@@ -233,8 +262,10 @@ NAME = "lasad-run"
 @click.option("--threads", default=None, type=click.IntRange(1, 1024),
               help="CPU threads for the token decode (default 1: decode-sized products gain nothing from more).")
 @click.option("-o", "--output", type=click.Path(path_type=Path), default=None,
-              help="PNG grid to write (default: lasad_<class ids>_seed<seed>.png; beyond 8 classes "
-                   "lasad_<first 4>-+<N>more-<hash>_seed<seed>.png).")
+              help="PNG grid to write, replaced if it exists (default: lasad_<class ids>_seed<seed>.png, "
+                   "_<h>x<w> added for a --grid other than the model's; beyond 8 classes the ids are "
+                   "<first 4>-+<N>more-<hash>; a default name never replaces an earlier run's files: "
+                   "-2, -3, ... is added).")
 @click.option("--nrow", default=None, type=click.IntRange(1, MAX_IMAGES), help="Images per grid row (default: num-samples).")
 @click.option("--save-individual", is_flag=True, help="Also write <output stem>/<i:06d>.png for every image.")
 @click.option("--json", "json_out", is_flag=True, help="Print a JSON summary on stdout.")
@@ -255,7 +286,7 @@ def run_main(classes, num_samples, seed, cfg_scale, cfg_interval, temperature, t
     if not classes and not list_classes:
         raise click.UsageError("no class given: pass --class ID (or --list-classes)")
     given = dict(cfg_scale=cfg_scale, cfg_interval=cfg_interval, temperature=temperature, top_k=top_k, top_p=top_p)
-    SamplingParams.resolve(given)  # validated before anything is loaded
+    params = SamplingParams.resolve(given)  # validated before anything is loaded
     if grid is not None:
         grid = parse_grid(grid, None)
     if len(classes) * num_samples > MAX_IMAGES:
@@ -287,7 +318,13 @@ def run_main(classes, num_samples, seed, cfg_scale, cfg_interval, temperature, t
         if seed is None:
             seed = 0
             click.echo("seed: 0 (the default; --seed N for others)", err=True)
-        output = output or default_output(ids, seed)
+        if output is None:
+            trained = grid == (cfg.grid_height, cfg.grid_width)
+            named = default_output(ids, seed, None if trained else grid)
+            output = unused_output(named)
+            if output != named:
+                click.echo(f"{named} is from an earlier run: writing {output} (--output FILE.png names the file)",
+                           err=True)
         files = _output_files(output, len(labels) if save_individual else 0)
         for f in files[:3]:  # the files this run writes (the rest share the third's folder and length)
             check_writable(f, "output")
@@ -295,7 +332,8 @@ def run_main(classes, num_samples, seed, cfg_scale, cfg_interval, temperature, t
         _remove_stale_temps({f.parent for f in files[:3]})
         import torch
         t_load = time.perf_counter() - t0
-        params = pipe.sampling_params(**given)
+        if (getattr(pipe.model, "checkpoint_meta", None) or {}).get("sampling") is not None:
+            params = pipe.sampling_params(**given)  # the model's recommendation fills what was left out
         eta = LongJobWarning(-(-len(labels) // pipe.max_batch) * grid.tokens, pipe.device)
         out = pipe(labels, params=params, generator=torch.Generator(pipe.device).manual_seed(seed),
                    output_type="np", grid=grid, progress=not no_progress, callback=eta)

@@ -183,11 +183,16 @@ class LasadPipeline:
         """A model folder written by `save_pretrained` (config.json, model.safetensors,
         vq.safetensors, README.md), or "default" (the bundled model), or any checkpoint file.
         Takes the keywords of `from_checkpoint` (tokenizer, backend, device, precision, max_batch,
-        use_cuda_graph, threads).
+        use_cuda_graph, threads), and diffusers' `torch_dtype=` as another name for `precision=`.
 
         >>> with LasadPipeline.from_pretrained("my-model", device="cpu") as pipe:
         ...     pipe(["handshake"]).images[0].save("handshake.png")
         """
+        if "torch_dtype" in options:
+            torch_dtype = options.pop("torch_dtype")
+            if options.get("precision") is not None and torch_dtype is not None:
+                raise EngineError("give torch_dtype= or precision=, not both (they name the same thing)")
+            options["precision"] = options.get("precision") or torch_dtype
         return cls.from_checkpoint(name_or_path, **options)
 
     def save_pretrained(self, folder: str | os.PathLike, *, overwrite: bool = False,
@@ -303,6 +308,11 @@ class LasadPipeline:
         """The SamplingParams of a call given these sampling keywords (None = left out)."""
         recommended = (getattr(self.model, "checkpoint_meta", None) or {}).get("sampling")
         return SamplingParams.resolve(given, recommended, str(self.checkpoint_path or "the model"))
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The weights' dtype (diffusers' `pipe.dtype`); the decode state and the VQ decoder are fp32."""
+        return self.model.output.weight.dtype
 
     @property
     def max_batch(self) -> int:

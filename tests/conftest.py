@@ -24,7 +24,8 @@ except ImportError:
 import importlib.util
 
 HAS_FLA = importlib.util.find_spec("fla") is not None
-needs_fla = pytest.mark.skipif(not HAS_FLA, reason="needs flash-linear-attention (pip install 'lasad[gpu]'): "
+needs_fla = pytest.mark.skipif(not HAS_FLA, reason="needs flash-linear-attention "
+                                                   "(pip install -e '.[gpu]' in lasad's folder): "
                                                    "the chunked op on CUDA runs fla's chunk_gla")
 
 try:

@@ -139,3 +139,36 @@ def test_bundled_default_model_runs(tmp_path):
     r, files = run(["--class", "207", "-n", "1", "--no-progress"], tmp_path)
     assert r.exit_code == 0, r.output
     assert "lasad_207_seed0.png" in files
+
+
+def test_default_names_never_replace_an_earlier_run(ckpt, tmp_path, monkeypatch):
+    """The README's rule: a default name carries classes, seed and a grid other than the trained
+    one; when its PNG, JSON or folder exists, -2, -3, ... is added and said on stderr; only a
+    name given with -o is replaced."""
+    monkeypatch.chdir(tmp_path)
+    runner = CliRunner()
+
+    def go(*args):
+        r = runner.invoke(run_main, ["--checkpoint", str(ckpt), "-c", "3", "-n", "1", "--no-progress", *args])
+        assert r.exit_code == 0, r.output
+        return r
+
+    go()
+    first = (tmp_path / "lasad_3_seed0.png").read_bytes()
+    r = go("--cfg-scale", "1.5")
+    assert "lasad_3_seed0.png is from an earlier run: writing lasad_3_seed0-2.png" in r.stderr
+    assert json.loads((tmp_path / "lasad_3_seed0-2.json").read_text())["cfg_scale"] == 1.5
+    assert json.loads((tmp_path / "lasad_3_seed0.json").read_text())["cfg_scale"] == 4.0
+    assert (tmp_path / "lasad_3_seed0.png").read_bytes() == first
+    go("--grid", "3x5")
+    assert json.loads((tmp_path / "lasad_3_seed0_3x5.json").read_text())["grid"] == [3, 5]
+    go("--grid", "4x4")  # the trained grid: not named, so numbered
+    assert json.loads((tmp_path / "lasad_3_seed0-3.json").read_text())["grid"] == [4, 4]
+    (tmp_path / "lasad_3_seed1").mkdir()  # a --save-individual folder alone also takes the name
+    go("--seed", "1")
+    assert (tmp_path / "lasad_3_seed1-2.png").is_file() and not (tmp_path / "lasad_3_seed1.png").exists()
+    r = go("--cfg-scale", "2.5", "-o", "lasad_3_seed0.png")  # a name you give is replaced
+    assert "earlier run" not in r.stderr
+    assert json.loads((tmp_path / "lasad_3_seed0.json").read_text())["cfg_scale"] == 2.5
+    assert sorted(p.name for p in tmp_path.glob("lasad_3_seed0*.png")) == [
+        "lasad_3_seed0-2.png", "lasad_3_seed0-3.png", "lasad_3_seed0.png", "lasad_3_seed0_3x5.png"]

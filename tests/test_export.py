@@ -22,7 +22,7 @@ from lasad_plugins.lasad_step import defs
 from lasad_tools.export import main as export_main
 from lasad_tools.onnx_export import export_sampler, export_step
 
-ort = pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (pip install 'lasad[export]')")
+ort = pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (pip install -e '.[export]' in lasad's folder)")
 
 
 @pytest.fixture(scope="module")
@@ -236,7 +236,7 @@ def test_plan_without_tensorrt_says_what_to_install(ckpt, tmp_path):
         pass
     r = CliRunner().invoke(export_main, [str(ckpt), str(tmp_path / "engine.plan")])
     assert r.exit_code == 1 and len(r.stderr.strip().splitlines()) == 1
-    assert "pip install 'lasad[tensorrt]'" in r.stderr and not (tmp_path / "engine.plan").exists()
+    assert "pip install -e '.[tensorrt]' in lasad's folder" in r.stderr and not (tmp_path / "engine.plan").exists()
 
 
 def test_plan_fingerprint_mismatch_names_the_difference(tmp_path):

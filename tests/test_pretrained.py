@@ -314,3 +314,18 @@ def test_a_model_recommends_its_sampling_settings(tmp_path):
             with LasadPipeline.from_checkpoint(bad, device="cpu", max_batch=2) as pipe:
                 pipe([1], output_type="tokens")
         assert "bad.pt" in str(e.value) and "sampling" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_diffusers_keywords(checkpoint):
+    """torch_dtype= (diffusers' name) loads as precision= does; pipe.dtype and pipe.device say
+    where the weights are; both names at once is one line."""
+    with LasadPipeline.from_pretrained(checkpoint, precision="bf16") as ref:
+        want = draw(ref)
+    with LasadPipeline.from_pretrained(checkpoint, torch_dtype=torch.bfloat16, device="cpu") as pipe:
+        assert pipe.dtype == torch.bfloat16 and pipe.device == torch.device("cpu")
+        assert torch.equal(draw(pipe).tokens, want.tokens)
+        pipe.to(torch.float32)
+        assert pipe.dtype == torch.float32
+    with pytest.raises(EngineError) as e:
+        LasadPipeline.from_pretrained(checkpoint, torch_dtype=torch.float16, precision="bf16")
+    assert "torch_dtype= or precision=" in one_line(e)

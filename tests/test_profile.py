@@ -49,7 +49,7 @@ def test_profile_errors_are_one_line(tmp_path):
 
 def test_plots_from_a_profile(tmp_path):
     import pytest
-    pytest.importorskip("matplotlib", reason="matplotlib is not installed (pip install 'lasad[plot]')")
+    pytest.importorskip("matplotlib", reason="matplotlib is not installed (pip install -e '.[plot]' in lasad's folder)")
     from lasad_tools.plot_profile import plot
     out = tmp_path / "p.json"
     r = CliRunner().invoke(main, ["--preset", "lasad-tiny", "--baseline", "kv", "--batches", "1",

@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -185,6 +186,154 @@ def test_marker_parsing():
             parse_marker(Block(1, "bash", "x\n", bad))
     with pytest.raises(ValueError, match="cannot run a ```yaml block"):
         parse_marker(Block(1, "yaml", "x\n", "run"))
+
+
+# How the README names each command -> its click command (the console scripts of pyproject.toml,
+# and the modules it runs with `python -m` / `torchrun -m`).
+COMMANDS = {
+    "lasad-run": ("lasad_engine.cli", "run_main"),
+    "lasad-export": ("lasad_tools.export", "main"),
+    "lasad-check": ("lasad_tools.check", "main"),
+    "lasad-profile": ("lasad_tools.profile", "main"),
+    "lasad-eval": ("lasad_tools.evaluate", "main"),
+    "lasad-train": ("lasad_train.cli", "main"),
+    "lasad_tools.ort_op": ("lasad_tools.ort_op", "main"),
+    "lasad_train.cli": ("lasad_train.cli", "main"),
+}
+# Options the README gives to other programs (pip, torchrun, pytest).
+FOREIGN_OPTIONS = {"--index-url", "--nproc_per_node"}
+PLACEHOLDER = re.compile(r"^(?:[A-Z][A-Z0-9_]*|\.\.\.)$")  # SRC, OUT, CKPT, ...
+
+
+def command_lines(text: str) -> list[tuple[int, str]]:
+    """(line, command text) for every line of every code block (comments cut, backslash continuations
+    joined) and every inline `code` span of the prose (spans may wrap across lines)."""
+    out, prose, inblock, cont = [], [], False, ""
+    for no, line in enumerate(text.splitlines(), 1):
+        if FENCE.match(line) or line.strip() == "```":
+            inblock = not inblock
+        elif inblock:
+            code = re.sub(r"\s+#.*$", "", line)
+            if code.endswith("\\"):
+                cont += code[:-1] + " "
+                continue
+            out.append((no, cont + code))
+            cont = ""
+        else:
+            prose.append((no, line))
+    joined, starts = "", []
+    for no, line in prose:
+        starts.append((len(joined), no))
+        joined += line + " "
+    for m in re.finditer(r"`([^`]+)`", joined):
+        out.append((max(no for off, no in starts if off <= m.start()), m.group(1)))
+    return out
+
+
+def _options(command) -> set[str]:
+    import click
+    names = {"--help", "-h"}
+    for p in command.params:
+        if isinstance(p, click.Option):
+            names.update(p.opts)
+            names.update(p.secondary_opts)
+    return names
+
+
+def _all_commands():
+    """Every click command reachable from COMMANDS (subcommands of groups included)."""
+    import importlib
+
+    import click
+    ctx = click.Context(click.Command("readme"))
+    seen, todo = [], [getattr(importlib.import_module(m), a) for m, a in set(COMMANDS.values())]
+    while todo:
+        cmd = todo.pop()
+        if any(cmd is c for c in seen):
+            continue
+        seen.append(cmd)
+        if isinstance(cmd, click.Group):
+            todo += [cmd.get_command(ctx, name) for name in cmd.list_commands(ctx)]
+    return seen
+
+
+def check_commands(text: str) -> list[str]:
+    """What is wrong with the README's commands: a subcommand or an option that the command does
+    not have (each lasad command line, in code blocks and in the prose), and any `--option`
+    written anywhere that no lasad command has."""
+    import importlib
+
+    import click
+    ctx = click.Context(click.Command("readme"))
+    problems = []
+    for no, line in command_lines(text):
+        for piece in re.split(r"&&|\|\|?|;", line):
+            try:
+                words = shlex.split(piece)
+            except ValueError:
+                continue
+            start = next((i for i, w in enumerate(words) if w in COMMANDS and (i == 0 or words[i - 1] == "-m")), None)
+            if start is None:
+                continue
+            name, rest = words[start], words[start + 1:]
+            cmd = getattr(importlib.import_module(COMMANDS[name][0]), COMMANDS[name][1])
+            while isinstance(cmd, click.Group) and rest and not rest[0].startswith("-"):
+                sub = cmd.get_command(ctx, rest[0])
+                if sub is None:
+                    if not PLACEHOLDER.match(rest[0]):
+                        problems.append(f"README.md line {no}: {name} has no subcommand {rest[0]!r}")
+                    break
+                name, cmd, rest = f"{name} {rest[0]}", sub, rest[1:]
+            known = _options(cmd)
+            for word in rest:
+                if re.match(r"^--?[A-Za-z]", word) and word.split("=", 1)[0] not in known:
+                    problems.append(f"README.md line {no}: {name} has no option {word.split('=', 1)[0]}")
+    everywhere = set().union(*(_options(c) for c in _all_commands())) | FOREIGN_OPTIONS
+    for no, line in enumerate(text.splitlines(), 1):
+        for option in re.findall(r"(?<![\w-])--[a-z][a-z0-9_-]*", line):
+            if option not in everywhere:
+                problems.append(f"README.md line {no}: no lasad command has the option {option}")
+    return problems
+
+
+def test_readme_commands_and_options_exist():
+    """Every lasad command line in the README (code blocks, the GPU-only and skipped ones too, and
+    the prose) names real subcommands and options, and every `--option` it mentions exists."""
+    problems = check_commands(README.read_text())
+    assert not problems, "\n".join(problems)
+
+
+def test_check_commands_finds_drift():
+    """The check above on a README with made-up drift: each kind of mistake is found."""
+    text = README.read_text()
+    assert "--save-individual" in text and "lasad-eval fid --ref" in text
+    bad = (text.replace("--save-individual", "--save-indiv")
+           .replace("lasad-eval fid --ref", "lasad-eval fidd --ref")
+           + "\nSee `lasad-train data subset SRC OUT --label-set subgroup\n--min-cnt 40` and `--no-such-flag`.\n")
+    problems = "\n".join(check_commands(bad))
+    assert "lasad-run has no option --save-indiv" in problems
+    assert "lasad-eval has no subcommand 'fidd'" in problems
+    assert "lasad-train data subset has no option --min-cnt" in problems
+    assert "no lasad command has the option --no-such-flag" in problems
+
+
+def test_readme_paths_exist():
+    """Every file or folder of this repository that the README names (docs/, benchmarks/, tests/,
+    ...) is there."""
+    root = README.parent
+    named = re.findall(r"(?<![\w/.-])((?:\.ci|docs|benchmarks|tests|plugins|lasad_engine|lasad_train|tools)/[\w./*-]*\w)",
+                       README.read_text())
+    assert named
+    missing = sorted({p for p in named if not list(root.glob(p))})
+    assert not missing, f"README.md names files that are not in the repository: {', '.join(missing)}"
+
+
+def test_readme_extras_exist():
+    """Every `pip install -e ".[a,b]"` extra the README names is one of pyproject.toml's."""
+    tomllib = pytest.importorskip("tomllib", reason="tomllib is in the standard library from Python 3.11")
+    extras = set(tomllib.loads((README.parent / "pyproject.toml").read_text())["project"]["optional-dependencies"])
+    named = {e.strip() for group in re.findall(r"\.\[([a-z0-9_,-]+)\]", README.read_text()) for e in group.split(",")}
+    assert named and not named - extras, f"README.md names extras pyproject.toml lacks: {sorted(named - extras)}"
 
 
 @pytest.fixture(scope="module")

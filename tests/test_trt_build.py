@@ -228,7 +228,7 @@ def test_version_floors_are_named_in_one_line(monkeypatch, tensorrt, aot, triton
     monkeypatch.setitem(sys.modules, "triton", SimpleNamespace(__version__=triton))
     with pytest.raises(PluginUnavailable, match=message) as e:
         check_versions()
-    assert "\n" not in str(e.value) and "pip install 'lasad[tensorrt]'" in str(e.value)
+    assert "\n" not in str(e.value) and "pip install -e '.[tensorrt]' in lasad's folder" in str(e.value)
 
 
 def test_compiling_the_kernel_needs_triton_3_3(monkeypatch):

@@ -25,7 +25,8 @@ from lasad_engine.params import MAX_BATCH, MAX_TEMPERATURE, MAX_TOP_K
 FORMATS = ("onnx", "plan")
 DTYPES = ("fp32", "fp16", "bf16")  # tools/onnx_export.py DTYPES (this module imports no torch for --help)
 TENSORRT_HINT = ("building a .plan needs NVIDIA TensorRT >= 10.9 with its Python plugin API, Triton >= 3.3 and "
-                 "a GPU TensorRT supports: pip install 'lasad[tensorrt]' (or export ONNX: lasad-export CKPT step.onnx)")
+                 "a GPU TensorRT supports: pip install -e '.[tensorrt]' in lasad's folder "
+                 "(or export ONNX: lasad-export CKPT step.onnx)")
 
 
 NAME = "lasad-export"

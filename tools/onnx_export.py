@@ -57,6 +57,8 @@ class LasadStepOp(torch.autograd.Function):
                           plugin_namespace_s=C.PLUGIN_NAMESPACE, plugin_version_s=C.PLUGIN_VERSION,
                           aot_i=C.PARSER_ATTRIBUTES["aot"], outputs=2)
         present.setType(past.type())
+        rows = past.type().varyingSizes()[0]  # None where the rows are a dynamic axis
+        o.setType(qfv.type().with_sizes([rows, H, V]))  # o [rows, H, V] in qfv's dtype: no "shape inference missing"
         return o, present
 
 
@@ -213,7 +215,7 @@ def export_step(model: LasadGen, path: str | os.PathLike, *, portable: bool = Fa
         traced.mkdir()
         torch.onnx.export(graph, args, str(traced / "step.onnx"), dynamo=False, opset_version=opset,
                           input_names=inputs, output_names=outputs, dynamic_axes=dyn,
-                          custom_opsets={C.DOMAIN: C.OP_VERSION}, do_constant_folding=True)
+                          custom_opsets=None if portable else {C.DOMAIN: C.OP_VERSION}, do_constant_folding=True)
         del graph, model, args, past
         gc.collect()
         proto = onnx.load(str(traced / "step.onnx"), load_external_data=False)

@@ -1,4 +1,5 @@
-"""Plots for docs/benchmarks.md from `lasad-profile` JSON files (matplotlib, `pip install lasad[plot]`).
+"""Plots for docs/benchmarks.md from `lasad-profile` JSON files (matplotlib:
+`pip install -e '.[plot]'` in lasad's folder).
 
     python -m lasad_tools.plot_profile profile-B.json profile-XL.json --out docs/img
 

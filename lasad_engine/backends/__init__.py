@@ -12,11 +12,13 @@ from .base import Backend
 # name -> (module, class, what it runs, the package it needs and how to get it)
 REGISTRY = {
     "torch": ("eager", "TorchBackend", "the torch reference, any device", None),
-    "cuda": ("cuda", "CudaBackend", "Triton kernels, captured as a CUDA graph", ("triton", "pip install 'lasad[gpu]'")),
+    "cuda": ("cuda", "CudaBackend", "Triton kernels, captured as a CUDA graph",
+             ("triton", "pip install -e '.[gpu]' in lasad's folder")),
     "onnxruntime": ("ort", "OnnxRuntimeBackend", "an exported step.onnx",
-                    ("onnxruntime", "pip install 'lasad[export]'")),
+                    ("onnxruntime", "pip install -e '.[export]' in lasad's folder")),
     "tensorrt": ("trt", "TensorRTBackend", "an engine.plan built by lasad-export",
-                 ("tensorrt", "NVIDIA TensorRT >= 10.9 on a GPU it supports: pip install 'lasad[tensorrt]'")),
+                 ("tensorrt", "NVIDIA TensorRT >= 10.9 on a GPU it supports: "
+                              "pip install -e '.[tensorrt]' in lasad's folder")),
 }
 BACKENDS = tuple(REGISTRY)
 # Exported artifacts and the backend that runs each.

@@ -68,7 +68,7 @@ def _metadata(path) -> dict:
     try:
         import onnx
     except ImportError:
-        raise EngineError("reading an exported step needs onnx: pip install 'lasad[export]'") from None
+        raise EngineError("reading an exported step needs onnx: pip install -e '.[export]' in lasad's folder") from None
     if os.path.isdir(path):
         raise CheckpointError(f"{path}: is a folder, not an ONNX file")
     if not os.path.isfile(path):
@@ -105,7 +105,7 @@ def _register_custom_op() -> str:
         from onnxruntime_extensions import PyCustomOpDef, get_library_path, onnx_op
     except ImportError:
         raise EngineError("this step.onnx uses the LasadStep node, which needs onnxruntime-extensions: "
-                          "pip install 'lasad[export]' (or export with --portable)") from None
+                          "pip install -e '.[export]' in lasad's folder (or export with --portable)") from None
     if not _REGISTERED:
         T = PyCustomOpDef
         attrs = {name: T.dt_int64 if kind == "int" else T.dt_float for name, (kind, _) in C.ATTRIBUTES.items()}
@@ -149,7 +149,7 @@ class OnnxRuntimeBackend(Backend):
             import onnx
             import onnxruntime as ort
         except ImportError:
-            hint = GPU_HINT if device.type == "cuda" else "pip install 'lasad[export]'"
+            hint = GPU_HINT if device.type == "cuda" else "pip install -e '.[export]' in lasad's folder"
             raise EngineError(f"backend 'onnxruntime' needs onnx and onnxruntime: {hint}") from None
         if device.type not in ("cpu", "cuda"):
             raise EngineError(f"backend 'onnxruntime' runs on cpu or cuda, got device={device}")

@@ -54,7 +54,8 @@ class TensorRTBackend(Backend):
             import tensorrt as trt
         except ImportError:
             raise EngineError("backend 'tensorrt' needs NVIDIA TensorRT >= 10.9 on a GPU it supports: "
-                              "pip install 'lasad[tensorrt]'; or use one of: torch, cuda, onnxruntime") from None
+                              "pip install -e '.[tensorrt]' in lasad's folder; "
+                              "or use one of: torch, cuda, onnxruntime") from None
         require_cuda(self.name, device)
         if str(plan_path).endswith(".onnx"):
             raise EngineError("backend 'tensorrt' runs an engine.plan: lasad-export CKPT engine.plan, then load it")

@@ -163,11 +163,12 @@ def check_versions():
     floor = ".".join(map(str, MIN_TENSORRT))
     if trtp is None:
         raise PluginUnavailable(f"TensorRT >= {floor} with its Python plugin API (tensorrt.plugin) is needed: "
-                                "pip install 'lasad[tensorrt]'")
+                                "pip install -e '.[tensorrt]' in lasad's folder")
     import tensorrt as trt
     if version_tuple(trt.__version__) < MIN_TENSORRT or not hasattr(trtp, "aot_impl"):
         raise PluginUnavailable(f"TensorRT >= {floor} is needed for the plugin's ahead-of-time kernel "
-                                f"(tensorrt.plugin.aot_impl), found {trt.__version__}: pip install 'lasad[tensorrt]'")
+                                f"(tensorrt.plugin.aot_impl), found {trt.__version__}: "
+                                "pip install -e '.[tensorrt]' in lasad's folder")
     try:
         import triton
     except ImportError:
@@ -175,7 +176,7 @@ def check_versions():
     if triton is None or version_tuple(triton.__version__) < MIN_TRITON:
         found = "none" if triton is None else triton.__version__
         raise PluginUnavailable(f"Triton >= {'.'.join(map(str, MIN_TRITON))} compiles the plugin's kernel, found "
-                                f"{found}: pip install 'lasad[tensorrt]'")
+                                f"{found}: pip install -e '.[tensorrt]' in lasad's folder")
 
 
 def _prevalidate():

@@ -20,7 +20,7 @@ def _fla_chunk_gla():
     except Exception as e:  # ImportError, or fla failing on a machine without triton/CUDA
         raise RuntimeError(
             f"flash-linear-attention is needed for chunk_lasad on CUDA ({type(e).__name__}: {e}); "
-            "install it with: pip install 'lasad[gpu]'"
+            "install it with: pip install -e '.[gpu]' in lasad's folder"
         ) from None
     return chunk_gla
 

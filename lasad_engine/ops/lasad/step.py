@@ -160,7 +160,7 @@ def lasad_step_(q, k, v, g, state, start, row_start="unit", scale=None, out=None
     if backend == "torch":
         return lasad_step_ref_(q, k, v, g, state, start, row_start, scale, out)
     if triton is None:
-        raise RuntimeError("the triton step backend needs triton: pip install 'lasad[gpu]'")
+        raise RuntimeError("the triton step backend needs triton: pip install -e '.[gpu]' in lasad's folder")
     B, H, K = q.shape
     V = v.shape[-1]
     q, k, v, g = (x.contiguous() for x in (q, k, v, g))
