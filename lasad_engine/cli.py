@@ -277,7 +277,7 @@ def run_main(classes, num_samples, seed, cfg_scale, cfg_interval, temperature, t
              save_individual, json_out, no_progress, list_classes):
     """Generate class-conditional images with LASADGen and write them as a PNG grid."""
     from .io import check_writable, safe_text
-    from .params import SamplingParams, parse_grid
+    from .params import parse_grid
 
     if tokenizer is not None and tokenizer.is_dir():
         raise click.ClickException(f"tokenizer {str(tokenizer)!r} is a folder, not a tokenizer file")
@@ -286,7 +286,8 @@ def run_main(classes, num_samples, seed, cfg_scale, cfg_interval, temperature, t
     if not classes and not list_classes:
         raise click.UsageError("no class given: pass --class ID (or --list-classes)")
     given = dict(cfg_scale=cfg_scale, cfg_interval=cfg_interval, temperature=temperature, top_k=top_k, top_p=top_p)
-    params = SamplingParams.resolve(given)  # validated before anything is loaded
+    # each given value is checked by its option's type before anything is loaded; SamplingParams
+    # checks them again, with the model's recommendation, once the model is there
     if grid is not None:
         grid = parse_grid(grid, None)
     if len(classes) * num_samples > MAX_IMAGES:
@@ -332,8 +333,7 @@ def run_main(classes, num_samples, seed, cfg_scale, cfg_interval, temperature, t
         _remove_stale_temps({f.parent for f in files[:3]})
         import torch
         t_load = time.perf_counter() - t0
-        if (getattr(pipe.model, "checkpoint_meta", None) or {}).get("sampling") is not None:
-            params = pipe.sampling_params(**given)  # the model's recommendation fills what was left out
+        params = pipe.sampling_params(**given)  # the model's recommendation fills what was left out
         eta = LongJobWarning(-(-len(labels) // pipe.max_batch) * grid.tokens, pipe.device)
         out = pipe(labels, params=params, generator=torch.Generator(pipe.device).manual_seed(seed),
                    output_type="np", grid=grid, progress=not no_progress, callback=eta)

@@ -80,16 +80,17 @@ class SamplingParams:
         unknown = sorted(set(given) - set(fields))
         if unknown:
             raise EngineError(f"unknown sampling setting {unknown[0]!r}; use {', '.join(fields)}")
-        values = {}
-        if recommended is not None:
-            if not isinstance(recommended, dict) or set(recommended) - set(fields):
-                raise EngineError(f"{source}: damaged metadata (sampling must map {', '.join(fields)} to values)")
-            try:
-                values = dataclasses.asdict(cls(**recommended))
-            except EngineError as e:
-                raise EngineError(f"{source}: damaged metadata (sampling: {e})") from None
-        values.update({k: v for k, v in given.items() if v is not None})
-        return cls(**values)
+        if recommended is not None and (not isinstance(recommended, dict) or set(recommended) - set(fields)):
+            raise EngineError(f"{source}: damaged metadata (sampling must map {', '.join(fields)} to values)")
+        chosen = {k: v for k, v in given.items() if v is not None}
+        values = {**(recommended or {}), **chosen}
+        try:
+            return cls(**values)  # validated once, the recommendation with what was given
+        except EngineError as e:
+            field = str(e).split("=", 1)[0]
+            if field in chosen or field not in (recommended or {}):
+                raise
+            raise EngineError(f"{source}: damaged metadata (sampling: {e})") from None
 
     def graph_key(self) -> tuple:
         """What a captured step bakes in (Python scalars); the scale and interval are data."""
