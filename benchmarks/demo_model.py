@@ -55,17 +55,16 @@ def sample_cmd(a):
 
     from lasad_engine.pipeline import LasadPipeline
     labels = np.load(a.labels).tolist()
-    out, times = {}, {}
+    out = {}
     with LasadPipeline.from_checkpoint(a.checkpoint, device=a.device, precision="fp32", max_batch=a.batch) as pipe:
         for cfg, top_k, temperature in SWEEP if a.settings is None else [tuple(map(float, s.split(","))) for s in a.settings]:
+            name = key(cfg, int(top_k), temperature)
             gen = torch.Generator(pipe.device).manual_seed(SEED)
             t0 = time.perf_counter()
             tokens = pipe(labels, cfg_scale=cfg, top_k=int(top_k), temperature=temperature, cfg_interval=-1, top_p=1.0,
-                          generator=gen,
-                          output_type="tokens").tokens
-            times[key(cfg, int(top_k), temperature)] = time.perf_counter() - t0
-            out[key(cfg, int(top_k), temperature)] = tokens.cpu().numpy().astype(np.int16)
-            print(f"{key(cfg, int(top_k), temperature)}: {times[key(cfg, int(top_k), temperature)]:.1f} s", flush=True)
+                          generator=gen, output_type="tokens").tokens
+            out[name] = tokens.cpu().numpy().astype(np.int16)
+            print(f"{name}: {time.perf_counter() - t0:.1f} s", flush=True)
             # after every setting: a call cut short still returns what it drew
             np.savez_compressed(str(a.out) + ".tmp.npz", labels=np.asarray(labels), **out)
             Path(str(a.out) + ".tmp.npz").replace(a.out)
@@ -92,6 +91,9 @@ def score_cmd(a):
     rows = {}
     if a.out.is_file():
         rows = json.loads(a.out.read_text())["rows"]
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    record = {"date": datetime.date.today().isoformat(), "commit": commit, "tokens": str(a.tokens), "num": a.num,
+              "command": "python benchmarks/demo_model.py score ...", "rows": rows}
     for name in a.only or data.files:
         if name == "labels" or name in rows:
             continue
@@ -99,9 +101,7 @@ def score_cmd(a):
         images = to_uint8(decode_codes(vq, torch.as_tensor(data[name][:a.num].astype(np.int64)), "cpu", 50))
         rows[name] = {**score(f_ref, feats(images)), "seconds": time.perf_counter() - t0}
         print(f"{name}: FID {rows[name]['fid']:.2f} KID {rows[name]['kid']:.4f}", flush=True)
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-        a.out.write_text(json.dumps({"date": datetime.date.today().isoformat(), "commit": commit, "tokens": str(a.tokens), "num": a.num,
-                                     "command": "python benchmarks/demo_model.py score ...", "rows": rows}, indent=1) + "\n")
+        a.out.write_text(json.dumps(record, indent=1) + "\n")  # after every setting: a stopped run keeps its rows
     best = min(rows, key=lambda k: rows[k]["fid"])
     print(f"best FID: {best} {rows[best]['fid']:.2f} (KID {rows[best]['kid']:.4f})")
 

@@ -144,6 +144,20 @@ def _folder_weights(folder: Path) -> Path:
     return weights
 
 
+def followed_tokenizer(named: str, checkpoint: str | os.PathLike) -> Path | None:
+    """The tokenizer file a checkpoint (or an exported step) names, relative to its own folder,
+    when lasad follows that name: a file inside the folder, or the package's bundled tokenizer
+    (exports of the bundled model name it); None for a name that is absolute or leaves the folder
+    (`..`, a link out), which a file from elsewhere must not make lasad open."""
+    folder = Path(checkpoint).parent.resolve()
+    vq = (folder / named).resolve()
+    if vq.is_relative_to(ASSETS) and vq.is_file():
+        return vq
+    if Path(named).is_absolute() or not vq.is_relative_to(folder):
+        return None
+    return vq
+
+
 def read_checkpoint(path: str | os.PathLike) -> tuple[LasadConfig, dict, dict]:
     """Read (config, state_dict, meta) from either form, without building a model. `path` goes
     through `resolve_checkpoint` ("default", a model folder, or a file)."""

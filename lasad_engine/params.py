@@ -76,21 +76,23 @@ class SamplingParams:
         `recommended` one (a checkpoint's meta["sampling"], as Hugging Face models carry a
         generation config), else the class default. A recommendation that is not a dict of known
         fields with valid values is one EngineError line naming `source`."""
-        fields = ("cfg_scale", "cfg_interval", "temperature", "top_k", "top_p")
+        fields = tuple(f.name for f in dataclasses.fields(cls))
         unknown = sorted(set(given) - set(fields))
         if unknown:
             raise EngineError(f"unknown sampling setting {unknown[0]!r}; use {', '.join(fields)}")
         if recommended is not None and (not isinstance(recommended, dict) or set(recommended) - set(fields)):
             raise EngineError(f"{source}: damaged metadata (sampling must map {', '.join(fields)} to values)")
         chosen = {k: v for k, v in given.items() if v is not None}
-        values = {**(recommended or {}), **chosen}
+        used = {k: v for k, v in (recommended or {}).items() if k not in chosen}  # the recommendation in use
         try:
-            return cls(**values)  # validated once, the recommendation with what was given
-        except EngineError as e:
-            field = str(e).split("=", 1)[0]
-            if field in chosen or field not in (recommended or {}):
-                raise
-            raise EngineError(f"{source}: damaged metadata (sampling: {e})") from None
+            return cls(**used, **chosen)  # validated once, the recommendation with what was given
+        except EngineError:
+            if used:
+                try:
+                    cls(**used)
+                except EngineError as e:  # the checkpoint's values are at fault, not the caller's
+                    raise EngineError(f"{source}: damaged metadata (sampling: {e})") from None
+            raise
 
     def graph_key(self) -> tuple:
         """What a captured step bakes in (Python scalars); the scale and interval are data."""

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from .backends import ARTIFACT_BACKENDS
-from .checkpoint import ASSETS, CheckpointError, file_fingerprint, load_checkpoint, resolve_checkpoint
+from .checkpoint import CheckpointError, file_fingerprint, followed_tokenizer, load_checkpoint, resolve_checkpoint
 from .engine import LasadEngine
 from .io import safe_text
 from .params import MAX_IMAGES, ClassLabels, EngineError, Grid, SamplingParams, check_memory, parse_grid, \
@@ -503,10 +503,9 @@ def _artifact_model(path: Path, kind: str):
 def _load_named_tokenizer(given, named, checkpoint: Path, device):
     """(tokenizer, why not): `given` by the user, else the one the checkpoint names, else None.
 
-    A checkpoint names its tokenizer relative to its own folder, and only a file inside that
-    folder (or the package's own bundled tokenizer, which exports of the bundled model name) is
-    followed: a name that is absolute or leaves the folder (`..`, a link out) is not opened (a checkpoint from elsewhere must not make lasad read arbitrary files); the
-    pipeline then serves tokens, and asks for `tokenizer=` (--tokenizer) when images are wanted.
+    A checkpoint names its tokenizer relative to its own folder; a name that
+    `checkpoint.followed_tokenizer` does not follow is not opened, and the pipeline then serves
+    tokens, and asks for `tokenizer=` (--tokenizer) when images are wanted.
     """
     from .tokenizer import load_tokenizer
     if given is not None:
@@ -516,10 +515,8 @@ def _load_named_tokenizer(given, named, checkpoint: Path, device):
     else:
         if not isinstance(named, str) or not named:
             raise CheckpointError(f"{checkpoint}: damaged metadata (tokenizer is {safe_text(repr(named), 60)})")
-        folder = checkpoint.parent.resolve()
-        vq = (folder / named).resolve()
-        bundled = vq.is_relative_to(ASSETS) and vq.is_file()
-        if not bundled and (Path(named).is_absolute() or not vq.is_relative_to(folder)):
+        vq = followed_tokenizer(named, checkpoint)
+        if vq is None:
             return None, (f"{checkpoint} names its tokenizer {safe_text(named, 120)!r}, outside the checkpoint's "
                           "folder; lasad opens only tokenizer files inside it: pass tokenizer=PATH (--tokenizer "
                           "PATH) to use that file")

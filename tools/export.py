@@ -90,7 +90,7 @@ def main(paths, fmt, portable, max_batch, opset, dtype, rows, sampler, temperatu
     if existing and not force:
         raise click.ClickException(f"{existing[0]} exists; pass --force to replace it"
                                    + (f" (and {len(existing) - 1} more file(s) this export writes)" if len(existing) > 1 else ""))
-    from lasad_engine.checkpoint import file_fingerprint, load_checkpoint, resolve_checkpoint
+    from lasad_engine.checkpoint import file_fingerprint, followed_tokenizer, load_checkpoint, resolve_checkpoint
     from lasad_engine.io import check_writable, remove_stale_temps
     from lasad_engine.params import check_memory
 
@@ -108,8 +108,8 @@ def main(paths, fmt, portable, max_batch, opset, dtype, rows, sampler, temperatu
     tok = meta.get("tokenizer")
     if isinstance(tok, str):  # the checkpoint names it relative to itself
         tok = (Path(checkpoint).parent / tok).resolve()
-        from lasad_engine.checkpoint import ASSETS
-        if os.path.relpath(tok, out.parent.resolve()).startswith("..") and not tok.is_relative_to(ASSETS):
+        # the name the export records (relative_tokenizer), as the reader will follow it or not
+        if followed_tokenizer(os.path.relpath(tok, out.parent.resolve()), out) is None:
             click.echo(f"note: the tokenizer {tok} lies outside {out.parent}; lasad opens only tokenizers in an "
                        f"exported file's folder, so running {out.name} needs --tokenizer {tok} (or a copy beside it)",
                        err=True)
