@@ -1,6 +1,7 @@
 """The exported step on onnxruntime-gpu's CUDA provider, beside the `cuda` backend, in one run.
 
     python benchmarks/ort_gpu_bench.py --out DIR [--presets lasad-B,lasad-XL] [--images 1,8,64] [--budget 300]
+                                      [--forms portable,custom] [--dtypes fp16,bf16,fp32] [--anatomy]
 
 For each preset (random weights, std 0.02): the `cuda` backend (bf16, CUDA graph) and every
 exported form (portable; custom node when `python -m lasad_tools.ort_op build` succeeds here) in
@@ -10,7 +11,9 @@ images (CFG: 2 rows per image, cfg 4.0, top-k 2000). Then, for lasad-B: the teac
 logits of each export against the torch backend in fp32 (relative error, beside lasad-check's
 bound for the dtype) and the tokens of each fp32 export against the torch backend's for the same
 seed. Configurations that fail record their one-line error; those that do not fit in --budget
-seconds are listed as skipped. JSON in DIR/ort_gpu.json, the table last on stdout.
+seconds are listed as skipped. With --anatomy, each configuration's kernels at one image, by
+family (benchmarks/step_anatomy.py, eager onnxruntime runs without its CUDA graph). JSON in
+DIR/ort_gpu.json, the table last on stdout.
 Targets: within 2x of the cuda backend at 1 image and 1.3x at 64.
 """
 
@@ -33,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _repo  # noqa: E402,F401
 
 from engine_bench import random_model  # noqa: E402
+from step_anatomy import anatomy, family_lines, kernels_per_step  # noqa: E402
 
 from lasad_engine.engine import LasadEngine, SamplingParams  # noqa: E402
 from lasad_engine.params import Grid  # noqa: E402
@@ -82,8 +86,8 @@ def build_op(out: Path) -> dict:
     return {"ok": True, **info}
 
 
-def bench_preset(name: str, images: list[int], forms: list[str], device, tmp: Path, budget: float,
-                 parity: bool) -> dict:
+def bench_preset(name: str, images: list[int], forms: list[str], dtypes: list[str], device, tmp: Path,
+                 budget: float, parity: bool, kernels: bool) -> dict:
     res: dict = {"preset": name, "cuda": {}, "onnxruntime": {}, "parity": {}, "tokens": {}, "skipped": []}
     model32 = random_model(name, device, torch.float32)
     bf16 = random_model(name, device, torch.bfloat16)
@@ -91,6 +95,11 @@ def bench_preset(name: str, images: list[int], forms: list[str], device, tmp: Pa
     for n in images:
         res["cuda"][n] = ms_per_step(cuda, n, device)
     cuda.close()
+    if kernels:
+        try:
+            res["cuda_anatomy"] = anatomy(bf16, device)
+        except Exception as e:  # noqa: BLE001 - the anatomy is extra; the timings above stand
+            res["cuda_anatomy"] = {"error": one_line(e)}
     del cuda, bf16
     torch.cuda.empty_cache()
     ref = None
@@ -105,7 +114,7 @@ def bench_preset(name: str, images: list[int], forms: list[str], device, tmp: Pa
             [3, 7], grid=Grid(16, 16), params=PARAMS, generator=torch.Generator(device).manual_seed(5))
     cpu_model = model32.to("cpu")  # the exporter's copy; the onnxruntime engines use only its config
     for form in forms:
-        for dtype in DTYPE_ORDER:
+        for dtype in dtypes:
             key = f"{form}-{dtype}"
             if elapsed() > budget:
                 res["skipped"].append(key)
@@ -132,6 +141,11 @@ def bench_preset(name: str, images: list[int], forms: list[str], device, tmp: Pa
                         entry["graph_error"] = one_line(e)
                     finally:
                         engine.close()
+                if kernels:
+                    entry["anatomy"] = anatomy(model32, device, backend="onnxruntime", artifact=path,
+                                               weight_bytes=4 if dtype == "fp32" else 2)
+                    print("\n".join([f"{name} {key}: {kernels_per_step(entry['anatomy']):.0f} kernels/step"]
+                                     + family_lines(entry["anatomy"])), flush=True)
                 if ref is not None:
                     e2 = LasadEngine(model32, backend="onnxruntime", device=device, max_batch=2, artifact=path,
                                      use_cuda_graph=entry["cuda_graph"])
@@ -185,6 +199,9 @@ def main(argv=None) -> int:
     ap.add_argument("--presets", default="lasad-B,lasad-XL")
     ap.add_argument("--images", default="1,8,64")
     ap.add_argument("--budget", type=float, default=300.0, help="seconds after which configurations are skipped")
+    ap.add_argument("--forms", default="portable,custom", help="custom runs where the op library builds")
+    ap.add_argument("--dtypes", default=",".join(DTYPE_ORDER))
+    ap.add_argument("--anatomy", action="store_true", help="kernels per step of each configuration at one image")
     args = ap.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     import onnxruntime as ort
@@ -194,12 +211,14 @@ def main(argv=None) -> int:
               "torch": torch.__version__, "onnxruntime": ort.__version__, "providers": ort.get_available_providers(),
               "commit": os.environ.get("LASAD_COMMIT", ""), "images": images, "params": str(PARAMS)}
     record["op_library"] = build_op(args.out / "build")
-    forms = ["portable"] + (["custom"] if record["op_library"]["ok"] else [])
+    forms = [f for f in args.forms.split(",") if f != "custom" or record["op_library"]["ok"]]
+    dtypes = args.dtypes.split(",")
     print(f"[{elapsed():.0f} s] op library: {json.dumps(record['op_library'])}", flush=True)
     results = []
     with tempfile.TemporaryDirectory(prefix="ortbench-", dir="/tmp") as tmp:
         for i, name in enumerate(args.presets.split(",")):
-            results.append(bench_preset(name, images, forms, device, Path(tmp), args.budget, parity=i == 0))
+            results.append(bench_preset(name, images, forms, dtypes, device, Path(tmp), args.budget, parity=i == 0,
+                                        kernels=args.anatomy))
             record["results"] = results
             (args.out / "ort_gpu.json").write_text(json.dumps(record, indent=1, default=str))
     print(table(results, images))

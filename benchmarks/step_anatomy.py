@@ -41,8 +41,8 @@ FAMILIES = [
     ("sampler", ("_sample_kernel", "sample")),
     ("embedding", ("embed_step",)),
     ("GEMM (cuBLAS)", ("gemm", "cutlass", "xmma", "sm90_", "cublas", "splitk")),
-    ("RMSNorm", ("rms_norm",)),
-    ("SwiGLU", ("swiglu",)),
+    ("RMSNorm", ("rms_norm", "layernorm", "layer_norm")),  # onnxruntime: (Skip)SimplifiedLayerNorm kernels
+    ("SwiGLU", ("swiglu", "quickgelu", "silu")),
     ("top-k / sort", ("topk", "sort", "radix", "gatherTopK", "bitonic")),
 ]
 
@@ -68,10 +68,14 @@ def graph_step_us(engine, n_tokens: int, device) -> float:
     return statistics.median(times)
 
 
-def anatomy(model, device, steps: int = 16) -> dict:
-    """Kernels of `steps` eager steps (the same kernels the graph replays)."""
+def anatomy(model, device, steps: int = 16, backend: str = "cuda", weight_bytes: int | None = None,
+            **engine_kw) -> dict:
+    """Kernels of `steps` eager steps of `backend` (the same kernels its graph replays), by family;
+    with "per_gemm": µs and achieved bandwidth of each weight-streaming op (qfv, o, w13, w2 of every
+    layer, then the head), matched by launch order where a step launches exactly one kernel per op;
+    `weight_bytes`: bytes per weight where the backend's weights differ from the model's (an export)."""
     from torch.profiler import ProfilerActivity, profile
-    engine = LasadEngine(model, backend="cuda", device=device, max_batch=1, use_cuda_graph=False)
+    engine = LasadEngine(model, backend=backend, device=device, max_batch=1, use_cuda_graph=False, **engine_kw)
     grid = (1, steps)
     engine.generate([1], grid=grid, params=PARAMS, generator=torch.Generator(device).manual_seed(0))
     torch.cuda.synchronize()
@@ -80,18 +84,64 @@ def anatomy(model, device, steps: int = 16) -> dict:
         torch.cuda.synchronize()
     engine.close()
     fam = defaultdict(lambda: {"launches": 0, "us": 0.0, "kernels": defaultdict(int)})
-    for ev in prof.events():
-        if ev.device_type != torch.autograd.DeviceType.CUDA:
-            continue
-        f = fam[family(ev.name)]
+    gemms = []
+    for ev in sorted((e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA),
+                     key=lambda e: e.time_range.start):
+        us = ev.device_time_total if hasattr(ev, "device_time_total") else ev.cuda_time_total
+        name = family(ev.name)
+        f = fam[name]
         f["launches"] += 1
-        f["us"] += ev.device_time_total if hasattr(ev, "device_time_total") else ev.cuda_time_total
+        f["us"] += us
         f["kernels"][ev.name[:80]] += 1
+        if name in ("fused linear", "GEMM (cuBLAS)"):
+            gemms.append(us)
     out = {}
     for name, f in fam.items():
         out[name] = {"launches_per_step": f["launches"] / steps, "us_per_step": f["us"] / steps,
                      "kernels": dict(sorted(f["kernels"].items(), key=lambda kv: -kv[1])[:6])}
+    out["per_gemm"] = per_gemm(model, gemms, steps, weight_bytes)
     return out
+
+
+def gemm_ops(model, weight_bytes: int | None = None) -> list[tuple[str, int]]:
+    """(op, weight bytes) in launch order for one step: each layer's qfv, o, w13, w2, then the head."""
+    ops = []
+    for i, layer in enumerate(model.layers):
+        a, f = layer.attention, layer.feed_forward
+        for op, w in (("qfv", a.qfv.weight), ("o", a.o_proj.weight), ("w13", f.w13.weight), ("w2", f.w2.weight)):
+            ops.append((op, w.numel() * (weight_bytes or w.element_size())))
+    w = model.output.weight
+    return ops + [("head", w.numel() * (weight_bytes or w.element_size()))]
+
+
+def per_gemm(model, times_us: list[float], steps: int, weight_bytes: int | None = None) -> dict:
+    """Mean µs and bandwidth per op kind, or why launch order cannot name them."""
+    ops = gemm_ops(model, weight_bytes)
+    if len(times_us) != steps * len(ops):
+        return {"note": f"{len(times_us) / steps:.1f} GEMM kernels per step for {len(ops)} ops: not one per op, "
+                        "so launch order does not name them"}
+    acc = defaultdict(lambda: [0.0, 0, 0])
+    for j, us in enumerate(times_us):
+        op, nbytes = ops[j % len(ops)]
+        acc[op][0] += us
+        acc[op][1] += 1
+        acc[op][2] = nbytes
+    return {op: {"us": us / n, "weight_bytes": b, "bandwidth_Bps": b / (us / n * 1e-6)} for op, (us, n, b) in acc.items()}
+
+
+def kernels_per_step(fams: dict) -> float:
+    return sum(f["launches_per_step"] for k, f in fams.items() if k != "per_gemm")
+
+
+def family_lines(fams: dict) -> list[str]:
+    """The anatomy as text: families by time, then the per-op GEMM table."""
+    lines = []
+    for name, f in sorted(((k, f) for k, f in fams.items() if k != "per_gemm"), key=lambda kv: -kv[1]["us_per_step"]):
+        lines.append(f"    {name:22s} {f['launches_per_step']:6.1f} launches {f['us_per_step']:8.1f} µs (eager)")
+    for op, g in fams["per_gemm"].items():
+        lines.append(f"    {op:8s} {g}" if op == "note" else
+                     f"    {op:8s} {g['us']:6.2f} µs/kernel  {g['weight_bytes'] / 1e6:6.2f} MB  {g['bandwidth_Bps'] / 1e12:5.2f} TB/s")
+    return lines
 
 
 def main():
@@ -114,18 +164,17 @@ def main():
         step_us = graph_step_us(engine, cfg.seq_len, device)
         engine.close()
         fams = anatomy(model, device)
-        linear_us = sum(f["us_per_step"] for k, f in fams.items() if k in ("fused linear", "GEMM (cuBLAS)"))
+        linear_us = sum(f.get("us_per_step", 0) for k, f in fams.items() if k in ("fused linear", "GEMM (cuBLAS)"))
         r = {"graph_step_us": step_us, "ms_per_image": step_us * cfg.seq_len / 1e3, "floor_step_us": floor_us,
              "x_floor": step_us / floor_us, "weight_bytes": w_bytes,
              "linear_bandwidth_Bps": w_bytes / (linear_us * 1e-6) if linear_us else None,
-             "kernels_per_step": sum(f["launches_per_step"] for f in fams.values()), "families": fams}
+             "kernels_per_step": kernels_per_step(fams), "families": fams}
         result["presets"][name] = r
         (args.out / "anatomy.json").write_text(json.dumps(result, indent=1))
         lines.append(f"{name}: graph step {step_us:.1f} µs ({r['ms_per_image']:.1f} ms/image), floor {floor_us:.1f} µs "
                      f"(x{r['x_floor']:.1f}), {r['kernels_per_step']:.0f} kernels/step, linear layers at "
                      f"{(r['linear_bandwidth_Bps'] or 0) / 1e12:.2f} TB/s of {bw / 1e12:.2f}")
-        for fam_name, f in sorted(fams.items(), key=lambda kv: -kv[1]["us_per_step"]):
-            lines.append(f"    {fam_name:22s} {f['launches_per_step']:6.1f} launches {f['us_per_step']:8.1f} µs (eager)")
+        lines += family_lines(fams)
         del model
         torch.cuda.empty_cache()
     print("\n".join(lines))

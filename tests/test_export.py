@@ -138,6 +138,36 @@ def test_onnxruntime_backend_equals_torch_backend(model, exported):
     assert torch.equal(one, LasadEngine(model, max_batch=2).generate([5], params=SamplingParams(temperature=0.0)))
 
 
+def test_onnxruntime_fuses_each_norm_and_swiglu_of_the_exported_step(model, exported, tmp_path):
+    """The exported step is written in the patterns onnxruntime's graph optimizer fuses: every
+    full-width RMSNorm becomes one SimplifiedLayerNormalization node, every SwiGLU gate one
+    QuickGelu, and no Pow/Sqrt of a norm is left (on the CUDA provider each is one kernel instead of
+    about seven; checked here on the CPU provider in fp32, where the same fusions run)."""
+    from lasad_engine.model import RMSNorm
+    form, path = exported
+    so = ort.SessionOptions()
+    so.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    if form == "custom":
+        pytest.importorskip("onnxruntime_extensions", reason="the custom form needs onnxruntime-extensions on the CPU")
+        engine = LasadEngine(model, backend="onnxruntime", max_batch=2, artifact=path)
+        so.register_custom_ops_library(engine.backend.library)
+        proto = onnx.load(str(path))
+        from lasad_engine.backends.ort import _map_to_extensions_domain
+        _map_to_extensions_domain(proto, [n for n in proto.graph.node if n.op_type == C.OP_TYPE])
+        source = proto.SerializeToString()
+    else:
+        source = str(path)
+    ort.InferenceSession(source, so, providers=["CPUExecutionProvider"])
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx"), load_external_data=False).graph.node]
+    norms = [m for m in model.modules() if isinstance(m, RMSNorm)]
+    full = sum(m.groups == 1 for m in norms)
+    assert full > model.config.n_layer
+    assert ops.count("SimplifiedLayerNormalization") == full
+    assert ops.count("Sqrt") == len(norms) - full
+    assert ops.count("QuickGelu") >= model.config.n_layer
+
+
 def test_large_exports_keep_their_weights_beside_the_graph(model, tmp_path, monkeypatch):
     """Over protobuf's 2 GB (the limit lowered here) the initializers go to step.onnx.data beside
     the graph, renamed into place with it; onnx and the onnxruntime backend load the pair from

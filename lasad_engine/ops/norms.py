@@ -43,9 +43,15 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, groups: int = 1,
     if _pick(backend, x) == "triton":
         return _rms_norm_triton(x, weight, eps, groups, residual)
     h = x if residual is None else x + residual
-    hf = h.to(_acc(h.dtype)).unflatten(-1, (groups, -1))
-    hf = hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + eps)
-    out = hf.flatten(-2).type_as(h) * weight
+    # written as x / sqrt(mean(x²) + eps) with no reshape inside it for a full-width norm: the
+    # pattern onnxruntime's SimplifiedLayerNormFusion turns into one kernel in an exported step
+    hf = h.to(_acc(h.dtype))
+    if groups > 1:
+        hf = hf.unflatten(-1, (groups, -1))
+    hf = hf / torch.sqrt(hf.pow(2).mean(-1, keepdim=True) + eps)
+    if groups > 1:
+        hf = hf.flatten(-2)
+    out = hf.type_as(h) * weight
     return out if residual is None else (out, h)
 
 
