@@ -6,7 +6,8 @@
 #   bash benchmarks/gpu_call.sh STEP [STEP ...]
 #
 # Steps: env | plugin | sampler | layers | engine | engine-final | engine-lxxl | engine-quick | pytest |
-#        pytest-train | tiles | tiles-lxxl | llamagen | ort-part N | ort | ort-cli | anatomy
+#        pytest-train | pytest-a | pytest-b | pytest-ort | tiles | tiles-lxxl | llamagen | ort-part N |
+#        ort-install | ort (install, then the full bench) | ort-quick | ort-cli | anatomy | engine-lxxl-quick
 # Carried (git-ignored): .whl/ (fla-core wheel), .carry/llamagen (LlamaGen's gpt.py, generate.py,
 # drop_path.py at ce98ec4, for `llamagen`), .carry/ptx (PTX compiled on the CPU machine, for
 # `plugin`: benchmarks/plugin_launch_check.py --prepare build/plugin-launch), .carry/ort.partN
@@ -46,13 +47,19 @@ for s in "$@"; do
     engine-quick) step engine 240 python3 benchmarks/engine_bench.py --out "$W/engine" --presets lasad-B,lasad-XL --batches 1,64 --quick ;;
     anatomy) step anatomy 150 python3 benchmarks/step_anatomy.py --out "$W/anatomy" --presets lasad-B,lasad-L,lasad-XL,lasad-XXL ;;
     pytest) step pytest 300 python3 -m pytest -q -p no:cacheprovider -m gpu tests -rs --deselect tests/test_gpt_train.py ;;
+    # the same GPU tests in three parts that each fit one call (fla's compiles are slow)
+    pytest-a) step pytest-a 420 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py tests/test_linear.py -rs --durations=8 ;;
+    pytest-b) step pytest-b 420 python3 -m pytest -q -p no:cacheprovider -m gpu tests -rs --durations=8 --ignore tests/test_gpu.py --ignore tests/test_linear.py --ignore tests/test_ort_gpu.py --ignore tests/test_gpt_train.py ;;
+    pytest-ort) step pytest-ort 300 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_ort_gpu.py tests/test_export.py -rs --durations=8 ;;
+    ort-quick) step ort-quick 240 python3 benchmarks/ort_gpu_bench.py --out "$W/ort-quick" --forms custom --dtypes fp16,fp32 --budget 200 ;;
+    engine-lxxl-quick) step engine-lxxl 150 python3 benchmarks/engine_bench.py --out "$W/engine-lxxl" --presets lasad-L,lasad-XXL --batches 1,8,64 --quick ;;
     pytest-train) step pytest-train 200 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_gpt_train.py -rs ;;
     tiles) step tiles 240 python3 benchmarks/linear_tile_sweep.py --out "$W/tiles" ;;
     tiles-lxxl) step tiles-lxxl 260 python3 benchmarks/linear_tile_sweep.py --out "$W/tiles-lxxl" --presets lasad-L,lasad-XXL --budget 230 ;;
     llamagen) step llamagen 190 python3 benchmarks/llamagen_bench.py --llamagen .carry/llamagen --out "$W/llamagen" ;;
     ort-part*) n=${s#ort-part}; cp .carry/ort.part"$n" /tmp/ && log "ort part $n copied" ;;
-    ort) step ort-install 120 bash -c 'cat /tmp/ort.part* > /tmp/ort.tar.xz && mkdir -p /tmp/ortsite && tar xJf /tmp/ort.tar.xz -C /tmp/ortsite && python3 -c "import onnxruntime as o; print(o.__version__, o.get_available_providers())"'
-         step ort 400 python3 benchmarks/ort_gpu_bench.py --out "$W/ort" --dtypes fp16,fp32 --anatomy --budget 330 ;;
+    ort|ort-install) step ort-install 120 bash -c 'cat /tmp/ort.part* > /tmp/ort.tar.xz && mkdir -p /tmp/ortsite && tar xJf /tmp/ort.tar.xz -C /tmp/ortsite && python3 -c "import onnxruntime as o; print(o.__version__, o.get_available_providers())"'
+         [ "$s" = ort ] && step ort 400 python3 benchmarks/ort_gpu_bench.py --out "$W/ort" --dtypes fp16,fp32 --anatomy --budget 330 ;;
     ort-cli) ORT_INCLUDE=/tmp/ortsite/ort-include step ort-cli 150 bash benchmarks/ort_cli_check.sh "$W/ort-cli" ;;
     *) log "unknown step $s" ;;
   esac

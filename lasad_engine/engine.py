@@ -144,8 +144,10 @@ class LasadEngine:
         state, ids = b.state_rows(rows), b.ids[:rows]
         noise, tokens = b.noise[:, :n], b.tokens_view(n, n_tokens)
         decode = self.backend.decode
-        # cuda: one sampler launch that also reads the noise row at pos and writes tokens[:, pos]
-        sampler = "triton" if self.backend.name == "cuda" else "torch"
+        # on a GPU one sampler launch (Triton) that also reads the noise row at pos and writes
+        # tokens[:, pos], whatever runs the model step; the torch backend keeps torch's sampler
+        # (the reference path end to end)
+        sampler = "torch" if self.backend.name == "torch" else None
 
         def step():
             pos = state.pos

@@ -556,9 +556,10 @@ class VQModel(nn.Module):
             quant = quant.permute(0, 3, 1, 2).contiguous()
         return self.decode(quant)
 
-    def decode_bytes(self, n: int, h: int, w: int) -> int:
+    def decode_bytes(self, n: int, h: int, w: int, device: torch.device | str | None = None) -> int:
         """Peak bytes that ``decode_code`` allocates beyond the weights for int64 codes
-        ``[n, h, w]`` under ``torch.no_grad``: the largest set of tensors alive at once.
+        ``[n, h, w]`` under ``torch.no_grad`` on ``device`` (default: the model's): the largest
+        set of tensors alive at once.
 
         Counted op by op through the decoder's code. Resident throughout: the codebook rows
         ``[n, e, h, w]`` and the post-quant-conv output. At the code grid each attention block
@@ -568,8 +569,10 @@ class VQModel(nn.Module):
         sigmoid, product) or two of each (its first conv); an upsampling its input, the x2
         nearest copy and the conv's output. Every conv also holds one copy of its output and of
         its weight while it runs (oneDNN's reorders on the CPU), and a level's input stays alive
-        until the level ends (the caller's reference). tests/test_faults.py compares this count
-        with the allocations torch.profiler records.
+        until the level ends (the caller's reference). On CUDA, cuDNN's convolution workspace
+        comes on top: measured on an H200 at just under one activation of the full-resolution
+        level (tests/test_faults.py, 2026-12-02), counted as two. tests/test_faults.py compares
+        this count with the allocations torch.profiler records, and on a GPU with torch.cuda's peak.
         """
         cfg = self.config
         size = self.decoder.conv_out.weight.element_size()
@@ -600,7 +603,9 @@ class VQModel(nn.Module):
                 H, W = 2 * H, 2 * W
         peaks.append(4 * act(c) + 2 * act(3))  # norm_out, sigmoid, product; conv_out (+ copy)
         weights = max(m.weight.numel() for m in self.decoder.modules() if isinstance(m, nn.Conv2d))
-        return 8 * n * h * w + size * (base + max(peaks) + weights)
+        device = torch.device(device) if device is not None else self.decoder.conv_out.weight.device
+        workspace = 2 * act(c) if device.type == "cuda" else 0  # cuDNN's, at the full resolution
+        return 8 * n * h * w + size * (base + max(peaks) + weights + workspace)
 
     def forward(self, images: torch.Tensor) -> Tuple[torch.Tensor, VQLosses]:
         """Training pass: ``(reconstruction, VQLosses)``; gradients reach the encoder through the

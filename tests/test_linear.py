@@ -229,6 +229,20 @@ def test_lasad_b_shapes_on_cuda(dtype, R):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("key", [k for k, v in L.TILE_POLICY.items() if v != L.LIBRARY], ids=str)
+def test_every_measured_tile_choice_on_its_shape(key):
+    """Each TILE_POLICY entry (measured tiles per shape, docs/performance.md) against the reference
+    on the GPU, at a row count it serves, with a norm prologue and a residual epilogue."""
+    bound, N, K = key
+    R = 2 if bound == L.FMA_ROWS_MAX else 16
+    x, w, kw = make(R, N, K, torch.bfloat16, True, 1, True, False, seed=N + K)
+    x, w = x.cuda(), w.cuda()
+    kw = {k: v.cuda() if torch.is_tensor(v) else v for k, v in kw.items()}
+    assert L.tile_policy(R, N, K, x.device) in (L.TILE_POLICY[key], None)  # None: not an H200
+    check(x, w, kw, torch.bfloat16, tiles=L.TILE_POLICY[key], interpreted=False)
+
+
+@pytest.mark.gpu
 def test_pdl_chain_in_a_cuda_graph():
     """A chain of dependent fused_linear calls and LASAD steps, with and without PDL, eager and
     replayed from a CUDA graph: the same bits every way."""

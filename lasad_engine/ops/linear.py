@@ -179,7 +179,8 @@ def _t(bn, s, mma, w):
 
 
 # benchmarks/results/2026-12-02-h200-tiles.json: one-op chains with PDL, distinct weights per layer,
-# lasad-B and lasad-XL shapes at 2 rows (used up to FMA_ROWS_MAX) and 16 rows (up to ROWS_MAX).
+# lasad-B and lasad-XL shapes (then lasad-L and lasad-XXL, below) at 2 rows (used up to
+# FMA_ROWS_MAX) and 16 rows (up to ROWS_MAX).
 # The 16,384-row head is faster through cuBLAS with the norm kernel before it at every size.
 TILE_POLICY: dict = {
     # lasad-B, 1-4 rows: (n_out, K) -> tiles
@@ -194,6 +195,16 @@ TILE_POLICY: dict = {
     # lasad-XL, 5-32 rows
     (32, 3840, 1280): "library", (32, 1280, 1280): _t(32, 5, True, 8), (32, 3584, 1280): "library",
     (32, 1280, 3584): _t(64, 14, True, 2),
+    # 2026-12-02-h200-tiles-lxxl.json. lasad-L, 1-4 rows: the hand rule measured best (412 µs per
+    # step's layer chain against 426 for the per-op bests); lasad-L, 5-32 rows (840 against 1211)
+    (32, 3072, 1024): "library", (32, 1024, 1024): _t(32, 4, True, 4), (32, 2816, 1024): _t(32, 4, True, 2),
+    (32, 1024, 2816): _t(64, 11, True, 2),
+    # lasad-XXL, 1-4 rows (1287 against 1338)
+    (4, 4608, 1536): _t(8, 1, False, 2), (4, 1536, 1536): _t(8, 1, False, 4), (4, 4096, 1536): _t(4, 1, False, 2),
+    (4, 1536, 4096): _t(4, 1, False, 4),
+    # lasad-XXL, 5-32 rows (2272 against 4261)
+    (32, 4608, 1536): "library", (32, 1536, 1536): _t(64, 6, True, 2), (32, 4096, 1536): "library",
+    (32, 1536, 4096): _t(64, 16, True, 2),
 }
 
 
