@@ -113,6 +113,24 @@ def test_forced_tiles(tiles, norm, groups, swiglu, R):
     check(x, w, kw, torch.float32, tiles=tiles)
 
 
+def test_tile_policy_answers_only_for_the_band_it_was_measured_in(monkeypatch):
+    """TILE_POLICY's choices apply to the row band they were measured for (1-4 rows: FMA tiles;
+    5-32: tensor-core tiles) and only on an H200 (sm_90): a shape measured at 16 rows alone must
+    not hand its split-K tensor-core tiles to 2 rows (that made lasad-L's one image 1.45x slower)."""
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    dev = torch.device("cuda")
+    for (bound, n, k), choice in L.TILE_POLICY.items():
+        lo = 1 if bound == L.FMA_ROWS_MAX else L.FMA_ROWS_MAX + 1
+        for rows in (lo, bound):
+            assert L.tile_policy(rows, n, k, dev) == choice, (bound, n, k, rows)
+        other = L.ROWS_MAX if bound == L.FMA_ROWS_MAX else L.FMA_ROWS_MAX
+        assert L.tile_policy(other, n, k, dev) == L.TILE_POLICY.get((other, n, k)), (bound, n, k, other)
+    assert L.tile_policy(L.ROWS_MAX + 1, 768, 768, dev) is None
+    assert L.tile_policy(2, 16384, 768, dev) == L.LIBRARY  # the head
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    assert L.tile_policy(2, 2304, 768, dev) is None
+
+
 @needs_triton
 def test_split_k_is_reproducible_and_resets_its_counters():
     x, w, kw = make(3, 2 * 40, 192, torch.float32, True, 1, True, True, seed=3)

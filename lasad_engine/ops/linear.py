@@ -215,10 +215,10 @@ def tile_policy(rows: int, n_out: int, K: int, device) -> "LinearTiles | str | N
         return None
     if n_out >= 8192:
         return LIBRARY
-    for bound in (FMA_ROWS_MAX, ROWS_MAX):
-        if rows <= bound and (bound, n_out, K) in TILE_POLICY:
-            return TILE_POLICY[(bound, n_out, K)]
-    return None
+    if rows > ROWS_MAX:
+        return None
+    # the band these rows fall in, only: tiles measured at 16 rows are no choice for 2
+    return TILE_POLICY.get((FMA_ROWS_MAX if rows <= FMA_ROWS_MAX else ROWS_MAX, n_out, K))
 
 
 @functools.lru_cache(maxsize=None)
