@@ -194,6 +194,9 @@ class OnnxRuntimeBackend(Backend):
             return self.sessions[key]
         ort = self.ort
         so = ort.SessionOptions()
+        # errors only: onnxruntime warns that a dynamic-rows export keeps its shape arithmetic on
+        # the CPU "use the graph capture feature with caution", but each session fixes its rows
+        so.log_severity_level = 3
         so.add_session_config_entry("session.model_external_initializers_file_folder_path",
                                     str(self.path.resolve().parent))
         if self.library is not None:
