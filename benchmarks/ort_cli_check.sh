@@ -9,9 +9,12 @@ set -u -o pipefail
 D=$1
 mkdir -p "$D"
 run() { echo "+ $*"; local t=$(date +%s%N); "$@"; local rc=$?; echo "  rc=$rc in $(( ($(date +%s%N) - t) / 1000000 )) ms"; return $rc; }
-lasad_run() { python3 -c 'import sys; sys.argv[0] = "lasad-run"; from lasad_engine.entry import lasad_run; lasad_run()' "$@"; }
-lasad_export() { python3 -c 'import sys; sys.argv[0] = "lasad-export"; from lasad_tools.entry import lasad_export; lasad_export()' "$@"; }
-lasad_check() { python3 -c 'import sys; sys.argv[0] = "lasad-check"; from lasad_tools.entry import lasad_check; lasad_check()' "$@"; }
+# the console scripts of pyproject.toml, from a checkout that is importable but not pip-installed
+script() { local name=$1 module=$2; shift 2
+  python3 -c "import sys; sys.argv[0] = '$name'; from $module import ${name//-/_} as main; main()" "$@"; }
+lasad_run() { script lasad-run lasad_engine.entry "$@"; }
+lasad_export() { script lasad-export lasad_tools.entry "$@"; }
+lasad_check() { script lasad-check lasad_tools.entry "$@"; }
 cd "$D"
 # the README's block, as written
 run lasad_export default step-fp16-portable.onnx --portable --dtype fp16 --force

@@ -106,7 +106,7 @@ def anatomy(model, device, steps: int = 16, backend: str = "cuda", weight_bytes:
 def gemm_ops(model, weight_bytes: int | None = None) -> list[tuple[str, int]]:
     """(op, weight bytes) in launch order for one step: each layer's qfv, o, w13, w2, then the head."""
     ops = []
-    for i, layer in enumerate(model.layers):
+    for layer in model.layers:
         a, f = layer.attention, layer.feed_forward
         for op, w in (("qfv", a.qfv.weight), ("o", a.o_proj.weight), ("w13", f.w13.weight), ("w2", f.w2.weight)):
             ops.append((op, w.numel() * (weight_bytes or w.element_size())))
@@ -120,13 +120,13 @@ def per_gemm(model, times_us: list[float], steps: int, weight_bytes: int | None 
     if len(times_us) != steps * len(ops):
         return {"note": f"{len(times_us) / steps:.1f} GEMM kernels per step for {len(ops)} ops: not one per op, "
                         "so launch order does not name them"}
-    acc = defaultdict(lambda: [0.0, 0, 0])
+    nbytes = dict(ops)  # every layer has the same shapes
+    times = defaultdict(list)  # op -> its kernels' µs, every layer of every step
     for j, us in enumerate(times_us):
-        op, nbytes = ops[j % len(ops)]
-        acc[op][0] += us
-        acc[op][1] += 1
-        acc[op][2] = nbytes
-    return {op: {"us": us / n, "weight_bytes": b, "bandwidth_Bps": b / (us / n * 1e-6)} for op, (us, n, b) in acc.items()}
+        times[ops[j % len(ops)][0]].append(us)
+    mean = {op: statistics.fmean(t) for op, t in times.items()}
+    return {op: {"us": us, "weight_bytes": nbytes[op], "bandwidth_Bps": nbytes[op] / (us * 1e-6)}
+            for op, us in mean.items()}
 
 
 def kernels_per_step(fams: dict) -> float:
@@ -140,7 +140,8 @@ def family_lines(fams: dict) -> list[str]:
         lines.append(f"    {name:22s} {f['launches_per_step']:6.1f} launches {f['us_per_step']:8.1f} µs (eager)")
     for op, g in fams["per_gemm"].items():
         lines.append(f"    {op:8s} {g}" if op == "note" else
-                     f"    {op:8s} {g['us']:6.2f} µs/kernel  {g['weight_bytes'] / 1e6:6.2f} MB  {g['bandwidth_Bps'] / 1e12:5.2f} TB/s")
+                     f"    {op:8s} {g['us']:6.2f} µs/kernel  {g['weight_bytes'] / 1e6:6.2f} MB  "
+                     f"{g['bandwidth_Bps'] / 1e12:5.2f} TB/s")
     return lines
 
 
@@ -164,7 +165,7 @@ def main():
         step_us = graph_step_us(engine, cfg.seq_len, device)
         engine.close()
         fams = anatomy(model, device)
-        linear_us = sum(f.get("us_per_step", 0) for k, f in fams.items() if k in ("fused linear", "GEMM (cuBLAS)"))
+        linear_us = sum(f["us_per_step"] for k, f in fams.items() if k in ("fused linear", "GEMM (cuBLAS)"))
         r = {"graph_step_us": step_us, "ms_per_image": step_us * cfg.seq_len / 1e3, "floor_step_us": floor_us,
              "x_floor": step_us / floor_us, "weight_bytes": w_bytes,
              "linear_bandwidth_Bps": w_bytes / (linear_us * 1e-6) if linear_us else None,

@@ -556,10 +556,10 @@ class VQModel(nn.Module):
             quant = quant.permute(0, 3, 1, 2).contiguous()
         return self.decode(quant)
 
-    def decode_bytes(self, n: int, h: int, w: int, device: torch.device | str | None = None) -> int:
+    def decode_bytes(self, n: int, h: int, w: int) -> int:
         """Peak bytes that ``decode_code`` allocates beyond the weights for int64 codes
-        ``[n, h, w]`` under ``torch.no_grad`` on ``device`` (default: the model's): the largest
-        set of tensors alive at once.
+        ``[n, h, w]`` under ``torch.no_grad`` on the model's device: the largest set of tensors
+        alive at once.
 
         Counted op by op through the decoder's code. Resident throughout: the codebook rows
         ``[n, e, h, w]`` and the post-quant-conv output. At the code grid each attention block
@@ -603,8 +603,8 @@ class VQModel(nn.Module):
                 H, W = 2 * H, 2 * W
         peaks.append(4 * act(c) + 2 * act(3))  # norm_out, sigmoid, product; conv_out (+ copy)
         weights = max(m.weight.numel() for m in self.decoder.modules() if isinstance(m, nn.Conv2d))
-        device = torch.device(device) if device is not None else self.decoder.conv_out.weight.device
-        workspace = 2 * act(c) if device.type == "cuda" else 0  # cuDNN's, at the full resolution
+        on_cuda = self.decoder.conv_out.weight.is_cuda
+        workspace = 2 * act(c) if on_cuda else 0  # cuDNN's, at the full resolution
         return 8 * n * h * w + size * (base + max(peaks) + weights + workspace)
 
     def forward(self, images: torch.Tensor) -> Tuple[torch.Tensor, VQLosses]:
