@@ -1,7 +1,7 @@
 """The exported step on onnxruntime-gpu's CUDA provider, beside the `cuda` backend, in one run.
 
     python benchmarks/ort_gpu_bench.py --out DIR [--presets lasad-B,lasad-XL] [--images 1,8,64] [--budget 300]
-                                      [--forms portable,custom] [--dtypes fp16,bf16,fp32] [--anatomy]
+                                      [--forms portable,custom] [--dtypes fp16,bf16,fp32] [--anatomy] [--unfused]
 
 For each preset (random weights, std 0.02): the `cuda` backend (bf16, CUDA graph) and every
 exported form (portable; custom node when `python -m lasad_tools.ort_op build` succeeds here) in
@@ -12,7 +12,9 @@ logits of each export against the torch backend in fp32 (relative error, beside 
 bound for the dtype) and the tokens of each fp32 export against the torch backend's for the same
 seed. Configurations that fail record their one-line error; those that do not fit in --budget
 seconds are listed as skipped. With --anatomy, each configuration's kernels at one image, by
-family (benchmarks/step_anatomy.py, eager onnxruntime runs without its CUDA graph). JSON in
+family (benchmarks/step_anatomy.py, eager onnxruntime runs without its CUDA graph). With
+--unfused, each configuration once more with the session graph as exported (the backend's
+residual-add + RMSNorm fusion off), which is what that fusion buys. JSON in
 DIR/ort_gpu.json, the table last on stdout.
 Targets: within 2x of the cuda backend at 1 image and 1.3x at 64.
 """
@@ -38,6 +40,7 @@ import _repo  # noqa: E402,F401
 from engine_bench import random_model  # noqa: E402
 from step_anatomy import anatomy, family_lines, kernels_per_step  # noqa: E402
 
+from lasad_engine.backends import ort as ort_backend  # noqa: E402
 from lasad_engine.engine import LasadEngine, SamplingParams  # noqa: E402
 from lasad_engine.params import Grid  # noqa: E402
 from lasad_tools.check import TOLERANCES  # noqa: E402
@@ -47,6 +50,7 @@ PARAMS = SamplingParams(cfg_scale=4.0, top_k=2000)
 TIMED = Grid(8, 8)    # 64 timed steps per measurement
 DTYPE_ORDER = ("fp16", "bf16", "fp32")
 T0 = time.perf_counter()
+FUSE = ort_backend.fuse_residual_norms
 
 
 def elapsed() -> float:
@@ -87,7 +91,7 @@ def build_op(out: Path) -> dict:
 
 
 def bench_preset(name: str, images: list[int], forms: list[str], dtypes: list[str], device, tmp: Path,
-                 budget: float, parity: bool, kernels: bool) -> dict:
+                 budget: float, parity: bool, kernels: bool, unfused: bool = False) -> dict:
     res: dict = {"preset": name, "cuda": {}, "onnxruntime": {}, "parity": {}, "tokens": {}, "skipped": []}
     model32 = random_model(name, device, torch.float32)
     bf16 = random_model(name, device, torch.bfloat16)
@@ -113,60 +117,63 @@ def bench_preset(name: str, images: list[int], forms: list[str], dtypes: list[st
         ref_tokens = LasadEngine(model32, backend="torch", device=device, max_batch=2).generate(
             [3, 7], grid=Grid(16, 16), params=PARAMS, generator=torch.Generator(device).manual_seed(5))
     cpu_model = model32.to("cpu")  # the exporter's copy; the onnxruntime engines use only its config
-    for form in forms:
-        for dtype in dtypes:
-            key = f"{form}-{dtype}"
-            if elapsed() > budget:
-                res["skipped"].append(key)
-                continue
-            entry: dict = {}
-            res["onnxruntime"][key] = entry
-            path = tmp / f"{name}-{key}.onnx"
-            try:
-                t = time.perf_counter()
-                export_step(cpu_model, path, portable=form == "portable", dtype=dtype, max_batch=max(images))
-                entry["export_s"] = round(time.perf_counter() - t, 1)
-                entry["ms_per_step"] = {}
-                for graphs in (True, False):  # without onnxruntime's CUDA graphs only if they fail
-                    engine = LasadEngine(model32, backend="onnxruntime", device=device, max_batch=max(images),
-                                         artifact=path, use_cuda_graph=graphs)
-                    try:
-                        for n in images:
-                            entry["ms_per_step"][n] = ms_per_step(engine, n, device)
-                        entry["cuda_graph"] = graphs
-                        break
-                    except Exception as e:  # noqa: BLE001
-                        if not graphs:
-                            raise
-                        entry["graph_error"] = one_line(e)
-                    finally:
-                        engine.close()
-                if kernels:
-                    entry["anatomy"] = anatomy(model32, device, backend="onnxruntime", artifact=path,
-                                               weight_bytes=4 if dtype == "fp32" else 2)
-                    print("\n".join([f"{name} {key}: {kernels_per_step(entry['anatomy']):.0f} kernels/step"]
-                                     + family_lines(entry["anatomy"])), flush=True)
-                if ref is not None:
-                    e2 = LasadEngine(model32, backend="onnxruntime", device=device, max_batch=2, artifact=path,
-                                     use_cuda_graph=entry["cuda_graph"])
-                    got = e2.teacher_forced_logits(tokens, labels, cfg_rows=True)
-                    err = ((got.double() - ref.double()).norm() / ref.double().norm()).item()
-                    res["parity"][key] = {"rel_err": err, "bound": TOLERANCES[dtype], "pass": err <= TOLERANCES[dtype]}
-                    if dtype == "fp32":
-                        toks = e2.generate([3, 7], grid=Grid(16, 16), params=PARAMS,
-                                           generator=torch.Generator(device).manual_seed(5))
-                        same = (toks == ref_tokens)
-                        first = int((~same.flatten(1)).float().argmax(1).min()) if not same.all() else None
-                        res["tokens"][key] = {"equal_fraction": same.float().mean().item(), "first_difference": first}
-                    e2.close()
-            except Exception as e:  # noqa: BLE001 - record and go on: one failing form must not hide the others
-                entry["error"] = one_line(e)
-                traceback.print_exc()
-            finally:
-                for f in tmp.glob(f"{name}-{key}.onnx*"):
-                    f.unlink()
-                torch.cuda.empty_cache()
-            print(f"[{elapsed():.0f} s] {name} {key}: {json.dumps(entry)}", flush=True)
+    variants = [(f, d, fuse) for f in forms for d in dtypes for fuse in ((True, False) if unfused else (True,))]
+    for form, dtype, fuse in variants:
+        key = f"{form}-{dtype}" + ("" if fuse else "-unfused")
+        if elapsed() > budget:
+            res["skipped"].append(key)
+            continue
+        entry: dict = {}
+        res["onnxruntime"][key] = entry
+        path = tmp / f"{name}-{key}.onnx"
+        if not fuse:  # the backend's session graph as exported: residual adds not fused with the norms
+            ort_backend.fuse_residual_norms = lambda proto: 0
+        try:
+            t = time.perf_counter()
+            export_step(cpu_model, path, portable=form == "portable", dtype=dtype, max_batch=max(images))
+            entry["export_s"] = round(time.perf_counter() - t, 1)
+            entry["ms_per_step"] = {}
+            for graphs in (True, False):  # without onnxruntime's CUDA graphs only if they fail
+                engine = LasadEngine(model32, backend="onnxruntime", device=device, max_batch=max(images),
+                                     artifact=path, use_cuda_graph=graphs)
+                try:
+                    for n in images:
+                        entry["ms_per_step"][n] = ms_per_step(engine, n, device)
+                    entry["cuda_graph"] = graphs
+                    break
+                except Exception as e:  # noqa: BLE001
+                    if not graphs:
+                        raise
+                    entry["graph_error"] = one_line(e)
+                finally:
+                    engine.close()
+            if kernels:
+                entry["anatomy"] = anatomy(model32, device, backend="onnxruntime", artifact=path,
+                                           weight_bytes=4 if dtype == "fp32" else 2)
+                print("\n".join([f"{name} {key}: {kernels_per_step(entry['anatomy']):.0f} kernels/step"]
+                                 + family_lines(entry["anatomy"])), flush=True)
+            if ref is not None and fuse:
+                e2 = LasadEngine(model32, backend="onnxruntime", device=device, max_batch=2, artifact=path,
+                                 use_cuda_graph=entry["cuda_graph"])
+                got = e2.teacher_forced_logits(tokens, labels, cfg_rows=True)
+                err = ((got.double() - ref.double()).norm() / ref.double().norm()).item()
+                res["parity"][key] = {"rel_err": err, "bound": TOLERANCES[dtype], "pass": err <= TOLERANCES[dtype]}
+                if dtype == "fp32":
+                    toks = e2.generate([3, 7], grid=Grid(16, 16), params=PARAMS,
+                                       generator=torch.Generator(device).manual_seed(5))
+                    same = (toks == ref_tokens)
+                    first = int((~same.flatten(1)).float().argmax(1).min()) if not same.all() else None
+                    res["tokens"][key] = {"equal_fraction": same.float().mean().item(), "first_difference": first}
+                e2.close()
+        except Exception as e:  # noqa: BLE001 - record and go on: one failing form must not hide the others
+            entry["error"] = one_line(e)
+            traceback.print_exc()
+        finally:
+            ort_backend.fuse_residual_norms = FUSE
+            for f in tmp.glob(f"{name}-{key}.onnx*"):
+                f.unlink()
+            torch.cuda.empty_cache()
+        print(f"[{elapsed():.0f} s] {name} {key}: {json.dumps(entry)}", flush=True)
     return res
 
 
@@ -202,6 +209,8 @@ def main(argv=None) -> int:
     ap.add_argument("--forms", default="portable,custom", help="custom runs where the op library builds")
     ap.add_argument("--dtypes", default=",".join(DTYPE_ORDER))
     ap.add_argument("--anatomy", action="store_true", help="kernels per step of each configuration at one image")
+    ap.add_argument("--unfused", action="store_true",
+                    help="each configuration also without the backend's residual-add + RMSNorm fusion")
     args = ap.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     import onnxruntime as ort
@@ -218,7 +227,7 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="ortbench-", dir="/tmp") as tmp:
         for i, name in enumerate(args.presets.split(",")):
             results.append(bench_preset(name, images, forms, dtypes, device, Path(tmp), args.budget, parity=i == 0,
-                                        kernels=args.anatomy))
+                                        kernels=args.anatomy, unfused=args.unfused))
             record["results"] = results
             (args.out / "ort_gpu.json").write_text(json.dumps(record, indent=1, default=str))
     print(table(results, images))

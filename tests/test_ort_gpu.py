@@ -101,6 +101,56 @@ def test_fixed_rows_export_runs_its_rows_and_refuses_others(model, tmp_path):
         engine.generate([1], params=SamplingParams(temperature=0.0))  # 2 rows
 
 
+class _Residual(torch.nn.Module):
+    """h = x + y (or x + a bias), RMSNorm(h) as the model traces it, and h going on."""
+
+    def __init__(self, n: int, bias: bool):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.weight = torch.nn.Parameter(torch.rand(n, generator=g) + 0.5)
+        self.bias = torch.nn.Parameter(torch.randn(n, generator=g)) if bias else None
+
+    def forward(self, x, y):
+        from lasad_engine.ops.norms import rms_norm
+        h = x + (self.bias if self.bias is not None else y)
+        return rms_norm(h, self.weight, 1e-5, backend="torch"), h * 3
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("bias", [False, True])
+def test_residual_norm_fusion_on_a_small_graph(tmp_path, dtype, bias):
+    """A residual add and the RMSNorm after it become one SkipSimplifiedLayerNormalization whose
+    fourth output carries the sum on, with the same outputs on onnxruntime's CPU provider as the
+    unfused graph; a bias add (a constant input) and bf16 activations (no such kernel on every
+    provider) are left alone."""
+    n = 96
+    path = tmp_path / "residual.onnx"
+    x, y = torch.randn(3, n, dtype=dtype), torch.randn(3, n, dtype=dtype)
+    with torch.no_grad():
+        torch.onnx.export(_Residual(n, bias).to(dtype), (x, y), str(path), dynamo=False, opset_version=17,
+                          input_names=["x", "y"], output_names=["normed", "carried"])
+    proto = onnx.load(str(path))
+    fused = ort_backend.fuse_residual_norms(proto)
+    assert fused == (0 if bias or dtype == torch.bfloat16 else 1)
+    if not fused:
+        assert proto == onnx.load(str(path))
+        return
+    onnx.checker.check_model(proto)
+    skip = [nd for nd in proto.graph.node if nd.op_type == ort_backend.SKIP_NORM]
+    assert len(skip) == 1 and skip[0].output[3] and not [nd for nd in proto.graph.node if nd.op_type == "Add"]
+    feed = {"x": x.numpy(), "y": y.numpy()}
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    want = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"]).run(None, feed)
+    got = ort.InferenceSession(proto.SerializeToString(), so, providers=["CPUExecutionProvider"]).run(None, feed)
+    h = (x + y).double()  # the sum rounded to the activation dtype, as the model has it
+    ref = h / torch.sqrt(h.pow(2).mean(-1, keepdim=True) + 1e-5) * _Residual(n, False).weight.detach().double()
+    tol = 1e-6 if dtype == torch.float32 else 2e-3
+    for a, b in zip(got, want):
+        assert np.abs(a.astype(np.float64) - b.astype(np.float64)).max() <= tol * np.abs(b).max()
+    assert np.abs(got[0].astype(np.float64) - ref.numpy()).max() <= 4 * tol * ref.abs().max().item()
+
+
 def test_two_state_buffers_alternate_and_current_says_where(model, tmp_path):
     """Every step's state, read where the backend says it is, equals the torch backend's; an odd
     number of steps leaves it in the backend's buffer, and the next request still starts at zero."""

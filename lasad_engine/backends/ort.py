@@ -7,6 +7,11 @@ is fixed: the session gets a copy of the graph with the node's domain mapped ont
 keeps `ai.lasad`), on CUDA the compiled custom-op library of `lasad_plugins.ort` (the step
 kernel of lasad_engine/ops/lasad/step.py as PTX, launched on onnxruntime's stream).
 
+The session's copy of the graph (never the file, which stays standard ONNX for TensorRT) has each
+residual add and the RMSNorm after it rewritten into onnxruntime's SkipSimplifiedLayerNormalization
+(`fuse_residual_norms`): one kernel where onnxruntime's own optimizer leaves a norm plus a Gemm
+whose bias input is a device copy, two per layer.
+
 The state is never copied. onnxruntime does not promise that a graph output may share its buffer
 with an input, and on CUDA it runs a step more than once before it captures a graph (warm-up runs),
 which an in-place update would apply twice. So the state alternates between two buffers: the
@@ -177,6 +182,7 @@ class OnnxRuntimeBackend(Backend):
             self.library = find_library()
             from ..ops.lasad.aot import CudaTarget
             attach_kernels(proto, CudaTarget.current(self.device.index or 0))
+        self.fused_norms = fuse_residual_norms(proto)
         self.model_bytes = proto.SerializeToString()  # the graph; large weights stay in their file
         self.sessions: dict[int, object] = {}
         self.bindings: dict[tuple, tuple] = {}
@@ -311,6 +317,112 @@ def bind_io(binding, device: torch.device, inputs: dict, outputs: dict, past: to
     for i in range(past.shape[0]):
         bind(binding.bind_input, C.PAST_STATE.format(i), past[i])
         bind(binding.bind_output, C.PRESENT_STATE.format(i), present[i])
+
+
+SKIP_NORM = "SkipSimplifiedLayerNormalization"  # com.microsoft: residual add + RMSNorm in one kernel
+_FUSABLE = {1, 10}  # onnx.TensorProto FLOAT, FLOAT16: the activation dtypes its kernels take everywhere
+
+
+def fuse_residual_norms(proto) -> int:
+    """Rewrite, in place, each residual `Add` of an exported step (ModelProto) whose sum feeds an
+    RMSNorm into onnxruntime's com.microsoft `SkipSimplifiedLayerNormalization` (normed output, and the sum as
+    its fourth output where the residual stream goes on). onnxruntime's own optimizer fuses the norm
+    (SimplifiedLayerNormFusion) but never the add before it: its SkipLayerNormFusion reads only
+    LayerNormalization, and its earlier MatMulAddFusion turns each residual add into a Gemm whose
+    bias input costs a device copy. Done only on the session's copy of the graph, so the file stays
+    standard ONNX for TensorRT. The norm is matched exactly as `ops.norms.rms_norm` traces for a
+    full-width norm: [Cast to fp32] -> Pow 2 -> ReduceMean(last axis) -> Add eps -> Sqrt -> Div ->
+    [Cast back] -> Mul weight. Returns the number of adds fused (fp32 and fp16 activations only)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = proto.graph
+    order = list(graph.node)  # these node objects throughout: they are compared by identity
+    consumers: dict[str, list] = {}
+    for n in order:
+        for name in n.input:
+            consumers.setdefault(name, []).append(n)
+    const = {n.output[0]: numpy_helper.to_array(n.attribute[0].t) for n in order
+             if n.op_type == "Constant" and len(n.attribute) == 1 and n.attribute[0].name == "value"}
+    weights = {t.name: list(t.dims) for t in graph.initializer}
+    for n in order:  # the tracer writes equal weights once and the others as Identity of it
+        if n.op_type == "Identity" and n.input[0] in weights:
+            weights[n.output[0]] = weights[n.input[0]]
+    outputs = {o.name for o in graph.output}
+
+    def sole(name: str, op: str):
+        c = consumers.get(name, [])
+        return c[0] if len(c) == 1 and c[0].op_type == op and c[0].domain in ("", "ai.onnx") else None
+
+    def scalar(name: str, value=None):
+        v = const.get(name)
+        return v is not None and v.size == 1 and (value is None or float(v) == value)
+
+    def attr(node, name, default=None):
+        return next((helper.get_attribute_value(a) for a in node.attribute if a.name == name), default)
+
+    def norm_after(h: str):
+        """(the norm's nodes, weight, eps, output, fp32 input, activation dtype) when `h` feeds one."""
+        casts = [u for u in consumers.get(h, []) if u.op_type == "Cast"]
+        nodes, hf = [], h
+        if casts:  # normalised in fp32 (the trace casts even an fp32 activation)
+            if len(casts) != 1 or attr(casts[0], "to") != TensorProto.FLOAT:
+                return None
+            nodes, hf = [casts[0]], casts[0].output[0]
+        hf_users = consumers.get(hf, [])
+        pow_ = next((u for u in hf_users if u.op_type == "Pow" and u.input[0] == hf), None)
+        div = next((u for u in hf_users if u.op_type == "Div" and u.input[0] == hf), None)
+        if pow_ is None or div is None or not scalar(pow_.input[1], 2.0):
+            return None
+        mean = sole(pow_.output[0], "ReduceMean")
+        if mean is None or attr(mean, "axes") != [-1] or attr(mean, "keepdims", 1) != 1:
+            return None
+        add = sole(mean.output[0], "Add")
+        if add is None or not scalar(add.input[1]):
+            return None
+        sqrt = sole(add.output[0], "Sqrt")
+        if sqrt is None or sole(sqrt.output[0], "Div") is not div or div.input[1] != sqrt.output[0]:
+            return None
+        nodes += [pow_, mean, add, sqrt, div]
+        last, h_type = div.output[0], TensorProto.FLOAT
+        back = sole(last, "Cast")  # to the activation dtype (none in fp32)
+        if back is not None:
+            nodes.append(back)
+            last, h_type = back.output[0], attr(back, "to")
+        mul = sole(last, "Mul")
+        if mul is None or mul.input[0] != last or len(weights.get(mul.input[1], [])) != 1 or h_type not in _FUSABLE:
+            return None
+        return nodes + [mul], mul.input[1], float(const[add.input[1]]), mul.output[0], hf, h_type
+
+    fused, drop = {}, set()
+    for node in order:
+        if node.op_type != "Add" or node.domain not in ("", "ai.onnx") or len(node.input) != 2:
+            continue
+        h = node.output[0]
+        if any(i in weights or i in const for i in node.input):  # a bias or a constant, not a residual
+            continue
+        match = norm_after(h)
+        if match is None:
+            continue
+        nodes, weight, eps, y, hf, h_type = match
+        ids = {id(n) for n in nodes}
+        # where the residual stream goes on: from the sum, or (fp32) from the cast the trace made of it
+        on = [name for name in dict.fromkeys((h, hf))
+              if name in outputs or any(id(u) not in ids for u in consumers.get(name, []))]
+        if len(on) > 1 or (on == [hf] and hf != h and h_type != TensorProto.FLOAT):
+            continue
+        fused[id(node)] = helper.make_node(SKIP_NORM, [node.input[0], node.input[1], weight], [y, "", "", *on][:4 if on else 1],
+                                           name=f"{node.name or h}/{SKIP_NORM}", domain="com.microsoft", epsilon=eps)
+        drop |= ids
+    if not fused:
+        return 0
+    kept = [fused.get(id(n), n) for n in order if id(n) not in drop]
+    used = {name for n in kept for name in n.input} | outputs
+    kept = [n for n in kept if n.op_type != "Constant" or n.output[0] in used]  # eps and the 2 of the norms
+    del graph.node[:]
+    graph.node.extend(kept)
+    if not any(o.domain == "com.microsoft" for o in proto.opset_import):
+        proto.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    return len(fused)
 
 
 def _map_to_extensions_domain(proto, custom) -> None:
