@@ -7,7 +7,7 @@
 #
 # Steps: env | plugin | sampler | layers | engine | engine-final | engine-lxxl | engine-quick | pytest |
 #        pytest-train | pytest-a | pytest-b | pytest-ort | tiles | tiles-lxxl | llamagen | ort-part N |
-#        ort-install | ort (install, then the full bench) | ort-quick | ort-cli | anatomy | engine-lxxl-quick
+#        ort-install | ort (install, then the full bench) | ort-quick | ort-fuse | ort-cli | anatomy | engine-lxxl-quick
 # Carried (git-ignored): .whl/ (fla-core wheel), .carry/llamagen (LlamaGen's gpt.py, generate.py,
 # drop_path.py at ce98ec4, for `llamagen`), .carry/ptx (PTX compiled on the CPU machine, for
 # `plugin`: benchmarks/plugin_launch_check.py --prepare build/plugin-launch), .carry/ort.partN
@@ -52,6 +52,7 @@ for s in "$@"; do
     pytest-b) step pytest-b 420 python3 -m pytest -q -p no:cacheprovider -m gpu tests -rs --durations=8 --ignore tests/test_gpu.py --ignore tests/test_linear.py --ignore tests/test_ort_gpu.py --ignore tests/test_gpt_train.py ;;
     pytest-ort) step pytest-ort 300 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_ort_gpu.py tests/test_export.py -rs --durations=8 ;;
     ort-quick) step ort-quick 240 python3 benchmarks/ort_gpu_bench.py --out "$W/ort-quick" --forms custom --dtypes fp16,fp32 --budget 200 ;;
+    ort-fuse) step ort-fuse 480 python3 benchmarks/ort_gpu_bench.py --out "$W/ort-fuse" --forms custom --dtypes fp16,fp32 --unfused --anatomy --budget 400 ;;
     engine-lxxl-quick) step engine-lxxl 150 python3 benchmarks/engine_bench.py --out "$W/engine-lxxl" --presets lasad-L,lasad-XXL --batches 1,8,64 --quick ;;
     pytest-train) step pytest-train 200 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_gpt_train.py -rs ;;
     tiles) step tiles 240 python3 benchmarks/linear_tile_sweep.py --out "$W/tiles" ;;
