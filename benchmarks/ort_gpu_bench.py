@@ -14,7 +14,9 @@ seed. Configurations that fail record their one-line error; those that do not fi
 seconds are listed as skipped. With --anatomy, each configuration's kernels at one image, by
 family (benchmarks/step_anatomy.py, eager onnxruntime runs without its CUDA graph). With
 --unfused, each configuration once more with the session graph as exported (the backend's
-residual-add + RMSNorm fusion off), which is what that fusion buys. JSON in
+residual-add + RMSNorm fusion off), which is what that fusion buys. Each configuration also
+records the backend's part of a step alone (`decode_split`: ms per call, and ms the host takes
+to issue one: whether the step is bound by the host or by its kernels). JSON in
 DIR/ort_gpu.json, the table last on stdout.
 Targets: within 2x of the cuda backend at 1 image and 1.3x at 64.
 """
@@ -73,6 +75,24 @@ def ms_per_step(engine: LasadEngine, n: int, device) -> float:
         torch.cuda.synchronize(device)
         runs.append((time.perf_counter() - t) * 1e3 / TIMED.tokens)
     return statistics.median(runs)
+
+
+def decode_split(engine: LasadEngine, n: int, device, calls: int = 200) -> dict:
+    """The backend's part of a step at n images, called back to back (after a generation made its
+    bindings): ms per call until the GPU is done, and ms the host takes to issue one call. When the
+    second nears the first, the step is bound by the host, not by its kernels."""
+    rows = 2 * n
+    state, ids = engine.buffers.state_rows(rows), engine.buffers.ids[:rows]
+    decode = engine.backend.decode
+    decode(ids, state.pos, state)
+    torch.cuda.synchronize(device)
+    t = time.perf_counter()
+    for _ in range(calls):
+        decode(ids, state.pos, state)
+    issued = time.perf_counter() - t
+    torch.cuda.synchronize(device)
+    done = time.perf_counter() - t
+    return {"decode_ms": done * 1e3 / calls, "decode_issue_ms": issued * 1e3 / calls}
 
 
 def build_op(out: Path) -> dict:
@@ -139,6 +159,7 @@ def bench_preset(name: str, images: list[int], forms: list[str], dtypes: list[st
                 try:
                     for n in images:
                         entry["ms_per_step"][n] = ms_per_step(engine, n, device)
+                        entry.setdefault("decode_split", {})[n] = decode_split(engine, n, device)
                     entry["cuda_graph"] = graphs
                     break
                 except Exception as e:  # noqa: BLE001
@@ -190,6 +211,10 @@ def table(results: list[dict], images: list[int]) -> str:
                 cells.append(f"{v:15.3f} {v * 256 / n:8.2f} {v / r['cuda'][n]:7.2f}" if v else f"{'-':>15s} {'-':>8s} {'-':>7s}")
             err = r["onnxruntime"].get(label, {}).get("error")
             lines.append(f"{r['preset']:10s} {label:22s} " + " ".join(cells) + (f"  {err[:60]}" if err else ""))
+        for k, e in r["onnxruntime"].items():
+            for n, d in e.get("decode_split", {}).items():
+                lines.append(f"{r['preset']:10s} {k:22s} {n} img: decode alone {d['decode_ms']:.3f} ms/call, "
+                             f"host issues one in {d['decode_issue_ms']:.3f} ms")
         for k, p in r["parity"].items():
             tok = r["tokens"].get(k)
             lines.append(f"{r['preset']:10s} parity {k:15s} rel_err {p['rel_err']:.2e} (bound {p['bound']:.0e}, "

@@ -5,7 +5,8 @@ the position and this step's noise from fixed buffers, updates the recurrent sta
 samples the next ids on the device and writes them back into the id buffer (both CFG halves)
 and into the token buffer. Nothing in a step allocates and nothing syncs with the host, so when
 the backend is capturable the whole step (model + sampler) is captured once as a CUDA graph
-(`graphs.CudaGraphRunner`) and replayed N times. The same loop drives teacher forcing (`forced`
+(`graphs.CudaGraphRunner`) and replayed N times; a backend that graphs its own part (onnxruntime)
+runs it, then the sampler and bookkeeping replay as a graph of their own. The same loop drives teacher forcing (`forced`
 tokens overwrite the sampled ones), so the loop the parity tests prove is the loop users run.
 
 Calls on one engine are serialised by a lock: its buffers are shared, so two threads would
@@ -103,8 +104,9 @@ class LasadEngine:
                      f"max_batch={max_batch}")
         self.backend: Backend = make_backend(backend, model, self.device, artifact)
         self.backend.cuda_graph = use_cuda_graph
-        self.graphs = (CudaGraphRunner(self.device) if use_cuda_graph and self.backend.capturable
-                       and self.device.type == "cuda" else None)
+        # the whole step as one graph; or, where the backend runs its own part (onnxruntime: its own
+        # graphs), the sampler and bookkeeping after it, so a step costs the host two launches
+        self.graphs = CudaGraphRunner(self.device) if use_cuda_graph and self.device.type == "cuda" else None
         self.buffers = DecodeBuffers(model, max_batch, self.device)
         self._max_batch = max_batch
         self._lock = threading.RLock()
@@ -136,9 +138,9 @@ class LasadEngine:
         grow = 8 * self.max_batch * n_tokens if self.buffers.tokens.numel() < self.max_batch * n_tokens else 0
         check_memory(grow + 2 * 8 * n * n_tokens, self.device, f"{n} images of {n_tokens} tokens")
 
-    def _step_fn(self, n: int, n_tokens: int, params: SamplingParams) -> Callable[[], None]:
-        """The whole decode step for n images: model step, sampling, bookkeeping. Reads and
-        writes only fixed buffers, so it can be captured."""
+    def _step_parts(self, n: int, n_tokens: int, params: SamplingParams) -> tuple[Callable[[], None], Callable[[], None]]:
+        """The decode step for n images as (model step, the rest: sampling and bookkeeping). Both
+        read and write only fixed buffers, so either can be captured."""
         b = self.buffers
         rows = 2 * n if params.cfg else n
         state, ids = b.state_rows(rows), b.ids[:rows]
@@ -149,15 +151,17 @@ class LasadEngine:
         # (the reference path end to end)
         sampler = "torch" if self.backend.name == "torch" else None
 
-        def step():
+        def model_step():
+            decode(ids, state.pos, state)  # returns state.logits (the step contract)
+
+        def rest():
             pos = state.pos
-            logits = decode(ids, pos, state)
             active = (b.cfg_interval < 0) | (pos[0] <= b.cfg_interval)
-            sample(logits, noise, cfg=params.cfg, cfg_scale=b.cfg_scale,
+            sample(state.logits, noise, cfg=params.cfg, cfg_scale=b.cfg_scale,
                    temperature=params.temperature, top_k=params.top_k, top_p=params.top_p,
                    cfg_active=active, out=ids, pos=pos, tokens=tokens, backend=sampler)
             pos.add_(1)
-        return step
+        return model_step, rest
 
     def _reset(self, labels: torch.Tensor, params: SamplingParams, width: int) -> None:
         b, n = self.buffers, labels.shape[0]
@@ -211,13 +215,24 @@ class LasadEngine:
             self.graphs.close()  # captured steps saw the old token buffer
         N = max(N, T)
         rows = 2 * n if params.cfg else n
-        step = self._step_fn(n, N, params)
+        model_step, rest = self._step_parts(n, N, params)
+
+        def step():
+            model_step()
+            rest()
         reset = lambda: self._reset(ids_in, params, grid.w)  # noqa: E731
         key = (n, N, params.graph_key())
-        if self.graphs is not None:
-            self.graphs.prepare(key, step, reset)
+        run = step
+        if self.graphs is not None and self.backend.capturable:
+            self.graphs.prepare(key, step, reset)  # the whole step, one replay
+            run = lambda: self.graphs.replay(key)  # noqa: E731
+        elif self.graphs is not None:  # a backend that runs (and graphs) its own part: the rest is ours
+            self.graphs.prepare(key, rest, reset)
+
+            def run():
+                model_step()
+                self.graphs.replay(key)
         reset()
-        run = (lambda: self.graphs.replay(key)) if self.graphs is not None else step
         tokens, state, ids = b.tokens_view(n, N), b.state_rows(rows), b.ids[:rows]
         sampling = params.temperature != 0 and forced is None
         bar = _progress(progress, T, f"{n} image{'s' * (n > 1)} {grid.h}x{grid.w}")

@@ -121,6 +121,70 @@ def test_buffers_are_allocated_once():
     assert engine.state_nbytes == model.config.state_nbytes(2 * 4)
 
 
+class _ReplayByCalling:
+    """CudaGraphRunner's interface on the CPU: prepare records the function (after warming it up
+    and resetting, as the real runner does), replay calls it."""
+
+    def __init__(self):
+        self.fns, self.prepared = {}, []
+
+    def prepare(self, key, fn, reset):
+        if key not in self.fns:
+            reset()
+            fn()
+            reset()
+            self.fns[key] = fn
+            self.prepared.append(key)
+
+    def replay(self, key):
+        self.fns[key]()
+
+    def close(self):
+        self.fns.clear()
+
+
+@pytest.mark.parametrize("capturable", [True, False])
+def test_graphed_step_parts_give_the_plain_loops_tokens(capturable, monkeypatch):
+    """With graphs, a capturable backend's whole step is the graph; a backend that runs its own
+    part (onnxruntime) runs eagerly each step and only the sampler and bookkeeping are the graph,
+    never the model step. Either way the tokens and teacher-forced logits are the plain loop's."""
+    model = tiny()
+    plain = LasadEngine(model, max_batch=2)
+    params = SamplingParams(cfg_scale=2.0, top_k=20)
+    want = plain.generate([1, 2], params=params, generator=torch.Generator().manual_seed(5))
+    gen = torch.Generator().manual_seed(2)
+    tokens = torch.randint(0, model.config.vocab_size, (2, 9), generator=gen)
+    want_logits = plain.teacher_forced_logits(tokens, [3, 4], cfg_rows=True)
+
+    engine = LasadEngine(model, max_batch=2)
+    engine.graphs = _ReplayByCalling()
+    monkeypatch.setattr(engine.backend, "capturable", capturable)
+    calls = {"decode": 0, "in_graph": 0}
+    decode = engine.backend.decode
+
+    def counting(*args):
+        calls["decode"] += 1
+        calls["in_graph"] += graphing
+        return decode(*args)
+    monkeypatch.setattr(engine.backend, "decode", counting)
+    graphing = True
+    real_replay = engine.graphs.replay
+
+    def replay(key):
+        nonlocal graphing
+        graphing = True
+        real_replay(key)
+        graphing = False
+    engine.graphs.replay = replay
+    graphing = False
+    got = engine.generate([1, 2], params=params, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(got, want) and len(engine.graphs.prepared) == 1
+    steps = want[0].numel()
+    assert calls["decode"] >= steps and calls["in_graph"] == (steps if capturable else 0)
+    assert_close("graphed teacher forcing", engine.teacher_forced_logits(tokens, [3, 4], cfg_rows=True),
+                 want_logits, 1e-6)
+
+
 def test_any_grid_with_the_same_buffers():
     model = tiny()
     engine = LasadEngine(model, max_batch=2)

@@ -28,8 +28,9 @@ On CUDA (docs/design.md, "The step contract"):
 - with `cuda_graph` one session per row count (the rows dimension fixed by
   `add_free_dimension_override_by_name`, so constant folding removes every shape computation) and
   `enable_cuda_graph`: onnxruntime captures one graph per direction (`gpu_graph_id` 1 and 2) and
-  replays it. The engine's own CudaGraphRunner stays off (`capturable = False`): onnxruntime's
-  capture runs inside its `Run` and cannot be nested in a capture of torch's.
+  replays it. The backend is not `capturable` (onnxruntime's capture runs inside its `Run` and
+  cannot be nested in a capture of torch's): the engine runs it, then replays its own graph of the
+  sampler and bookkeeping, so a step costs the host one `Run` and one graph launch.
 """
 
 from __future__ import annotations
