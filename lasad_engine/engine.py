@@ -6,8 +6,9 @@ samples the next ids on the device and writes them back into the id buffer (both
 and into the token buffer. Nothing in a step allocates and nothing syncs with the host, so when
 the backend is capturable the whole step (model + sampler) is captured once as a CUDA graph
 (`graphs.CudaGraphRunner`) and replayed N times; a backend that graphs its own part (onnxruntime)
-runs it, then the sampler and bookkeeping replay as a graph of their own. The same loop drives teacher forcing (`forced`
-tokens overwrite the sampled ones), so the loop the parity tests prove is the loop users run.
+runs it, then the sampler and bookkeeping replay as a graph of their own. The same loop drives
+teacher forcing (`forced` tokens overwrite the sampled ones), so the loop the parity tests prove
+is the loop users run.
 
 Calls on one engine are serialised by a lock: its buffers are shared, so two threads would
 otherwise overwrite each other's state. A call that arrives while another runs waits for it, then
@@ -138,7 +139,7 @@ class LasadEngine:
         grow = 8 * self.max_batch * n_tokens if self.buffers.tokens.numel() < self.max_batch * n_tokens else 0
         check_memory(grow + 2 * 8 * n * n_tokens, self.device, f"{n} images of {n_tokens} tokens")
 
-    def _step_parts(self, n: int, n_tokens: int, params: SamplingParams) -> tuple[Callable[[], None], Callable[[], None]]:
+    def _step_parts(self, n: int, n_tokens: int, params: SamplingParams) -> tuple[Callable[[], None], ...]:
         """The decode step for n images as (model step, the rest: sampling and bookkeeping). Both
         read and write only fixed buffers, so either can be captured."""
         b = self.buffers

@@ -413,7 +413,8 @@ def fuse_residual_norms(proto) -> int:
               if name in outputs or any(id(u) not in ids for u in consumers.get(name, []))]
         if len(on) > 1 or (on == [hf] and hf != h and h_type != TensorProto.FLOAT):
             continue
-        fused[id(node)] = helper.make_node(SKIP_NORM, [node.input[0], node.input[1], weight], [y, "", "", *on][:4 if on else 1],
+        outs = [y, "", "", *on] if on else [y]
+        fused[id(node)] = helper.make_node(SKIP_NORM, [node.input[0], node.input[1], weight], outs,
                                            name=f"{node.name or h}/{SKIP_NORM}", domain="com.microsoft", epsilon=eps)
         drop |= ids
     if not fused:
