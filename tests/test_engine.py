@@ -185,56 +185,6 @@ def test_graphed_step_parts_give_the_plain_loops_tokens(capturable, monkeypatch)
                  want_logits, 1e-6)
 
 
-def test_a_backend_stream_runs_the_whole_loop_fenced_once_per_request(monkeypatch):
-    """A backend with a stream of its own (onnxruntime beside the legacy default stream) sees every
-    decode with that stream current, and the caller's stream is fenced once each way per request,
-    not per step (torch's stream calls replaced by recording stand-ins: no GPU here)."""
-    import contextlib
-
-    class Stream:
-        def __init__(self, name):
-            self.name = name
-
-        def wait_stream(self, other):
-            fences.append((self.name, other.name))
-
-        def __eq__(self, other):
-            return isinstance(other, Stream) and other.name == self.name
-
-    fences, current = [], [Stream("main")]
-
-    @contextlib.contextmanager
-    def on(stream):
-        before, current[0] = current[0], stream
-        try:
-            yield
-        finally:
-            current[0] = before
-
-    model = tiny()
-    params = SamplingParams(cfg_scale=2.0, top_k=20)
-    want = LasadEngine(model, max_batch=2).generate([1, 2], params=params, generator=torch.Generator().manual_seed(5))
-    engine = LasadEngine(model, max_batch=2)
-    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: current[0])
-    monkeypatch.setattr(torch.cuda, "stream", on)
-    seen = []
-    decode = engine.backend.decode
-
-    def recording(*args):
-        seen.append(current[0].name)
-        return decode(*args)
-    monkeypatch.setattr(engine.backend, "decode", recording)
-    monkeypatch.setattr(engine.backend, "stream", Stream("backend"), raising=False)
-    got = engine.generate([1, 2], params=params, generator=torch.Generator().manual_seed(5))
-    assert torch.equal(got, want)
-    assert set(seen) == {"backend"} and len(seen) == want[0].numel()
-    assert fences == [("backend", "main"), ("main", "backend")]
-    fences.clear()
-    current[0] = Stream("backend")  # called from the backend's own stream: nothing to fence
-    engine.generate([1, 2], params=params, generator=torch.Generator().manual_seed(5))
-    assert fences == []
-
-
 def test_any_grid_with_the_same_buffers():
     model = tiny()
     engine = LasadEngine(model, max_batch=2)
