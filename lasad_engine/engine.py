@@ -205,17 +205,6 @@ class LasadEngine:
             return self._decode(labels, grid, params, generators, forced, on_step, progress)
 
     def _decode(self, labels, grid, params, generators, forced, on_step, progress) -> torch.Tensor:
-        stream = self.backend.stream
-        main = torch.cuda.current_stream(self.device) if stream is not None else None
-        if stream is None or stream == main:
-            return self._decode_loop(labels, grid, params, generators, forced, on_step, progress)
-        stream.wait_stream(main)  # the loop on the backend's stream: it runs its part there
-        with torch.cuda.stream(stream):
-            tokens = self._decode_loop(labels, grid, params, generators, forced, on_step, progress)
-        main.wait_stream(stream)
-        return tokens
-
-    def _decode_loop(self, labels, grid, params, generators, forced, on_step, progress) -> torch.Tensor:
         ids_in, n = labels.ids.to(self.device), len(labels)
         if n > self.max_batch:
             raise EngineError(f"{n} images exceed max_batch={self.max_batch}")

@@ -17,15 +17,12 @@ class Backend:
     `state.ssm` and a buffer of its own, so that no step copies it) says where the latest state
     is with `current(state)`, and starts over from `state.ssm` at `reset()`, which the engine calls
     after it zeroed the state for a new request. `cuda_graph` is the engine's `use_cuda_graph`, for
-    a backend that captures graphs of its own instead of being `capturable`. `stream`, when set, is
-    the CUDA stream the backend's work runs on: the engine runs its decode loop there (one fence
-    each way per request instead of two per step).
+    a backend that captures graphs of its own instead of being `capturable`.
     """
 
     name = "?"
     capturable = False
     cuda_graph = True
-    stream = None
 
     def __init__(self, model, device):
         self.model, self.device = model, device

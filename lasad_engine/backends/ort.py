@@ -23,9 +23,7 @@ I/O binding, made once per row count onto the engine's fixed buffers.
 On CUDA (docs/design.md, "The step contract"):
 - every input and output is bound to the engine's device buffers (no host copy per step);
 - onnxruntime runs on torch's current stream (`user_compute_stream`), or, when that is the legacy
-  default stream (which cannot be captured), on a stream of its own (`stream`), on which the engine
-  then runs its whole decode loop, fenced once per request (a decode called from another stream
-  is fenced with events both ways);
+  default stream (which cannot be captured), on a stream of its own fenced with events both ways;
   `disable_synchronize_execution_providers` keeps each run free of host syncs;
 - with `cuda_graph` one session per row count (the rows dimension fixed by
   `add_free_dimension_override_by_name`, so constant folding removes every shape computation) and
@@ -191,10 +189,7 @@ class OnnxRuntimeBackend(Backend):
         self.bindings: dict[tuple, tuple] = {}
         self.other: torch.Tensor | None = None  # state buffer B [L, B_max, H, K, V]
         self.parity = 0                         # 0: the state is in A (state.ssm), 1: in B
-        self.stream = None  # onnxruntime's stream: torch's current one, or its own beside the legacy default
-        if device.type == "cuda":
-            current = torch.cuda.current_stream(self.device)
-            self.stream = current if current.cuda_stream != 0 else torch.cuda.Stream(self.device)
+        self.stream = None
 
     def _session(self, rows: int):
         """The session for `rows` rows (CPU: one session for every row count)."""
@@ -230,6 +225,9 @@ class OnnxRuntimeBackend(Backend):
     def _cuda_options(self) -> dict:
         """CUDA provider options: torch's stream (or the backend's own, see the module docstring),
         CUDA graphs, and TF32 as torch does it (fp32 means fp32 unless torch allows TF32)."""
+        current = torch.cuda.current_stream(self.device)
+        if self.stream is None:
+            self.stream = current if current.cuda_stream != 0 else torch.cuda.Stream(self.device)
         return {"device_id": str(self.device.index), "user_compute_stream": str(self.stream.cuda_stream),
                 "enable_cuda_graph": "1" if self.cuda_graph else "0",
                 "use_tf32": "1" if torch.backends.cuda.matmul.allow_tf32 else "0"}
