@@ -161,13 +161,13 @@ def test_graphed_step_parts_give_the_plain_loops_tokens(capturable, monkeypatch)
     monkeypatch.setattr(engine.backend, "capturable", capturable)
     calls = {"decode": 0, "in_graph": 0}
     decode = engine.backend.decode
+    graphing = False  # True while a replay runs
 
     def counting(*args):
         calls["decode"] += 1
         calls["in_graph"] += graphing
         return decode(*args)
     monkeypatch.setattr(engine.backend, "decode", counting)
-    graphing = True
     real_replay = engine.graphs.replay
 
     def replay(key):
@@ -176,7 +176,6 @@ def test_graphed_step_parts_give_the_plain_loops_tokens(capturable, monkeypatch)
         real_replay(key)
         graphing = False
     engine.graphs.replay = replay
-    graphing = False
     got = engine.generate([1, 2], params=params, generator=torch.Generator().manual_seed(5))
     assert torch.equal(got, want) and len(engine.graphs.prepared) == 1
     steps = want[0].numel()

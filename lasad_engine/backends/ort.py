@@ -326,14 +326,15 @@ _FUSABLE = {1, 10}  # onnx.TensorProto FLOAT, FLOAT16: the activation dtypes its
 
 def fuse_residual_norms(proto) -> int:
     """Rewrite, in place, each residual `Add` of an exported step (ModelProto) whose sum feeds an
-    RMSNorm into onnxruntime's com.microsoft `SkipSimplifiedLayerNormalization` (normed output, and the sum as
-    its fourth output where the residual stream goes on). onnxruntime's own optimizer fuses the norm
-    (SimplifiedLayerNormFusion) but never the add before it: its SkipLayerNormFusion reads only
-    LayerNormalization, and its earlier MatMulAddFusion turns each residual add into a Gemm whose
-    bias input costs a device copy. Done only on the session's copy of the graph, so the file stays
-    standard ONNX for TensorRT. The norm is matched exactly as `ops.norms.rms_norm` traces for a
-    full-width norm: [Cast to fp32] -> Pow 2 -> ReduceMean(last axis) -> Add eps -> Sqrt -> Div ->
-    [Cast back] -> Mul weight. Returns the number of adds fused (fp32 and fp16 activations only)."""
+    RMSNorm into onnxruntime's com.microsoft `SkipSimplifiedLayerNormalization` (normed output, and
+    the sum as its fourth output where the residual stream goes on). onnxruntime's own optimizer
+    fuses the norm (SimplifiedLayerNormFusion) but never the add before it: its SkipLayerNormFusion
+    reads only LayerNormalization, and its earlier MatMulAddFusion turns each residual add into a
+    Gemm whose bias input costs a device copy. Done only on the session's copy of the graph, so the
+    file stays standard ONNX for TensorRT. The norm is matched exactly as `ops.norms.rms_norm`
+    traces for a full-width norm: [Cast to fp32] -> Pow 2 -> ReduceMean(last axis) -> Add eps ->
+    Sqrt -> Div -> [Cast back] -> Mul weight. Returns the number of adds fused (fp32 and fp16
+    activations only)."""
     from onnx import TensorProto, helper, numpy_helper
 
     graph = proto.graph
