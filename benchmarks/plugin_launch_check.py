@@ -16,7 +16,7 @@ with cuLaunchKernel using the grid, block, shared memory and the argument list T
 the 4 inputs, the int32 extras (H, S), the 2 outputs, present_state at past_state's address
 (aliased in place). Each launch is compared with the float64 reference (fused_gates +
 lasad_step_functional) at the lasad-B/L/XL/XXL head shapes (H = 12, 16, 20, 24; K = V = 64),
-rows 2, 8, 64, 512, the row-start flag off and on. Two PTX sources: compiled on the GPU machine by
+rows 2, 8, 64, 512, the row-start flags (one per row) all off, all on and mixed. Two PTX sources: compiled on the GPU machine by
 its Triton (aot_impl for the GPU and driver there), and compiled here with Triton 3.9 for sm_90 /
 CUDA 13.0 (carried). Two controls, recorded but not judged: Triton's own PTX (hidden parameters,
 its default ISA) loaded and launched with TensorRT's 8 arguments.
@@ -203,17 +203,25 @@ def unpack(args: list, sizes: list) -> list:
     return [read[n].from_address(args[0][i]).value for i, n in enumerate(sizes)]
 
 
+START_CASES = ("off", "on", "mixed")  # every row's flag off, on, or a random mix (one flag per row)
+
+
 def case_inputs(H, rows, has_lb, start, gen, device):
     """Random fp32 inputs on `device` (drawn there, from `gen` of that device; uninitialised
-    buffers when `gen` is None: a dry run only packs their addresses)."""
+    buffers when `gen` is None: a dry run only packs their addresses). `start`: START_CASES."""
     import torch
     S = 2 * H * K + H * V
     if gen is None:
-        return (torch.empty(rows, S), torch.zeros(H * K), torch.empty(rows, H, K, V), torch.tensor([start]))
+        return (torch.empty(rows, S), torch.zeros(H * K), torch.empty(rows, H, K, V),
+                torch.zeros(rows, dtype=torch.bool))
     qfv = torch.randn(rows, S, generator=gen, device=device)
     lb = torch.rand(H * K, generator=gen, device=device) * 0.9 if has_lb else torch.zeros(H * K, device=device)
     past = torch.randn(rows, H, K, V, generator=gen, device=device)
-    return qfv, lb, past, torch.tensor([start], device=device)
+    if start == "mixed":
+        flags = torch.rand(rows, generator=gen, device=device) < 0.5
+    else:
+        flags = torch.full((rows,), start == "on", dtype=torch.bool, device=device)
+    return qfv, lb, past, flags
 
 
 def reference(qfv, lb, past, start, H, mode, has_lb):
@@ -250,7 +258,7 @@ def run_source(source: str, kernels: dict, drv: Driver | None, device, seed: int
                 raise RuntimeError(f"{source} {mode}: extras {(h, s)} for H={H}")
             for rows in ROWS:
                 launch = e["launch"][H][rows]
-                for start in (False, True):
+                for start in START_CASES:
                     qfv, lbt, past, st = case_inputs(H, rows, lb, start, gen, device)
                     if drv is not None:
                         o_ref, s_ref = reference(qfv, lbt, past, st, H, mode, lb)

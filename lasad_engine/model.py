@@ -124,10 +124,11 @@ class LasadAttention(nn.Module):
         return self.resid_dropout(self.o_proj(o.to(self.o_proj.weight.dtype)))
 
 
-def _in_place_step(mode: str, backend: str | None):
-    """The LASAD op of the decode step on a preallocated state: updated in place, returned."""
+def _in_place_step(mode: str, backend: str | None, slots: torch.Tensor | None = None):
+    """The LASAD op of the decode step on a preallocated state: updated in place (the rows, or
+    their `slots` of a state pool), returned."""
     def op(qfv, lower_bound, state, start):
-        return lasad_fused_step_(qfv, lower_bound, state, start, mode, backend=backend), state
+        return lasad_fused_step_(qfv, lower_bound, state, start, mode, backend=backend, slots=slots), state
     return op
 
 
@@ -151,7 +152,7 @@ class LasadBlock(nn.Module):
             x: residual stream `[R, d]`.
             lower_bound: this layer's HGRN2 bound `[H·K]` fp32, or None.
             state: this layer's state `[R, H, K, V]` fp32 (or whatever `lasad_op` takes).
-            start: bool `[1]`, this position starts an image row.
+            start: bool `[R]` (or `[1]`), where the row's position starts an image row.
             lasad_op: `(qfv, lower_bound, state, start) -> (o [R, H, V], new state)`.
             backend: "torch" | "triton" for the norms and linear layers.
         Returns:
@@ -186,11 +187,14 @@ class ClassEmbedder(nn.Module):
 
 @dataclass
 class LasadState:
-    """Everything a decode loop mutates, allocated once per (max batch, device).
+    """Everything a decode step mutates, allocated once per (rows, device).
 
-    ssm: `[n_layer, B, H, K, V]` fp32 recurrent state (one allocation: one zero_ resets it).
-    pos: int64 `[1]` current sequence position (a device tensor, never a Python int in a graph).
-    width: int64 `[1]` grid width in tokens (row-start rule); any width, no reallocation.
+    ssm: `[n_layer, B, H, K, V]` fp32 recurrent state (one allocation: one zero_ resets it). A
+        step runs its rows on rows `[:R]`, or, given `slots`, on any B state rows of the pool.
+    pos: int64 `[1]` (every row at one position) or `[B]` (each row's own), the sequence
+        position (a device tensor, never a Python int in a graph).
+    width: int64 `[1]` or `[B]`, the grid width in tokens (row-start rule); any width, no
+        reallocation.
     logits: fp32 `[B, vocab]` output of the last step.
     """
 
@@ -214,7 +218,19 @@ class LasadState:
 
     def rows(self, n: int) -> "LasadState":
         """A view of the first `n` rows (same storage: no allocation, fixed addresses)."""
-        return LasadState(self.ssm[:, :n], self.pos, self.width, self.logits[:n])
+        per_row = lambda t: t if t.numel() == 1 else t[:n]  # noqa: E731
+        return LasadState(self.ssm[:, :n], per_row(self.pos), per_row(self.width), self.logits[:n])
+
+    def zero_rows(self, slots: torch.Tensor) -> None:
+        """Zero the state of the given state rows (an image joining its slots)."""
+        self.ssm.index_fill_(1, slots, 0.0)
+
+    def save_rows(self, n: int) -> torch.Tensor:
+        """A copy of the first `n` rows' state (to undo the warm-up runs of a graph capture)."""
+        return self.ssm[:, :n].clone()
+
+    def load_rows(self, saved: torch.Tensor) -> None:
+        self.ssm[:, :saved.shape[1]].copy_(saved)
 
     def reset(self, width: int | None = None) -> "LasadState":
         """Zero the state and position in place (and set a new grid width)."""
@@ -354,24 +370,32 @@ class LasadGen(nn.Module):
 
     @torch.no_grad()
     def step(self, ids: torch.Tensor, pos: torch.Tensor, state: LasadState,
-             backend: str | None = None) -> torch.Tensor:
-        """One decode step for every row; updates `state.ssm` in place.
+             backend: str | None = None, *, width: torch.Tensor | None = None,
+             slots: torch.Tensor | None = None, logits: torch.Tensor | None = None) -> torch.Tensor:
+        """One decode step for R rows; updates their state in place.
 
         Args:
-            ids: int64 `[B]` class ids at p = 0, token ids x_{p-1} after (B = state.batch).
-            pos: int64 `[1]` device tensor, the sequence position p of this step.
+            ids: int64 `[R]` class ids at p = 0, token ids x_{p-1} after.
+            pos: int64 `[R]` device tensor, each row's sequence position p (or `[1]`: all rows at p).
             state: the buffers from `allocate_state` (or a view of their first rows).
             backend: "torch" (references) or "triton" (kernels). Default: triton on CUDA.
+            width: int64 `[R]` (or `[1]`) grid widths. Default: `state.width`.
+            slots: int64 `[R]`, the distinct state rows `state.ssm[:, slots]` the rows run on (the
+                serving engine's state slots), or None: R = state.batch, row r on state row r.
+            logits: fp32 `[R, vocab]` output buffer. Default: `state.logits` (R = state.batch).
         Returns:
-            `state.logits`, fp32 `[B, vocab]`: the distribution of x_p.
+            the logits, fp32 `[R, vocab]`: the distribution of each row's x_p.
         """
-        if ids.shape[0] != state.batch:
+        if slots is None and ids.shape[0] != state.batch:
             raise ValueError(f"ids has {ids.shape[0]} rows but the state holds {state.batch}")
+        if slots is not None and slots.shape != ids.shape:
+            raise ValueError(f"slots has shape {tuple(slots.shape)}, ids {tuple(ids.shape)}")
         if backend not in (None, *STEP_BACKENDS):
             raise ValueError(f"backend={backend!r} is not one of {', '.join(STEP_BACKENDS)}")
-        mode, _ = self.config.row_rule(state.width)
-        logits, _ = self.decode_step(ids, pos, state.width, state.ssm, _in_place_step(mode, backend), backend)
-        return state.logits.copy_(logits)
+        width = state.width if width is None else width
+        mode, _ = self.config.row_rule(width)
+        out, _ = self.decode_step(ids, pos, width, state.ssm, _in_place_step(mode, backend, slots), backend)
+        return (state.logits if logits is None else logits).copy_(out)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

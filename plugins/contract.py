@@ -12,7 +12,7 @@ an alias of past_state in the TensorRT plugin.
 | 0 | qfv | [rows, 2·H·K + H·V] | activation (fp32 / fp16 / bf16) |
 | 1 | lower_bound | [H·K] | fp32 (zeros when has_lower_bound = 0) |
 | 2 | past_state | [rows, H, K, V] | fp32 |
-| 3 | start | [1] | bool: this position starts an image row |
+| 3 | start | [rows] | bool: the row's position starts an image row (each row has its own position) |
 
 | # | output | shape | dtype |
 |---|---|---|---|
@@ -22,9 +22,14 @@ an alias of past_state in the TensorRT plugin.
 
 OP_TYPE = "LasadStep"
 DOMAIN = "ai.lasad"          # ONNX domain of the node
-OP_VERSION = 1               # ONNX opset version of DOMAIN, and the plugin version
+OP_VERSION = 2               # ONNX opset version of DOMAIN (2: a start flag per row)
+# The step graph's contract: 2 = a position, a grid width and a row-start flag per row (rows of
+# different images at different positions share a step: the serving engine's slots); 1 = one
+# position for every row (lasad before 2026-12-06: re-export those files).
+CONTRACT_VERSION = 2
 PLUGIN_NAMESPACE = "lasad"   # TensorRT plugin namespace (the node carries it as plugin_namespace)
-PLUGIN_VERSION = str(OP_VERSION)
+PLUGIN_VERSION = "1"         # TensorRT's quickly deployable plugins are all version 1; a plan records
+                             # the contract as lasad_format (plugins/lasad_step/plan.py)
 
 INPUTS = ("qfv", "lower_bound", "past_state", "start")
 OUTPUTS = ("o", "present_state")
@@ -51,5 +56,5 @@ ROW_START_NAMES = {v: k for k, v in ROW_START_CODES.items()}
 # Per-layer state I/O names of the exported step graph.
 PAST_STATE = "past_state.{}"
 PRESENT_STATE = "present_state.{}"
-GRAPH_INPUTS = ("ids", "pos", "width")
+GRAPH_INPUTS = ("ids", "pos", "width")  # int64 [rows] each: ids, each row's position and grid width
 GRAPH_OUTPUTS = ("logits",)

@@ -95,7 +95,8 @@ def test_node_attributes_match_the_plugin_fields(model, exported):
 @pytest.mark.parametrize("aliased", [False, True])
 def test_plugin_kernel_matches_the_op(mode, aliased):
     """The kernel the TensorRT plugin compiles ahead of time, launched here with the constants
-    the plugin gives it (interpreter on a CPU), against the torch op."""
+    the plugin gives it (interpreter on a CPU), against the torch op: one row-start flag per row
+    (all off, all on, mixed)."""
     from lasad_engine.ops.lasad.aot import plugin_kernel_constants
     from lasad_engine.ops.lasad.step import lasad_step_plugin_kernel
     B, H, K, V = 3, 2, 24, 20
@@ -103,8 +104,7 @@ def test_plugin_kernel_matches_the_op(mode, aliased):
     qfv = torch.randn(B, 2 * H * K + H * V, generator=gen)
     lb = torch.rand(H * K, generator=gen) * 0.9
     past = torch.randn(B, H, K, V, generator=gen)
-    for flag in (False, True):
-        start = torch.tensor([flag])
+    for start in (torch.zeros(B, dtype=torch.bool), torch.ones(B, dtype=torch.bool), torch.tensor([True, False, True])):
         ref_state = past.clone()
         ref_o = lasad_fused_step_(qfv, lb, ref_state, start, mode, backend="torch")
         constants, warps = plugin_kernel_constants(K, V, mode, True, K ** -0.5)
@@ -118,6 +118,22 @@ def test_plugin_kernel_matches_the_op(mode, aliased):
         assert_close("present", present, ref_state, 1e-5)
         if not aliased:
             assert torch.equal(state_in, past)  # the input state is only read
+
+
+def test_a_step_exported_before_per_row_positions_says_to_export_again(model, exported, tmp_path):
+    """A file of the first contract (one position for every row: no lasad.contract) is refused
+    in one line naming the command that makes a new one."""
+    from lasad_engine.checkpoint import CheckpointError
+    from lasad_engine.pipeline import LasadPipeline
+    _, path = exported
+    proto = onnx.load(path)
+    keep = [p for p in proto.metadata_props if p.key != "lasad.contract"]
+    del proto.metadata_props[:]
+    proto.metadata_props.extend(keep)
+    old = tmp_path / "old.onnx"
+    onnx.save(proto, old)
+    with pytest.raises(CheckpointError, match="exported by an older lasad .* export it again: lasad-export CKPT old.onnx"):
+        LasadPipeline.from_checkpoint(old, device="cpu")
 
 
 def test_onnxruntime_backend_equals_torch_backend(model, exported):

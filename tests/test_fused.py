@@ -136,3 +136,39 @@ def test_embed_step_kernel(kernel, dtype):
             table, top = (cls_t, C) if p == 0 else (tok_t, V - 1)
             assert torch.equal(x, table[ids.clamp(0, top)])
             assert start.dtype == torch.bool and bool(start) == bool(row_start_mask(pos, width))
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("mode", ["unit", "reset"])
+def test_rows_at_their_own_positions_widths_and_slots(kernel, mode):
+    """The serving step: rows of different images at different positions, with different grid
+    widths, on scattered slots of a larger state pool, joining at different steps (each slot zeroed
+    when its row joins). Every row's logits equal the parallel forward of its own sequence."""
+    cfg = LasadConfig.from_preset("lasad-tiny", row_start=mode)
+    model = randomize_(LasadGen(cfg), seed=6).eval()
+    gen = torch.Generator().manual_seed(7)
+    R, T, pool = 4, 12, 9
+    tokens = torch.randint(0, cfg.vocab_size, (R, T), generator=gen)
+    labels = torch.tensor([1, 2, cfg.null_class, 3])
+    widths = torch.tensor([3, 5, 4, 3])
+    joins = [0, 2, 5, 3]              # the step each row starts at
+    slots = torch.tensor([7, 1, 4, 0])  # its state row in the pool
+    with torch.no_grad():
+        refs = [model(tokens[r:r + 1], labels[r:r + 1], width=int(widths[r]), backend="naive")[0] for r in range(R)]
+    state = model.allocate_state(pool)
+    state.ssm.normal_(generator=gen)  # what earlier images left behind: a joining row zeroes its slot
+    logits = torch.empty(R, cfg.vocab_size)
+    got = [[] for _ in range(R)]
+    for t in range(max(joins) + T):
+        live = [r for r in range(R) if joins[r] <= t < joins[r] + T]
+        new = [r for r in live if t == joins[r]]
+        if new:
+            state.zero_rows(slots[new])
+        pos = torch.tensor([t - joins[r] for r in live])
+        ids = torch.tensor([int(labels[r]) if t == joins[r] else int(tokens[r, t - joins[r] - 1]) for r in live])
+        out = model.step(ids, pos, state, backend=kernel, width=widths[live], slots=slots[live],
+                         logits=logits[:len(live)])
+        for i, r in enumerate(live):
+            got[r].append(out[i].clone())
+    for r in range(R):
+        assert_close(f"row {r}", torch.stack(got[r]), refs[r], 1e-5)

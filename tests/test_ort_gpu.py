@@ -97,8 +97,11 @@ def test_fixed_rows_export_runs_its_rows_and_refuses_others(model, tmp_path):
     ref = LasadEngine(model, max_batch=2).teacher_forced_logits(tokens, labels, cfg_rows=True)
     engine = LasadEngine(model, backend="onnxruntime", max_batch=2, artifact=path)
     assert_close("fixed rows", engine.teacher_forced_logits(tokens, labels, cfg_rows=True), ref, 1e-4)
+    # one image (2 rows): every step still runs the export's 4 rows, the others padding
+    params = SamplingParams(temperature=0.0)
+    assert torch.equal(engine.generate([1], params=params), LasadEngine(model, max_batch=2).generate([1], params=params))
     with pytest.raises(EngineError, match="exported for 4 rows"):
-        engine.generate([1], params=SamplingParams(temperature=0.0))  # 2 rows
+        LasadEngine(model, backend="onnxruntime", max_batch=3, artifact=path)  # 6 rows of slots
 
 
 class _Residual(torch.nn.Module):
@@ -152,35 +155,31 @@ def test_residual_norm_fusion_on_a_small_graph(tmp_path, dtype, bias):
 
 
 def test_two_state_buffers_alternate_and_current_says_where(model, tmp_path):
-    """Every step's state, read where the backend says it is, equals the torch backend's; an odd
-    number of steps leaves it in the backend's buffer, and the next request still starts at zero."""
+    """Every step's state, read where the backend says it is, equals the torch backend's; the
+    buffer alternates every step, and the next request starts at zero wherever the last one ended."""
     path = export_step(model, tmp_path / "step.onnx", portable=True, max_batch=2)
     tokens, labels = _forced(model)
-    T = 7  # odd
-    ref_states, got_states, places = [], [], []
+    T = 7  # odd: the first request ends in the other buffer
+
+    def run(engine, states, places, ptr):
+        def keep(req, images):
+            cur = engine.scheduler.backend.current(engine.scheduler.state).ssm
+            states.append(torch.cat([cur[:, list(img.rows)] for img in sorted(images, key=lambda i: i.index)], 1).clone())
+            places.append(cur.data_ptr() == ptr)
+        engine.wait(engine.submit(labels, grid=_grid(T), params=_forced_params(), forced=tokens[:, :T], on_step=keep))
+
     ref = LasadEngine(model, max_batch=2)
-    ref.decode(ref_engine_labels(model, labels), _grid(T), _forced_params(), forced=tokens[:, :T],
-               on_step=lambda p, s, t: ref_states.append(s.ssm.clone()))
+    ref_states = []
+    run(ref, ref_states, [], 0)
     engine = LasadEngine(model, backend="onnxruntime", max_batch=2, artifact=path)
     state_ptr = engine.buffers.state.ssm.data_ptr()
-
-    def keep(p, s, t):
-        got_states.append(s.ssm.clone())
-        places.append(s.ssm.data_ptr() == state_ptr)
-
     for _ in range(2):  # the second request starts over although the first ended in buffer B
-        got_states.clear()
-        places.clear()
-        engine.decode(ref_engine_labels(model, labels), _grid(T), _forced_params(), forced=tokens[:, :T], on_step=keep)
+        got_states, places = [], []
+        run(engine, got_states, places, state_ptr)
         for p in range(T):
             assert_close(f"state after step {p}", got_states[p], ref_states[p], 1e-5)
-        assert places == [p % 2 == 1 for p in range(T)]  # B after even steps, A after odd ones
+        assert all(a != b for a, b in zip(places, places[1:]))  # one buffer, then the other
     assert engine.buffers.state.ssm.data_ptr() == state_ptr
-
-
-def ref_engine_labels(model, labels):
-    from lasad_engine.params import ClassLabels
-    return ClassLabels.of(labels, model.config.num_classes)
 
 
 def _grid(T):
@@ -222,15 +221,18 @@ def test_cuda_bindings_alternate_buffers_and_graph_ids(model):
     be.ort = types.SimpleNamespace(RunOptions=_RunOptions)
     be.sessions = {6: types.SimpleNamespace(io_binding=_Recorder)}
     be.bindings, be.other, be.parity, be.fixed_rows = {}, None, 0, None
-    state = model.allocate_state(8, "cpu").rows(6)
-    ids = torch.zeros(8, dtype=torch.int64)[:6]
-    session, pair, views = be._binding(ids, state)
+    from lasad_engine.scheduler import _Rows
+    state = model.allocate_state(8, "cpu")
+    rows = _Rows(torch.zeros(8, dtype=torch.int64)[:6], torch.zeros(8, dtype=torch.int64)[:6],
+                 torch.ones(8, dtype=torch.int64)[:6], None, state.logits[:6])
+    session, pair = be._binding(rows, state)
     (b1, o1), (b2, o2) = pair
     L, H, K, V = model.config.n_layer, model.config.n_head, model.config.head_k_dim, model.config.head_v_dim
-    assert be.other.shape == (L, 8, H, K, V)  # sized like the engine's whole buffer, once
+    assert be.other.shape == (L, 8, H, K, V)  # sized like the engine's whole pool, once
     for b in (b1, b2):
-        assert b.inputs["ids"] == ("cuda", 0, np.dtype(np.int64), (6,), ids.data_ptr())
-        assert b.inputs["pos"][4] == state.pos.data_ptr() and b.inputs["width"][4] == state.width.data_ptr()
+        assert b.inputs["ids"] == ("cuda", 0, np.dtype(np.int64), (6,), rows.ids.data_ptr())
+        assert b.inputs["pos"] == ("cuda", 0, np.dtype(np.int64), (6,), rows.pos.data_ptr())  # one per row
+        assert b.inputs["width"][3:] == ((6,), rows.width.data_ptr())
         assert b.outputs["logits"] == ("cuda", 0, np.dtype(np.float32), (6, model.config.vocab_size),
                                        state.logits.data_ptr())
     for i in range(L):
@@ -240,7 +242,8 @@ def test_cuda_bindings_alternate_buffers_and_graph_ids(model):
         assert b2.inputs[C.PAST_STATE.format(i)][4] == b and b2.outputs[C.PRESENT_STATE.format(i)][4] == a
     assert o1.entries == {"disable_synchronize_execution_providers": "1", "gpu_graph_id": "1"}
     assert o2.entries["gpu_graph_id"] == "2"
-    assert views[1].ssm.data_ptr() == be.other.data_ptr()
+    be.parity = 1
+    assert be.current(state).ssm.data_ptr() == be.other.data_ptr()
     be.cuda_graph = False
     assert be._run_options(1).entries["gpu_graph_id"] == "-1"
 

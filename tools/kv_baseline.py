@@ -33,7 +33,8 @@ def rope_2d_table(h: int, w: int, head_dim: int, base: float = 10000.0) -> torch
 
 
 def apply_rope(x: torch.Tensor, cs: torch.Tensor) -> torch.Tensor:
-    """x `[R, H, hd]`, cs `[hd/2, 2]` -> x rotated pairwise (even, odd channels)."""
+    """x `[R, H, hd]`, cs `[hd/2, 2]` (or `[R, 1, hd/2, 2]`: a position per row) -> x rotated
+    pairwise (even, odd channels)."""
     xf = x.float().unflatten(-1, (-1, 2))
     c, s = cs[..., 0], cs[..., 1]
     out = torch.stack([xf[..., 0] * c - xf[..., 1] * s, xf[..., 0] * s + xf[..., 1] * c], dim=-1)
@@ -73,6 +74,17 @@ class KVState:
             raise ValueError(f"this KV cache was laid out for width {int(self.width)}, not {width}")
         return self
 
+    def zero_rows(self, slots: torch.Tensor) -> None:
+        """Nothing to clear when a sequence joins rows: positions beyond its own are masked."""
+
+    def save_rows(self, n: int):
+        """Nothing to keep across a capture's warm-up runs: they write each row's cache at its
+        next position (and the one after), which the row writes again before it reads it."""
+        return None
+
+    def load_rows(self, saved) -> None:
+        pass
+
 
 class KVAttention(nn.Module):
     def __init__(self, cfg: LasadConfig):
@@ -82,12 +94,14 @@ class KVAttention(nn.Module):
         self.wo = nn.Linear(cfg.dim, cfg.dim, bias=False)
 
     def step(self, x, k_cache, v_cache, pos, cs, mask):
-        """x `[R, d]`; caches `[R, H, S, hd]` (written at `pos`); mask `[S]` bool (≤ pos)."""
+        """x `[R, d]`; caches `[R, H, S, hd]` (row r written at pos[r]); pos `[R]`; cs
+        `[R, 1, hd/2, 2]`; mask `[R, S]` bool (≤ the row's position)."""
         q, k, v = self.wqkv(x).unflatten(-1, (3, self.n_head, self.head_dim)).unbind(1)
         q, k = apply_rope(q, cs), apply_rope(k, cs)
-        k_cache.index_copy_(2, pos, k[:, :, None])
-        v_cache.index_copy_(2, pos, v[:, :, None])
-        o = F.scaled_dot_product_attention(q[:, :, None], k_cache, v_cache, attn_mask=mask.view(1, 1, 1, -1))
+        r = torch.arange(x.shape[0], device=x.device)
+        k_cache[r, :, pos] = k
+        v_cache[r, :, pos] = v
+        o = F.scaled_dot_product_attention(q[:, :, None], k_cache, v_cache, attn_mask=mask[:, None, None, :])
         return self.wo(o.flatten(1))
 
 
@@ -101,7 +115,11 @@ class KVBlock(nn.Module):
 
 
 class KVCacheGPT(nn.Module):
-    """LlamaGen's c2i GPT for decoding: `allocate_state` / `step` as LasadGen's."""
+    """LlamaGen's c2i GPT for decoding: `allocate_state` / `step` as LasadGen's. Its cache rows
+    are not indexed by slots (the engine runs row r on cache row r), as a paged KV pool would be
+    a different baseline."""
+
+    supports_slots = False
 
     def __init__(self, config: LasadConfig):
         super().__init__()
@@ -131,16 +149,21 @@ class KVCacheGPT(nn.Module):
             logits=torch.zeros(batch, cfg.vocab_size, device=device))
 
     @torch.no_grad()
-    def step(self, ids, pos, state: KVState, backend=None) -> torch.Tensor:
-        """One cached decode step (`backend` is accepted for the engine's interface; SDPA and
-        cuBLAS run whatever it is)."""
+    def step(self, ids, pos, state: KVState, backend=None, *, width=None, slots=None, logits=None) -> torch.Tensor:
+        """One cached decode step for rows `[R]` at their own positions `pos` `[R]` (or `[1]`)
+        (`backend` and `width` are accepted for the engine's interface: SDPA and cuBLAS run
+        whatever they are, and the 2-D RoPE table is the trained grid's)."""
+        if slots is not None:
+            raise ValueError("the KV-cache baseline runs row r on cache row r (no slots)")
+        R = ids.shape[0]
+        pos = pos.expand(R) if pos.numel() == 1 else pos
         x = self.embed_step(ids, pos)
-        cs = state.rope.index_select(0, pos)[0]
-        mask = torch.arange(state.k.shape[3], device=pos.device) <= pos
+        cs = state.rope.index_select(0, pos)[:, None]  # [R, 1, hd/2, 2]
+        mask = torch.arange(state.k.shape[3], device=pos.device)[None, :] <= pos[:, None]
         for i, layer in enumerate(self.layers):
-            h = x + layer.attention.step(layer.attention_norm(x), state.k[i], state.v[i], pos, cs, mask)
+            h = x + layer.attention.step(layer.attention_norm(x), state.k[i, :R], state.v[i, :R], pos, cs, mask)
             x = h + layer.feed_forward(layer.ffn_norm(h))
-        return state.logits.copy_(self.output(self.norm(x)))
+        return (state.logits[:R] if logits is None else logits).copy_(self.output(self.norm(x)))
 
     @torch.no_grad()
     def forward_reference(self, tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

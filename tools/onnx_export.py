@@ -1,7 +1,8 @@
 """Export one LASADGen decode step (and the sampler) as ONNX.
 
 The step graph follows the step contract (docs/design.md): inputs `ids` int64 [rows], `pos`
-int64 [1], `width` int64 [1], `past_state.{i}` fp32 [rows, H, K, V] per layer; outputs `logits`
+int64 [rows] and `width` int64 [rows] (each row's position and grid width: rows of images at
+different positions share a step), `past_state.{i}` fp32 [rows, H, K, V] per layer; outputs `logits`
 fp32 [rows, vocab] and `present_state.{i}`. `rows` is a dynamic axis (up to 2 × max_batch with
 CFG), or fixed with `rows=N` (what onnxruntime's CUDA graphs and TensorRT's static shapes want:
 no shape arithmetic is left in the graph). Weights and activations are in `dtype` (fp32, fp16 or
@@ -202,11 +203,11 @@ def export_step(model: LasadGen, path: str | os.PathLike, *, portable: bool = Fa
     fixed, rows = rows is not None, rows or 2 * max_batch
     L, H, K, V = cfg.n_layer, cfg.n_head, cfg.head_k_dim, cfg.head_v_dim
     past = [torch.zeros(rows, H, K, V) for _ in range(L)]
-    args = (torch.zeros(rows, dtype=torch.int64), torch.ones(1, dtype=torch.int64),
-            torch.full((1,), cfg.grid_width, dtype=torch.int64), *past)
+    args = (torch.zeros(rows, dtype=torch.int64), torch.ones(rows, dtype=torch.int64),
+            torch.full((rows,), cfg.grid_width, dtype=torch.int64), *past)
     inputs = list(C.GRAPH_INPUTS) + [C.PAST_STATE.format(i) for i in range(L)]
     outputs = list(C.GRAPH_OUTPUTS) + [C.PRESENT_STATE.format(i) for i in range(L)]
-    dyn = None if fixed else {n: {0: "rows"} for n in ["ids", "logits"] + inputs[3:] + outputs[1:]}
+    dyn = None if fixed else {n: {0: "rows"} for n in inputs + outputs}
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=path.parent, prefix=".lasad-export-") as tmp, torch.no_grad(), \
             warnings.catch_warnings(), _frozen(model):
@@ -223,7 +224,8 @@ def export_step(model: LasadGen, path: str | os.PathLike, *, portable: bool = Fa
         onnx.load_external_data_for_model(proto, str(traced))
         shutil.rmtree(traced)
         _annotate(proto, cfg, rows if fixed else "rows", dtype)
-        info = {"lasad.config": json.dumps(cfg.to_dict()), "lasad.form": "portable" if portable else "custom",
+        info = {"lasad.config": json.dumps(cfg.to_dict()), "lasad.contract": str(C.CONTRACT_VERSION),
+                "lasad.form": "portable" if portable else "custom",
                 "lasad.dtype": dtype, "lasad.rows": str(rows) if fixed else "dynamic",
                 "lasad.op": json.dumps({"op_type": C.OP_TYPE, "domain": C.DOMAIN, "version": C.OP_VERSION,
                                         "plugin_namespace": C.PLUGIN_NAMESPACE}),

@@ -8,10 +8,12 @@ from ..params import EngineError
 class Backend:
     """Runs the model part of one decode step.
 
-    `decode(ids, pos, state)` reads the ids `[R]`, the position `[1]` and the per-layer state of
-    `state` (a `LasadState` or a view of its first R rows), updates the state in place and
-    returns `state.logits` `[R, vocab]` fp32. It must not allocate or sync with the host when
-    `capturable` is true: the engine then captures it, with the sampler, in one CUDA graph.
+    `decode(rows, state)` runs the step's R rows: `rows.ids` `[R]`, `rows.pos` `[R]` (each row's
+    position), `rows.width` `[R]` (each row's grid width) and `rows.slots` `[R]` (the state rows
+    of `state.ssm` they run on; None: row r is state row r, what a backend that is not `indexed`
+    always gets), updates their state in place and writes the logits into `rows.logits`
+    `[R, vocab]` fp32. It must not allocate or sync with the host when `capturable` is true: the
+    engine then captures it, with the sampler, in one CUDA graph.
 
     A backend that keeps the state in more than one buffer (onnxruntime alternates between
     `state.ssm` and a buffer of its own, so that no step copies it) says where the latest state
@@ -22,12 +24,13 @@ class Backend:
 
     name = "?"
     capturable = False
+    indexed = False  # runs rows on any state slots (rows.slots); else row r on state row r
     cuda_graph = True
 
     def __init__(self, model, device):
         self.model, self.device = model, device
 
-    def decode(self, ids, pos, state):
+    def decode(self, rows, state):
         raise NotImplementedError
 
     def reset(self) -> None:
@@ -45,9 +48,11 @@ class ModelBackend(Backend):
     """A backend that runs `model.step` with one of its kernel sets ("torch" | "triton")."""
 
     kernels = "torch"
+    indexed = True
 
-    def decode(self, ids, pos, state):
-        return self.model.step(ids, pos, state, backend=self.kernels)
+    def decode(self, rows, state):
+        return self.model.step(rows.ids, rows.pos, state, backend=self.kernels, width=rows.width, slots=rows.slots,
+                               logits=rows.logits)
 
 
 def require_cuda(name: str, device) -> None:

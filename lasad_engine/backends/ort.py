@@ -66,6 +66,7 @@ def read_onnx_config(path: str | os.PathLike) -> tuple[LasadConfig, dict, str]:
         raise CheckpointError(f"{path}: damaged lasad metadata ({one_line(e)})") from None
     if not isinstance(meta, dict):
         raise CheckpointError(f"{path}: damaged lasad metadata (lasad.meta is a {type(meta).__name__}, not an object)")
+    check_contract(props, path)
     return cfg, meta, props.get("lasad.form", "")
 
 
@@ -90,6 +91,14 @@ def _metadata(path) -> dict:
                                   "pass the step's .onnx")
         raise CheckpointError(f"{path}: an ONNX file but not a lasad decode step (no lasad.config metadata)")
     return props
+
+
+def check_contract(props: dict, path) -> None:
+    """A step exported for the current step contract (per-row positions), or one line saying to
+    export it again."""
+    if props.get("lasad.contract") != str(C.CONTRACT_VERSION):
+        raise CheckpointError(f"{path}: exported by an older lasad (one position for every row; this one gives each "
+                              f"row its own); export it again: lasad-export CKPT {Path(path).name}")
 
 
 def lasad_step_numpy(qfv, lower_bound, past_state, start, num_heads, head_k_dim, head_v_dim, row_start,
@@ -165,6 +174,7 @@ class OnnxRuntimeBackend(Backend):
         super().__init__(model, device)
         self.ort, self.path = ort, Path(onnx_path)
         props = _metadata(onnx_path)
+        check_contract(props, onnx_path)
         self.dtype = props.get("lasad.dtype", "fp32")
         fixed = props.get("lasad.rows", "dynamic")
         self.fixed_rows = None if fixed == "dynamic" else int(fixed)
@@ -232,33 +242,33 @@ class OnnxRuntimeBackend(Backend):
                 "enable_cuda_graph": "1" if self.cuda_graph else "0",
                 "use_tf32": "1" if torch.backends.cuda.matmul.allow_tf32 else "0"}
 
-    def _state_pair(self, state: LasadState):
-        """(A, B): the engine's state rows and the same rows of the backend's second buffer."""
+    def _state_pair(self, state: LasadState, rows: int):
+        """(A, B): the engine's first `rows` state rows and the same rows of the backend's second
+        buffer (as large as the engine's pool)."""
         ssm = state.ssm
-        L, rows, H, K, V = ssm.shape
-        if ssm.stride()[1:] != (H * K * V, K * V, V, 1) or ssm.stride(0) % (H * K * V):
+        L, full, H, K, V = ssm.shape
+        if not ssm.is_contiguous():
             raise EngineError("the onnxruntime backend needs each layer's state rows contiguous")
-        full = ssm.stride(0) // (H * K * V)  # rows of the engine's whole buffer
-        if self.other is None or self.other.shape[1] != full:
-            self.other = torch.zeros(L, full, H, K, V, dtype=ssm.dtype, device=ssm.device)
+        if self.other is None or self.other.shape != ssm.shape:
+            self.other = torch.zeros_like(ssm)
             self.bindings.clear()
-        return ssm, self.other[:, :rows]
+        return ssm[:, :rows], self.other[:, :rows]
 
-    def _binding(self, ids, state: LasadState):
-        rows = ids.shape[0]
-        key = (rows, state.ssm.data_ptr(), state.logits.data_ptr(), ids.data_ptr(), state.pos.data_ptr())
+    def _binding(self, rows, state: LasadState):
+        R = rows.ids.shape[0]
+        key = (R, state.ssm.data_ptr(), rows.logits.data_ptr(), rows.ids.data_ptr(), rows.pos.data_ptr(),
+               rows.width.data_ptr())
         if key in self.bindings:
             return self.bindings[key]
-        session = self._session(rows)
-        a, b = self._state_pair(state)
+        session = self._session(R)
+        a, b = self._state_pair(state, R)
         pair = []
         for graph_id, (past, present) in enumerate(((a, b), (b, a)), start=1):
             binding = session.io_binding()
-            bind_io(binding, self.device, {"ids": ids, "pos": state.pos, "width": state.width},
-                    {"logits": state.logits[:rows]}, past, present)
+            bind_io(binding, self.device, {"ids": rows.ids, "pos": rows.pos, "width": rows.width},
+                    {"logits": rows.logits}, past, present)
             pair.append((binding, self._run_options(graph_id)))
-        views = (state, LasadState(b, state.pos, state.width, state.logits))
-        self.bindings[key] = (session, pair, views)
+        self.bindings[key] = (session, pair)
         return self.bindings[key]
 
     def _run_options(self, graph_id: int):
@@ -268,10 +278,12 @@ class OnnxRuntimeBackend(Backend):
             opts.add_run_config_entry("gpu_graph_id", str(graph_id if self.cuda_graph else -1))
         return opts
 
-    def decode(self, ids: torch.Tensor, pos: torch.Tensor, state: LasadState) -> torch.Tensor:
-        if not (ids.is_contiguous() and state.logits.is_contiguous()):
-            raise EngineError("the onnxruntime backend needs contiguous id and logit buffers")
-        session, pair, _ = self._binding(ids, state)
+    def decode(self, rows, state: LasadState) -> torch.Tensor:
+        if rows.slots is not None:
+            raise EngineError("the onnxruntime backend runs row r on state row r (it is not indexed)")
+        if not all(t.is_contiguous() for t in (rows.ids, rows.pos, rows.width, rows.logits)):
+            raise EngineError("the onnxruntime backend needs contiguous id, position, width and logit buffers")
+        session, pair = self._binding(rows, state)
         binding, options = pair[self.parity]
         fence = self.device.type == "cuda" and torch.cuda.current_stream(self.device) != self.stream
         if fence:
@@ -280,21 +292,15 @@ class OnnxRuntimeBackend(Backend):
         if fence:
             torch.cuda.current_stream(self.device).wait_stream(self.stream)
         self.parity ^= 1
-        return state.logits
+        return rows.logits
 
     def reset(self) -> None:
         self.parity = 0
 
     def current(self, state: LasadState) -> LasadState:
-        if self.parity == 0:
+        if self.parity == 0 or self.other is None:
             return state
-        return self._binding_views(state)[1]
-
-    def _binding_views(self, state: LasadState):
-        for (rows, ssm_ptr, *_), (_, _, views) in self.bindings.items():
-            if rows == state.batch and ssm_ptr == state.ssm.data_ptr():
-                return views
-        raise EngineError("no onnxruntime binding for this state: decode it first")
+        return LasadState(self.other, state.pos, state.width, state.logits)
 
     def close(self):
         self.bindings.clear()

@@ -71,25 +71,28 @@ class TensorRTBackend(Backend):
         self.context = self.engine.create_execution_context()
         self.bound = None
 
-    def _bind(self, ids, state: LasadState):
-        rows = ids.shape[0]
-        key = (rows, ids.data_ptr(), state.ssm.data_ptr(), state.logits.data_ptr())
+    def _bind(self, rows, state: LasadState):
+        R = rows.ids.shape[0]
+        key = (R, rows.ids.data_ptr(), rows.pos.data_ptr(), rows.width.data_ptr(), state.ssm.data_ptr(),
+               rows.logits.data_ptr())
         if self.bound == key:
             return
         ctx = self.context
-        for name, t in (("ids", ids), ("pos", state.pos), ("width", state.width)):
+        for name, t in (("ids", rows.ids), ("pos", rows.pos), ("width", rows.width)):
             ctx.set_input_shape(name, tuple(t.shape))
             ctx.set_tensor_address(name, t.data_ptr())
-        ctx.set_tensor_address("logits", state.logits.data_ptr())
+        ctx.set_tensor_address("logits", rows.logits.data_ptr())
         for i in range(self.model.config.n_layer):
-            layer = state.ssm[i]  # [rows, H, K, V], contiguous
+            layer = state.ssm[i, :R]  # [rows, H, K, V], contiguous
             ctx.set_input_shape(C.PAST_STATE.format(i), tuple(layer.shape))
             ctx.set_tensor_address(C.PAST_STATE.format(i), layer.data_ptr())
             ctx.set_tensor_address(C.PRESENT_STATE.format(i), layer.data_ptr())  # aliased: in place
         self.bound = key
 
-    def decode(self, ids: torch.Tensor, pos: torch.Tensor, state: LasadState) -> torch.Tensor:
-        self._bind(ids, state)
+    def decode(self, rows, state: LasadState) -> torch.Tensor:
+        if rows.slots is not None:
+            raise EngineError("the tensorrt backend runs row r on state row r (it is not indexed)")
+        self._bind(rows, state)
         if not self.context.execute_async_v3(torch.cuda.current_stream(self.device).cuda_stream):
             raise EngineError("TensorRT enqueue failed")
-        return state.logits
+        return rows.logits

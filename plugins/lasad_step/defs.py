@@ -23,7 +23,7 @@ arrays, so NVIDIA's creator converts them with `astype` (declared as `int`, it c
 | 0 | qfv | [rows, 2HK + HV] | | 0 | o | [rows, H, V] |
 | 1 | lower_bound | [HK] | | 1 | present_state (alias of input 2) | [rows, H, K, V] |
 | 2 | past_state | [rows, H, K, V] | | | | |
-| 3 | start | [1] bool | | | | |
+| 3 | start | [rows] bool (one flag per row) | | | | |
 """
 
 # No `from __future__ import annotations`: tensorrt.plugin checks these annotations as objects.

@@ -62,7 +62,7 @@ def current_fingerprint(opset: int) -> dict:
     p = torch.cuda.get_device_properties(0)
     return {"tensorrt": trt.__version__, "cuda": torch.version.cuda, "gpu": p.name,
             "compute_capability": f"{p.major}.{p.minor}", "opset": int(opset), "plugin": PLUGIN,
-            "lasad_format": 1, "driver_ptx_isa": versions()["driver_ptx_isa"]}
+            "lasad_format": C.CONTRACT_VERSION, "driver_ptx_isa": versions()["driver_ptx_isa"]}
 
 
 def fingerprint_path(plan: str | os.PathLike) -> Path:

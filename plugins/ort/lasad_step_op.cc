@@ -5,7 +5,7 @@
 // | 0 | qfv         | [rows, 2HK + HV]    | fp32 / fp16 / bf16    | 0 | o             | [rows, H, V]    |
 // | 1 | lower_bound | [HK]                | fp32                  | 1 | present_state | [rows, H, K, V] |
 // | 2 | past_state  | [rows, H, K, V]     | fp32                  |   |               |                 |
-// | 3 | start       | [1]                 | bool                  |   |               |                 |
+// | 3 | start       | [rows]              | bool (one per row)    |   |               |                 |
 //
 // The kernel is lasad_engine/ops/lasad/step.py's `lasad_step_plugin_kernel`, compiled by Triton to
 // PTX and handed over in the node's kernel_* attributes (plugins/ort/__init__.py lists them). It is

@@ -9,8 +9,11 @@ width), so one compiled kernel serves every position and every resolution.
 Shapes (one decode step, B rows, H heads):
     q, k, g:  [B, H, K]     query, key (input gate) and unmasked log-decay
     v:        [B, H, V]     value
-    state:    [B, H, K, V]  fp32, updated in place
-    start:    [1] or []     bool, True when this position starts an image row
+    state:    [B, H, K, V]  fp32, updated in place; or, with `slots`, a pool [S, H, K, V] of which
+                            row b reads and writes state[slots[b]] (the serving engine's state slots)
+    start:    [B], [1] or [] bool, True where the row's position starts an image row (one flag for
+                            every row when all rows stand at one position)
+    slots:    [B] int64 or None (row b is state row b)
     returns o [B, H, V]     in v's dtype (or written into `out`)
 """
 
@@ -43,16 +46,21 @@ def lasad_step_functional(q, k, v, g, state, start, row_start, scale=None):
     value = row_start_log_decay(row_start)
     g = g.to(acc)
     if value is not None:
-        g = torch.where(start.reshape(1, 1, 1), torch.full((), value, dtype=acc, device=g.device), g)
+        g = torch.where(start.reshape(-1, 1, 1), torch.full((), value, dtype=acc, device=g.device), g)
     new = state * g.exp()[..., None] + k.to(acc)[..., None] * v.to(acc)[..., None, :]
     o = ((q.to(acc) * scale)[..., None, :] @ new)[..., 0, :]     # [B, H, 1, K] @ [B, H, K, V]
     return o.to(v.dtype), new
 
 
-def lasad_step_ref_(q, k, v, g, state, start, row_start, scale=None, out=None):
-    """Torch reference of the step: decay, rank-1 update, readout; `state` is updated in place."""
-    o, new = lasad_step_functional(q, k, v, g, state, start, row_start, scale)
-    state.copy_(new)
+def lasad_step_ref_(q, k, v, g, state, start, row_start, scale=None, out=None, slots=None):
+    """Torch reference of the step: decay, rank-1 update, readout; `state` is updated in place
+    (with `slots`: the pool rows `state[slots]`; the slots of one call are distinct)."""
+    if slots is None:
+        o, new = lasad_step_functional(q, k, v, g, state, start, row_start, scale)
+        state.copy_(new)
+    else:
+        o, new = lasad_step_functional(q, k, v, g, state.index_select(0, slots), start, row_start, scale)
+        state.index_copy_(0, slots, new)
     return o if out is None else out.copy_(o)
 
 
@@ -63,18 +71,24 @@ if triton is not None:
         q, k, v, g, lb, s_in, s_out, o, start, override, scale, H, stride_qk, stride_v,
         K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
         HAS_OVERRIDE: tl.constexpr, FUSED_GATES: tl.constexpr, HAS_LB: tl.constexpr,
-        USE_PDL: tl.constexpr = False,
+        USE_PDL: tl.constexpr = False, slots=None, start_stride=1, HAS_SLOTS: tl.constexpr = False,
     ):
         # One program: one (row, head) pair and one BV-wide slice of the value dim, the whole key
         # dim (BK ≥ K). Slices are disjoint, so an in-place update (s_out == s_in) needs no
         # synchronisation. Rows of q/k/g (and v) are `stride_qk` (`stride_v`) elements apart.
+        # Row b's state is row b of the state, or its slot `slots[b]` of a pool (HAS_SLOTS); its
+        # row-start flag is start[b · start_stride] (stride 0: one flag for every row).
         i_v, i_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
         i_b, i_h = i_bh // H, i_bh % H
         o_k = tl.arange(0, BK)
         o_v = i_v * BV + tl.arange(0, BV)
         m_k, m_v = o_k < K, o_v < V
         p_qk = i_b * stride_qk + i_h * K + o_k
-        off_s = i_bh * K * V + o_k[:, None] * V + o_v[None, :]
+        if HAS_SLOTS:
+            i_s = tl.load(slots + i_b).to(tl.int64) * H + i_h
+        else:
+            i_s = i_bh
+        off_s = i_s * K * V + o_k[:, None] * V + o_v[None, :]
         m_s = m_k[:, None] & m_v[None, :]
         b_s = tl.load(s_in + off_s, mask=m_s, other=0.0)
         if USE_PDL:
@@ -104,7 +118,7 @@ if triton is not None:
             b_k = tl.load(k + p_qk, mask=m_k, other=0.0).to(tl.float32)
             b_g = tl.load(g + p_qk, mask=m_k, other=0.0).to(tl.float32)
         if HAS_OVERRIDE:
-            b_g = tl.where(tl.load(start) != 0, override, b_g)
+            b_g = tl.where(tl.load(start + i_b * start_stride) != 0, override, b_g)
         b_v = tl.load(v + i_b * stride_v + i_h * V + o_v, mask=m_v, other=0.0).to(tl.float32)
         b_s = b_s * tl.exp(b_g)[:, None] + b_k[:, None] * b_v[None, :]
         tl.store(s_out + off_s, b_s, mask=m_s)
@@ -113,14 +127,15 @@ if triton is not None:
 
     @triton.jit
     def lasad_step_kernel(
-        q, k, v, g, lb, s, o, start, override, scale, H, stride_qk, stride_v,
+        q, k, v, g, lb, s, o, start, slots, start_stride, override, scale, H, stride_qk, stride_v,
         K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
         HAS_OVERRIDE: tl.constexpr, FUSED_GATES: tl.constexpr, HAS_LB: tl.constexpr,
-        USE_PDL: tl.constexpr,
+        USE_PDL: tl.constexpr, HAS_SLOTS: tl.constexpr,
     ):
-        """The engine's launch: state updated in place."""
+        """The engine's launch: state updated in place (rows, or their slots of a pool)."""
         _lasad_step_body(q, k, v, g, lb, s, s, o, start, override, scale, H, stride_qk, stride_v,
-                         K, V, BK, BV, HAS_OVERRIDE, FUSED_GATES, HAS_LB, USE_PDL)
+                         K, V, BK, BV, HAS_OVERRIDE, FUSED_GATES, HAS_LB, USE_PDL, slots, start_stride,
+                         HAS_SLOTS)
 
     @triton.jit
     def lasad_step_plugin_kernel(
@@ -129,7 +144,8 @@ if triton is not None:
         HAS_OVERRIDE: tl.constexpr, OVERRIDE: tl.constexpr, SCALE: tl.constexpr, HAS_LB: tl.constexpr,
     ):
         """The TensorRT plugin's launch (ahead-of-time): the LasadStep node's I/O in contract order
-        (inputs, int32 scalars, outputs), float settings as constants. `present` may alias `past`."""
+        (inputs, int32 scalars, outputs), float settings as constants. `present` may alias `past`;
+        `start` holds one flag per row (lasad_plugins.contract)."""
         _lasad_step_body(qfv, qfv + H * K, qfv + 2 * H * K, qfv, lb, past, present, o, start, OVERRIDE,
                          SCALE, H, S, S, K, V, BK, BV, HAS_OVERRIDE, True, HAS_LB)
 
@@ -144,11 +160,12 @@ def step_tiles(K: int, V: int, rows: int) -> tuple[int, int, int]:
     return BK, BV, 4 if BK * BV >= 2048 else 2
 
 
-def lasad_step_(q, k, v, g, state, start, row_start="unit", scale=None, out=None, backend=None):
+def lasad_step_(q, k, v, g, state, start, row_start="unit", scale=None, out=None, backend=None, slots=None):
     """One decode step of the LASAD op; updates `state` in place and returns o `[B, H, V]`.
 
     Args: see the module docstring. `row_start`: "none" | "unit" | "reset".
         backend: "triton" or "torch". Default: "triton" for CUDA tensors, else "torch".
+        slots: int64 `[B]`, row b's state is `state[slots[b]]` (distinct slots), or None.
     """
     check_mode(row_start)
     if backend is None:
@@ -158,7 +175,7 @@ def lasad_step_(q, k, v, g, state, start, row_start="unit", scale=None, out=None
     if state.dtype != torch.float32 or not state.is_contiguous():
         raise ValueError(f"state must be a contiguous float32 tensor, got {state.dtype}")
     if backend == "torch":
-        return lasad_step_ref_(q, k, v, g, state, start, row_start, scale, out)
+        return lasad_step_ref_(q, k, v, g, state, start, row_start, scale, out, slots)
     if triton is None:
         raise RuntimeError("the triton step backend needs triton: pip install -e '.[gpu]' in lasad's folder")
     B, H, K = q.shape
@@ -166,12 +183,12 @@ def lasad_step_(q, k, v, g, state, start, row_start="unit", scale=None, out=None
     q, k, v, g = (x.contiguous() for x in (q, k, v, g))
     if out is None:
         out = torch.empty(B, H, V, dtype=v.dtype, device=v.device)
-    _launch(q, k, v, g, None, state, out, start, row_start, scale, B, H, K, V, H * K, H * V, False)
+    _launch(q, k, v, g, None, state, out, start, row_start, scale, B, H, K, V, H * K, H * V, False, slots=slots)
     return out
 
 
 def _launch(q, k, v, g, lb, state, out, start, row_start, scale, B, H, K, V, stride_qk, stride_v, fused,
-            pdl=False):
+            pdl=False, slots=None):
     if scale is None:
         scale = K ** -0.5
     value = row_start_log_decay(row_start)
@@ -179,22 +196,26 @@ def _launch(q, k, v, g, lb, state, out, start, row_start, scale, B, H, K, V, str
     grid = (triton.cdiv(V, BV), B * H)
     # Programmatic dependent launch only where the hardware has it (Hopper and later).
     pdl = bool(pdl) and state.is_cuda and torch.cuda.get_device_capability(state.device)[0] >= 9
+    start_stride = 0 if start.numel() == 1 else 1
+    if start_stride and start.numel() != B:
+        raise ValueError(f"start has {start.numel()} flags for {B} rows (one, or one per row)")
     lasad_step_kernel[grid](
         q, k, v, q if g is None else g, q if lb is None else lb, state, out, start,
-        0.0 if value is None else value, scale, H, stride_qk, stride_v,
-        K=K, V=V, BK=BK, BV=BV, HAS_OVERRIDE=value is not None, FUSED_GATES=fused,
-        HAS_LB=lb is not None, USE_PDL=pdl, num_warps=num_warps, **({"launch_pdl": True} if pdl else {}),
+        start if slots is None else slots, start_stride, 0.0 if value is None else value, scale, H,
+        stride_qk, stride_v, K=K, V=V, BK=BK, BV=BV, HAS_OVERRIDE=value is not None, FUSED_GATES=fused,
+        HAS_LB=lb is not None, USE_PDL=pdl, HAS_SLOTS=slots is not None, num_warps=num_warps,
+        **({"launch_pdl": True} if pdl else {}),
     )
 
 
 def lasad_fused_step_(qfv, lower_bound, state, start, row_start="unit", scale=None, out=None,
-                      backend=None, pdl=False):
+                      backend=None, pdl=False, slots=None):
     """The decode step fed straight from one fused projection: gates (gates.py) + step.
 
     Args:
         qfv: `[B, H·K + H·K + H·V]`, the concatenated raw projections W_q x | W_f x | W_i x.
         lower_bound: this layer's HGRN2 bound `[H·K]` fp32, or None (layer 0 / no bound).
-        state, start, row_start, scale, out, backend: as `lasad_step_`.
+        state, start, row_start, scale, out, backend, slots: as `lasad_step_`.
         pdl: launch the Triton kernel with programmatic dependent launch (CUDA, compute
             capability ≥ 9.0; ignored elsewhere): it reads the state before it waits for the
             previous kernel, so the state must not be written by the kernels just before it.
@@ -208,7 +229,7 @@ def lasad_fused_step_(qfv, lower_bound, state, start, row_start="unit", scale=No
         backend = "triton" if (qfv.is_cuda and triton is not None) else "torch"
     if backend == "torch":
         q, k, v, g = fused_gates(qfv, lower_bound, H, K, V)
-        return lasad_step_(q, k, v, g, state, start, row_start, scale, out, backend="torch")
+        return lasad_step_(q, k, v, g, state, start, row_start, scale, out, backend="torch", slots=slots)
     if state.dtype != torch.float32 or not state.is_contiguous():
         raise ValueError(f"state must be a contiguous float32 tensor, got {state.dtype}")
     qfv = qfv.contiguous()
@@ -216,5 +237,5 @@ def lasad_fused_step_(qfv, lower_bound, state, start, row_start="unit", scale=No
         out = torch.empty(B, H, V, dtype=qfv.dtype, device=qfv.device)
     S = qfv.shape[1]
     _launch(qfv, qfv[:, H * K:], qfv[:, 2 * H * K:], None, lower_bound, state, out, start, row_start,
-            scale, B, H, K, V, S, S, True, pdl)
+            scale, B, H, K, V, S, S, True, pdl, slots)
     return out
