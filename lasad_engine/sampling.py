@@ -9,10 +9,19 @@ so the Python branches on them are decided once, when a CUDA graph is captured o
 is traced. The step can therefore be captured in a CUDA graph, traced by ``torch.export`` and
 exported to ONNX.
 
-All randomness comes from the ``noise`` argument, drawn in advance by :func:`draw_noise`. For
-the same noise, every backend chooses the same tokens, up to floating-point rounding differences
-in softmax and cumsum. Ties are broken by value, never by sort order, so an unstable sort on one
-backend and a stable sort on another give the same kept set.
+All randomness comes from the noise: the ``noise`` argument of :func:`sample` (drawn in advance,
+e.g. by :func:`draw_noise`), or, in the engine, counter-based noise (:func:`philox_noise`): a
+pure function of the image's seed, its position and the vocabulary index (Philox4x32-10, the
+generator of cuRAND, JAX and Triton's ``tl.rand``), so an image's noise never depends on which
+other images share its step, and nothing is drawn or stored per step. For the same noise, every
+backend chooses the same tokens, up to floating-point rounding differences in softmax and cumsum.
+Ties are broken by value, never by sort order, so an unstable sort on one backend and a stable
+sort on another give the same kept set.
+
+:func:`sample_images` is the definition for a batch whose images each have their own settings
+(the serving engine's step: guidance scale and interval, temperature, top-k, top-p and seed per
+image, rows anywhere in the logits); :func:`sample` is the same computation with one setting for
+the whole batch (what an exported sampler graph traces).
 
 Sampling method (exponential race, a form of the Gumbel-max trick): if ``E_i ~ Exp(1)`` are
 independent, then ``argmax_i p_i / E_i`` is distributed as ``Categorical(p)``, because
@@ -23,11 +32,23 @@ exactly ``0``, and it can never beat a kept token, whose score is strictly posit
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from .ops.select import MIN_TEMPERATURE, NOISE_FLOOR, pick_backend, sample_triton
+from .ops.select import MIN_TEMPERATURE, NOISE_FLOOR, pick_backend, sample_images_triton, sample_triton
 
-__all__ = ["draw_noise", "sample", "cfg_duplicate"]
+__all__ = ["draw_noise", "philox_noise", "sample", "sample_images", "SamplerTable", "cfg_duplicate"]
+
+# Philox4x32-10 (Salmon et al., "Parallel random numbers: as easy as 1, 2, 3", SC'11): the
+# multipliers and the Weyl key increments of the reference implementation (Random123).
+PHILOX_M = (0xD2511F53, 0xCD9E8D57)
+PHILOX_W = (0x9E3779B9, 0xBB67AE85)
+PHILOX_ROUNDS = 10
+_MASK32 = 0xFFFFFFFF
+# 24 random bits per draw: u = (bits + 1) · 2^-24 lies in (0, 1] and is exact in fp32, so the
+# Exp(1) draw -log(u) is finite and at most 24·ln 2 ≈ 16.6.
+UNIFORM_BITS = 24
 
 
 def draw_noise(
@@ -97,6 +118,53 @@ def _same_device(a: torch.device, b: torch.device) -> bool:
     ia = a.index if a.index is not None else torch.cuda.current_device()
     ib = b.index if b.index is not None else torch.cuda.current_device()
     return ia == ib
+
+
+def _mulhilo(a: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(high, low) 32-bit halves of a · m for uint32 values `a` held in int64 and a uint32
+    constant m, without overflowing int64 (a is split into 16-bit halves)."""
+    p_lo = (a & 0xFFFF) * m          # < 2^48
+    p_hi = (a >> 16) * m             # < 2^48
+    hi = (p_hi + (p_lo >> 16)) >> 16
+    lo = (((p_hi & 0xFFFF) << 16) + p_lo) & _MASK32
+    return hi, lo
+
+
+def philox4x32(counter: tuple, key: tuple, rounds: int = PHILOX_ROUNDS) -> tuple:
+    """Philox4x32 on int64 tensors holding uint32 values: counter (c0, c1, c2, c3), key (k0, k1),
+    all broadcastable; returns the four output words (int64, uint32 values). Triton's
+    ``tl.randint4x`` computes the same words."""
+    c0, c1, c2, c3 = counter
+    k0, k1 = key
+    for _ in range(rounds):
+        hi0, lo0 = _mulhilo(c0, PHILOX_M[0])
+        hi1, lo1 = _mulhilo(c2, PHILOX_M[1])
+        c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
+        k0, k1 = (k0 + PHILOX_W[0]) & _MASK32, (k1 + PHILOX_W[1]) & _MASK32
+    return c0, c1, c2, c3
+
+
+def philox_noise(seeds: torch.Tensor, pos: torch.Tensor, vocab: int) -> torch.Tensor:
+    """Exp(1) noise of one step for each image: a pure function of (seed, position, index).
+
+    Word i of Philox4x32-10 with key (seed mod 2^32, seed div 2^32) and counter
+    (v div 4, position, 0, 0) gives index v = 4·(v div 4) + i; its top 24 bits b give
+    u = (b + 1)·2^-24 and the draw -log(u).
+
+    Args:
+        seeds: int64 `[B]` image seeds in 0 .. 2^63 - 1.
+        pos: int64 `[B]` each image's sequence position (< 2^32).
+        vocab: V.
+    Returns:
+        fp32 `[B, V]`.
+    """
+    j = torch.arange(-(-vocab // 4), dtype=torch.int64, device=seeds.device)[None, :]   # [1, J]
+    zero = torch.zeros_like(j)
+    key = (seeds[:, None] & _MASK32, (seeds[:, None] >> 32) & _MASK32)               # [B, 1] each
+    words = philox4x32((j, pos[:, None] & _MASK32, zero, zero), key)                  # 4 x [B, J]
+    bits = torch.stack(torch.broadcast_tensors(*words), -1).flatten(1)[:, :vocab]     # [B, V]
+    u = ((bits >> (32 - UNIFORM_BITS)) + 1).float() * 2.0 ** -UNIFORM_BITS
+    return -torch.log(u)
 
 
 def cfg_duplicate(ids: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -205,56 +273,149 @@ def sample(
                              tokens=tokens)
     if noise.dim() == 3:
         noise = noise.index_select(0, torch.remainder(pos, noise.shape[0]))[0]  # [B, V]
-    ids = _sample_torch(logits, noise, cfg=cfg, cfg_scale=cfg_scale, temperature=temperature,
-                        top_k=top_k, top_p=top_p, cfg_active=cfg_active, out=out)
+    logits = logits.float()
+    if cfg:
+        cond, uncond = logits.chunk(2, dim=0)  # [B, V] each
+        active = None if cfg_active is None else cfg_active.to(torch.bool).reshape(1, 1)
+        guided = _guide(cond, uncond, cfg_scale, active)
+    else:
+        guided = logits  # [B, V]
+    B, V = guided.shape
+    if temperature == 0:
+        ids = guided.argmax(dim=-1)  # [B]
+    else:
+        k = min(int(top_k), V)
+        k = k if 0 < k < V else 0
+        full = lambda value, dtype: torch.full((B, 1), value, dtype=dtype, device=guided.device)  # noqa: E731
+        ids = _race(guided, noise, full(float(temperature), torch.float32), full(k, torch.int64),
+                    full(float(top_p), torch.float32), k_max=k, use_p=top_p < 1.0)
+    ids = torch.where(guided.isnan().any(-1), -1, ids)  # NaN logits: token -1 (as sample_images)
+    ids = _write_out(ids, out, cfg)
     if tokens is not None:
         tokens.index_copy_(1, pos, ids[:, None])
     return ids
 
 
-def _sample_torch(logits, noise, *, cfg, cfg_scale, temperature, top_k, top_p, cfg_active, out):
-    """The body of `sample` for one step's noise ``[B, V]``: the definition of the sampler."""
-    logits = logits.float()
-    vocab = logits.shape[-1]
+def _guide(cond, uncond, scale, active):
+    """Guided logits: u + s·(c − u) on the raw logits where `active` (broadcastable bool; None:
+    everywhere), the conditional logits c elsewhere."""
+    guided = uncond + scale * (cond - uncond)
+    return guided if active is None else torch.where(active, guided, cond)
 
-    if cfg:
-        cond, uncond = logits.chunk(2, dim=0)  # [B, V] each
-        guided = uncond + cfg_scale * (cond - uncond)  # [B, V]
-        if cfg_active is not None:
-            guided = torch.where(cfg_active.to(torch.bool), guided, cond)
-    else:
-        guided = logits  # [B, V]
 
-    if temperature == 0:
-        ids = guided.argmax(dim=-1)  # [B]
-        return _write_out(ids, out, cfg)
+def _race(guided, noise, temperature, top_k, top_p, *, k_max: int, use_p: bool):
+    """The definition of a sampled token, row by row (each row's result depends on that row alone).
 
-    x = guided / max(float(temperature), MIN_TEMPERATURE)  # [B, V]
-
-    k = min(int(top_k), vocab)
-    if 0 < k < vocab:
-        kth = torch.topk(x, k, dim=-1, largest=True, sorted=True).values[:, -1:]  # [B, 1]
-        x = x.masked_fill(x < kth, float("-inf"))  # ties with the k-th value survive
-
-    if top_p < 1.0:
+    Args:
+        guided: fp32 `[B, V]` guided logits.
+        noise: fp32 `[B, V]` Exp(1) draws.
+        temperature: fp32 `[B, 1]`; rows at 0 are greedy (the argmax of `guided`).
+        top_k: int64 `[B, 1]`, 0 = off (also any k >= V).
+        top_p: fp32 `[B, 1]`, 1 = off.
+        k_max: a Python int >= every row's k in 1 .. V-1 (0: top-k is off in every row).
+        use_p: a Python bool, False when every row's top_p is 1 (skips the nucleus).
+    Returns:
+        int64 `[B]`.
+    """
+    V = guided.shape[-1]
+    x = guided / temperature.clamp(min=MIN_TEMPERATURE)  # [B, V]
+    if k_max > 0:
+        k = top_k.clamp(0, V)
+        on = (k > 0) & (k < V)  # [B, 1]
+        kth = torch.topk(x, k_max, dim=-1, largest=True, sorted=True).values.gather(
+            -1, (k - 1).clamp(0, k_max - 1))  # [B, 1]: each row's k-th largest
+        x = torch.where(on & (x < kth), float("-inf"), x)  # ties with the k-th value survive
+    if use_p:
         probs = torch.softmax(x, dim=-1)  # [B, V]
         sorted_probs = torch.sort(probs, dim=-1, descending=True).values  # [B, V]
         # Exclusive cumsum (mass strictly before each position), shifted so it is exactly 0 at
         # position 0 and non-decreasing.
-        mass_before = torch.nn.functional.pad(
-            torch.cumsum(sorted_probs, dim=-1)[:, :-1], (1, 0), value=0.0
-        )  # [B, V]
+        mass_before = torch.nn.functional.pad(torch.cumsum(sorted_probs, dim=-1)[:, :-1], (1, 0), value=0.0)
         # Position j is in the prefix iff the mass before it has not yet reached p. The clamp
         # keeps the top token even when p == 0.
         in_prefix = mass_before < top_p  # [B, V]
         n_keep = in_prefix.sum(dim=-1, keepdim=True).clamp(min=1)  # [B, 1] int64
         threshold = sorted_probs.gather(-1, n_keep - 1)  # [B, 1], smallest kept probability
-        x = x.masked_fill(probs < threshold, float("-inf"))
-
+        x = torch.where((top_p < 1.0) & (probs < threshold), float("-inf"), x)
     probs = torch.softmax(x, dim=-1)  # [B, V], exactly 0 for masked tokens
     scores = probs / noise.clamp(min=NOISE_FLOOR)  # [B, V]
-    ids = scores.argmax(dim=-1)  # [B]
-    return _write_out(ids, out, cfg)
+    return torch.where(temperature[:, 0] == 0, guided.argmax(dim=-1), scores.argmax(dim=-1))
+
+
+@dataclass
+class SamplerTable:
+    """Per-image settings of one step (device tensors, `[B]` each; slices of the engine's fixed
+    buffers, so a captured step reads whatever was written into them last).
+
+    cond_row, uncond_row: int64, the image's rows of the logits (uncond_row -1: no guidance;
+        cond_row -1: a padding entry, which writes nothing)
+    cfg_scale: fp32; cfg_interval: int64 (guidance while the position p <= interval; -1 always)
+    temperature: fp32 (0: greedy); top_k: int64 (0: off); top_p: fp32 (1: off)
+    seed: int64, the image's noise seed (philox_noise)
+    tok_off: int64, where the image's token at position p goes: tokens.view(-1)[tok_off + p]
+    k_max, use_p: what the torch definition needs as Python values (`_race`): the largest top-k
+        in use (0: none), and whether any image uses top-p
+    """
+
+    cond_row: torch.Tensor
+    uncond_row: torch.Tensor
+    cfg_scale: torch.Tensor
+    cfg_interval: torch.Tensor
+    temperature: torch.Tensor
+    top_k: torch.Tensor
+    top_p: torch.Tensor
+    seed: torch.Tensor
+    tok_off: torch.Tensor
+    k_max: int = 0
+    use_p: bool = False
+
+    @property
+    def images(self) -> int:
+        return self.cond_row.shape[0]
+
+
+def sample_images(logits: torch.Tensor, table: SamplerTable, pos: torch.Tensor, *, ids: torch.Tensor,
+                  tokens: torch.Tensor | None = None, noise: torch.Tensor | None = None,
+                  backend: str | None = None) -> None:
+    """One step's tokens for images that each have their own settings and rows.
+
+    Image b reads its conditional row `logits[cond_row[b]]` (and `logits[uncond_row[b]]` for
+    guidance) at its position p = pos[cond_row[b]], draws its noise from (seed[b], p) — or reads
+    `noise[b]` when `noise` is given — and writes its token into `ids` at both its rows (the next
+    step's input) and into `tokens.view(-1)[tok_off[b] + p]`. Every image's token depends on its
+    own rows, settings and seed only, never on the other images of the batch. An image whose
+    guided logits hold a NaN gets the token -1 (the engine fails its request alone; the next step's
+    embedding clamps the id).
+
+    Args:
+        logits: fp32 `[R, V]` raw logits of the step.
+        table: the images' SamplerTable (padding entries only for the Triton form).
+        pos: int64 `[R]`, each row's position.
+        ids: int64 `[R]`, written in place at the images' rows.
+        tokens: int64 token buffer (any shape, contiguous), or None.
+        noise: fp32 `[B, V]` instead of the seeded noise (tests), or None.
+        backend: "torch" (this body, the definition) | "triton" (ops.select, one launch) | None.
+    """
+    if pick_backend(backend, logits) == "triton":
+        sample_images_triton(logits, table, pos, ids=ids, tokens=tokens, noise=noise)
+        return
+    logits = logits.float()
+    cond, uncond = table.cond_row, table.uncond_row  # no padding entries here (the engine sizes B)
+    p = pos.index_select(0, cond)  # [B]
+    has_u = uncond >= 0
+    active = has_u & ((table.cfg_interval < 0) | (p <= table.cfg_interval))
+    guided = _guide(logits.index_select(0, cond), logits.index_select(0, uncond.clamp(min=0)),
+                    table.cfg_scale[:, None], active[:, None])
+    if noise is None:
+        noise = philox_noise(table.seed, p, logits.shape[-1])
+    col = lambda t: t[:, None]  # noqa: E731
+    tok = _race(guided, noise, col(table.temperature), col(table.top_k), col(table.top_p),
+                k_max=table.k_max, use_p=table.use_p)
+    tok = torch.where(guided.isnan().any(-1), -1, tok)  # NaN logits: token -1, the image's failure
+    ids.index_copy_(0, cond, tok)
+    ids.index_copy_(0, torch.where(has_u, uncond, cond), tok)  # no host sync: capturable
+    if tokens is not None:
+        tokens.view(-1).index_copy_(0, table.tok_off + p, tok)
 
 
 def _write_out(ids: torch.Tensor, out: torch.Tensor | None, cfg: bool) -> torch.Tensor:

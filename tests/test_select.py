@@ -323,14 +323,15 @@ os.environ.pop("TRITON_INTERPRET", None)
 import triton
 from triton.backends.compiler import GPUTarget
 from lasad_engine.ops import select as S
-sig = {"logits": "*fp32", "noise": "*fp32", "out": "*i64", "tokens": "*i64", "pos_ptr": "*i64",
-       "scale_ptr": "*fp32", "active_ptr": "*u8", "hist_ws": "*i32", "scal_ws": "*i32", "ctr": "*i32"}
-sig.update({n: "i32" for n in ["B", "V", "S", "stride_l", "stride_ns", "stride_nb", "stride_tok", "k"]})
-sig.update({n: "fp32" for n in ["cfg_scale", "t_arg", "top_p", "noise_floor"]})
+sig = {"logits": "*fp32", "noise": "*fp32", "ids": "*i64", "tokens": "*i64", "pos_ptr": "*i64",
+       "cond_ptr": "*i64", "uncond_ptr": "*i64", "scale_ptr": "*fp32", "interval_ptr": "*i64",
+       "temp_ptr": "*fp32", "topk_ptr": "*i64", "topp_ptr": "*fp32", "seed_ptr": "*i64", "tokoff_ptr": "*i64",
+       "active_ptr": "*u8", "hist_ws": "*i32", "scal_ws": "*i32", "ctr": "*i32"}
+sig.update({n: "i32" for n in ["stride_l", "stride_n", "V"]})
+sig.update({n: "fp32" for n in ["min_t", "noise_floor"]})
 for split, block, warps in ((16, 1024, 4), (1, 16384, 16)):
-    const = dict(CHUNK=block, BLOCK=block, SPLIT=split, CFG=True, SCALE_PTR=True, HAS_ACTIVE=True,
-                 GREEDY=False, TOPK=True, TOPP=True, DIV_T=False, HAS_POS=True, TOKENS=True,
-                 LOG_NB=6, NPASS=6, MAX_R=48)
+    const = dict(CHUNK=block, BLOCK=block, SPLIT=split, HAS_ACTIVE=True, SEEDED=split == 16, TOKENS=True,
+                 LOG_NB=6, NPASS=6, MAX_R=48, PRECISE_LOG=True)
     src = triton.compiler.ASTSource(S._sample_kernel, {**sig, **{k: "constexpr" for k in const}},
                                     constexprs=const)
     k = triton.compile(src, target=GPUTarget("cuda", 90, 32),

@@ -38,6 +38,7 @@ import torch
 try:
     import triton
     import triton.language as tl
+    from triton.language.extra import libdevice
 except ImportError:  # pragma: no cover
     triton = None
 
@@ -95,32 +96,71 @@ def _workspace(device: torch.device, rows: int, split: int, nb: int):
     return ws
 
 
+def _flat_ids(out, rows: int, device):
+    if out is None:
+        out = torch.empty(rows, dtype=torch.int64, device=device)
+    flat = out.view(-1)
+    if flat.shape[0] != rows:
+        raise ValueError(f"out has {flat.shape[0]} elements, expected {rows}")
+    return flat
+
+
 def sample_triton(logits, noise, *, cfg, cfg_scale, temperature, top_k, top_p, cfg_active=None,
                   out=None, pos=None, tokens=None, split=None, log_nb=6, num_warps=None):
-    """`sample` in one launch (see the module docstring for shapes); arguments as `sample`'s, plus
-    `split` (programs per row, None: `default_split`), `log_nb` (bits per radix pass) and
-    `num_warps`. Validation of the sampling settings is the caller's (`sample`)."""
+    """`sample` (one setting for the whole batch) in one launch of the per-image kernel (see the
+    module docstring for shapes); arguments as `sample`'s, plus `split` (programs per image,
+    None: `default_split`), `log_nb` (bits per radix pass) and `num_warps`. Validation of the
+    sampling settings is the caller's (`sample`)."""
+    from ..sampling import SamplerTable
     R, V = logits.shape
     B = R // 2 if cfg else R
     device = logits.device
     if noise.dim() == 3:
         if pos is None:
             raise ValueError("a noise block [S, B, V] needs pos (int64 [1] device tensor)")
-        S = noise.shape[0]
-    else:
-        S = 1
-        noise = noise[None]
-    if tuple(noise.shape[1:]) != (B, V):
+        noise = noise.index_select(0, torch.remainder(pos, noise.shape[0]))[0]
+    if tuple(noise.shape) != (B, V):
         raise ValueError(f"noise has shape {tuple(noise.shape)}, expected [..., {B}, {V}]")
     if tokens is not None and pos is None:
         raise ValueError("tokens needs pos (int64 [1] device tensor)")
+    if tokens is not None and tokens.stride(-1) != 1:
+        raise ValueError("tokens must have unit stride along its last dim")
+    flat = _flat_ids(out, 2 * B if cfg else B, device)
+    b = torch.arange(B, device=device)
+    full = lambda v, dtype: torch.full((B,), v, dtype=dtype, device=device)  # noqa: E731
+    if isinstance(cfg_scale, torch.Tensor):
+        scale = cfg_scale.to(torch.float32).reshape(1).expand(B).contiguous()
+    else:
+        scale = full(float(cfg_scale), torch.float32)
+    k = min(int(top_k), V)
+    table = SamplerTable(
+        cond_row=b, uncond_row=b + B if cfg else full(-1, torch.int64), cfg_scale=scale,
+        cfg_interval=full(-1, torch.int64), temperature=full(float(temperature), torch.float32),
+        top_k=full(k if 0 < k < V else 0, torch.int64), top_p=full(float(top_p), torch.float32),
+        seed=full(0, torch.int64), tok_off=b * tokens.stride(0) if tokens is not None else b)
+    rows_pos = pos.reshape(1).expand(R).contiguous() if pos is not None else torch.zeros(R, dtype=torch.int64,
+                                                                                           device=device)
+    active = cfg_active if (cfg and cfg_active is not None) else None
+    sample_images_triton(logits, table, rows_pos, ids=flat, tokens=tokens, noise=noise, active=active,
+                         split=split, log_nb=log_nb, num_warps=num_warps)
+    return flat[:B]
+
+
+def sample_images_triton(logits, table, pos, *, ids, tokens=None, noise=None, active=None, split=None,
+                         log_nb=6, num_warps=None):
+    """`sampling.sample_images` in one launch: grid (images, split). Arguments as there, plus
+    `active` (a 0-d flag that switches guidance off for every image, `sample`'s cfg_active),
+    `split`, `log_nb` and `num_warps` (see `sample_triton`)."""
+    R, V = logits.shape
+    B = table.images
+    device = logits.device
+    if noise is not None and tuple(noise.shape) != (B, V):
+        raise ValueError(f"noise has shape {tuple(noise.shape)}, expected [{B}, {V}]")
     logits = logits if logits.stride(-1) == 1 else logits.contiguous()
-    noise = noise if noise.stride(-1) == 1 else noise.contiguous()
-    if out is None:
-        out = torch.empty(R if cfg else B, dtype=torch.int64, device=device)
-    flat = out.view(-1)
-    if flat.shape[0] != (2 * B if cfg else B):
-        raise ValueError(f"out has {flat.shape[0]} elements, expected {2 * B if cfg else B}")
+    if noise is not None and noise.stride(-1) != 1:
+        noise = noise.contiguous()
+    if ids.numel() != R or not ids.is_contiguous():
+        raise ValueError(f"ids must be a contiguous buffer of the {R} rows, got {tuple(ids.shape)}")
 
     split = default_split(B, V, device) if split is None else int(split)
     chunk = triton.cdiv(triton.cdiv(V, split), 32) * 32
@@ -133,44 +173,26 @@ def sample_triton(logits, noise, *, cfg, cfg_scale, temperature, top_k, top_p, c
     if split > 1 and device.type != "cuda":
         raise ValueError(f"split={split} needs a CUDA device (programs meet at a spin barrier)")
     if split > 1 and B * split > torch.cuda.get_device_properties(device).multi_processor_count:
-        # every program of a row must be resident at once, or the barrier never opens
-        raise ValueError(f"split={split} with {B} rows is more programs than SMs; use a smaller split")
+        # every program of an image must be resident at once, or the barrier never opens
+        raise ValueError(f"split={split} with {B} images is more programs than SMs; use a smaller split")
     if num_warps is None:
         num_warps = max(4, min(16, block // 1024))
-
-    greedy = temperature == 0
-    k = min(int(top_k), V)
-    use_k = (not greedy) and 0 < k < V
-    use_p = (not greedy) and top_p < 1.0
-    t = max(float(temperature), MIN_TEMPERATURE)
-    # torch on CUDA multiplies by 1 / T rounded to fp32 (a * (1/b) for a CPU-scalar divisor); on
-    # the CPU it divides. Either way the kernel rounds x as torch does on that device.
-    div_t = device.type != "cuda"
-    t_arg = t if div_t else float(np.float32(1.0) / np.float32(t))
-
-    scale_is_ptr = isinstance(cfg_scale, torch.Tensor)
-    scale_ptr = cfg_scale if scale_is_ptr else flat
-    active = cfg_active if (cfg and cfg_active is not None) else None
     if active is not None and active.dtype == torch.bool:
         active = active.view(torch.uint8)
     nb = 1 << int(log_nb)
     if split > 1:
         hist_ws, scal_ws, ctr = _workspace(device, B, split, nb)
     else:
-        hist_ws = scal_ws = ctr = flat
+        hist_ws = scal_ws = ctr = ids
+    t = table
     _sample_kernel[(B, split)](
-        logits, noise, flat, tokens if tokens is not None else flat,
-        pos if pos is not None else flat, scale_ptr, active if active is not None else flat,
-        hist_ws, scal_ws, ctr,
-        B, V, S, logits.stride(0), noise.stride(0), noise.stride(1),
-        tokens.stride(0) if tokens is not None else 0,
-        0.0 if scale_is_ptr else float(cfg_scale), t_arg, k, float(top_p), NOISE_FLOOR,
-        CHUNK=chunk, BLOCK=block, SPLIT=split, CFG=bool(cfg), SCALE_PTR=scale_is_ptr,
-        HAS_ACTIVE=active is not None, GREEDY=greedy, TOPK=use_k, TOPP=use_p, DIV_T=div_t,
-        HAS_POS=pos is not None, TOKENS=tokens is not None, LOG_NB=int(log_nb),
-        NPASS=triton.cdiv(32 - int(log_nb), int(log_nb)) + 1, MAX_R=MAX_ROUNDS,
-        num_warps=num_warps, enable_fp_fusion=False)
-    return flat[:B]
+        logits, logits.stride(0), noise if noise is not None else logits, noise.stride(0) if noise is not None else 0,
+        ids, tokens if tokens is not None else ids, pos, t.cond_row, t.uncond_row, t.cfg_scale, t.cfg_interval,
+        t.temperature, t.top_k, t.top_p, t.seed, t.tok_off, active if active is not None else ids,
+        hist_ws, scal_ws, ctr, V, MIN_TEMPERATURE, NOISE_FLOOR,
+        CHUNK=chunk, BLOCK=block, SPLIT=split, HAS_ACTIVE=active is not None, SEEDED=noise is None,
+        TOKENS=tokens is not None, LOG_NB=int(log_nb), NPASS=triton.cdiv(32 - int(log_nb), int(log_nb)) + 1,
+        MAX_R=MAX_ROUNDS, PRECISE_LOG=device.type == "cuda", num_warps=num_warps, enable_fp_fusion=False)
 
 
 if triton is not None:
@@ -246,130 +268,143 @@ if triton is not None:
             return tl.sum(pa.to(tl.float32, bitcast=True), axis=0)
 
     @triton.jit
-    def _sample_kernel(logits, noise, out, tokens, pos_ptr, scale_ptr, active_ptr,
-                       hist_ws, scal_ws, ctr,
-                       B, V, S, stride_l, stride_ns, stride_nb, stride_tok,
-                       cfg_scale, t_arg, k, top_p, noise_floor,
+    def _exp_noise(seed, pos, idx, PRECISE_LOG: tl.constexpr):
+        """sampling.philox_noise for the lanes `idx` of one image: word idx % 4 of Philox4x32-10
+        with key = the seed's halves and counter (idx // 4, pos, 0, 0); -log((bits >> 8 + 1)·2^-24)."""
+        zero = tl.zeros_like(idx).to(tl.uint32)
+        c1 = zero + (pos & 0xFFFFFFFF).to(tl.uint32)
+        w0, w1, w2, w3 = tl.philox(seed, (idx // 4).to(tl.uint32), c1, zero, zero)
+        sub = idx % 4
+        bits = tl.where(sub == 0, w0, tl.where(sub == 1, w1, tl.where(sub == 2, w2, w3)))
+        u = ((bits >> 8) + 1).to(tl.float32) * 5.9604644775390625e-08  # 2^-24
+        if PRECISE_LOG:
+            return -libdevice.log(u)  # logf, as torch.log computes it on CUDA
+        else:
+            return -tl.log(u)
+
+    @triton.jit
+    def _sample_kernel(logits, stride_l, noise, stride_n, ids, tokens, pos_ptr, cond_ptr, uncond_ptr,
+                       scale_ptr, interval_ptr, temp_ptr, topk_ptr, topp_ptr, seed_ptr, tokoff_ptr, active_ptr,
+                       hist_ws, scal_ws, ctr, V, min_t, noise_floor,
                        CHUNK: tl.constexpr, BLOCK: tl.constexpr, SPLIT: tl.constexpr,
-                       CFG: tl.constexpr, SCALE_PTR: tl.constexpr, HAS_ACTIVE: tl.constexpr,
-                       GREEDY: tl.constexpr, TOPK: tl.constexpr, TOPP: tl.constexpr,
-                       DIV_T: tl.constexpr, HAS_POS: tl.constexpr, TOKENS: tl.constexpr,
-                       LOG_NB: tl.constexpr, NPASS: tl.constexpr, MAX_R: tl.constexpr):
-        # Grid (B, SPLIT): program (row, p) holds values [p·CHUNK, (p+1)·CHUNK) of image row `row`.
-        row = tl.program_id(0)
+                       HAS_ACTIVE: tl.constexpr, SEEDED: tl.constexpr, TOKENS: tl.constexpr,
+                       LOG_NB: tl.constexpr, NPASS: tl.constexpr, MAX_R: tl.constexpr,
+                       PRECISE_LOG: tl.constexpr):
+        # Grid (B, SPLIT): program (b, p) holds values [p·CHUNK, (p+1)·CHUNK) of image b, whose
+        # rows, position and settings come from the per-image tables (runtime values: one
+        # compiled kernel serves every mix of settings).
+        b = tl.program_id(0)
         p = tl.program_id(1)
         NB: tl.constexpr = 1 << LOG_NB
-        lane = tl.arange(0, BLOCK)
-        idx = p * CHUNK + lane
-        valid = (lane < CHUNK) & (idx < V)
-        row64 = row.to(tl.int64)
-
-        c = tl.load(logits + row64 * stride_l + idx, mask=valid, other=0.0).to(tl.float32)
-        if CFG:
-            u = tl.load(logits + (row64 + B) * stride_l + idx, mask=valid, other=0.0).to(tl.float32)
-            if SCALE_PTR:
-                s = tl.load(scale_ptr).to(tl.float32)
-            else:
-                s = cfg_scale
-            g = u + s * (c - u)
+        crow = tl.load(cond_ptr + b)
+        if crow >= 0:  # a padding entry (cond_row -1) writes nothing
+            lane = tl.arange(0, BLOCK)
+            idx = p * CHUNK + lane
+            valid = (lane < CHUNK) & (idx < V)
+            urow = tl.load(uncond_ptr + b)
+            pos = tl.load(pos_ptr + crow)
+            interval = tl.load(interval_ptr + b)
+            c = tl.load(logits + crow * stride_l + idx, mask=valid, other=0.0).to(tl.float32)
+            u = tl.load(logits + tl.maximum(urow, 0) * stride_l + idx, mask=valid, other=0.0).to(tl.float32)
+            s = tl.load(scale_ptr + b).to(tl.float32)
+            on = (urow >= 0) & ((interval < 0) | (pos <= interval))
             if HAS_ACTIVE:
-                g = tl.where(tl.load(active_ptr) != 0, g, c)
-        else:
-            g = c
+                on = on & (tl.load(active_ptr) != 0)
+            g = tl.where(on, u + s * (c - u), c)
 
-        r = tl.full((), 0, tl.int32)  # exchanges so far (each one a barrier when SPLIT > 1)
-        if GREEDY:
-            best, arg = tl.max(tl.where(valid, g, float("-inf")), axis=0, return_indices=True,
-                               return_indices_tie_break_left=True)
-        else:
-            if DIV_T:
-                x = g / t_arg
+            nan = tl.max(tl.where(valid & (g != g), 1, 0), axis=0)  # NaN logits: token -1
+            r = tl.full((), 0, tl.int32)  # exchanges so far (each one a barrier when SPLIT > 1)
+            t = tl.load(temp_ptr + b).to(tl.float32)
+            if t == 0.0:
+                best, arg = tl.max(tl.where(valid, g, float("-inf")), axis=0, return_indices=True,
+                                   return_indices_tie_break_left=True)
             else:
-                x = g * t_arg
-            key = tl.where(valid, _key(x), 0)
-            top = _row_max_key(key, scal_ws, ctr, row, p, r, SPLIT, MAX_R)
-            if SPLIT > 1:
-                r += 1
-            m = _unkey(top)
-            thr = tl.full((), 0, tl.uint32)
-            if TOPK:
-                # Radix select of the k-th largest key. Candidates: keys in [thr, thr + NB << sh);
-                # each pass keeps the bin holding the k_rem-th largest candidate.
-                k_rem = k
-                sh = tl.full((), 32 - LOG_NB, tl.uint32)
-                done = k_rem <= 0
-                bins_id = tl.arange(0, NB)
-                for _ in tl.static_range(NPASS):
-                    if done == 0:
-                        d = key - thr
-                        cand = valid & (key >= thr) & ((d >> sh) < NB)
-                        h = tl.histogram(tl.where(cand, d >> sh, 0).to(tl.int32), NB, mask=cand)
-                        h = _exchange_hist(h, hist_ws, ctr, row, p, r, SPLIT, NB, MAX_R)
-                        if SPLIT > 1:
-                            r += 1
-                        at_least = tl.cumsum(h, axis=0, reverse=True)  # candidates in bins >= b
-                        b = tl.sum((at_least >= k_rem).to(tl.int32), axis=0) - 1
-                        k_rem -= tl.sum(tl.where(bins_id > b, h, 0), axis=0)
-                        n_b = tl.sum(tl.where(bins_id == b, h, 0), axis=0)
-                        thr = thr + (b.to(tl.uint32) << sh)
-                        done = (n_b == k_rem) | (sh == 0)
-                        sh = tl.where(sh > LOG_NB, sh - LOG_NB, 0).to(tl.uint32)
-            kept = valid & (key >= thr)
-            # x again from its key (exact; x itself is not kept alive through the passes)
-            e = tl.where(kept, tl.exp(_unkey(key) - m), 0.0)
-            if TOPP:
-                z = _row_sum(e, scal_ws, ctr, row, p, r, SPLIT, MAX_R)
+                x = g / tl.maximum(t, min_t)
+                key = tl.where(valid, _key(x), 0)
+                top = _row_max_key(key, scal_ws, ctr, b, p, r, SPLIT, MAX_R)
                 if SPLIT > 1:
                     r += 1
-                # Smallest t with mass(keys > t) < p·Z (or t = the top key): a kept key, the
-                # smallest probability of the prefix (sampling.py's top-p threshold).
-                lo = thr
-                hi = top
-                goal = top_p * z
-                for _ in range(32):
-                    if lo < hi:
-                        mid = lo + (hi - lo) // 2
-                        mass = _row_sum(tl.where(key > mid, e, 0.0), scal_ws, ctr, row, p, r,
-                                        SPLIT, MAX_R)
-                        if SPLIT > 1:
-                            r += 1
-                        if mass < goal:
-                            hi = mid
-                        else:
-                            lo = mid + 1
-                kept = kept & (key >= lo)
-                e = tl.where(kept, e, 0.0)
-            nrow = noise + row64 * stride_nb
-            if HAS_POS:
-                nrow += (tl.load(pos_ptr) % S).to(tl.int64) * stride_ns
-            nz = tl.load(nrow + idx,
-                         mask=valid, other=1.0)
-            score = tl.where(kept, e / tl.maximum(nz, noise_floor), 0.0)
-            best, arg = tl.max(score, axis=0, return_indices=True, return_indices_tie_break_left=True)
+                m = _unkey(top)
+                thr = tl.full((), 0, tl.uint32)
+                k = tl.load(topk_ptr + b).to(tl.int32)
+                if (k > 0) & (k < V):
+                    # Radix select of the k-th largest key. Candidates: keys in [thr, thr + NB << sh);
+                    # each pass keeps the bin holding the k_rem-th largest candidate.
+                    k_rem = k
+                    sh = tl.full((), 32 - LOG_NB, tl.uint32)
+                    done = k_rem <= 0
+                    bins_id = tl.arange(0, NB)
+                    for _ in tl.static_range(NPASS):
+                        if done == 0:
+                            d = key - thr
+                            cand = valid & (key >= thr) & ((d >> sh) < NB)
+                            h = tl.histogram(tl.where(cand, d >> sh, 0).to(tl.int32), NB, mask=cand)
+                            h = _exchange_hist(h, hist_ws, ctr, b, p, r, SPLIT, NB, MAX_R)
+                            if SPLIT > 1:
+                                r += 1
+                            at_least = tl.cumsum(h, axis=0, reverse=True)  # candidates in bins >= b
+                            bin_ = tl.sum((at_least >= k_rem).to(tl.int32), axis=0) - 1
+                            k_rem -= tl.sum(tl.where(bins_id > bin_, h, 0), axis=0)
+                            n_b = tl.sum(tl.where(bins_id == bin_, h, 0), axis=0)
+                            thr = thr + (bin_.to(tl.uint32) << sh)
+                            done = (n_b == k_rem) | (sh == 0)
+                            sh = tl.where(sh > LOG_NB, sh - LOG_NB, 0).to(tl.uint32)
+                kept = valid & (key >= thr)
+                # x again from its key (exact; x itself is not kept alive through the passes)
+                e = tl.where(kept, tl.exp(_unkey(key) - m), 0.0)
+                top_p = tl.load(topp_ptr + b).to(tl.float32)
+                if top_p < 1.0:
+                    z = _row_sum(e, scal_ws, ctr, b, p, r, SPLIT, MAX_R)
+                    if SPLIT > 1:
+                        r += 1
+                    # Smallest t with mass(keys > t) < p·Z (or t = the top key): a kept key, the
+                    # smallest probability of the prefix (sampling.py's top-p threshold).
+                    lo = thr
+                    hi = top
+                    goal = top_p * z
+                    for _ in range(32):
+                        if lo < hi:
+                            mid = lo + (hi - lo) // 2
+                            mass = _row_sum(tl.where(key > mid, e, 0.0), scal_ws, ctr, b, p, r, SPLIT, MAX_R)
+                            if SPLIT > 1:
+                                r += 1
+                            if mass < goal:
+                                hi = mid
+                            else:
+                                lo = mid + 1
+                    kept = kept & (key >= lo)
+                    e = tl.where(kept, e, 0.0)
+                if SEEDED:
+                    nz = _exp_noise(tl.load(seed_ptr + b), pos, idx, PRECISE_LOG)
+                else:
+                    nz = tl.load(noise + b.to(tl.int64) * stride_n + idx, mask=valid, other=1.0)
+                score = tl.where(kept, e / tl.maximum(nz, noise_floor), 0.0)
+                best, arg = tl.max(score, axis=0, return_indices=True, return_indices_tie_break_left=True)
 
-        arg = p * CHUNK + arg
-        if SPLIT == 1:
-            winner = arg.to(tl.int64)
-            write = True
-        else:
-            # Publish this program's best, arrive; the last program to arrive picks the winner
-            # (ties to the lower program, i.e. the lower index) and resets the counter.
-            base = (row * MAX_R + r).to(tl.int64) * SPLIT * 2
-            tl.store(scal_ws + base + p * 2, best.to(tl.int32, bitcast=True))
-            tl.store(scal_ws + base + p * 2 + 1, arg)
-            tl.debug_barrier()
-            seen = tl.atomic_add(ctr + row, 1, sem="acq_rel", scope="gpu")
-            write = seen == (r + 1) * SPLIT - 1
-            parts = tl.arange(0, SPLIT)
-            pb = tl.load(scal_ws + base + parts * 2, cache_modifier=".cg").to(tl.float32, bitcast=True)
-            pi = tl.load(scal_ws + base + parts * 2 + 1, cache_modifier=".cg")
-            _, win = tl.max(pb, axis=0, return_indices=True, return_indices_tie_break_left=True)
-            winner = tl.sum(tl.where(parts == win, pi, 0), axis=0).to(tl.int64)
+            arg = tl.where(nan > 0, -1, p * CHUNK + arg)
+            if SPLIT == 1:
+                winner = arg.to(tl.int64)
+                write = True
+            else:
+                # Publish this program's best, arrive; the last program to arrive picks the winner
+                # (ties to the lower program, i.e. the lower index) and resets the counter.
+                base = (b * MAX_R + r).to(tl.int64) * SPLIT * 2
+                tl.store(scal_ws + base + p * 2, best.to(tl.int32, bitcast=True))
+                tl.store(scal_ws + base + p * 2 + 1, arg)
+                tl.debug_barrier()
+                seen = tl.atomic_add(ctr + b, 1, sem="acq_rel", scope="gpu")
+                write = seen == (r + 1) * SPLIT - 1
+                parts = tl.arange(0, SPLIT)
+                pb = tl.load(scal_ws + base + parts * 2, cache_modifier=".cg").to(tl.float32, bitcast=True)
+                pi = tl.load(scal_ws + base + parts * 2 + 1, cache_modifier=".cg")
+                _, win = tl.max(pb, axis=0, return_indices=True, return_indices_tie_break_left=True)
+                winner = tl.sum(tl.where(parts == win, pi, 0), axis=0).to(tl.int64)
+                winner = tl.where(tl.min(pi, axis=0) < 0, -1, winner)
+                if write:
+                    tl.store(ctr + b, 0)
             if write:
-                tl.store(ctr + row, 0)
-        if write:
-            tl.store(out + row64, winner)
-            if CFG:
-                tl.store(out + row64 + B, winner)
-            if TOKENS:
-                tl.store(tokens + row64 * stride_tok + tl.load(pos_ptr), winner)
+                tl.store(ids + crow, winner)
+                if urow >= 0:
+                    tl.store(ids + urow, winner)
+                if TOKENS:
+                    tl.store(tokens + tl.load(tokoff_ptr + b) + pos, winner)
