@@ -2,15 +2,16 @@
 
 The pipeline is the edge of the Python API: it turns names into ids, keyword arguments into
 `SamplingParams`, and returns everything `lasad-run` writes (images, tokens, timings), so the CLI
-adds nothing but files. Calls are serialised by a lock (the engine's buffers are shared): a
-call made while another runs waits, then gets exactly the result it would get alone.
+adds nothing but files. Calls from many threads (or `await pipe.agenerate(...)` from asyncio) run
+at once: their images join the engine's decode loop at its next step and share its batch, and
+each call VQ-decodes its own images in its own thread (on a GPU, on the caller's stream), off the
+decode loop. Each call gets exactly the images it would get alone.
 The conventions of diffusers / Hugging Face hold: `from_pretrained(dir)` / `save_pretrained(dir)`
 (the folder layout is in pretrained.py), `.to(device, dtype)`, `set_progress_bar_config(...)`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import difflib
 import itertools
 import os
@@ -25,6 +26,7 @@ import torch
 from .backends import ARTIFACT_BACKENDS
 from .checkpoint import CheckpointError, file_fingerprint, followed_tokenizer, load_checkpoint, resolve_checkpoint
 from .engine import LasadEngine
+from .scheduler import cpu_threads  # noqa: F401 - re-exported (lasad-run and tests use it from here)
 from .io import safe_text
 from .params import MAX_IMAGES, ClassLabels, EngineError, Grid, SamplingParams, check_memory, parse_grid, \
     resolve_device
@@ -54,22 +56,6 @@ class LasadPipelineOutput:
     images: object
     tokens: torch.Tensor
     seconds: dict = field(default_factory=dict)
-
-
-@contextlib.contextmanager
-def cpu_threads(n: int | None):
-    """torch's intra-op threads set to `n` for the duration (None: unchanged). Decode-sized
-    matrix products ([2, 384] x [384, 1152] for the bundled model) gain nothing from more threads
-    and lose badly when another process holds a core (docs/performance.md, "CPU")."""
-    if n is None:
-        yield
-        return
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def _sync(device: torch.device) -> None:
@@ -102,7 +88,9 @@ class LasadPipeline:
     """
 
     def __init__(self, model, tokenizer=None, *, backend: str | None = None, device=None,
-                 max_batch: int = 8, use_cuda_graph: bool = True, artifact=None, threads: int | None = None):
+                 max_batch: int = 8, use_cuda_graph: bool = True, artifact=None, threads: int | None = None,
+                 max_queue: int | None = None, policy: str = "continuous", batch_wait: float = 0.0,
+                 reproducible: bool = False):
         self.device = resolve_device(device)
         # CPU decode: one thread unless told otherwise (see cpu_threads); no effect on CUDA.
         if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
@@ -111,7 +99,8 @@ class LasadPipeline:
         self._backend_given = backend is not None  # else .to() picks the new device's default
         self.backend = backend or _default_backend(self.device)
         self.artifact = artifact
-        self._engine_options = dict(max_batch=max_batch, use_cuda_graph=use_cuda_graph)
+        self._engine_options = dict(max_batch=max_batch, use_cuda_graph=use_cuda_graph, max_queue=max_queue,
+                                    policy=policy, batch_wait=batch_wait, reproducible=reproducible)
         self._progress_config: dict | None = None
         self.model, self.tokenizer = self._place(model, tokenizer, self.device, None)
         self.engine = self._build_engine()
@@ -140,12 +129,12 @@ class LasadPipeline:
 
     def _build_engine(self) -> LasadEngine:
         return LasadEngine(self.model, backend=self.backend, device=self.device, artifact=self.artifact,
-                           **self._engine_options)
+                           threads=self.decode_threads, **self._engine_options)
 
     @classmethod
     def from_checkpoint(cls, path: str | os.PathLike | None = None, *, tokenizer=None, backend=None,
                         device=None, precision: str | torch.dtype | None = None, max_batch: int = 8,
-                        use_cuda_graph: bool = True, threads: int | None = None) -> "LasadPipeline":
+                        use_cuda_graph: bool = True, threads: int | None = None, **engine_options) -> "LasadPipeline":
         """Load a checkpoint (default: the bundled model) and the tokenizer it names.
 
         Args:
@@ -159,6 +148,7 @@ class LasadPipeline:
             precision: fp32 | bf16 | fp16 (or the torch dtype) for the weights (the state stays
                 fp32). Default: bf16 on CUDA, fp32 on CPU.
             threads: CPU threads for the token decode (default 1: see `cpu_threads`).
+            max_queue, policy, batch_wait, reproducible: the engine's admission (`LasadEngine`).
         """
         device = resolve_device(device)
         precision = _precision(precision or ("bf16" if device.type == "cuda" else "fp32"))
@@ -174,7 +164,7 @@ class LasadPipeline:
             model = load_checkpoint(path, device=device, dtype=PRECISIONS[precision])
         tok, refused = _load_named_tokenizer(tokenizer, model.checkpoint_meta.get("tokenizer"), path, device)
         pipe = cls(model, tok, backend=backend, device=device, max_batch=max_batch,
-                   use_cuda_graph=use_cuda_graph, artifact=artifact, threads=threads)
+                   use_cuda_graph=use_cuda_graph, artifact=artifact, threads=threads, **engine_options)
         pipe.tokenizer_refused = refused
         return pipe
 
@@ -255,7 +245,7 @@ class LasadPipeline:
                 self.backend, self._backend_given = backend, True
             elif not self._backend_given:
                 self.backend = _default_backend(new_device)
-            self.engine.close()
+            self.engine.close(drain=True)  # calls in flight finish first
             self.engine = None
             try:
                 self.model, self.tokenizer = self._place(self.model, self.tokenizer, new_device, new_dtype)
@@ -426,31 +416,63 @@ class LasadPipeline:
         if params is None:
             params = self.sampling_params(cfg_scale=cfg_scale, cfg_interval=cfg_interval, temperature=temperature,
                                           top_k=top_k, top_p=top_p)
-        elif not isinstance(params, SamplingParams):
+        req, grid, t0 = self._submit(class_labels, params, generator, output_type, callback, grid, progress)
+        tokens = self.engine.wait(req).view(-1, grid.h, grid.w)
+        return self._finish(tokens, output_type, t0)
+
+    async def agenerate(self, class_labels, *, output_type: str = "pil", **kw) -> LasadPipelineOutput:
+        """`pipe(...)` for asyncio: `out = await pipe.agenerate([207], generator=...)`. The
+        images join the decode loop's batch as a thread's call does; the VQ decode runs in a worker
+        thread, so the event loop never blocks. A cancelled task cancels its images."""
+        import asyncio
+        if not isinstance(output_type, str) or output_type not in OUTPUT_TYPES:
+            raise EngineError(f"output_type={safe_text(repr(output_type), 60)} is not one of {', '.join(OUTPUT_TYPES)}")
+        params = kw.pop("params", None)
+        if params is None:
+            params = self.sampling_params(**{k: kw.pop(k, None) for k in
+                                             ("cfg_scale", "cfg_interval", "temperature", "top_k", "top_p")})
+        unknown = sorted(set(kw) - {"generator", "grid", "callback", "progress"})
+        if unknown:
+            raise EngineError(f"unknown argument {unknown[0]!r} of agenerate")
+        req, grid, t0 = self._submit(class_labels, params, kw.get("generator"), output_type, kw.get("callback"),
+                                     kw.get("grid"), kw.get("progress"))
+        try:
+            await req.wrap()
+        except BaseException:
+            req.cancel()
+            raise
+        return await asyncio.to_thread(
+            lambda: self._finish(self.engine.wait(req).view(-1, grid.h, grid.w), output_type, t0))
+
+    def _submit(self, class_labels, params, generator, output_type, callback, grid, progress):
+        """Validate a call and queue its images: (request, grid, start time)."""
+        if params is None or not isinstance(params, SamplingParams):
             raise EngineError(f"params={type(params).__name__}: pass a SamplingParams (or the sampling keywords)")
         if callback is not None and not callable(callback):
             raise EngineError(f"callback={type(callback).__name__} is not callable")
         cfg = self.model.config
-        with self._lock:
+        with self._lock:  # held for the engine's identity only (.to() swaps it)
             if self.engine is None:
                 raise EngineError("this pipeline was closed")
             labels = self.class_labels(class_labels)
             grid = parse_grid(grid, (cfg.grid_height, cfg.grid_width))
             if output_type != "tokens":
                 self._check_decodable(len(labels), grid, output_type)
-            _sync(self.device)
             t0 = time.perf_counter()
-            with cpu_threads(self.decode_threads):
-                tokens = self.engine.generate(labels, grid=grid, params=params, generator=generator,
-                                              callback=callback, progress=self._progress(progress))
-            _sync(self.device)
-            t1 = time.perf_counter()
-            seconds = {"generate": t1 - t0}
-            if output_type == "tokens":
-                return LasadPipelineOutput(tokens, tokens, seconds)
-            images = self.decode(tokens)  # float [n, 3, H, W] in [0, 1]
-            arr = None if output_type == "pt" else to_uint8(images)
-            seconds["vq_decode"] = time.perf_counter() - t1
+            req = self.engine.submit(labels, grid=grid, params=params, generator=generator, callback=callback,
+                                     progress=self._progress(progress))
+        return req, grid, t0
+
+    def _finish(self, tokens: torch.Tensor, output_type: str, t0: float) -> LasadPipelineOutput:
+        """A request's tokens -> the call's output: VQ decode in the calling thread (its stream)."""
+        _sync(self.device)
+        t1 = time.perf_counter()
+        seconds = {"generate": t1 - t0}
+        if output_type == "tokens":
+            return LasadPipelineOutput(tokens, tokens, seconds)
+        images = self.decode(tokens)  # float [n, 3, H, W] in [0, 1]
+        arr = None if output_type == "pt" else to_uint8(images)
+        seconds["vq_decode"] = time.perf_counter() - t1
         if output_type == "pt":
             return LasadPipelineOutput(images, tokens, seconds)
         if output_type == "np":

@@ -109,7 +109,8 @@ def test_buffers_are_allocated_once():
     model = tiny()
     engine = LasadEngine(model, max_batch=4)
     b = engine.buffers
-    ptrs = lambda: [t.data_ptr() for t in (b.state.ssm, b.state.pos, b.state.logits, b.ids, b.noise, b.tokens)]
+    t = b.tables
+    ptrs = lambda: [x.data_ptr() for x in (b.state.ssm, t.ids, t.row_int, t.logits, t.img_int, t.img_f32, t.tokens)]
     before = ptrs()
     params = SamplingParams(cfg_scale=2.0)
     first = engine.generate([1, 2], params=params, generator=torch.Generator().manual_seed(0))
@@ -117,7 +118,7 @@ def test_buffers_are_allocated_once():
         engine.generate([i, 1, 2][: 1 + i % 3], params=params, generator=torch.Generator().manual_seed(i))
     again = engine.generate([1, 2], params=params, generator=torch.Generator().manual_seed(0))
     assert ptrs() == before
-    assert torch.equal(first, again)  # the reset between images is complete
+    assert torch.equal(first, again)  # a slot is zeroed completely when an image joins
     assert engine.state_nbytes == model.config.state_nbytes(2 * 4)
 
 
@@ -126,28 +127,29 @@ class _ReplayByCalling:
     and resetting, as the real runner does), replay calls it."""
 
     def __init__(self):
-        self.fns, self.prepared = {}, []
+        self.graphs, self.prepared = {}, []
 
     def prepare(self, key, fn, reset):
-        if key not in self.fns:
+        if key not in self.graphs:
             reset()
             fn()
             reset()
-            self.fns[key] = fn
+            self.graphs[key] = fn
             self.prepared.append(key)
 
     def replay(self, key):
-        self.fns[key]()
+        self.graphs[key]()
 
     def close(self):
-        self.fns.clear()
+        self.graphs.clear()
 
 
 @pytest.mark.parametrize("capturable", [True, False])
 def test_graphed_step_parts_give_the_plain_loops_tokens(capturable, monkeypatch):
     """With graphs, a capturable backend's whole step is the graph; a backend that runs its own
     part (onnxruntime) runs eagerly each step and only the sampler and bookkeeping are the graph,
-    never the model step. Either way the tokens and teacher-forced logits are the plain loop's."""
+    never the model step. Either way the tokens and teacher-forced logits are the plain loop's,
+    and capturing a new bucket while other images run leaves them untouched."""
     model = tiny()
     plain = LasadEngine(model, max_batch=2)
     params = SamplingParams(cfg_scale=2.0, top_k=20)
@@ -157,7 +159,10 @@ def test_graphed_step_parts_give_the_plain_loops_tokens(capturable, monkeypatch)
     want_logits = plain.teacher_forced_logits(tokens, [3, 4], cfg_rows=True)
 
     engine = LasadEngine(model, max_batch=2)
-    engine.graphs = _ReplayByCalling()
+    sched = engine.scheduler
+    sched.graphs = _ReplayByCalling()
+    sched.sampler_backend = "triton"  # the graphed sampler (Triton's interpreter on the CPU)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
     monkeypatch.setattr(engine.backend, "capturable", capturable)
     calls = {"decode": 0, "in_graph": 0}
     decode = engine.backend.decode
@@ -168,16 +173,16 @@ def test_graphed_step_parts_give_the_plain_loops_tokens(capturable, monkeypatch)
         calls["in_graph"] += graphing
         return decode(*args)
     monkeypatch.setattr(engine.backend, "decode", counting)
-    real_replay = engine.graphs.replay
+    real_replay = sched.graphs.replay
 
     def replay(key):
         nonlocal graphing
         graphing = True
         real_replay(key)
         graphing = False
-    engine.graphs.replay = replay
+    sched.graphs.replay = replay
     got = engine.generate([1, 2], params=params, generator=torch.Generator().manual_seed(5))
-    assert torch.equal(got, want) and len(engine.graphs.prepared) == 1
+    assert torch.equal(got, want) and len(sched.graphs.prepared) == 1
     steps = want[0].numel()
     assert calls["decode"] >= steps and calls["in_graph"] == (steps if capturable else 0)
     assert_close("graphed teacher forcing", engine.teacher_forced_logits(tokens, [3, 4], cfg_rows=True),

@@ -229,7 +229,7 @@ def test_progress_bar_switch(checkpoint, capsys):
         buf = io.StringIO()
         pipe.set_progress_bar_config(file=buf, desc="emoji", leave=True)  # leave: the bar's last state stays
         draw(pipe, labels=(1, 2))
-        assert "emoji" in buf.getvalue() and "16/16" in buf.getvalue()  # 4x4 tokens per image
+        assert "emoji" in buf.getvalue() and "32/32" in buf.getvalue()  # 2 images of 4x4 tokens
         n = len(buf.getvalue())
         draw(pipe, labels=(1,), progress=False)
         assert len(buf.getvalue()) == n
