@@ -40,3 +40,4 @@ def startup_guard(module: str, attr: str):
 
 
 lasad_run = startup_guard("lasad_engine.cli", "run_main")
+lasad_serve = startup_guard("lasad_engine.serve.cli", "serve_main")

@@ -1,0 +1,5 @@
+"""`python -m lasad_engine.serve`: the `lasad-serve` command."""
+
+from ..entry import lasad_serve
+
+lasad_serve()
