@@ -192,6 +192,7 @@ def test_marker_parsing():
 # and the modules it runs with `python -m` / `torchrun -m`).
 COMMANDS = {
     "lasad-run": ("lasad_engine.cli", "run_main"),
+    "lasad-serve": ("lasad_engine.serve.cli", "serve_main"),
     "lasad-export": ("lasad_tools.export", "main"),
     "lasad-check": ("lasad_tools.check", "main"),
     "lasad-profile": ("lasad_tools.profile", "main"),
