@@ -227,7 +227,7 @@ class PersistentStep:
 
     def __init__(self, model, *, rows_max: int = 2, tile: int = TILE_ELEMS, min_tiles: int = 64,
                  block_v: int | None = None, head_deps: bool = True, programs: int | None = None,
-                 per_sm: int = 2, num_warps: int = 4, launch: str = "step", max_spin: int = MAX_SPIN):
+                 per_sm: int = 3, num_warps: int = 4, launch: str = "step", max_spin: int = MAX_SPIN):
         if triton is None:
             raise RuntimeError("the persistent step needs triton: pip install -e '.[gpu]' in lasad's folder")
         cfg = self.config = model.config
@@ -320,6 +320,16 @@ class PersistentStep:
         self.counters.zero_()
         self.err.zero_()
 
+    def kernel_info(self) -> dict:
+        """Registers, spills and shared memory of the last launched kernel (benchmarks)."""
+        k = getattr(self, "_compiled", None)
+        info = {"programs": self.programs, "num_warps": self.num_warps, "tasks": self.schedule.counts(),
+                "block_n": self.schedule.block_n, "block_v": self.schedule.block_v, "launches": len(self.schedule.ranges)}
+        for name in ("n_regs", "n_spills"):
+            info[name] = getattr(k, name, None)
+        info["shared"] = getattr(getattr(k, "metadata", None), "shared", None)
+        return info
+
     def error(self) -> bool:
         """True if a wait gave up since the last reset (a host sync: for tests and benchmarks)."""
         return bool(self.err.item())
@@ -356,7 +366,7 @@ class PersistentStep:
         for i, (lo, hi) in enumerate(sch.ranges):
             pdl = pdl_ok and i > 0
             extra = {"launch_pdl": True} if pdl else {}
-            persistent_step_kernel[(self.programs,)](
+            self._compiled = persistent_step_kernel[(self.programs,)](
                 self.tasks, self.woffs, self._base, self.lbs, ids, pos, width, ssm, slots, logits,
                 self.qfv_buf, self.o_buf, self.h_buf, self.u_buf, self.x_buf, cnt, self.counters[i:], self.err,
                 R, ssm.shape[1], L, lo, hi - lo, hi - lo + self.programs, self.eps_a, self.eps_g, self.eps_f,
@@ -390,10 +400,12 @@ if triton is not None:
 
     @triton.jit
     def _wait(cnt, dep, target, max_spin, err, INTERPRET: tl.constexpr):
-        """Spin until counter `dep` reaches `target` (or give up after max_spin polls: error flag)."""
+        """Spin until counter `dep` reaches `target` (or give up after max_spin polls: error flag;
+        once it is set no wait spins, so a broken launch ends in about one timeout)."""
         c = _poll(cnt + dep, INTERPRET)
+        limit = tl.where(tl.load(err, volatile=True) != 0, 0, max_spin)
         spins = 0
-        while (c < target) & (spins < max_spin):
+        while (c < target) & (spins < limit):
             c = _poll(cnt + dep, INTERPRET)
             spins += 1
         if c < target:
@@ -409,46 +421,39 @@ if triton is not None:
         tl.atomic_add(cnt + out, 1, sem="release", scope="gpu")
 
     @triton.jit
-    def _x_rows(rows, rm, from_embed, xbuf, ids, pos, wbase, cls_off, tok_off,
-                D: tl.constexpr, NCLS: tl.constexpr, VOCAB: tl.constexpr, ALIGN: tl.constexpr):
-        """Pointers to the first element of each row's input [BR]: a buffer's rows, or (layer 0)
-        the class row at position 0 and the token row after, clamped as embed_step clamps.
-        ALIGN: elements every row start is a multiple of (wide loads)."""
-        if from_embed:
-            i = tl.load(ids + rows, mask=rm, other=0)
-            p = tl.load(pos + rows, mask=rm, other=0)
-            c = tl.minimum(tl.maximum(i, 0), NCLS - 1)
-            t = tl.minimum(tl.maximum(i, 0), VOCAB - 1)
-            off = tl.where(p == 0, cls_off + c * D, tok_off + t * D)
-            ptrs = wbase + tl.multiple_of(off, ALIGN)
-        else:
-            ptrs = xbuf + tl.multiple_of(rows.to(tl.int64) * D, ALIGN)
-        return ptrs
+    def _next(ticket, tasks, task_lo, k, M, n_tasks):
+        """Take the next ticket and read its task row (issued now, used next iteration):
+        (task, type, layer, index, dep counter, dep count, own counter)."""
+        task = _grab(ticket) - k * M
+        d = tasks + (task_lo + tl.where(task < n_tasks, task, 0)) * 8   # past the end: any valid row
+        return (task, tl.load(d), tl.load(d + 1).to(tl.int64), tl.load(d + 2), tl.load(d + 3), tl.load(d + 4),
+                tl.load(d + 5))
 
     @triton.jit
-    def _gemv(n0, w, w3_off, nw, x_rows, res_rows, out, out_stride, eps, R, ticket, cnt, dep, target, max_spin, err,
+    def _gemv(n0, w, w3_off, nw, x_rows, res_rows, out, out_stride, eps, R,
+              ticket, tasks, task_lo, k, M, n_tasks, cnt, dep, target, max_spin, err,
               N: tl.constexpr, K: tl.constexpr, KP: tl.constexpr, BN: tl.constexpr, BR: tl.constexpr,
               HAS_NORM: tl.constexpr, SWIGLU: tl.constexpr, HAS_RES: tl.constexpr, OUT_F32: tl.constexpr,
               INTERPRET: tl.constexpr):
         """One GEMV tile: output columns [n0, n0 + BN) of every row, the whole K (ops/linear.py's
         FMA path: same prologue, epilogue and roundings). x_rows / res_rows: [BR] pointers to each
         row's input / residual. Loads the weights, takes the next ticket, waits for its input,
-        computes, stores. Returns the ticket."""
+        computes, stores. Returns the next task (`_next`)."""
         cols = n0 + tl.arange(0, BN)
-        k = tl.arange(0, KP)
-        km = k < K
+        kk = tl.arange(0, KP)
+        km = kk < K
         cm = cols < N
         wm = cm[:, None] & km[None, :]
-        w_t = tl.load(w + cols[:, None] * K + k[None, :], mask=wm, other=0.0)
+        w_t = tl.load(w + cols[:, None] * K + kk[None, :], mask=wm, other=0.0)
         if SWIGLU:
-            w3_t = tl.load(w + w3_off + cols[:, None] * K + k[None, :], mask=wm, other=0.0)
+            w3_t = tl.load(w + w3_off + cols[:, None] * K + kk[None, :], mask=wm, other=0.0)
         else:
             w3_t = w_t
         if HAS_NORM:
-            nw_t = tl.load(nw + k, mask=km, other=0.0)
+            nw_t = tl.load(nw + kk, mask=km, other=0.0)
         else:
-            nw_t = k
-        t_next = _grab(ticket)
+            nw_t = kk
+        nxt = _next(ticket, tasks, task_lo, k, M, n_tasks)
         _wait(cnt, dep, target, max_spin, err, INTERPRET)
         rows = tl.arange(0, BR)
         rm = rows < R
@@ -457,21 +462,18 @@ if triton is not None:
             res_t = tl.load(res_rows[:, None] + cols[None, :], mask=om, other=0.0, cache_modifier=".cg")
         else:
             res_t = om
-        xt = tl.load(x_rows[:, None] + k[None, :], mask=rm[:, None] & km[None, :], other=0.0, cache_modifier=".cg")
+        xt = tl.load(x_rows[:, None] + kk[None, :], mask=rm[:, None] & km[None, :], other=0.0, cache_modifier=".cg")
         if HAS_NORM:
             xf = xt.to(tl.float32)
             rstd = tl.rsqrt(tl.sum(xf * xf, axis=1) / K + eps)
             xt = rms_apply(xf, rstd[:, None], nw_t[None, :], xt.dtype).to(xt.dtype)
-        acc = tl.zeros([BR, BN], dtype=tl.float32)
-        acc3 = tl.zeros([BR, BN], dtype=tl.float32)
-        af = xt.to(tl.float32)
-        wf = w_t.to(tl.float32)
-        w3f = w3_t.to(tl.float32)
-        for r in tl.static_range(BR):
-            a_r = tl.sum(tl.where(rows[:, None] == r, af, 0.0), axis=0)[None, :]
-            acc = tl.where(rows[:, None] == r, tl.sum(wf * a_r, axis=1)[None, :], acc)
-            if SWIGLU:
-                acc3 = tl.where(rows[:, None] == r, tl.sum(w3f * a_r, axis=1)[None, :], acc3)
+        # every row against each weight element as it is converted: no fp32 copy of the tile lives on
+        af = xt.to(tl.float32)[:, None, :]
+        acc = tl.sum(w_t.to(tl.float32)[None, :, :] * af, axis=2)                      # [BR, BN]
+        if SWIGLU:
+            acc3 = tl.sum(w3_t.to(tl.float32)[None, :, :] * af, axis=2)
+        else:
+            acc3 = acc
         dt = xt.dtype
         y = acc.to(dt)
         if SWIGLU:
@@ -483,17 +485,17 @@ if triton is not None:
             tl.store(out + off, y.to(tl.float32), mask=om)
         else:
             tl.store(out + off, y, mask=om)
-        return t_next
+        return nxt
 
     @triton.jit
-    def _lasad(layer, idx, qfv, o, ssm, slots, pos, width, lbs, gw, R, S, eps_g, scale, override,
-               ticket, cnt, dep, target, max_spin, err,
+    def _lasad(layer, idx, qfv, o, ssm, slot, start, lbs, gw, R, S, eps_g, scale, override,
+               ticket, tasks, task_lo, k, M, n_tasks, cnt, dep, target, max_spin, err,
                H: tl.constexpr, KH: tl.constexpr, VH: tl.constexpr, BKH: tl.constexpr, BVH: tl.constexpr,
                NVS: tl.constexpr, NQ: tl.constexpr, BR: tl.constexpr, HAS_OVERRIDE: tl.constexpr,
-               GROUP_NORM: tl.constexpr, HAS_LB: tl.constexpr, UNIT_WIDTH: tl.constexpr,
-               INTERPRET: tl.constexpr):
+               GROUP_NORM: tl.constexpr, HAS_LB: tl.constexpr, INTERPRET: tl.constexpr):
         """The LASAD step of head idx // NVS, value slice idx % NVS, every row (ops/lasad/step.py's
-        kernel with fused gates, the same expressions): the state slices load before the wait."""
+        kernel with fused gates, the same expressions); slot, start: each row's state slot and
+        row-start flag [BR]. The state slices load before the wait. Returns the next task."""
         h = idx // NVS
         j = idx % NVS
         rows = tl.arange(0, BR)
@@ -502,7 +504,6 @@ if triton is not None:
         km = kk < KH
         vv = j * BVH + tl.arange(0, BVH)
         vm = vv < VH
-        slot = tl.load(slots + rows, mask=rm, other=0)
         s_off = ((layer * S + slot) * H + h) * (KH * VH)                                 # [BR] int64
         sp = ssm + s_off[:, None, None] + kk[None, :, None] * VH + vv[None, None, :]
         smask = rm[:, None, None] & km[None, :, None] & vm[None, None, :]
@@ -511,13 +512,7 @@ if triton is not None:
         b_lb = tl.load(lbs + layer * (H * KH) + h * KH + kk, mask=km & has_lb, other=0.0)
         if GROUP_NORM:
             b_gw = tl.load(gw + h * VH + vv, mask=vm, other=0.0)
-        p = tl.load(pos + rows, mask=rm, other=0)
-        if UNIT_WIDTH:
-            start = p >= 1
-        else:
-            wd = tl.load(width + rows, mask=rm, other=1)
-            start = (p >= 1) & ((p - 1) % wd == 0)
-        t_next = _grab(ticket)
+        nxt = _next(ticket, tasks, task_lo, k, M, n_tasks)
         _wait(cnt, dep, target, max_spin, err, INTERPRET)
         base = qfv + rows[:, None] * NQ
         qm = rm[:, None] & km[None, :]
@@ -547,7 +542,7 @@ if triton is not None:
             rstd = tl.rsqrt(tl.sum(of * of, axis=1) / VH + eps_g)
             b_o = rms_apply(of, rstd[:, None], b_gw[None, :], dt)
         tl.store(o + rows[:, None] * (H * VH) + h * VH + vv[None, :], b_o.to(dt), mask=om)
-        return t_next
+        return nxt
 
     @triton.jit
     def persistent_step_kernel(
@@ -573,57 +568,69 @@ if triton is not None:
         tok_off = tl.multiple_of(tl.load(g_row + 1), WALIGN)
         fn_w = wbase + tl.multiple_of(tl.load(g_row + 2), WALIGN)
         head_w = wbase + tl.multiple_of(tl.load(g_row + 3), WALIGN)
+        # The step's inputs do not change during the step: read once per program. Layer 0 reads
+        # the class row at position 0 and the token row after (clamped as ops/embed.py clamps).
         rows = tl.arange(0, BR)
         rm = rows < R
-        t = _grab(ticket)
-        k = t // M
-        task = t - k * M
+        p = tl.load(pos + rows, mask=rm, other=0)
+        i = tl.load(ids + rows, mask=rm, other=0)
+        e_off = tl.where(p == 0, cls_off + tl.minimum(tl.maximum(i, 0), NCLS - 1) * D,
+                         tok_off + tl.minimum(tl.maximum(i, 0), VOCAB - 1) * D)
+        emb_rows = wbase + tl.multiple_of(e_off, XALIGN)
+        slot = tl.load(slots + rows, mask=rm, other=0)
+        if UNIT_WIDTH:
+            start = p >= 1
+        else:
+            wd = tl.load(width + rows, mask=rm, other=1)
+            start = (p >= 1) & ((p - 1) % wd == 0)      # ops/lasad/mask.py's row-start rule
+        t0 = _grab(ticket)
+        k = t0 // M
+        task = t0 - k * M
+        d = tasks + (task_lo + tl.where(task < n_tasks, task, 0)) * 8
+        tt, layer, idx, dep, dn, out = (tl.load(d), tl.load(d + 1).to(tl.int64), tl.load(d + 2), tl.load(d + 3),
+                                        tl.load(d + 4), tl.load(d + 5))
         while task < n_tasks:
-            d = tasks + (task_lo + task) * 8
-            tt = tl.load(d)
-            layer = tl.load(d + 1).to(tl.int64)
-            idx = tl.load(d + 2)
-            dep = tl.load(d + 3)
-            target = (k + 1) * tl.load(d + 4)
-            out = tl.load(d + 5)
+            target = (k + 1) * dn
             w_row = woffs + layer * 8
             lrow = layer * RB                          # this layer's first row in the buffers
-            # x_l, the layer's input (and W_o's residual): layer 0 gathers the embedding rows
-            x_in = _x_rows(rows, rm, layer == 0, x_buf + (lrow - RB) * D, ids, pos, wbase, cls_off, tok_off,
-                           D, NCLS, VOCAB, XALIGN)
+            buf_rows = (lrow + rows).to(tl.int64)
+            # x_l, the layer's input (and W_o's residual): the embedding rows at layer 0
+            x_in = tl.where(layer == 0, emb_rows, x_buf + tl.multiple_of((buf_rows - RB) * D, XALIGN))
             if tt == 0:    # W_q|W_f|W_i, norm prologue
-                t_next = _gemv(idx, wbase + tl.multiple_of(tl.load(w_row + 0), WALIGN), 0,
-                               wbase + tl.multiple_of(tl.load(w_row + 4), WALIGN), x_in, x_in,
-                               qfv_buf + lrow * NQ, NQ, eps_a, R, ticket, cnt, dep, target, max_spin, err,
-                               NQ, D, DP, BN_Q, BR, True, False, False, False, INTERPRET)
+                nxt = _gemv(idx, wbase + tl.multiple_of(tl.load(w_row + 0), WALIGN), 0,
+                            wbase + tl.multiple_of(tl.load(w_row + 4), WALIGN), x_in, x_in,
+                            qfv_buf + lrow * NQ, NQ, eps_a, R, ticket, tasks, task_lo, k, M, n_tasks,
+                            cnt, dep, target, max_spin, err,
+                            NQ, D, DP, BN_Q, BR, True, False, False, False, INTERPRET)
             elif tt == 1:  # the LASAD step of one head (slice), gates fused, state in place
-                t_next = _lasad(layer, idx, qfv_buf + lrow * NQ, o_buf + lrow * HV, ssm, slots, pos, width, lbs,
-                                wbase + tl.multiple_of(tl.load(w_row + 5), WALIGN), R, S, eps_g, scale, override,
-                                ticket, cnt, dep, target, max_spin, err,
-                                H, KH, VH, BKH, BVH, NVS, NQ, BR, HAS_OVERRIDE, GROUP_NORM, HAS_LB, UNIT_WIDTH,
-                                INTERPRET)
+                nxt = _lasad(layer, idx, qfv_buf + lrow * NQ, o_buf + lrow * HV, ssm, slot, start, lbs,
+                             wbase + tl.multiple_of(tl.load(w_row + 5), WALIGN), R, S, eps_g, scale, override,
+                             ticket, tasks, task_lo, k, M, n_tasks, cnt, dep, target, max_spin, err,
+                             H, KH, VH, BKH, BVH, NVS, NQ, BR, HAS_OVERRIDE, GROUP_NORM, HAS_LB, INTERPRET)
             elif tt == 2:  # W_o: full-width output norm prologue (group norm: done by the step), + x_l
-                t_next = _gemv(idx, wbase + tl.multiple_of(tl.load(w_row + 1), WALIGN), 0,
-                               wbase + tl.multiple_of(tl.load(w_row + 5), WALIGN),
-                               o_buf + (lrow + rows).to(tl.int64) * HV, x_in,
-                               h_buf + lrow * D, D, eps_g, R, ticket, cnt, dep, target, max_spin, err,
-                               D, HV, HVP, BN_O, BR, not GROUP_NORM, False, True, False, INTERPRET)
+                nxt = _gemv(idx, wbase + tl.multiple_of(tl.load(w_row + 1), WALIGN), 0,
+                            wbase + tl.multiple_of(tl.load(w_row + 5), WALIGN), o_buf + buf_rows * HV, x_in,
+                            h_buf + lrow * D, D, eps_g, R, ticket, tasks, task_lo, k, M, n_tasks,
+                            cnt, dep, target, max_spin, err,
+                            D, HV, HVP, BN_O, BR, not GROUP_NORM, False, True, False, INTERPRET)
             elif tt == 3:  # W_1|W_3: norm prologue, SwiGLU epilogue
-                t_next = _gemv(idx, wbase + tl.multiple_of(tl.load(w_row + 2), WALIGN), FF * D,
-                               wbase + tl.multiple_of(tl.load(w_row + 6), WALIGN),
-                               h_buf + (lrow + rows).to(tl.int64) * D, x_in,
-                               u_buf + lrow * FF, FF, eps_a, R, ticket, cnt, dep, target, max_spin, err,
-                               FF, D, DP, BN_13, BR, True, True, False, False, INTERPRET)
+                nxt = _gemv(idx, wbase + tl.multiple_of(tl.load(w_row + 2), WALIGN), FF * D,
+                            wbase + tl.multiple_of(tl.load(w_row + 6), WALIGN), h_buf + buf_rows * D, x_in,
+                            u_buf + lrow * FF, FF, eps_a, R, ticket, tasks, task_lo, k, M, n_tasks,
+                            cnt, dep, target, max_spin, err,
+                            FF, D, DP, BN_13, BR, True, True, False, False, INTERPRET)
             elif tt == 4:  # W_2: + h
-                t_next = _gemv(idx, wbase + tl.multiple_of(tl.load(w_row + 3), WALIGN), 0, fn_w,
-                               u_buf + (lrow + rows).to(tl.int64) * FF, h_buf + (lrow + rows).to(tl.int64) * D,
-                               x_buf + lrow * D, D, eps_a, R, ticket, cnt, dep, target, max_spin, err,
-                               D, FF, FP, BN_2, BR, False, False, True, False, INTERPRET)
+                nxt = _gemv(idx, wbase + tl.multiple_of(tl.load(w_row + 3), WALIGN), 0, fn_w,
+                            u_buf + buf_rows * FF, h_buf + buf_rows * D,
+                            x_buf + lrow * D, D, eps_a, R, ticket, tasks, task_lo, k, M, n_tasks,
+                            cnt, dep, target, max_spin, err,
+                            D, FF, FP, BN_2, BR, False, False, True, False, INTERPRET)
             else:          # the head: final norm prologue, fp32 logits (rounded as the GEMM output)
-                t_next = _gemv(idx, head_w, 0, fn_w, x_buf + (lrow + rows).to(tl.int64) * D, x_in,
-                               logits, VOCAB, eps_f, R, ticket, cnt, dep, target, max_spin, err,
-                               VOCAB, D, DP, BN_HEAD, BR, True, False, False, True, INTERPRET)
+                nxt = _gemv(idx, head_w, 0, fn_w, x_buf + buf_rows * D, x_in,
+                            logits, VOCAB, eps_f, R, ticket, tasks, task_lo, k, M, n_tasks,
+                            cnt, dep, target, max_spin, err,
+                            VOCAB, D, DP, BN_HEAD, BR, True, False, False, True, INTERPRET)
             _release(cnt, out)
-            task = t_next - k * M
+            task, tt, layer, idx, dep, dn, out = nxt
         if PDL:
             gdc_wait()   # exit only after the previous launch has: launches complete in order
