@@ -18,6 +18,10 @@ class, then random tokens), grid width 16. Per preset:
 Checks (each variant, before timing): logits and state over 18 positions (a row start among them)
 against the cuda step (bf16: relative error ≤ 2e-2, roundings in another order), the same bits
 from a second run, no wait timed out. A variant that fails records its error and the run goes on.
+Diagnostics (each variant that passed, from the same compiled kernel with other task tables): the
+step with no waits (wrong results; what is left is streaming and per-task cost, so the difference
+to the real step is the latency of the dependencies), and each task type alone without waits, with
+its achieved bandwidth (the step anatomy of the persistent kernel).
 The floor: weight bytes the step streams (all but the embedding tables) + the fp32 state read and
 written, over the bandwidth of a 2 GiB device-to-device copy in the same run (bytes read + written).
 Writes DIR/persistent_bench.json after every variant (device, date, versions, commit, command);
@@ -182,14 +186,58 @@ def bench_persistent(model, name, kw, ids_seq, ref, ref_state, noise, dev, failu
     if ps.error():
         row["check"] = "FAIL"
         failures.append(f"{label} {name}: a wait timed out while timing")
+        return row
+    row.update(diagnose(model, ps, kw, ids, pos, width, slots, logits))
     return row
+
+
+def type_bytes(model, rows: int) -> dict:
+    """Bytes each task type must move per step: its weights over all layers (the LASAD step: the
+    state read and written)."""
+    def nb(get):
+        return sum(get(blk).numel() * get(blk).element_size() for blk in model.layers)
+    head = model.output.weight
+    return {"qfv": nb(lambda b: b.attention.qfv.weight), "lasad": 2 * model.config.state_nbytes(rows),
+            "o": nb(lambda b: b.attention.o_proj.weight), "w13": nb(lambda b: b.feed_forward.w13.weight),
+            "w2": nb(lambda b: b.feed_forward.w2.weight), "head": head.numel() * head.element_size()}
+
+
+def diagnose(model, ps, kw, ids, pos, width, slots, logits) -> dict:
+    """Where the time of a variant goes, from the same compiled kernel with other task tables:
+    the whole step with no waits (wrong results: streaming and per-task cost only), and each task
+    type alone, no waits (its achieved bandwidth inside the persistent kernel)."""
+    cfg = model.config
+    scratch = torch.zeros(cfg.n_layer, ROWS, cfg.n_head, cfg.head_k_dim, cfg.head_v_dim, device=ids.device)
+    out = {}
+    try:
+        opts = {k: v for k, v in kw.items() if k != "launch"}
+        nowait = PersistentStep(model, rows_max=ROWS, max_spin=1 << 20, schedule=ps.schedule.subset(waits=False),
+                                **opts)
+        g = capture(lambda: nowait.step(ids, pos, width, scratch, slots, logits))
+        out["us_per_step_no_waits"] = time_graph(g)
+        del g
+        nbytes = type_bytes(model, ROWS)
+        anatomy = {}
+        for t, b in nbytes.items():
+            one = PersistentStep(model, rows_max=ROWS, max_spin=1 << 20,
+                                 schedule=ps.schedule.subset([t], waits=False), **opts)
+            g = capture(lambda: one.step(ids, pos, width, scratch, slots, logits))
+            us = time_graph(g, reps=20, trials=5)
+            del g
+            n = one.schedule.n_tasks
+            anatomy[t] = {"us_per_step": us, "tasks": n, "bytes": b, "TBps": b / us / 1e6,
+                          "us_per_task_per_program": us * one.programs / max(n, 1)}
+        out["anatomy_no_waits"] = anatomy
+    except Exception as e:  # noqa: BLE001 - a diagnostic: recorded, never fatal
+        out["diagnose_error"] = f"{type(e).__name__}: {e}"
+    return out
 
 
 def table(result: dict) -> str:
     bw = result["copy_bandwidth_Bps"]
     lines = [f"{result['environment'].get('gpu', '?')}, copy bandwidth {bw / 1e12:.2f} TB/s (read + written)",
              f"{'preset':9} {'variant':24} {'us/step':>8} {'+sampler':>8} {'x floor':>7} {'TB/s':>5} "
-             f"{'rel err':>8} {'compile s':>9} {'regs':>5} check"]
+             f"{'rel err':>8} {'compile s':>9} {'regs':>5} {'no-wait':>7} check"]
     for name, p in result["presets"].items():
         floor = p["floor_us_per_step"]
         lines.append(f"{name:9} {'floor (bytes / copy bw)':24} {floor:8.1f} {'':8} {1:7.2f} {bw / 1e12:5.2f}  "
@@ -203,10 +251,14 @@ def table(result: dict) -> str:
             t = r["us_per_step"]
             regs = (r.get("kernel") or {}).get("n_regs")
             comp = r.get("compile_and_first_run_s", r.get("compile_and_check_s", 0.0))
+            nw = r.get("us_per_step_no_waits")
             lines.append(f"{name:9} {r['variant']:24} {t:8.1f} {r['us_per_step_with_sampler']:8.1f} "
                          f"{t / floor:7.2f} {p['bytes_per_step'] / t / 1e6:5.2f} "
                          f"{r.get('rel_err_logits_max', 0.0):8.1e} {comp:9.1f} {str(regs or '-'):>5} "
-                         f"{r.get('check', 'ok')}")
+                         f"{(f'{nw:7.1f}' if nw else '-'):>7} {r.get('check', 'ok')}")
+            if r.get("anatomy_no_waits"):
+                lines.append(f"{'':9}   alone, no waits: " + ", ".join(
+                    f"{t} {a['us_per_step']:.1f} us {a['TBps']:.2f} TB/s" for t, a in r["anatomy_no_waits"].items()))
     return "\n".join(lines)
 
 

@@ -108,6 +108,18 @@ class Schedule:
         types = self.tasks[:, 0].tolist()
         return {name: types.count(i) for i, name in enumerate(TASK_NAMES)}
 
+    def subset(self, types=None, waits: bool = True) -> "Schedule":
+        """For measurements only: the tasks of the given type names (all: None), in one launch;
+        `waits=False` drops every dependency (the results are then wrong: what remains is the
+        streaming and the per-task cost, without the latency of the waits)."""
+        keep = [TASK_NAMES.index(t) for t in (types or TASK_NAMES)]
+        tasks = self.tasks[torch.isin(self.tasks[:, 0], torch.tensor(keep, dtype=self.tasks.dtype))].clone()
+        if not waits:
+            tasks[:, 4] = 0
+        elif types is not None:
+            raise ValueError("a subset of the task types needs waits=False: its dependencies are not in it")
+        return Schedule(tasks, self.n_counters, ((0, tasks.shape[0]),), self.block_n, self.block_v, self.head_deps)
+
 
 def _block_n(n_out: int, kp: int, nacc: int, tile: int, min_tiles: int) -> int:
     """Output columns per tile: the largest power of two within the register budget, halved while
@@ -213,6 +225,8 @@ class PersistentStep:
             "layer-pdl": the same, each launch after the first with programmatic dependent launch,
             so that a layer's programs load their weights while the previous layer runs.
         max_spin: polls before a wait gives up and sets the error flag.
+        schedule: a task list of this config's (`build_schedule`, `Schedule.subset`) instead of the
+            one the arguments above describe.
 
     Examples::
         >>> from lasad_engine import LasadConfig, LasadGen                      # doctest: +SKIP
@@ -227,7 +241,8 @@ class PersistentStep:
 
     def __init__(self, model, *, rows_max: int = 2, tile: int = TILE_ELEMS, min_tiles: int = 64,
                  block_v: int | None = None, head_deps: bool = True, programs: int | None = None,
-                 per_sm: int = 3, num_warps: int = 4, launch: str = "step", max_spin: int = MAX_SPIN):
+                 per_sm: int = 3, num_warps: int = 4, launch: str = "step", max_spin: int = MAX_SPIN,
+                 schedule: Schedule | None = None):
         if triton is None:
             raise RuntimeError("the persistent step needs triton: pip install -e '.[gpu]' in lasad's folder")
         cfg = self.config = model.config
@@ -241,8 +256,8 @@ class PersistentStep:
             raise ValueError(f"weights must be fp32, bf16 or fp16, got {self.dtype}")
         self.mode = check_mode(cfg.row_rule(cfg.grid_width)[0])
         self.unit_width = not cfg.decay
-        self.schedule = build_schedule(cfg, tile=tile, min_tiles=min_tiles, block_v=block_v, head_deps=head_deps,
-                                       launch=launch)
+        self.schedule = schedule or build_schedule(cfg, tile=tile, min_tiles=min_tiles, block_v=block_v,
+                                                   head_deps=head_deps, launch=launch)
         self.launch, self.rows_max, self.num_warps, self.max_spin = launch, rows_max, num_warps, int(max_spin)
         if programs is None:
             programs = 1 if self.device.type != "cuda" else \
@@ -323,8 +338,9 @@ class PersistentStep:
     def kernel_info(self) -> dict:
         """Registers, spills and shared memory of the last launched kernel (benchmarks)."""
         k = getattr(self, "_compiled", None)
-        info = {"programs": self.programs, "num_warps": self.num_warps, "tasks": self.schedule.counts(),
-                "block_n": self.schedule.block_n, "block_v": self.schedule.block_v, "launches": len(self.schedule.ranges)}
+        sch = self.schedule
+        info = {"programs": self.programs, "num_warps": self.num_warps, "tasks": sch.counts(),
+                "block_n": sch.block_n, "block_v": sch.block_v, "launches": len(sch.ranges)}
         for name in ("n_regs", "n_spills"):
             info[name] = getattr(k, name, None)
         info["shared"] = getattr(getattr(k, "metadata", None), "shared", None)
