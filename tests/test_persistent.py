@@ -96,7 +96,7 @@ def test_steps_match_the_torch_reference(dtype, mode, norm, lb, decay):
 def test_rows_at_their_own_positions_and_slots():
     """Three rows (padded to four lanes) at positions 0, 4 and 9 with grid widths 3, 4 and 2, in
     slots 4, 0 and 2 of a pool of 5: each row equals the reference run on its own; the other slots
-    are untouched."""
+    are untouched. The lower bounds changed in place between the steps are seen."""
     cfg = small_config(row_start="reset")
     model = make_model(cfg, seed=3)
     ps = coarse(model)
@@ -111,7 +111,10 @@ def test_rows_at_their_own_positions_and_slots():
         assert_close(f"logits at {pos.tolist()}", logits, ref, TOL[torch.float32])
         assert_close("pool", pool, ref_pool, TOL[torch.float32])
         ids = vec(7, 8, 9)
+        with torch.no_grad():
+            model.lower_bounds.mul_(1.5)
     assert torch.equal(pool[:, [1, 3]], ref_pool[:, [1, 3]])
+    assert not ps.lbs.requires_grad
 
 
 @needs_triton
@@ -301,7 +304,7 @@ def teacher_forced(step, model, tokens, labels):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("mode,norm", [("unit", "rms"), ("reset", "group"), ("none", "rms")])
+@pytest.mark.parametrize("mode,norm", [("unit", "rms"), ("reset", "group")])
 def test_teacher_forced_logits_equal_the_parallel_forward_fp32(mode, norm):
     cfg = gpu_config(row_start=mode, output_norm=norm)
     model = make_model(cfg, seed=2, device="cuda")

@@ -325,9 +325,10 @@ class PersistentStep:
         key = (raw.data_ptr(), raw._version)
         if key == self._lb_key:
             return
-        for i, lb in enumerate(model._lower_bounds()):
-            if lb is not None:
-                self.lbs[i].copy_(lb.reshape(-1))
+        with torch.no_grad():   # a copy of the values, never a node of the caller's autograd graph
+            for i, lb in enumerate(model._lower_bounds()):
+                if lb is not None:
+                    self.lbs[i].copy_(lb.reshape(-1))
         self._lb_key = key
 
     def reset(self) -> None:
