@@ -379,14 +379,13 @@ class PersistentStep:
         value = row_start_log_decay(self.mode)
         pdl_ok = self.launch == "layer-pdl" and self.device.type == "cuda" \
             and torch.cuda.get_device_capability(self.device)[0] >= 9
-        cnt = self.counters[self.n_tickets:]
         for i, (lo, hi) in enumerate(sch.ranges):
             pdl = pdl_ok and i > 0
             extra = {"launch_pdl": True} if pdl else {}
             self._compiled = persistent_step_kernel[(self.programs,)](
                 self.tasks, self.woffs, self._base, self.lbs, ids, pos, width, ssm, slots, logits,
-                self.qfv_buf, self.o_buf, self.h_buf, self.u_buf, self.x_buf, cnt, self.counters[i:], self.err,
-                R, ssm.shape[1], L, lo, hi - lo, hi - lo + self.programs, self.eps_a, self.eps_g, self.eps_f,
+                self.qfv_buf, self.o_buf, self.h_buf, self.u_buf, self.x_buf, self.counters, self.err,
+                R, ssm.shape[1], L, i, self.n_tickets, lo, hi - lo, hi - lo + self.programs, self.eps_a, self.eps_g, self.eps_f,
                 K ** -0.5, 0.0 if value is None else value, self.max_spin,
                 D=d, DP=_pow2(d), H=H, KH=K, VH=V, BKH=_pow2(K), BVH=sch.block_v, NVS=-(-V // sch.block_v),
                 FF=F_, FP=_pow2(F_), HVP=_pow2(H * V), VOCAB=cfg.vocab_size, NCLS=cfg.num_classes + 1,
@@ -561,11 +560,14 @@ if triton is not None:
         tl.store(o + rows[:, None] * (H * VH) + h * VH + vv[None, :], b_o.to(dt), mask=om)
         return nxt
 
-    @triton.jit
+    # The integers that differ between launches of one step (ranges of the per-layer forms) or between
+    # calls (rows, slots) are not specialised on (divisibility, == 1): one compile serves them all.
+    @triton.jit(do_not_specialize=["R", "S", "n_layer", "ticket_at", "cnt_at", "task_lo", "n_tasks", "M",
+                                   "max_spin"])
     def persistent_step_kernel(
         tasks, woffs, wbase, lbs, ids, pos, width, ssm, slots, logits,
-        qfv_buf, o_buf, h_buf, u_buf, x_buf, cnt, ticket, err,
-        R, S, n_layer, task_lo, n_tasks, M, eps_a, eps_g, eps_f, scale, override, max_spin,
+        qfv_buf, o_buf, h_buf, u_buf, x_buf, counters, err,
+        R, S, n_layer, ticket_at, cnt_at, task_lo, n_tasks, M, eps_a, eps_g, eps_f, scale, override, max_spin,
         D: tl.constexpr, DP: tl.constexpr, H: tl.constexpr, KH: tl.constexpr, VH: tl.constexpr,
         BKH: tl.constexpr, BVH: tl.constexpr, NVS: tl.constexpr, FF: tl.constexpr, FP: tl.constexpr,
         HVP: tl.constexpr, VOCAB: tl.constexpr, NCLS: tl.constexpr, BR: tl.constexpr, RB: tl.constexpr,
@@ -580,6 +582,8 @@ if triton is not None:
             gdc_launch_dependents()   # the next launch's programs may start and load their weights
         NQ: tl.constexpr = 2 * H * KH + H * VH
         HV: tl.constexpr = H * VH
+        ticket = counters + ticket_at                 # this launch's ticket counter
+        cnt = counters + cnt_at                       # the dependency counters
         g_row = woffs + n_layer * 8   # the globals: class table, token table, final norm, head
         cls_off = tl.multiple_of(tl.load(g_row + 0), WALIGN)
         tok_off = tl.multiple_of(tl.load(g_row + 1), WALIGN)
