@@ -241,7 +241,7 @@ class PersistentStep:
 
     def __init__(self, model, *, rows_max: int = 2, tile: int = TILE_ELEMS, min_tiles: int = 64,
                  block_v: int | None = None, head_deps: bool = True, programs: int | None = None,
-                 per_sm: int = 3, num_warps: int = 4, launch: str = "step", max_spin: int = MAX_SPIN,
+                 per_sm: int = 2, num_warps: int = 4, launch: str = "step", max_spin: int = MAX_SPIN,
                  schedule: Schedule | None = None):
         if triton is None:
             raise RuntimeError("the persistent step needs triton: pip install -e '.[gpu]' in lasad's folder")
@@ -459,10 +459,13 @@ if triton is not None:
         kk = tl.arange(0, KP)
         km = kk < K
         cm = cols < N
-        wm = cm[:, None] & km[None, :]
-        w_t = tl.load(w + cols[:, None] * K + kk[None, :], mask=wm, other=0.0)
+        # the tile is loaded as [1, BN, KP]: the product with the rows and the sum over K below then
+        # run in the layout of the load (as [BN, KP] Triton moves the whole tile to another layout)
+        wp = w + cols[None, :, None] * K + kk[None, None, :]
+        wm = cm[None, :, None] & km[None, None, :]
+        w_t = tl.load(wp, mask=wm, other=0.0)
         if SWIGLU:
-            w3_t = tl.load(w + w3_off + cols[:, None] * K + kk[None, :], mask=wm, other=0.0)
+            w3_t = tl.load(wp + w3_off, mask=wm, other=0.0)
         else:
             w3_t = w_t
         if HAS_NORM:
@@ -478,16 +481,16 @@ if triton is not None:
             res_t = tl.load(res_rows[:, None] + cols[None, :], mask=om, other=0.0, cache_modifier=".cg")
         else:
             res_t = om
-        xt = tl.load(x_rows[:, None] + kk[None, :], mask=rm[:, None] & km[None, :], other=0.0, cache_modifier=".cg")
+        xt = tl.load(x_rows[:, None, None] + kk[None, None, :], mask=rm[:, None, None] & km[None, None, :], other=0.0,
+                     cache_modifier=".cg")                                              # [BR, 1, KP]
         if HAS_NORM:
             xf = xt.to(tl.float32)
-            rstd = tl.rsqrt(tl.sum(xf * xf, axis=1) / K + eps)
-            xt = rms_apply(xf, rstd[:, None], nw_t[None, :], xt.dtype).to(xt.dtype)
-        # every row against each weight element as it is converted: no fp32 copy of the tile lives on
-        af = xt.to(tl.float32)[:, None, :]
-        acc = tl.sum(w_t.to(tl.float32)[None, :, :] * af, axis=2)                      # [BR, BN]
+            rstd = tl.rsqrt(tl.sum(xf * xf, axis=2) / K + eps)
+            xt = rms_apply(xf, rstd[:, :, None], nw_t[None, None, :], xt.dtype).to(xt.dtype)
+        af = xt.to(tl.float32)
+        acc = tl.sum(w_t.to(tl.float32) * af, axis=2)                                  # [BR, BN]
         if SWIGLU:
-            acc3 = tl.sum(w3_t.to(tl.float32)[None, :, :] * af, axis=2)
+            acc3 = tl.sum(w3_t.to(tl.float32) * af, axis=2)
         else:
             acc3 = acc
         dt = xt.dtype
