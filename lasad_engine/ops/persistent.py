@@ -359,8 +359,9 @@ class PersistentStep:
         if not 1 <= R <= self.rows_max:
             raise ValueError(f"{R} rows: this PersistentStep serves 1..{self.rows_max}")
         for name, t in (("ids", ids), ("pos", pos), ("width", width), ("slots", slots)):
-            if t.dtype != torch.int64 or tuple(t.shape) != (R,) or t.device != self.device:
-                raise ValueError(f"{name} must be int64 [{R}] on {self.device}, got {t.dtype} {tuple(t.shape)}")
+            if t.dtype != torch.int64 or tuple(t.shape) != (R,) or t.device != self.device or t.stride(0) != 1:
+                raise ValueError(f"{name} must be a contiguous int64 [{R}] tensor on {self.device}, got {t.dtype} "
+                                 f"{tuple(t.shape)} (strides {t.stride()}) on {t.device}")
         want = (cfg.n_layer, cfg.n_head, cfg.head_k_dim, cfg.head_v_dim)
         if ssm.dtype != torch.float32 or ssm.dim() != 5 or (ssm.shape[0], *ssm.shape[2:]) != want \
                 or not ssm.is_contiguous():
