@@ -59,24 +59,28 @@ TARGET_US = {"lasad-B": 100.0, "lasad-XL": 650.0}   # issue 27, H100, with CFG (
 SAMPLER = dict(cfg=True, cfg_scale=4.0, top_k=2000, backend="triton")
 # (name, PersistentStep keywords), in the order they run (the budget may cut the tail).
 VARIANTS = {
-    # registers (ptxas, sm_90, triton 3.6/3.9): 16K-element tiles at 4 warps ~245 (2 programs per
-    # SM), 8K at 4 warps ~141 (3 per SM), 32K at 8 warps ~237 (1 per SM)
+    # registers (ptxas, sm_90, triton 3.6, the GPU machine's): 16K-element tiles at 4 warps 245
+    # (2 programs per SM), 8K at 4 warps 212 (2), 32K at 8 warps 205 (1); tagged 16K 255 (2)
     "lasad-B": [
         ("persistent t16k w4 x2", dict(tile=16384, num_warps=4, per_sm=2)),
-        ("persistent t8k w4 x3", dict(tile=8192, num_warps=4, per_sm=3)),
+        ("tagged t16k w4 x2", dict(tile=16384, num_warps=4, per_sm=2, tagged=True)),
+        ("tagged slack2 t16k w4 x2", dict(tile=16384, num_warps=4, per_sm=2, tagged=True, slack=2)),
         ("layer-pdl t16k w4 x2", dict(tile=16384, num_warps=4, per_sm=2, launch="layer-pdl")),
+        ("persistent t8k w4 x2", dict(tile=8192, num_warps=4, per_sm=2)),
         ("persistent t32k w8 x1", dict(tile=32768, num_warps=8, per_sm=1)),
         ("persistent t16k w4 x1", dict(tile=16384, num_warps=4, per_sm=1)),
     ],
     "lasad-XL": [
         ("persistent t16k w4 x2", dict(tile=16384, num_warps=4, per_sm=2)),
         ("layer-pdl t16k w4 x2", dict(tile=16384, num_warps=4, per_sm=2, launch="layer-pdl")),
-        ("persistent t8k w4 x3", dict(tile=8192, num_warps=4, per_sm=3)),
+        ("tagged t16k w4 x2", dict(tile=16384, num_warps=4, per_sm=2, tagged=True)),
         ("persistent t32k w8 x1", dict(tile=32768, num_warps=8, per_sm=1)),
         ("layer t16k w4 x2", dict(tile=16384, num_warps=4, per_sm=2, launch="layer")),
+        ("persistent t8k w4 x2", dict(tile=8192, num_warps=4, per_sm=2)),
     ],
 }
 DEFAULT_VARIANTS = [("persistent t16k w4 x2", dict(tile=16384, num_warps=4, per_sm=2)),
+                    ("tagged t16k w4 x2", dict(tile=16384, num_warps=4, per_sm=2, tagged=True)),
                     ("layer-pdl t16k w4 x2", dict(tile=16384, num_warps=4, per_sm=2, launch="layer-pdl"))]
 
 
@@ -212,7 +216,7 @@ def diagnose(model, ps, kw, ids, pos, width, slots, logits) -> dict:
     scratch = torch.zeros(cfg.n_layer, ROWS, cfg.n_head, cfg.head_k_dim, cfg.head_v_dim, device=ids.device)
     out = {}
     try:
-        opts = {k: v for k, v in kw.items() if k != "launch"}
+        opts = {k: v for k, v in kw.items() if k != "launch"}   # same compile: the step form
         nowait = PersistentStep(model, rows_max=ROWS, max_spin=1 << 20, schedule=ps.schedule.subset(waits=False),
                                 **opts)
         g = capture(lambda: nowait.step(ids, pos, width, scratch, slots, logits))

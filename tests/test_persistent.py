@@ -8,6 +8,8 @@ logits against the parallel forward in fp32, the same sampled tokens as the torc
 bit-identical runs, every launch form, CUDA-graph capture, and the lasad-B shapes in bf16.
 """
 
+import dataclasses
+
 import pytest
 import torch
 from conftest import HAS_TRITON, assert_close, rel_err, randomize_
@@ -59,24 +61,26 @@ def vec(*values, device="cpu"):
     return torch.tensor(values, dtype=torch.int64, device=device)
 
 
-CASES = [  # (dtype, row_start, output_norm, use_lower_bound, decay)
-    ("fp32", "unit", "rms", True, True),
-    ("fp32", "reset", "group", True, True),
-    ("fp32", "none", "rms", False, True),
-    ("fp32", "unit", "group", True, False),   # no decay: every image position is a "unit" row start
-    ("bf16", "unit", "rms", True, True),
-    ("bf16", "reset", "group", False, True),
+CASES = [  # (dtype, row_start, output_norm, use_lower_bound, decay, tagged activations)
+    ("fp32", "unit", "rms", True, True, False),
+    ("fp32", "reset", "group", True, True, False),
+    ("fp32", "none", "rms", False, True, False),
+    ("fp32", "unit", "group", True, False, False),   # no decay: every image position is a "unit" row start
+    ("bf16", "unit", "rms", True, True, False),
+    ("bf16", "reset", "group", False, True, False),
+    ("fp32", "reset", "rms", True, True, True),
+    ("bf16", "unit", "group", True, True, True),
 ]
 
 
 @needs_triton
-@pytest.mark.parametrize("dtype,mode,norm,lb,decay", CASES, ids=lambda v: str(v))
-def test_steps_match_the_torch_reference(dtype, mode, norm, lb, decay):
+@pytest.mark.parametrize("dtype,mode,norm,lb,decay,tagged", CASES, ids=lambda v: str(v))
+def test_steps_match_the_torch_reference(dtype, mode, norm, lb, decay, tagged):
     """Positions 0..3 of two CFG rows (width 2: rows start at 1 and 3) against LasadGen.step."""
     dt = DTYPES[dtype]
     cfg = small_config(row_start=mode, output_norm=norm, use_lower_bound=lb, decay=decay, grid_width=2)
     model = make_model(cfg, dt, seed=len(mode) + 7 * lb)
-    ps = coarse(model)
+    ps = coarse(model, tagged=tagged)
     R = 2
     ref_state = model.allocate_state(R, width=2)
     pool = torch.zeros_like(ref_state.ssm)
@@ -118,13 +122,14 @@ def test_rows_at_their_own_positions_and_slots():
 
 
 @needs_triton
-@pytest.mark.parametrize("norm", ["rms", "group"])
-def test_each_task_type_against_the_reference(norm):
+@pytest.mark.parametrize("norm,tagged", [("rms", False), ("group", True)])
+def test_each_task_type_against_the_reference(norm, tagged):
     """Small tiles (many tasks per op, per-head dependencies): every stage's buffer against the torch
     definition applied to the kernel's own inputs of that stage, so each task type is checked alone."""
     cfg = small_config(output_norm=norm, row_start="reset")
     model = make_model(cfg, seed=5)
-    ps = P.PersistentStep(model, tile=256, min_tiles=4, block_v=8 if norm == "rms" else None, rows_max=2)
+    ps = P.PersistentStep(model, tile=256, min_tiles=4, block_v=8 if norm == "rms" else None, rows_max=2,
+                          tagged=tagged)
     counts = ps.schedule.counts()
     assert all(n > 1 for name, n in counts.items()), counts
     gen = torch.Generator().manual_seed(2)
@@ -133,14 +138,15 @@ def test_each_task_type_against_the_reference(norm):
     ids, pos, width, slots = vec(5, 6), vec(1, 4), vec(3, 3), vec(1, 0)
     logits = torch.full((2, cfg.vocab_size), float("nan"))
     ps.step(ids, pos, width, pool, slots, logits)
+    act = ps.activations()
     x = model.embed_step(ids, vec(1), backend="torch")          # both rows are image tokens
     start = row_start_mask(pos, width)
     tol = TOL[torch.float32]
     for i, (blk, lb) in enumerate(zip(model.layers, model._lower_bounds())):
         a, f = blk.attention, blk.feed_forward
         qfv = fused_linear(x, a.qfv.weight, norm_weight=blk.attention_norm.weight, eps=cfg.norm_eps, backend="torch")
-        assert_close(f"layer {i} qfv", ps.qfv_buf[i, :2], qfv, tol)
-        qfv = ps.qfv_buf[i, :2].clone()
+        assert_close(f"layer {i} qfv", act["qfv"][i, :2], qfv, tol)
+        qfv = act["qfv"][i, :2].clone()
         state = before[i, slots].clone()
         o = torch.cat([lasad_fused_step_(qfv[r:r + 1], lb, state[r:r + 1], start[r:r + 1], cfg.row_start,
                                          backend="torch") for r in range(2)])
@@ -148,19 +154,19 @@ def test_each_task_type_against_the_reference(norm):
         o = o.flatten(-2)
         if norm == "group":  # the step task applies the per-head norm
             o = a.g_norm(o)
-            assert_close(f"layer {i} o", ps.o_buf[i, :2], o, tol)
-            h = fused_linear(ps.o_buf[i, :2], a.o_proj.weight, residual=x, backend="torch")
+            assert_close(f"layer {i} o", act["o"][i, :2], o, tol)
+            h = fused_linear(act["o"][i, :2], a.o_proj.weight, residual=x, backend="torch")
         else:
-            assert_close(f"layer {i} o", ps.o_buf[i, :2], o, tol)
-            h = fused_linear(ps.o_buf[i, :2], a.o_proj.weight, norm_weight=a.g_norm.weight, eps=a.g_norm.eps,
+            assert_close(f"layer {i} o", act["o"][i, :2], o, tol)
+            h = fused_linear(act["o"][i, :2], a.o_proj.weight, norm_weight=a.g_norm.weight, eps=a.g_norm.eps,
                              residual=x, backend="torch")
-        assert_close(f"layer {i} h", ps.h_buf[i, :2], h, tol)
-        u = fused_linear(ps.h_buf[i, :2], f.w13.weight, norm_weight=blk.ffn_norm.weight, eps=cfg.norm_eps,
+        assert_close(f"layer {i} h", act["h"][i, :2], h, tol)
+        u = fused_linear(act["h"][i, :2], f.w13.weight, norm_weight=blk.ffn_norm.weight, eps=cfg.norm_eps,
                          swiglu=True, backend="torch")
-        assert_close(f"layer {i} u", ps.u_buf[i, :2], u, tol)
-        x = fused_linear(ps.u_buf[i, :2], f.w2.weight, residual=ps.h_buf[i, :2], backend="torch")
-        assert_close(f"layer {i} x", ps.x_buf[i, :2], x, tol)
-        x = ps.x_buf[i, :2].clone()
+        assert_close(f"layer {i} u", act["u"][i, :2], u, tol)
+        x = fused_linear(act["u"][i, :2], f.w2.weight, residual=act["h"][i, :2], backend="torch")
+        assert_close(f"layer {i} x", act["x"][i, :2], x, tol)
+        x = act["x"][i, :2].clone()
     head = fused_linear(x, model.output.weight, norm_weight=model.norm.weight, eps=cfg.norm_eps, backend="torch")
     assert_close("logits", logits, head.float(), tol)
     assert not ps.error()
@@ -193,7 +199,8 @@ def test_bit_identical_across_runs_programs_and_launch_forms():
     assert int(base.counters[0]) == 4 * (n + base.programs)           # 4 launches, one ticket range
     producers = torch.bincount(base.schedule.tasks[:, 5].long(), minlength=base.schedule.n_counters)
     assert torch.equal(base.counters[1:].cpu(), 4 * producers)
-    for kw in (dict(programs=3), dict(launch="layer"), dict(launch="layer", programs=2)):
+    for kw in (dict(programs=3), dict(launch="layer"), dict(launch="layer", programs=2), dict(tagged=True),
+               dict(tagged=True, launch="layer", programs=2, slack=1)):
         c = run(coarse(model, **kw))
         assert torch.equal(a[0], c[0]) and torch.equal(a[1], c[1]), kw
 
@@ -211,6 +218,22 @@ def test_a_wait_that_never_opens_sets_the_error_flag():
     assert ps.error()
     ps.reset()
     assert not ps.error() and int(ps.counters.abs().sum()) == 0
+
+
+@needs_triton
+def test_tags_catch_an_input_that_was_not_written_this_launch():
+    """Tagged activations: one W_q|W_f|W_i tile left out of the table. With slack 1 its missing count
+    is tolerated, so only the tags can tell that the LASAD task of its head reads columns of another
+    launch: it polls them max_spin times and raises the error flag. The full table passes."""
+    model = make_model(small_config(), seed=2)
+    full = P.build_schedule(model.config, tile=256, min_tiles=4)
+    missing = dataclasses.replace(full, tasks=full.tasks[1:].clone(), ranges=((0, full.n_tasks - 1),))
+    logits = torch.empty(2, model.config.vocab_size)
+    for sch, broken in ((full, False), (missing, True)):
+        ps = P.PersistentStep(model, schedule=sch, tagged=True, slack=1, max_spin=3, rows_max=2)
+        pool = torch.zeros(model.config.n_layer, 2, 2, 24, 24)
+        ps.step(vec(1, 2), vec(1, 1), vec(3, 3), pool, vec(0, 1), logits)
+        assert ps.error() == broken
 
 
 @pytest.mark.parametrize("preset", ["lasad-tiny", "lasad-B", "lasad-XL"])
@@ -279,6 +302,8 @@ def test_bad_arguments():
             ps.step(**{**ok, **bad})
     with pytest.raises(ValueError, match="rows_max"):
         P.PersistentStep(model, rows_max=P.ROWS_MAX + 1)
+    with pytest.raises(ValueError, match="slack needs tagged"):
+        P.PersistentStep(model, slack=2)
     with pytest.raises(ValueError, match="launch"):
         P.build_schedule(cfg, launch="graph")
     with pytest.raises(ValueError, match="whole head"):
@@ -396,7 +421,9 @@ def test_bit_identical_every_launch_form_and_in_a_cuda_graph():
              "layer": (P.PersistentStep(model, launch="layer"), False),
              "layer-pdl": (P.PersistentStep(model, launch="layer-pdl"), False),
              "layer-pdl graph": (P.PersistentStep(model, launch="layer-pdl"), True),
-             "one program per SM": (P.PersistentStep(model, per_sm=1), False)}
+             "one program per SM": (P.PersistentStep(model, per_sm=1), False),
+             "tagged": (P.PersistentStep(model, tagged=True), False),
+             "tagged graph, slack 2": (P.PersistentStep(model, tagged=True, slack=2), True)}
     for name, (ps, graph) in forms.items():
         got = run(ps, graph)
         assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1]), name

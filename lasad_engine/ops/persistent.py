@@ -227,6 +227,12 @@ class PersistentStep:
         max_spin: polls before a wait gives up and sets the error flag.
         schedule: a task list of this config's (`build_schedule`, `Schedule.subset`) instead of the
             one the arguments above describe.
+        tagged: every activation is stored as one 8-byte word with the launch's number in its high
+            half (written by a relaxed atomic exchange, read by volatile loads and checked), so the
+            counters need no release fence: they only tell a task when to start polling its inputs
+            (NCCL's "LL" protocol). Costs 4x (bf16) the activation bytes, which are tiny.
+        slack: tagged only: start polling the inputs when all but `slack` of their producers have
+            counted (0: when all have).
 
     Examples::
         >>> from lasad_engine import LasadConfig, LasadGen                      # doctest: +SKIP
@@ -242,7 +248,7 @@ class PersistentStep:
     def __init__(self, model, *, rows_max: int = 2, tile: int = TILE_ELEMS, min_tiles: int = 64,
                  block_v: int | None = None, head_deps: bool = True, programs: int | None = None,
                  per_sm: int = 2, num_warps: int = 4, launch: str = "step", max_spin: int = MAX_SPIN,
-                 schedule: Schedule | None = None):
+                 schedule: Schedule | None = None, tagged: bool = False, slack: int = 0):
         if triton is None:
             raise RuntimeError("the persistent step needs triton: pip install -e '.[gpu]' in lasad's folder")
         cfg = self.config = model.config
@@ -259,6 +265,9 @@ class PersistentStep:
         self.schedule = schedule or build_schedule(cfg, tile=tile, min_tiles=min_tiles, block_v=block_v,
                                                    head_deps=head_deps, launch=launch)
         self.launch, self.rows_max, self.num_warps, self.max_spin = launch, rows_max, num_warps, int(max_spin)
+        if slack and not tagged:
+            raise ValueError("slack needs tagged=True: without tags the counters are the only synchronisation")
+        self.tagged, self.slack = bool(tagged), int(slack)
         if programs is None:
             programs = 1 if self.device.type != "cuda" else \
                 torch.cuda.get_device_properties(self.device).multi_processor_count * per_sm
@@ -302,7 +311,8 @@ class PersistentStep:
         self._lb_key = None
         self.refresh_lower_bounds()
 
-        R, dt, dev = rows_max, self.dtype, self.device
+        R, dev = rows_max, self.device
+        dt = torch.int64 if self.tagged else self.dtype
         nq = 2 * H * K + H * V
         self.qfv_buf = torch.zeros(L, R, nq, dtype=dt, device=dev)
         self.o_buf = torch.zeros(L, R, H * V, dtype=dt, device=dev)
@@ -332,9 +342,28 @@ class PersistentStep:
         self._lb_key = key
 
     def reset(self) -> None:
-        """Zero the counters and the error flag (only needed after an error; never during a step)."""
+        """Zero the counters and the error flag (only needed after an error; never during a step);
+        tagged, the activations too (their tags restart with the counters)."""
         self.counters.zero_()
         self.err.zero_()
+        if self.tagged:
+            for b in (self.qfv_buf, self.o_buf, self.h_buf, self.u_buf, self.x_buf):
+                b.zero_()
+
+    def activations(self) -> dict:
+        """The activation buffers of the last step, [L, rows_max, width] in the model's dtype (tagged
+        words decoded): qfv, o (the LASAD readout; normed with a per-head norm), h (after W_o), u
+        (after SwiGLU), x (each layer's output). For tests and debugging."""
+        out = {}
+        for name, b in (("qfv", self.qfv_buf), ("o", self.o_buf), ("h", self.h_buf), ("u", self.u_buf),
+                        ("x", self.x_buf)):
+            if self.tagged:
+                if self.dtype == torch.float32:
+                    b = (b & 0xFFFFFFFF).to(torch.int32).view(torch.float32)
+                else:
+                    b = (b & 0xFFFF).to(torch.int16).view(self.dtype)
+            out[name] = b
+        return out
 
     def kernel_info(self) -> dict:
         """Registers, spills and shared memory of the last launched kernel (benchmarks)."""
@@ -387,14 +416,14 @@ class PersistentStep:
                 self.tasks, self.woffs, self._base, self.lbs, ids, pos, width, ssm, slots, logits,
                 self.qfv_buf, self.o_buf, self.h_buf, self.u_buf, self.x_buf, self.counters, self.err,
                 R, ssm.shape[1], L, i, self.n_tickets, lo, hi - lo, hi - lo + self.programs, self.eps_a, self.eps_g, self.eps_f,
-                K ** -0.5, 0.0 if value is None else value, self.max_spin,
+                K ** -0.5, 0.0 if value is None else value, self.max_spin, self.slack,
                 D=d, DP=_pow2(d), H=H, KH=K, VH=V, BKH=_pow2(K), BVH=sch.block_v, NVS=-(-V // sch.block_v),
                 FF=F_, FP=_pow2(F_), HVP=_pow2(H * V), VOCAB=cfg.vocab_size, NCLS=cfg.num_classes + 1,
                 BR=_pow2(R), RB=self.rows_max, BN_Q=sch.block_n["qfv"], BN_O=sch.block_n["o"],
                 BN_13=sch.block_n["w13"], BN_2=sch.block_n["w2"], BN_HEAD=sch.block_n["head"],
                 HAS_OVERRIDE=value is not None, GROUP_NORM=cfg.output_norm == "group",
                 HAS_LB=cfg.use_lower_bound, UNIT_WIDTH=self.unit_width, WALIGN=self.walign,
-                XALIGN=math.gcd(self.walign, d),
+                XALIGN=math.gcd(self.walign, d), TAGGED=self.tagged,
                 INTERPRET=_INTERPRET, PDL=pdl, PDL_TRIGGER=pdl_ok, num_warps=self.num_warps, **extra)
 
 
@@ -431,11 +460,59 @@ if triton is not None:
             tl.store(err, 1)
 
     @triton.jit
-    def _release(cnt, out):
+    def _release(cnt, out, TAGGED: tl.constexpr):
         # every thread's stores are issued (block barrier), then one release add makes them visible
-        # with the count (the cooperative-groups grid-sync pattern, without the grid)
+        # with the count (the cooperative-groups grid-sync pattern, without the grid). Tagged: the
+        # values carry their own launch number, the count is only a hint (relaxed: no fence).
         tl.debug_barrier()
-        tl.atomic_add(cnt + out, 1, sem="release", scope="gpu")
+        if TAGGED:
+            tl.atomic_add(cnt + out, 1, sem="relaxed", scope="gpu")
+        else:
+            tl.atomic_add(cnt + out, 1, sem="release", scope="gpu")
+
+    @triton.jit
+    def _pack(y, tag, DT: tl.constexpr):
+        """A tagged word: the value's bits in the low half, the launch tag in the high half."""
+        if DT == tl.float32:
+            bits = y.to(tl.int32, bitcast=True).to(tl.int64) & 0xFFFFFFFF
+        else:
+            bits = y.to(tl.int16, bitcast=True).to(tl.int64) & 0xFFFF
+        return bits | (tag << 32)
+
+    @triton.jit
+    def _unpack(wd, DT: tl.constexpr):
+        if DT == tl.float32:
+            return wd.to(tl.int32).to(tl.float32, bitcast=True)
+        else:
+            return wd.to(tl.int16).to(DT, bitcast=True)
+
+    @triton.jit
+    def _put(ptrs, y, mask, tag, DT: tl.constexpr, TAGGED: tl.constexpr):
+        """Store activations; tagged: each as one 8-byte word, written atomically (relaxed)."""
+        if TAGGED:
+            tl.atomic_xchg(ptrs, _pack(y, tag, DT), mask=mask, sem="relaxed", scope="gpu")
+        else:
+            tl.store(ptrs, y, mask=mask)
+
+    @triton.jit
+    def _fetch(ptrs, mask, tag, check, max_spin, err, DT: tl.constexpr, TAGGED: tl.constexpr):
+        """Load activations (masked lanes 0). Tagged: poll the words until every one carries this
+        launch's tag (when `check`), then unpack them. The loop condition is a block-wide sum, the
+        same in every thread (its barriers are reached by all)."""
+        if TAGGED:
+            wd = tl.load(ptrs, mask=mask, other=0, volatile=True)
+            if check:
+                bad = tl.sum((((wd >> 32) != tag) & mask).to(tl.int32))
+                spins = 0
+                while (bad > 0) & (spins < max_spin):
+                    wd = tl.load(ptrs, mask=mask, other=0, volatile=True)
+                    bad = tl.sum((((wd >> 32) != tag) & mask).to(tl.int32))
+                    spins += 1
+                if bad > 0:
+                    tl.store(err, 1)
+            return _unpack(wd, DT)
+        else:
+            return tl.load(ptrs, mask=mask, other=0.0, cache_modifier=".cg")
 
     @triton.jit
     def _next(ticket, tasks, task_lo, k, M, n_tasks):
@@ -447,15 +524,16 @@ if triton is not None:
                 tl.load(d + 5))
 
     @triton.jit
-    def _gemv(n0, w, w3_off, nw, x_rows, res_rows, out, out_stride, eps, R,
-              ticket, tasks, task_lo, k, M, n_tasks, cnt, dep, target, max_spin, err,
+    def _gemv(n0, w, w3_off, nw, x_emb, x_buf, x_is_emb, r_emb, r_buf, r_is_emb, out, out_stride, eps, R, tag,
+              check, ticket, tasks, task_lo, k, M, n_tasks, cnt, dep, target, max_spin, err,
               N: tl.constexpr, K: tl.constexpr, KP: tl.constexpr, BN: tl.constexpr, BR: tl.constexpr,
               HAS_NORM: tl.constexpr, SWIGLU: tl.constexpr, HAS_RES: tl.constexpr, OUT_F32: tl.constexpr,
-              INTERPRET: tl.constexpr):
+              DT: tl.constexpr, TAGGED: tl.constexpr, INTERPRET: tl.constexpr):
         """One GEMV tile: output columns [n0, n0 + BN) of every row, the whole K (ops/linear.py's
-        FMA path: same prologue, epilogue and roundings). x_rows / res_rows: [BR] pointers to each
-        row's input / residual. Loads the weights, takes the next ticket, waits for its input,
-        computes, stores. Returns the next task (`_next`)."""
+        FMA path: same prologue, epilogue and roundings). Each row's input (residual) starts at
+        x_emb (r_emb), [BR] pointers into the embedding tables, when x_is_emb (r_is_emb), else at
+        x_buf (r_buf), into an activation buffer. Loads the weights, takes the next ticket, waits
+        for its input, computes, stores. Returns the next task (`_next`)."""
         cols = n0 + tl.arange(0, BN)
         kk = tl.arange(0, KP)
         km = kk < K
@@ -478,41 +556,47 @@ if triton is not None:
         rows = tl.arange(0, BR)
         rm = rows < R
         om = rm[:, None] & cm[None, :]
-        if HAS_RES:  # issued first: its latency hides behind the GEMV
-            res_t = tl.load(res_rows[:, None] + cols[None, :], mask=om, other=0.0, cache_modifier=".cg")
+        if HAS_RES:  # first: its latency hides behind the GEMV
+            if r_is_emb:
+                res_t = tl.load(r_emb[:, None] + cols[None, :], mask=om, other=0.0)
+            else:
+                res_t = _fetch(r_buf[:, None] + cols[None, :], om, tag, check, max_spin, err, DT, TAGGED)
         else:
             res_t = om
-        xt = tl.load(x_rows[:, None, None] + kk[None, None, :], mask=rm[:, None, None] & km[None, None, :], other=0.0,
-                     cache_modifier=".cg")                                              # [BR, 1, KP]
+        xm = rm[:, None, None] & km[None, None, :]
+        if x_is_emb:
+            xt = tl.load(x_emb[:, None, None] + kk[None, None, :], mask=xm, other=0.0)      # [BR, 1, KP]
+        else:
+            xt = _fetch(x_buf[:, None, None] + kk[None, None, :], xm, tag, check, max_spin, err, DT, TAGGED)
         if HAS_NORM:
             xf = xt.to(tl.float32)
             rstd = tl.rsqrt(tl.sum(xf * xf, axis=2) / K + eps)
-            xt = rms_apply(xf, rstd[:, :, None], nw_t[None, None, :], xt.dtype).to(xt.dtype)
+            xt = rms_apply(xf, rstd[:, :, None], nw_t[None, None, :], DT).to(DT)
         af = xt.to(tl.float32)
         acc = tl.sum(w_t.to(tl.float32) * af, axis=2)                                  # [BR, BN]
         if SWIGLU:
             acc3 = tl.sum(w3_t.to(tl.float32) * af, axis=2)
         else:
             acc3 = acc
-        dt = xt.dtype
-        y = acc.to(dt)
+        y = acc.to(DT)
         if SWIGLU:
-            y = silu_mul_f32(y, acc3.to(dt)).to(dt)
+            y = silu_mul_f32(y, acc3.to(DT)).to(DT)
         if HAS_RES:
-            y = (res_t.to(tl.float32) + y.to(tl.float32)).to(dt)
+            y = (res_t.to(tl.float32) + y.to(tl.float32)).to(DT)
         off = rows[:, None] * out_stride + cols[None, :]
         if OUT_F32:
             tl.store(out + off, y.to(tl.float32), mask=om)
         else:
-            tl.store(out + off, y, mask=om)
+            _put(out + off, y, om, tag, DT, TAGGED)
         return nxt
 
     @triton.jit
-    def _lasad(layer, idx, qfv, o, ssm, slot, start, lbs, gw, R, S, eps_g, scale, override,
+    def _lasad(layer, idx, qfv, o, ssm, slot, start, lbs, gw, R, S, eps_g, scale, override, tag, check,
                ticket, tasks, task_lo, k, M, n_tasks, cnt, dep, target, max_spin, err,
                H: tl.constexpr, KH: tl.constexpr, VH: tl.constexpr, BKH: tl.constexpr, BVH: tl.constexpr,
                NVS: tl.constexpr, NQ: tl.constexpr, BR: tl.constexpr, HAS_OVERRIDE: tl.constexpr,
-               GROUP_NORM: tl.constexpr, HAS_LB: tl.constexpr, INTERPRET: tl.constexpr):
+               GROUP_NORM: tl.constexpr, HAS_LB: tl.constexpr, DT: tl.constexpr, TAGGED: tl.constexpr,
+               INTERPRET: tl.constexpr):
         """The LASAD step of head idx // NVS, value slice idx % NVS, every row (ops/lasad/step.py's
         kernel with fused gates, the same expressions); slot, start: each row's state slot and
         row-start flag [BR]. The state slices load before the wait. Returns the next task."""
@@ -536,10 +620,10 @@ if triton is not None:
         _wait(cnt, dep, target, max_spin, err, INTERPRET)
         base = qfv + rows[:, None] * NQ
         qm = rm[:, None] & km[None, :]
-        b_qr = tl.load(base + h * KH + kk[None, :], mask=qm, other=0.0, cache_modifier=".cg")
+        b_qr = _fetch(base + h * KH + kk[None, :], qm, tag, check, max_spin, err, DT, TAGGED)
         b_q = b_qr.to(tl.float32)
-        b_q = (b_q / (1.0 + tl.exp(-b_q))).to(b_qr.dtype).to(tl.float32) * scale
-        b_f = tl.load(base + H * KH + h * KH + kk[None, :], mask=qm, other=0.0, cache_modifier=".cg").to(tl.float32)
+        b_q = (b_q / (1.0 + tl.exp(-b_q))).to(DT).to(tl.float32) * scale
+        b_f = _fetch(base + H * KH + h * KH + kk[None, :], qm, tag, check, max_spin, err, DT, TAGGED).to(tl.float32)
         sig = 1.0 / (1.0 + tl.exp(-b_f))
         b_k = 1.0 / (1.0 + tl.exp(b_f))
         lb2 = b_lb[None, :]
@@ -549,36 +633,36 @@ if triton is not None:
         b_k = tl.where(has_lb, (1.0 - lb2) * b_k, b_k)
         if HAS_OVERRIDE:
             b_g = tl.where(start[:, None], override, b_g)
-        b_v = tl.load(base + 2 * H * KH + h * VH + vv[None, :], mask=rm[:, None] & vm[None, :], other=0.0,
-                      cache_modifier=".cg").to(tl.float32)
+        b_v = _fetch(base + 2 * H * KH + h * VH + vv[None, :], rm[:, None] & vm[None, :], tag, check, max_spin, err,
+                     DT, TAGGED).to(tl.float32)
         b_s = b_s * tl.exp(b_g)[:, :, None] + b_k[:, :, None] * b_v[:, None, :]
         tl.store(sp, b_s, mask=smask)
         b_o = tl.sum(b_s * b_q[:, :, None], axis=1)                                      # [BR, BVH]
-        dt = b_qr.dtype
         om = rm[:, None] & vm[None, :]
         if GROUP_NORM:
             # the per-head RMSNorm of W_o's input (norms.rms_norm with groups = heads), whole head here
-            of = tl.where(om, b_o.to(dt).to(tl.float32), 0.0)
+            of = tl.where(om, b_o.to(DT).to(tl.float32), 0.0)
             rstd = tl.rsqrt(tl.sum(of * of, axis=1) / VH + eps_g)
-            b_o = rms_apply(of, rstd[:, None], b_gw[None, :], dt)
-        tl.store(o + rows[:, None] * (H * VH) + h * VH + vv[None, :], b_o.to(dt), mask=om)
+            b_o = rms_apply(of, rstd[:, None], b_gw[None, :], DT)
+        _put(o + rows[:, None] * (H * VH) + h * VH + vv[None, :], b_o.to(DT), om, tag, DT, TAGGED)
         return nxt
 
     # The integers that differ between launches of one step (ranges of the per-layer forms) or between
     # calls (rows, slots) are not specialised on (divisibility, == 1): one compile serves them all.
     @triton.jit(do_not_specialize=["R", "S", "n_layer", "ticket_at", "cnt_at", "task_lo", "n_tasks", "M",
-                                   "max_spin"])
+                                   "max_spin", "slack"])
     def persistent_step_kernel(
         tasks, woffs, wbase, lbs, ids, pos, width, ssm, slots, logits,
         qfv_buf, o_buf, h_buf, u_buf, x_buf, counters, err,
         R, S, n_layer, ticket_at, cnt_at, task_lo, n_tasks, M, eps_a, eps_g, eps_f, scale, override, max_spin,
+        slack,
         D: tl.constexpr, DP: tl.constexpr, H: tl.constexpr, KH: tl.constexpr, VH: tl.constexpr,
         BKH: tl.constexpr, BVH: tl.constexpr, NVS: tl.constexpr, FF: tl.constexpr, FP: tl.constexpr,
         HVP: tl.constexpr, VOCAB: tl.constexpr, NCLS: tl.constexpr, BR: tl.constexpr, RB: tl.constexpr,
         BN_Q: tl.constexpr, BN_O: tl.constexpr, BN_13: tl.constexpr, BN_2: tl.constexpr, BN_HEAD: tl.constexpr,
         HAS_OVERRIDE: tl.constexpr, GROUP_NORM: tl.constexpr, HAS_LB: tl.constexpr, UNIT_WIDTH: tl.constexpr,
-        WALIGN: tl.constexpr, XALIGN: tl.constexpr, INTERPRET: tl.constexpr, PDL: tl.constexpr,
-        PDL_TRIGGER: tl.constexpr,
+        WALIGN: tl.constexpr, XALIGN: tl.constexpr, TAGGED: tl.constexpr, INTERPRET: tl.constexpr,
+        PDL: tl.constexpr, PDL_TRIGGER: tl.constexpr,
     ):
         # Tasks [task_lo, task_lo + n_tasks) of the table, taken by ticket. Launch number k of this
         # range is ticket // M (M = n_tasks + programs: each program takes one ticket past the end).
@@ -614,48 +698,54 @@ if triton is not None:
         d = tasks + (task_lo + tl.where(task < n_tasks, task, 0)) * 8
         tt, layer, idx, dep, dn, out = (tl.load(d), tl.load(d + 1).to(tl.int64), tl.load(d + 2), tl.load(d + 3),
                                         tl.load(d + 4), tl.load(d + 5))
+        DT: tl.constexpr = wbase.dtype.element_ty        # the activations' dtype (the weights')
+        tag = (k + 1) % 2147483648                         # tagged activations: this launch's number
         while task < n_tasks:
-            target = (k + 1) * dn
+            # tagged: the count is a hint, the tags decide; start polling the data `slack` early
+            target = (k + 1) * dn - slack
+            check = dn > 0                                 # a measurement without waits reads anything
             w_row = woffs + layer * 8
-            lrow = layer * RB                          # this layer's first row in the buffers
+            lrow = layer * RB                              # this layer's first row in the buffers
             buf_rows = (lrow + rows).to(tl.int64)
             # x_l, the layer's input (and W_o's residual): the embedding rows at layer 0
-            x_in = tl.where(layer == 0, emb_rows, x_buf + tl.multiple_of((buf_rows - RB) * D, XALIGN))
+            first = layer == 0
+            x_prev = x_buf + tl.multiple_of((buf_rows - RB) * D, XALIGN)
             if tt == 0:    # W_q|W_f|W_i, norm prologue
                 nxt = _gemv(idx, wbase + tl.multiple_of(tl.load(w_row + 0), WALIGN), 0,
-                            wbase + tl.multiple_of(tl.load(w_row + 4), WALIGN), x_in, x_in,
-                            qfv_buf + lrow * NQ, NQ, eps_a, R, ticket, tasks, task_lo, k, M, n_tasks,
-                            cnt, dep, target, max_spin, err,
-                            NQ, D, DP, BN_Q, BR, True, False, False, False, INTERPRET)
+                            wbase + tl.multiple_of(tl.load(w_row + 4), WALIGN), emb_rows, x_prev, first,
+                            emb_rows, x_prev, first, qfv_buf + lrow * NQ, NQ, eps_a, R, tag, check,
+                            ticket, tasks, task_lo, k, M, n_tasks, cnt, dep, target, max_spin, err,
+                            NQ, D, DP, BN_Q, BR, True, False, False, False, DT, TAGGED, INTERPRET)
             elif tt == 1:  # the LASAD step of one head (slice), gates fused, state in place
                 nxt = _lasad(layer, idx, qfv_buf + lrow * NQ, o_buf + lrow * HV, ssm, slot, start, lbs,
                              wbase + tl.multiple_of(tl.load(w_row + 5), WALIGN), R, S, eps_g, scale, override,
-                             ticket, tasks, task_lo, k, M, n_tasks, cnt, dep, target, max_spin, err,
-                             H, KH, VH, BKH, BVH, NVS, NQ, BR, HAS_OVERRIDE, GROUP_NORM, HAS_LB, INTERPRET)
+                             tag, check, ticket, tasks, task_lo, k, M, n_tasks, cnt, dep, target, max_spin, err,
+                             H, KH, VH, BKH, BVH, NVS, NQ, BR, HAS_OVERRIDE, GROUP_NORM, HAS_LB, DT, TAGGED,
+                             INTERPRET)
             elif tt == 2:  # W_o: full-width output norm prologue (group norm: done by the step), + x_l
                 nxt = _gemv(idx, wbase + tl.multiple_of(tl.load(w_row + 1), WALIGN), 0,
-                            wbase + tl.multiple_of(tl.load(w_row + 5), WALIGN), o_buf + buf_rows * HV, x_in,
-                            h_buf + lrow * D, D, eps_g, R, ticket, tasks, task_lo, k, M, n_tasks,
-                            cnt, dep, target, max_spin, err,
-                            D, HV, HVP, BN_O, BR, not GROUP_NORM, False, True, False, INTERPRET)
+                            wbase + tl.multiple_of(tl.load(w_row + 5), WALIGN), emb_rows, o_buf + buf_rows * HV,
+                            False, emb_rows, x_prev, first, h_buf + lrow * D, D, eps_g, R, tag, check,
+                            ticket, tasks, task_lo, k, M, n_tasks, cnt, dep, target, max_spin, err,
+                            D, HV, HVP, BN_O, BR, not GROUP_NORM, False, True, False, DT, TAGGED, INTERPRET)
             elif tt == 3:  # W_1|W_3: norm prologue, SwiGLU epilogue
                 nxt = _gemv(idx, wbase + tl.multiple_of(tl.load(w_row + 2), WALIGN), FF * D,
-                            wbase + tl.multiple_of(tl.load(w_row + 6), WALIGN), h_buf + buf_rows * D, x_in,
-                            u_buf + lrow * FF, FF, eps_a, R, ticket, tasks, task_lo, k, M, n_tasks,
-                            cnt, dep, target, max_spin, err,
-                            FF, D, DP, BN_13, BR, True, True, False, False, INTERPRET)
+                            wbase + tl.multiple_of(tl.load(w_row + 6), WALIGN), emb_rows, h_buf + buf_rows * D,
+                            False, emb_rows, x_prev, False, u_buf + lrow * FF, FF, eps_a, R, tag, check,
+                            ticket, tasks, task_lo, k, M, n_tasks, cnt, dep, target, max_spin, err,
+                            FF, D, DP, BN_13, BR, True, True, False, False, DT, TAGGED, INTERPRET)
             elif tt == 4:  # W_2: + h
                 nxt = _gemv(idx, wbase + tl.multiple_of(tl.load(w_row + 3), WALIGN), 0, fn_w,
-                            u_buf + buf_rows * FF, h_buf + buf_rows * D,
-                            x_buf + lrow * D, D, eps_a, R, ticket, tasks, task_lo, k, M, n_tasks,
-                            cnt, dep, target, max_spin, err,
-                            D, FF, FP, BN_2, BR, False, False, True, False, INTERPRET)
+                            emb_rows, u_buf + buf_rows * FF, False, emb_rows, h_buf + buf_rows * D, False,
+                            x_buf + lrow * D, D, eps_a, R, tag, check,
+                            ticket, tasks, task_lo, k, M, n_tasks, cnt, dep, target, max_spin, err,
+                            D, FF, FP, BN_2, BR, False, False, True, False, DT, TAGGED, INTERPRET)
             else:          # the head: final norm prologue, fp32 logits (rounded as the GEMM output)
-                nxt = _gemv(idx, head_w, 0, fn_w, x_buf + buf_rows * D, x_in,
-                            logits, VOCAB, eps_f, R, ticket, tasks, task_lo, k, M, n_tasks,
-                            cnt, dep, target, max_spin, err,
-                            VOCAB, D, DP, BN_HEAD, BR, True, False, False, True, INTERPRET)
-            _release(cnt, out)
+                nxt = _gemv(idx, head_w, 0, fn_w, emb_rows, x_buf + buf_rows * D, False, emb_rows, x_prev, False,
+                            logits, VOCAB, eps_f, R, tag, check,
+                            ticket, tasks, task_lo, k, M, n_tasks, cnt, dep, target, max_spin, err,
+                            VOCAB, D, DP, BN_HEAD, BR, True, False, False, True, DT, TAGGED, INTERPRET)
+            _release(cnt, out, TAGGED)
             task, tt, layer, idx, dep, dn, out = nxt
         if PDL:
             gdc_wait()   # exit only after the previous launch has: launches complete in order
