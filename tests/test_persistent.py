@@ -225,8 +225,8 @@ def test_tags_catch_an_input_that_was_not_written_this_launch():
     """Tagged activations: one W_q|W_f|W_i tile left out of the table. With slack 1 its missing count
     is tolerated, so only the tags can tell that the LASAD task of its head reads columns of another
     launch: it polls them max_spin times and raises the error flag. The full table passes."""
-    model = make_model(small_config(), seed=2)
-    full = P.build_schedule(model.config, tile=256, min_tiles=4)
+    model = make_model(small_config(n_layer=1), seed=2)
+    full = P.build_schedule(model.config, tile=1 << 14, min_tiles=1)        # per-head counters, few tasks
     missing = dataclasses.replace(full, tasks=full.tasks[1:].clone(), ranges=((0, full.n_tasks - 1),))
     logits = torch.empty(2, model.config.vocab_size)
     for sch, broken in ((full, False), (missing, True)):
