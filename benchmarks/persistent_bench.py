@@ -267,8 +267,8 @@ def table(result: dict) -> str:
                     f"{t} {a['us_per_step']:.1f} us {a['TBps']:.2f} TB/s" for t, a in r["anatomy_no_waits"].items()))
         if p.get("best"):
             b = p["best"]
-            lines.append(f"{name:9} best: {b['variant']}, {b['us_per_step_with_sampler']:.1f} us/step with the sampler, "
-                         f"{b['speedup_vs_cuda_step']:.2f}x the cuda step; target <= {b['target_us']} us: "
+            lines.append(f"{name:9} best: {b['variant']}, {b['us_per_step_with_sampler']:.1f} us/step with the "
+                         f"sampler, {b['speedup_vs_cuda_step']:.2f}x the cuda step; target <= {b['target_us']} us: "
                          f"{'met' if b['target_met'] else 'missed'}")
     return "\n".join(lines)
 

@@ -1,6 +1,6 @@
 """The decode step of the model body as one persistent Triton kernel: a task interpreter for few
 rows (1-2 images with CFG), without a kernel boundary between the GEMVs (docs/performance.md,
-"The persistent step").
+"Issue 27: the persistent step").
 
 Why: at 2 rows every decode GEMV of lasad-B costs its bytes plus 2.4-5.9 µs of fixed cost (launch,
 ramp-up, tail, the wait on its input), and the 70 kernels of a step cost more than the whole
@@ -27,6 +27,8 @@ bandwidth floor. Here a step is a fixed list of tasks run by a grid of resident 
   (k + 1) × target. No memset, no host sync, one launch per step inside a CUDA graph.
 - a wait that spins `max_spin` polls gives up and sets the error flag (`PersistentStep.error()`)
   instead of hanging the GPU.
+- optionally (`tagged=True`) every activation carries its launch number in the same 8-byte word,
+  so readers check their inputs themselves and the counters need no release fence.
 
 Numerics are the per-op Triton path's (ops/linear.py, the FMA path for few rows; the LASAD step
 kernel with fused gates): fp32 accumulation; each GEMM output rounded to the activation dtype
@@ -70,11 +72,7 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # Task types (column 0 of the task table).
 QFV, LASAD, O_PROJ, W13, W2, HEAD = range(6)
 TASK_NAMES = ("qfv", "lasad", "o", "w13", "w2", "head")
-# Task table columns.
-NF = 8                  # int32 fields per task: type, layer, index, dep, dep_count, out, 0, 0
-# Weight-offset table columns (per layer; row L holds the globals).
-W_QFV, W_O, W_13, W_2, N_ATTN, N_G, N_FFN = range(7)
-G_CLS, G_TOK, G_NORM, G_HEAD = range(4)
+NF = 8                  # int32 fields per task: type, layer, index, dep counter, dep count, own counter, 0, 0
 
 
 def _pow2(n: int) -> int:
@@ -268,12 +266,17 @@ class PersistentStep:
         if slack and not tagged:
             raise ValueError("slack needs tagged=True: without tags the counters are the only synchronisation")
         self.tagged, self.slack = bool(tagged), int(slack)
+        # programmatic dependent launch: Hopper and later only (elsewhere "layer-pdl" runs as "layer")
+        self._pdl = launch == "layer-pdl" and self.device.type == "cuda" \
+            and torch.cuda.get_device_capability(self.device)[0] >= 9
         if programs is None:
             programs = 1 if self.device.type != "cuda" else \
                 torch.cuda.get_device_properties(self.device).multi_processor_count * per_sm
         self.programs = int(programs)
 
         # Weights by address: one base pointer and element offsets (16-byte aligned where possible).
+        # Table rows: per layer [qfv, o_proj, w13, w2, attention norm, output norm, ffn norm, -];
+        # row L: [class table, token table, final norm, head, -, -, -, -] (the kernel's columns).
         layers = model.layers
         mats = []
         for blk in layers:
@@ -407,16 +410,16 @@ class PersistentStep:
         cfg, sch = self.config, self.schedule
         L, d, H, K, V, F_ = cfg.n_layer, cfg.dim, cfg.n_head, cfg.head_k_dim, cfg.head_v_dim, cfg.ffn_dim
         value = row_start_log_decay(self.mode)
-        pdl_ok = self.launch == "layer-pdl" and self.device.type == "cuda" \
-            and torch.cuda.get_device_capability(self.device)[0] >= 9
+        pdl_ok = self._pdl
         for i, (lo, hi) in enumerate(sch.ranges):
             pdl = pdl_ok and i > 0
             extra = {"launch_pdl": True} if pdl else {}
             self._compiled = persistent_step_kernel[(self.programs,)](
                 self.tasks, self.woffs, self._base, self.lbs, ids, pos, width, ssm, slots, logits,
                 self.qfv_buf, self.o_buf, self.h_buf, self.u_buf, self.x_buf, self.counters, self.err,
-                R, ssm.shape[1], L, i, self.n_tickets, lo, hi - lo, hi - lo + self.programs, self.eps_a, self.eps_g, self.eps_f,
-                K ** -0.5, 0.0 if value is None else value, self.max_spin, self.slack,
+                R, ssm.shape[1], L, i, self.n_tickets, lo, hi - lo, hi - lo + self.programs,
+                self.eps_a, self.eps_g, self.eps_f, K ** -0.5, 0.0 if value is None else value, self.max_spin,
+                self.slack,
                 D=d, DP=_pow2(d), H=H, KH=K, VH=V, BKH=_pow2(K), BVH=sch.block_v, NVS=-(-V // sch.block_v),
                 FF=F_, FP=_pow2(F_), HVP=_pow2(H * V), VOCAB=cfg.vocab_size, NCLS=cfg.num_classes + 1,
                 BR=_pow2(R), RB=self.rows_max, BN_Q=sch.block_n["qfv"], BN_O=sch.block_n["o"],
