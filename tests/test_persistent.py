@@ -132,16 +132,24 @@ def test_each_task_type_against_the_reference(norm, tagged):
                           tagged=tagged)
     counts = ps.schedule.counts()
     assert all(n > 1 for name, n in counts.items()), counts
+    check_task_types(model, ps, TOL[torch.float32])
+
+
+def check_task_types(model, ps, tol, device="cpu"):
+    """One step of two image-token rows (slots swapped, one at a row start), then every stage's
+    buffer against the torch definition applied to the kernel's own inputs of that stage."""
+    cfg = model.config
+    norm = cfg.output_norm
     gen = torch.Generator().manual_seed(2)
-    pool = 0.3 * torch.randn(cfg.n_layer, 2, cfg.n_head, cfg.head_k_dim, cfg.head_v_dim, generator=gen)
+    pool = (0.3 * torch.randn(cfg.n_layer, 2, cfg.n_head, cfg.head_k_dim, cfg.head_v_dim, generator=gen)).to(device)
     before = pool.clone()
-    ids, pos, width, slots = vec(5, 6), vec(1, 4), vec(3, 3), vec(1, 0)
-    logits = torch.full((2, cfg.vocab_size), float("nan"))
+    ids, pos = vec(5, 6, device=device), vec(1, 4, device=device)
+    width, slots = vec(3, 3, device=device), vec(1, 0, device=device)
+    logits = torch.full((2, cfg.vocab_size), float("nan"), device=device)
     ps.step(ids, pos, width, pool, slots, logits)
     act = ps.activations()
-    x = model.embed_step(ids, vec(1), backend="torch")          # both rows are image tokens
+    x = model.embed_step(ids, vec(1, device=device), backend="torch")   # both rows are image tokens
     start = row_start_mask(pos, width)
-    tol = TOL[torch.float32]
     for i, (blk, lb) in enumerate(zip(model.layers, model._lower_bounds())):
         a, f = blk.attention, blk.feed_forward
         qfv = fused_linear(x, a.qfv.weight, norm_weight=blk.attention_norm.weight, eps=cfg.norm_eps, backend="torch")
@@ -170,6 +178,8 @@ def test_each_task_type_against_the_reference(norm, tagged):
     head = fused_linear(x, model.output.weight, norm_weight=model.norm.weight, eps=cfg.norm_eps, backend="torch")
     assert_close("logits", logits, head.float(), tol)
     assert not ps.error()
+
+
 
 
 @needs_triton
@@ -348,6 +358,14 @@ def test_teacher_forced_logits_equal_the_parallel_forward_fp32(mode, norm):
         ref = model(tokens, labels, backend="torch")
     assert_close("teacher-forced logits vs forward", got, ref, 1e-5)
     assert not ps.error()
+
+
+@pytest.mark.gpu
+def test_each_task_type_against_the_reference_on_cuda():
+    """The CPU test's per-stage check on the GPU, fp32, real head sizes, default tiles (the kernel of
+    the teacher-forcing test): every task type against the torch definition on its own inputs."""
+    model = make_model(gpu_config(row_start="unit", output_norm="rms"), seed=3, device="cuda")
+    check_task_types(model, P.PersistentStep(model), 1e-5, device="cuda")
 
 
 @pytest.mark.gpu
