@@ -7,7 +7,8 @@
 #
 # Steps: env | plugin | sampler | layers | engine | engine-final | engine-lxxl | engine-quick | pytest |
 #        pytest-train | pytest-a | pytest-b | pytest-ort | tiles | tiles-lxxl | llamagen | ort-part N |
-#        ort-install | ort (install, then the full bench) | ort-quick | ort-fuse | ort-cli | anatomy | engine-lxxl-quick
+#        ort-install | ort (install, then the full bench) | ort-quick | ort-fuse | ort-cli | anatomy | engine-lxxl-quick |
+#        persistent-test | persistent (issue 27: the persistent step's GPU tests, then its benchmark)
 # Carried (git-ignored): .whl/ (fla-core wheel), .carry/llamagen (LlamaGen's gpt.py, generate.py,
 # drop_path.py at ce98ec4, for `llamagen`), .carry/ptx (PTX compiled on the CPU machine, for
 # `plugin`: benchmarks/plugin_launch_check.py --prepare build/plugin-launch), .carry/ort.partN
@@ -55,6 +56,8 @@ for s in "$@"; do
     ort-fuse) step ort-fuse 480 python3 benchmarks/ort_gpu_bench.py --out "$W/ort-fuse" --forms custom --dtypes fp16,fp32 --unfused --anatomy --budget 400 ;;
     engine-lxxl-quick) step engine-lxxl 150 python3 benchmarks/engine_bench.py --out "$W/engine-lxxl" --presets lasad-L,lasad-XXL --batches 1,8,64 --quick ;;
     pytest-train) step pytest-train 200 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_gpt_train.py -rs ;;
+    persistent-test) step persistent-test 110 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_persistent.py -rs --durations=8 ;;
+    persistent) step persistent 200 python3 benchmarks/persistent_bench.py --out "$W/persistent" --budget 150 ;;
     tiles) step tiles 240 python3 benchmarks/linear_tile_sweep.py --out "$W/tiles" ;;
     tiles-lxxl) step tiles-lxxl 260 python3 benchmarks/linear_tile_sweep.py --out "$W/tiles-lxxl" --presets lasad-L,lasad-XXL --budget 230 ;;
     llamagen) step llamagen 190 python3 benchmarks/llamagen_bench.py --llamagen .carry/llamagen --out "$W/llamagen" ;;
