@@ -70,12 +70,14 @@ class LasadEngine:
         threads: torch CPU threads while the loop runs (None: unchanged).
         reproducible: every step runs every slot (scheduler.SlotScheduler): byte-identical tokens
             under any load on a GPU too, at the cost of a lone request's latency.
+        step_kernel: "ops" (one kernel per fused op) or "persistent" (steps of 1-2 images as one
+            persistent kernel; backend 'cuda' only: backends/cuda.py).
     """
 
     def __init__(self, model, *, backend: str = "torch", device=None, max_batch: int = 8,
                  use_cuda_graph: bool = True, artifact=None, max_queue: int | None = None,
                  policy: str = "continuous", batch_wait: float = 0.0, threads: int | None = None,
-                 reproducible: bool = False):
+                 reproducible: bool = False, step_kernel: str = "ops"):
         if isinstance(max_batch, bool) or not isinstance(max_batch, int) or not 1 <= max_batch <= MAX_BATCH:
             raise EngineError(f"max_batch={max_batch!r} must be an integer in 1..{MAX_BATCH}")
         if max_queue is not None and (isinstance(max_queue, bool) or not isinstance(max_queue, int) or max_queue < 0):
@@ -86,6 +88,10 @@ class LasadEngine:
                      f"max_batch={max_batch}")
         self.backend: Backend = make_backend(backend, model, self.device, artifact)
         self.backend.cuda_graph = use_cuda_graph
+        if step_kernel != "ops":
+            if not hasattr(self.backend, "step_kernel"):
+                raise EngineError(f"step_kernel={step_kernel!r} needs backend 'cuda' (this is {self.backend.name!r})")
+            self.backend.step_kernel = step_kernel
         self.scheduler = SlotScheduler(model, self.backend, self.device, max_batch, use_cuda_graph=use_cuda_graph,
                                        max_queue=max_queue, policy=policy, batch_wait=batch_wait, threads=threads,
                                        reproducible=reproducible)

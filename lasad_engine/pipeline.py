@@ -90,7 +90,7 @@ class LasadPipeline:
     def __init__(self, model, tokenizer=None, *, backend: str | None = None, device=None,
                  max_batch: int = 8, use_cuda_graph: bool = True, artifact=None, threads: int | None = None,
                  max_queue: int | None = None, policy: str = "continuous", batch_wait: float = 0.0,
-                 reproducible: bool = False):
+                 reproducible: bool = False, step_kernel: str = "ops"):
         self.device = resolve_device(device)
         # CPU decode: one thread unless told otherwise (see cpu_threads); no effect on CUDA.
         if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
@@ -100,7 +100,8 @@ class LasadPipeline:
         self.backend = backend or _default_backend(self.device)
         self.artifact = artifact
         self._engine_options = dict(max_batch=max_batch, use_cuda_graph=use_cuda_graph, max_queue=max_queue,
-                                    policy=policy, batch_wait=batch_wait, reproducible=reproducible)
+                                    policy=policy, batch_wait=batch_wait, reproducible=reproducible,
+                                    step_kernel=step_kernel)
         self._progress_config: dict | None = None
         self.model, self.tokenizer = self._place(model, tokenizer, self.device, None)
         self.engine = self._build_engine()
@@ -148,7 +149,7 @@ class LasadPipeline:
             precision: fp32 | bf16 | fp16 (or the torch dtype) for the weights (the state stays
                 fp32). Default: bf16 on CUDA, fp32 on CPU.
             threads: CPU threads for the token decode (default 1: see `cpu_threads`).
-            max_queue, policy, batch_wait, reproducible: the engine's admission (`LasadEngine`).
+            max_queue, policy, batch_wait, reproducible, step_kernel: the engine's (`LasadEngine`).
         """
         device = resolve_device(device)
         precision = _precision(precision or ("bf16" if device.type == "cuda" else "fp32"))

@@ -109,3 +109,23 @@ def test_reproducible_tokens_under_load_on_the_gpu(dtype):
     for a, b in zip(want, got):
         assert torch.equal(a, b)
     engine.close()
+
+
+def test_persistent_step_kernel_behind_the_scheduler():
+    """The engine with the persistent step for 1-2 images (per op beyond): the torch backend's
+    tokens in fp32, and teacher forcing equal to the parallel forward."""
+    model = small()
+    params = SamplingParams(cfg_scale=3.0, top_k=100)
+    ref = LasadEngine(model, backend="torch", max_batch=4)
+    eng = LasadEngine(model, backend="cuda", max_batch=4, step_kernel="persistent")
+    for labels in ([3], [1, 2, 3]):
+        want = ref.generate(labels, params=params, generator=torch.Generator().manual_seed(len(labels)))
+        got = eng.generate(labels, params=params, generator=torch.Generator().manual_seed(len(labels)))
+        assert torch.equal(got, want)
+    assert eng.backend.persistent is not None
+    tokens = torch.randint(0, model.config.vocab_size, (1, 35), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = model(tokens.cuda(), torch.tensor([4], device="cuda"))
+    assert_close("persistent forced", eng.teacher_forced_logits(tokens, [4]), want, 1e-5)
+    eng.close()
+    ref.close()

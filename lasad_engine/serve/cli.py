@@ -47,6 +47,8 @@ NAME = "lasad-serve"
 @click.option("--reproducible", is_flag=True,
               help="Every step runs all slots: byte-identical images under any load on a GPU too, at the cost of "
                    "a lone request's latency (on a CPU the default is already load-invariant).")
+@click.option("--step-kernel", type=click.Choice(["ops", "persistent"]), default="ops", show_default=True,
+              help="cuda backend: one kernel per fused op, or one persistent kernel for steps of 1-2 images.")
 @click.option("--timeout", default=600.0, show_default=True, type=click.FloatRange(0.1, 86400),
               help="Seconds a request may take before it is cancelled (504).")
 @click.option("--grace", default=60.0, show_default=True, type=click.FloatRange(0, 86400),
@@ -57,7 +59,7 @@ NAME = "lasad-serve"
 @click.option("--log-level", type=click.Choice(["critical", "error", "warning", "info", "debug"]), default="info",
               show_default=True)
 def serve_main(checkpoint, tokenizer, host, port, slots, max_queue, max_images, backend, device, precision, policy,
-               batch_wait, reproducible, timeout, grace, no_warmup, model_id, threads, log_level):
+               batch_wait, reproducible, step_kernel, timeout, grace, no_warmup, model_id, threads, log_level):
     """Serve a LASADGen checkpoint over HTTP (OpenAI Images API) with continuous batching in state slots."""
     try:
         import uvicorn
@@ -73,7 +75,8 @@ def serve_main(checkpoint, tokenizer, host, port, slots, max_queue, max_images, 
     pipe = LasadPipeline.from_checkpoint(checkpoint, tokenizer=tokenizer, backend=backend, device=device,
                                          precision=precision, max_batch=slots, threads=threads,
                                          max_queue=4 * slots if max_queue is None else max_queue,
-                                         policy=policy, batch_wait=batch_wait, reproducible=reproducible)
+                                         policy=policy, batch_wait=batch_wait, reproducible=reproducible,
+                                         step_kernel=step_kernel)
     app = create_app(pipe, model_id=model_id, max_images=max_images, timeout=timeout, grace=grace,
                      warmup=not no_warmup)
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=grace,
