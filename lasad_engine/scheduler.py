@@ -187,11 +187,12 @@ class Tables:
             self.waited += time.perf_counter() - t0
         return self.host_row[t], self.host_img_int[t], self.host_img_f32[t], t
 
-    def upload(self, row, img_int, img_f32, t, R: int, B: int) -> None:
+    def upload(self, row, img_int, img_f32, t) -> None:
+        """Whole tables (a few KB), contiguous: pinned host to device without a sync."""
         nb = self.device.type == "cuda"
-        self.row_int[:, :R].copy_(row[:, :R], non_blocking=nb)
-        self.img_int[:, :B].copy_(img_int[:, :B], non_blocking=nb)
-        self.img_f32[:, :B].copy_(img_f32[:, :B], non_blocking=nb)
+        self.row_int.copy_(row, non_blocking=nb)
+        self.img_int.copy_(img_int, non_blocking=nb)
+        self.img_f32.copy_(img_f32, non_blocking=nb)
         if nb:
             ev = torch.cuda.Event()
             ev.record()
@@ -246,8 +247,9 @@ class SlotScheduler:
             self.rows_max = self.min_rows = fixed
         self.images_max = _pow2(max_images)
         self.reproducible = reproducible
-        # the pool: state rows 0 .. state_rows-1 belong to images, the rest (at least one) are dummies
-        self.state: LasadState = model.allocate_state(self.rows_max + (1 if self.indexed else 0), device)
+        # the pool: state rows 0 .. rows_max-1 (images' slots, and padding rows of a backend that
+        # is not indexed), then a dummy row that padding rows step on and that absorbs zeroing
+        self.state: LasadState = model.allocate_state(self.rows_max + 1, device)
         self.dummy = self.state.batch - 1
         self.tables = Tables(self.rows_max, self.images_max, cfg.seq_len, cfg.vocab_size, device)
         self.sampler_backend = "torch" if backend.name == "torch" else None
@@ -543,11 +545,11 @@ class SlotScheduler:
         self.k_max, self.use_p = k_max, use_p
         # the ids of rows that go on, moved to their new rows; class / null ids for new rows
         t.ids_prev.copy_(t.ids)
-        t.upload(row, img_int, img_f32, turn, R, B)
+        t.upload(row, img_int, img_f32, turn)
         src = t.src[:R]
         t.ids[:R].copy_(torch.where(src >= 0, t.ids_prev.index_select(0, src.clamp(min=0)), t.new_ids[:R]))
-        if new_slots:
-            self.backend.current(self.state).zero_rows(torch.tensor(new_slots, device=self.device))
+        if new_slots:  # zero the joining rows' slots, indexed on the device (the others point at the dummy)
+            self.backend.current(self.state).zero_rows(torch.where(src < 0, t.slot[:R], self.dummy))
         self.row_images = list(layout) + [None] * (R - len(layout))
         self.changed = False
         return R, B
