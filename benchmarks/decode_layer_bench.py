@@ -272,7 +272,7 @@ def capture(fn, *args) -> torch.cuda.CUDAGraph:
     return graph
 
 
-def time_graph(graph: torch.cuda.CUDAGraph, reps: int, trials: int) -> float:
+def time_graph(graph: torch.cuda.CUDAGraph, reps: int = 50, trials: int = 7) -> float:
     """Median over trials of the mean µs per replay (replays back to back, as a decode loop)."""
     for _ in range(3):
         graph.replay()

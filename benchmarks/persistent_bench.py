@@ -49,6 +49,7 @@ from lasad_engine.ops.persistent import PersistentStep  # noqa: E402
 from lasad_engine.sampling import draw_noise, sample  # noqa: E402
 from lasad_tools.profiling import copy_bandwidth, environment, streamed_weight_bytes  # noqa: E402
 
+from decode_layer_bench import rel, time_graph  # noqa: E402
 from engine_bench import random_model  # noqa: E402
 
 ROWS = 2                 # one image with CFG
@@ -94,30 +95,6 @@ def capture(fn) -> torch.cuda.CUDAGraph:
     with torch.cuda.graph(graph):
         fn()
     return graph
-
-
-def time_graph(graph: torch.cuda.CUDAGraph, reps: int = 50, trials: int = 7) -> float:
-    """Median over trials of the mean µs per replay (replays back to back, as a decode loop)."""
-    for _ in range(5):
-        graph.replay()
-    torch.cuda.synchronize()
-    out = []
-    for _ in range(trials):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        for _ in range(reps):
-            graph.replay()
-        b.record()
-        b.synchronize()
-        out.append(a.elapsed_time(b) * 1e3 / reps)
-    return statistics.median(out)
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double(), b.double()
-    if not torch.isfinite(a).all():
-        return float("inf")
-    return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
 
 
 def id_sequence(cfg, dev) -> list[torch.Tensor]:

@@ -29,6 +29,7 @@ for s in "$@"; do
   case $s in
     env) step env 60 bash -c 'nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv; python3 -c "import torch, triton, fastapi, uvicorn, httpx, prometheus_client; print(torch.__version__, triton.__version__, torch.cuda.get_device_name(), fastapi.__version__, uvicorn.__version__)"' ;;
     gputest) step gputest 240 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu_serving.py tests/test_select.py tests/test_fused.py tests/test_gpu.py -rs --durations=6 ;;
+    gputest-quick) step gputest 150 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu_serving.py -rs --durations=6 ;;
     gputest-persistent) step gputest-persistent 150 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_persistent.py -rs --durations=6 ;;
     serve-B) step serve-B 470 python3 benchmarks/serve_bench.py --out "$W/serve-B" --presets lasad-B --slots 64 --budget 430 ;;
     serve-B-short) step serve-B 340 python3 benchmarks/serve_bench.py --out "$W/serve-B" --presets lasad-B --slots 64 --baseline-rates 0.05,0.5 --duration 5 --budget 300 ;;
