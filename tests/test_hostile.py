@@ -1,0 +1,281 @@
+"""Fault cases of issue 26 ("What a new user and a hostile one still hit"), beside
+tests/test_faults.py: bad LasadStep nodes, output names under concurrency, every checkpoint field
+checked where it is read, out of memory and a full disk, exit codes.
+
+Every case runs on the CPU with the tiny preset and files in tmp_path. A case that aborted the
+process before the fix (SIGABRT from inside onnxruntime) runs in a subprocess, so that it fails
+instead of ending the suite.
+"""
+
+import json
+import math
+import os
+import random
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from lasad_engine import save_checkpoint
+from lasad_engine.tokenizer import VQ_PRESETS, VQModel, save_tokenizer
+from test_faults import _default_signals, assert_one_line, ckpt, invoke, snapshot, tiny_model  # noqa: F401
+
+HERE = Path(__file__).resolve().parent
+
+
+def _run_script(script: str, cwd, timeout=300) -> subprocess.CompletedProcess:
+    """`script` in a fresh Python (an abort there fails the test instead of ending the suite)."""
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(script)], cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, "PYTHONPATH": str(HERE)}, preexec_fn=_default_signals)
+
+
+# 1. A bad LasadStep node never aborts the process.
+
+@pytest.fixture(scope="module")
+def step(tmp_path_factory):
+    """The tiny model's custom-node step (one LasadStep node per layer), its checkpoint and tokenizer."""
+    pytest.importorskip("onnxruntime_extensions")
+    from lasad_tools.onnx_export import export_step
+    folder = tmp_path_factory.mktemp("step")
+    save_tokenizer(folder / "vq.pt", VQModel(VQ_PRESETS["vq-tiny"]))
+    model = tiny_model()
+    ckpt_path = save_checkpoint(folder / "m.pt", model, meta={"tokenizer": "vq.pt"})
+    path = export_step(model, folder / "step.onnx", max_batch=2, meta={"tokenizer": "vq.pt"})
+    return path, ckpt_path
+
+
+def _edited(step_path: Path, out: Path, edit) -> Path:
+    """A copy of the step with `edit(proto)` applied, saved to `out`."""
+    import onnx
+    proto = onnx.load(str(step_path))
+    edit(proto)
+    onnx.save(proto, str(out))
+    return out
+
+
+def _set_attr(name, value, layer=0):
+    """An edit that sets attribute `name` of the layer-th LasadStep node (an INT or FLOAT, or, for
+    a str/bytes value, replaces it with a STRING attribute)."""
+    from onnx import helper
+
+    def edit(proto):
+        node = [n for n in proto.graph.node if n.op_type == "LasadStep"][layer]
+        keep = [a for a in node.attribute if a.name != name]
+        del node.attribute[:]
+        node.attribute.extend(keep)
+        if value is not None:
+            node.attribute.append(helper.make_attribute(name, value))
+    return edit
+
+
+def _drop(kind, name):
+    def edit(proto):
+        values = getattr(proto.graph, kind)
+        values.remove(next(v for v in values if v.name == name))
+    return edit
+
+
+def _domain_version(version):
+    def edit(proto):
+        for imp in proto.opset_import:
+            if imp.domain == "ai.lasad":
+                imp.version = version
+    return edit
+
+
+def _node_domain(domain):
+    def edit(proto):
+        next(n for n in proto.graph.node if n.op_type == "LasadStep").domain = domain
+    return edit
+
+
+# (name, edit, words of the one line)
+BAD_NODES = [
+    ("num_heads 0", _set_attr("num_heads", 0), "num_heads=0 is out of range"),
+    ("num_heads -3", _set_attr("num_heads", -3), "num_heads=-3 is out of range"),
+    ("num_heads 2**40", _set_attr("num_heads", 2**40), "num_heads=1099511627776 is out of range"),
+    ("head_k_dim 10**9", _set_attr("head_k_dim", 10**9), "head_k_dim=1000000000 is out of range"),
+    ("head_v_dim 0", _set_attr("head_v_dim", 0, layer=1), "head_v_dim=0 is out of range"),
+    ("row_start 77", _set_attr("row_start", 77), "row_start=77 is not one of"),
+    ("has_lower_bound 5", _set_attr("has_lower_bound", 5), "has_lower_bound=5 is not 0 or 1"),
+    ("scale NaN", _set_attr("scale", float("nan")), "scale=nan is not a finite number"),
+    ("scale 0.3", _set_attr("scale", 0.3), "is not head_k_dim ** -0.5"),
+    ("num_heads 3 (not the model's 2)", _set_attr("num_heads", 3), "num_heads=3, but the model's metadata says 2"),
+    ("row_start 2 (the model's is unit)", _set_attr("row_start", 2), "row_start=2, but the model's metadata says 1"),
+    ("num_heads a string", _set_attr("num_heads", "2"), "attribute 'num_heads' is of type STRING"),
+    ("num_heads missing", _set_attr("num_heads", None), "no attribute num_heads"),
+    ("an unknown attribute", _set_attr("evil", 1), "unknown attribute 'evil'"),
+    ("plugin_version 2", _set_attr("plugin_version", "2"), "plugin_version='2'"),
+    ("ai.lasad version 2", _domain_version(2), "imports ai.lasad version 2; this lasad implements version 1"),
+    ("ai.lasad version 0", _domain_version(0), "imports ai.lasad version 0"),
+    ("LasadStep in another domain", _node_domain("com.evil"), "the ai.lasad domain has one op"),
+    ("no width input", _drop("input", "width"), "the graph has no input width"),
+    ("no past_state.1 input", _drop("input", "past_state.1"), "the graph has no input past_state.1"),
+    ("no logits output", _drop("output", "logits"), "the graph has no output logits"),
+]
+
+
+@pytest.mark.parametrize("command", ["run", "check"])
+def test_bad_step_nodes_end_in_one_line(step, tmp_path, command):
+    """Each bad node through lasad-run --checkpoint x.onnx and lasad-check x.onnx CKPT: one line,
+    exit 1, no traceback, nothing written; before the fix several aborted the whole process from
+    inside onnxruntime (SIGABRT), so all cases run in one subprocess."""
+    step_path, ckpt_path = step
+    files = [_edited(step_path, tmp_path / f"bad{i}.onnx", edit) for i, (_, edit, _) in enumerate(BAD_NODES)]
+    (tmp_path / "work").mkdir()
+    if command == "run":
+        args = [["--checkpoint", f, "--tokenizer", ckpt_path.parent / "vq.pt", "-c", "1", "-n", "1", "--no-progress"]
+                for f in files]
+        cmd = "from lasad_engine.cli import run_main as cmd"
+    else:
+        args = [[f, ckpt_path, "--steps", "2", "--images", "1"] for f in files]
+        cmd = "from lasad_tools.check import main as cmd"
+    script = f"""
+    import json
+    {cmd}
+    from test_faults import invoke
+    for args in {json.dumps([[str(a) for a in x] for x in args])}:
+        r = invoke(cmd, args, {str(tmp_path / "work")!r})
+        print(json.dumps({{"code": r.exit_code, "err": r.stderr, "exc": repr(r.exception)}}), flush=True)
+    """
+    before = snapshot(tmp_path)
+    p = _run_script(script, tmp_path)
+    rows = [json.loads(line) for line in p.stdout.splitlines() if line.startswith("{")]
+    assert p.returncode == 0 and len(rows) == len(BAD_NODES), \
+        f"exit {p.returncode} after {len(rows)} of {len(BAD_NODES)} cases: {p.stderr[-1500:]}"
+    for (name, _, words), row in zip(BAD_NODES, rows):
+        assert row["code"] == 1, (name, row)
+        line = assert_one_line(row["err"])
+        assert words in line, (name, line)
+    assert snapshot(tmp_path) == before
+
+
+def test_node_attribute_check_matches_an_independent_rule():
+    """check_node_attributes on random attribute sets (valid ones, and each field pushed out of
+    its range or to another type) against the rule written out here from the contract's table."""
+    from lasad_plugins import contract as C
+    rng = random.Random(26)
+    limit = 4096  # lasad_engine/config.py LIMITS of n_head, head_k_dim, head_v_dim
+
+    def valid(a):
+        ints = all(type(a[n]) is int for n in ("num_heads", "head_k_dim", "head_v_dim", "row_start", "has_lower_bound"))
+        if not ints or type(a["scale"]) is not float or not math.isfinite(a["scale"]):
+            return False
+        in_range = all(1 <= a[n] <= limit for n in ("num_heads", "head_k_dim", "head_v_dim"))
+        return (in_range and a["row_start"] in (0, 1, 2) and a["has_lower_bound"] in (0, 1)
+                and abs(a["scale"] - a["head_k_dim"] ** -0.5) <= 1e-6 * a["head_k_dim"] ** -0.5)
+
+    bad_values = [0, -1, limit + 1, 2**40, -2**63, 3, 1.5, True, "2", None, float("nan"), float("inf"), 2.0]
+    accepted = refused = 0
+    for _ in range(600):
+        k = rng.randint(1, 200)
+        a = dict(num_heads=rng.randint(1, 64), head_k_dim=k, head_v_dim=rng.randint(1, 300), row_start=rng.randint(0, 2),
+                 has_lower_bound=rng.randint(0, 1), scale=float(k ** -0.5))
+        if rng.random() < 0.7:
+            a[rng.choice(list(a))] = rng.choice(bad_values)
+        try:
+            got = C.check_node_attributes(a)
+        except C.ContractError as e:
+            assert "\n" not in str(e) and len(str(e)) < 300
+            assert not valid(a), (a, str(e))
+            refused += 1
+        else:
+            assert valid(a), a
+            assert got == a
+            accepted += 1
+    assert accepted > 50 and refused > 300
+
+
+def test_plugin_creator_refuses_bad_attributes_in_one_line():
+    """The TensorRT plugin's creator path (node_settings, which lasad_step_desc and lasad_step_aot
+    call with the parser's 1-element arrays) goes through the same check."""
+    import numpy as np
+
+    from lasad_plugins.contract import ContractError
+    from lasad_plugins.lasad_step.defs import node_settings
+    i = lambda v: np.array([v], np.int64)  # noqa: E731
+    f = np.array([0.125], np.float32)
+    for args, words in (((i(0), i(64), i(64), i(1), i(1), f), "num_heads=0"),
+                        ((i(2**40), i(64), i(64), i(1), i(1), f), "num_heads=1099511627776"),
+                        ((i(4), i(10**9), i(64), i(1), i(1), f), "head_k_dim=1000000000"),
+                        ((i(4), i(64), i(64), i(77), i(1), f), "row_start=77"),
+                        ((i(4), i(64), i(64), np.array([1, 2], np.int32), i(1), f), "holds 2 values")):
+        with pytest.raises(ContractError, match=words.replace("*", r"\*")) as e:
+            node_settings(*args)
+        assert "\n" not in str(e.value)
+
+
+def test_tensorrt_build_checks_the_nodes_before_compiling(step, tmp_path):
+    """compile_nodes (the TensorRT build's first look at the file) refuses a bad node before any
+    kernel is compiled (no Triton needed to reach the refusal)."""
+    from lasad_plugins.contract import ContractError
+    from lasad_plugins.lasad_step import defs
+    bad = _edited(step[0], tmp_path / "bad.onnx", _set_attr("head_k_dim", 10**9))
+    with pytest.raises(ContractError, match="head_k_dim=1000000000 is out of range"):
+        defs.compile_nodes(bad)
+
+
+def test_onnxruntime_backend_checks_the_nodes_against_the_model(step, tmp_path):
+    """A step whose nodes match its own metadata, run with a model of another row-start mode:
+    the backend refuses it before a session is made (lasad-check's shape comparison does not
+    look at the row-start mode)."""
+    from lasad_plugins.contract import ContractError
+    from lasad_tools.onnx_export import export_step
+
+    from lasad_engine.engine import LasadEngine
+    unit = export_step(tiny_model(), tmp_path / "unit.onnx", max_batch=2)
+    with pytest.raises(ContractError, match="row_start=1, but the model's metadata says 0"):
+        LasadEngine(tiny_model(row_start="none"), backend="onnxruntime", max_batch=2, artifact=unit)
+
+
+OP_FAILURE = """
+import sys
+import lasad_engine.ops.lasad as ops
+MODE, calls, real = sys.argv[1], [0], ops.fused_gates
+
+def failing(*a, **k):  # the torch op fails on its 6th call, inside onnxruntime's Python op
+    calls[0] += 1
+    if calls[0] > 5:
+        raise KeyboardInterrupt if MODE == "interrupt" else RuntimeError("injected failure in the op")
+    return real(*a, **k)
+
+ops.fused_gates = failing
+sys.argv = ["lasad-run", "--checkpoint", sys.argv[2], "-c", "1", "-n", "1", "--no-progress", "-o", "x.png"]
+run_main()
+"""
+
+
+@pytest.mark.parametrize("mode, code, words", [("error", 1, "the LasadStep node failed inside onnxruntime: "
+                                                "RuntimeError: injected failure in the op"),
+                                               ("interrupt", 130, "interrupted; no half-written file is left")])
+def test_an_error_inside_the_python_op_ends_the_run_not_the_process(step, tmp_path, mode, code, words):
+    """Whatever the custom op raises inside onnxruntime (an error, a Ctrl-C) is an error of that
+    run: one line and its exit code, never SIGABRT (-6)."""
+    p = subprocess.run([sys.executable, "-c", OP_FAILURE, mode, str(step[0])], cwd=tmp_path, capture_output=True,
+                       text=True, timeout=300, preexec_fn=_default_signals)
+    assert p.returncode == code, (p.returncode, p.stderr[-2000:])
+    assert words in assert_one_line(p.stderr)
+    assert not (tmp_path / "x.png").exists()
+
+
+@pytest.mark.parametrize("name, make, words", [
+    ("random bytes", lambda p: p.write_bytes(random.Random(1).randbytes(3000)), "not a readable ONNX file"),
+    ("truncated", None, "not a readable ONNX file"),
+    ("empty", lambda p: p.write_bytes(b""), "not a lasad decode step"),
+])
+def test_check_on_a_damaged_onnx_is_one_line(step, tmp_path, name, make, words):
+    """lasad-check on a random, truncated or empty .onnx: one line, as lasad-run gives (it read
+    the file with onnx.load before any check, a traceback)."""
+    from lasad_tools.check import main as check_main
+    path = tmp_path / "x.onnx"
+    if make is None:  # the real step cut at a random place inside its graph
+        data = step[0].read_bytes()
+        path.write_bytes(data[:random.Random(2).randrange(100, len(data) // 2)])
+    else:
+        make(path)
+    r = invoke(check_main, [path, step[1]], tmp_path)
+    assert r.exit_code == 1
+    assert words in assert_one_line(r)
