@@ -150,7 +150,8 @@ PROCESS_START = _process_start_time()
 
 def remove_stale_temps(folder: str | os.PathLike) -> list[str]:
     """Remove the temps of killed runs from `folder`: files named like ours (`TEMP_PATTERN`),
-    owned by this user, last written before this process started. Returns their names."""
+    owned by this user, last written before this process started; and output locks
+    (`.NAME.png.lock`) that no running process holds. Returns their names."""
     removed = []
     try:
         entries = list(os.scandir(folder))
@@ -158,6 +159,12 @@ def remove_stale_temps(folder: str | os.PathLike) -> list[str]:
         return removed
     uid = os.getuid() if hasattr(os, "getuid") else None
     for e in entries:
+        if LOCK_PATTERN.match(e.name):
+            with contextlib.suppress(OSError):
+                if e.is_file(follow_symlinks=False) and (uid is None or e.stat(follow_symlinks=False).st_uid == uid) \
+                        and _remove_stale_lock(e):
+                    removed.append(e.name)
+            continue
         if not TEMP_PATTERN.match(e.name):
             continue
         try:
@@ -170,6 +177,115 @@ def remove_stale_temps(folder: str | os.PathLike) -> list[str]:
         except OSError:
             continue
     return removed
+
+
+# An output's name is held while a run writes it: an advisory lock (flock) on `.NAME.lock` beside
+# it. The kernel drops the lock when the process ends, however it ends, so a name is never held by
+# a run that is gone; the file of a killed run is removed by the next command in that folder.
+LOCK_SUFFIX = ".lock"
+LOCK_PATTERN = re.compile(r"^\..+\.png\.lock$")
+
+
+class OutputLock:
+    """The hold on one output name (`hold_output`); `release()` (or leaving a `with`) gives it up."""
+
+    def __init__(self, path: Path, lock: Path, fd: int, made: list[Path]):
+        self.path, self.lock, self._fd, self._made = path, lock, fd, made
+
+    def release(self) -> None:
+        if self._fd is None:
+            return
+        try:
+            with contextlib.suppress(OSError):
+                if _same_file(self._fd, self.lock):
+                    os.unlink(self.lock)  # still locked: a process that opened it meanwhile retries
+        finally:
+            os.close(self._fd)
+            self._fd = None
+        for folder in reversed(self._made):  # folders made for the lock, if nothing else came into them
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.release()
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        a, b = os.fstat(fd), os.stat(path)
+    except OSError:
+        return False
+    return (a.st_ino, a.st_dev) == (b.st_ino, b.st_dev)
+
+
+def hold_output(path: str | os.PathLike) -> OutputLock | None:
+    """Hold the name `path` for this process (O_CREAT + an exclusive, non-blocking flock on
+    `.NAME.lock` beside it, made atomically by the kernel), or return None when another running
+    process holds it. Two runs that choose a name at the same moment never both get it; a run
+    that dies (even by SIGKILL) holds nothing. Folders on the way are made, and removed again on
+    release if they stayed empty."""
+    import fcntl
+
+    path = Path(path)
+    lock = path.with_name(f".{path.name}{LOCK_SUFFIX}")
+    made, folder = [], path.parent
+    while not folder.exists() and folder.parent != folder:
+        made.append(folder)
+        folder = folder.parent
+    for f in reversed(made):
+        with contextlib.suppress(FileExistsError):
+            f.mkdir()
+    made.reverse()
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), _default_mode())
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            for f in reversed(made):
+                with contextlib.suppress(OSError):
+                    f.rmdir()
+            return None
+        except BaseException:
+            os.close(fd)
+            raise
+        if _same_file(fd, lock):  # else its holder removed it between our open and our lock: again
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode())
+            return OutputLock(path, lock, fd, made)
+        os.close(fd)
+
+
+def output_holder(path: str | os.PathLike) -> str:
+    """" (pid N)" of the process holding `path` (`hold_output`), or "" if it cannot be read."""
+    path = Path(path)
+    try:
+        text = path.with_name(f".{path.name}{LOCK_SUFFIX}").read_text()[:20].strip()
+    except (OSError, UnicodeDecodeError):
+        return ""
+    return f" (pid {text})" if text.isdigit() else ""
+
+
+def _remove_stale_lock(entry) -> bool:
+    """Remove a `.NAME.png.lock` that no running process holds (left by a killed run)."""
+    import fcntl
+    try:
+        fd = os.open(entry.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        if _same_file(fd, Path(entry.path)):
+            os.unlink(entry.path)
+            return True
+        return False
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
 
 
 def check_writable(path: str | os.PathLike, what: str = "output") -> None:

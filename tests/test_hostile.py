@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from lasad_engine import save_checkpoint
+from lasad_engine.cli import run_main
 from lasad_engine.tokenizer import VQ_PRESETS, VQModel, save_tokenizer
 from test_faults import _default_signals, assert_one_line, ckpt, invoke, snapshot, tiny_model  # noqa: F401
 
@@ -243,6 +244,7 @@ def failing(*a, **k):  # the torch op fails on its 6th call, inside onnxruntime'
     return real(*a, **k)
 
 ops.fused_gates = failing
+from lasad_engine.cli import run_main
 sys.argv = ["lasad-run", "--checkpoint", sys.argv[2], "-c", "1", "-n", "1", "--no-progress", "-o", "x.png"]
 run_main()
 """
@@ -279,3 +281,77 @@ def test_check_on_a_damaged_onnx_is_one_line(step, tmp_path, name, make, words):
     r = invoke(check_main, [path, step[1]], tmp_path)
     assert r.exit_code == 1
     assert words in assert_one_line(r)
+
+
+# 2. Two runs never lose each other's files.
+
+RACE = [sys.executable, "-c", "import sys; from lasad_engine.cli import run_main; sys.exit(run_main())"]
+
+
+def test_two_runs_started_together_keep_both_files(ckpt, tmp_path):
+    """Two `lasad-run -c 1 --seed 3` started at the same moment in one folder: both exit 0 and
+    both runs' files remain (two PNGs, two JSON records), each JSON beside its own PNG."""
+    out = tmp_path / "out"
+    out.mkdir()
+    args = ["--checkpoint", str(ckpt), "-c", "1", "--seed", "3", "-n", "2", "--grid", "16x16", "--no-progress"]
+    procs = [subprocess.Popen(RACE + args, cwd=out, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              preexec_fn=_default_signals) for _ in range(2)]
+    results = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], results
+    pngs = sorted(p.name for p in out.glob("*.png"))
+    assert pngs == ["lasad_1_seed3_16x16-2.png", "lasad_1_seed3_16x16.png"], (pngs, results)
+    for png in pngs:
+        assert json.loads((out / png).with_suffix(".json").read_text())["output"] == png
+    assert sorted(p.name for p in out.iterdir()) == sorted(pngs + [p.replace(".png", ".json") for p in pngs])
+
+
+def test_a_held_default_name_is_skipped_and_a_held_output_refused(ckpt, tmp_path, monkeypatch):
+    """While another process holds a name (io.hold_output, as a running lasad-run does), a
+    default name moves on to -2 and says why; an explicit -o is refused before any model is
+    loaded; after the holder ends, the name is free again and no lock file is left."""
+    from lasad_engine.io import hold_output
+    from lasad_engine.pipeline import LasadPipeline
+    loads = []
+    real = LasadPipeline.from_checkpoint.__func__
+    monkeypatch.setattr(LasadPipeline, "from_checkpoint",
+                        classmethod(lambda cls, *a, **k: loads.append(1) or real(cls, *a, **k)))
+    base = ["--checkpoint", ckpt, "-c", "1", "-n", "1", "--no-progress"]
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from lasad_engine.io import hold_output; "
+                               "h = hold_output(sys.argv[1]); print(h is not None, flush=True); time.sleep(60)",
+                               str(tmp_path / "lasad_1_seed0.png")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "True"
+        r = invoke(run_main, base, tmp_path)
+        assert r.exit_code == 0, r.output
+        assert "lasad_1_seed0.png is being written by another running lasad-run: writing lasad_1_seed0-2.png" in r.stderr
+        assert (tmp_path / "lasad_1_seed0-2.png").is_file() and not (tmp_path / "lasad_1_seed0.png").exists()
+        before, loads[:] = snapshot(tmp_path), []
+        r = invoke(run_main, base + ["-o", "lasad_1_seed0.png"], tmp_path)
+        assert r.exit_code == 1 and loads == []
+        assert f"is being written by another running lasad-run (pid {holder.pid})" in assert_one_line(r)
+        assert snapshot(tmp_path) == before
+    finally:
+        holder.kill()
+        holder.wait()
+    r = invoke(run_main, base + ["-o", "lasad_1_seed0.png"], tmp_path)
+    assert r.exit_code == 0 and (tmp_path / "lasad_1_seed0.png").is_file()
+    assert not list(tmp_path.glob(".*.lock")), "the killed holder's lock file is removed by the next run"
+    with hold_output(tmp_path / "again.png") as lock:  # a lock that is released leaves nothing behind
+        assert lock is not None and lock.lock.exists()
+    assert not lock.lock.exists()
+
+
+def test_output_collisions_are_refused_before_loading(ckpt, tmp_path, monkeypatch):
+    """-o out.png with a folder named like its JSON record (out.json/), or a file where its
+    --save-individual folder goes: refused in one line before the model is loaded."""
+    from lasad_engine.pipeline import LasadPipeline
+    monkeypatch.setattr(LasadPipeline, "from_checkpoint", classmethod(lambda *a, **k: pytest.fail("loaded")))
+    (tmp_path / "out.json").mkdir()
+    (tmp_path / "ind").write_text("a file where the per-image folder goes")
+    before = snapshot(tmp_path)
+    for args, words in ((["-o", "out.png"], "the file 'out.json' is a folder"),
+                        (["-o", "ind.png", "--save-individual"], "'ind' is not a folder")):
+        r = invoke(run_main, ["--checkpoint", ckpt, "-c", "1", "--no-progress", *args], tmp_path)
+        assert r.exit_code == 1
+        assert words in assert_one_line(r)
+    assert snapshot(tmp_path) == before and (tmp_path / "out.json").is_dir()
