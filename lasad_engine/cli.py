@@ -303,13 +303,15 @@ def run_main(**options):
 def _run(held, classes, num_samples, seed, cfg_scale, cfg_interval, temperature, top_k, top_p, grid,
          backend, checkpoint, tokenizer, device, precision, max_batch, no_cuda_graph, threads, output, nrow,
          save_individual, json_out, no_progress, list_classes):
-    from .io import check_writable, safe_text
+    from .io import check_writable, safe_text, special_file
     from .params import parse_grid
 
     if tokenizer is not None and tokenizer.is_dir():
         raise click.ClickException(f"tokenizer {str(tokenizer)!r} is a folder, not a tokenizer file")
     if tokenizer is not None and not tokenizer.is_file():
-        raise click.ClickException(f"tokenizer {str(tokenizer)!r} does not exist")
+        kind = special_file(tokenizer)
+        raise click.ClickException(f"tokenizer {str(tokenizer)!r} " + (f"is {kind}, not a tokenizer file" if kind
+                                                                        else "does not exist"))
     if not classes and not list_classes:
         raise click.UsageError("no class given: pass --class ID (or --list-classes)")
     given = dict(cfg_scale=cfg_scale, cfg_interval=cfg_interval, temperature=temperature, top_k=top_k, top_p=top_p)

@@ -384,12 +384,67 @@ def torch_load_reason(exc: BaseException) -> str:
 
 
 def loads_strict(text: str):
-    """json.loads that refuses NaN and infinities (Python's json reads them; they are not JSON)."""
+    """json.loads that refuses NaN and infinities (Python's json reads them; they are not JSON)
+    and JSON nested too deeply for Python's parser (a RecursionError otherwise): ValueError."""
     import json
 
     def refuse(name):
         raise ValueError(f"{name} is not a JSON value")
-    return json.loads(text, parse_constant=refuse)
+    try:
+        return json.loads(text, parse_constant=refuse)
+    except RecursionError:
+        raise ValueError("its JSON is nested too deeply to be lasad's") from None
+
+
+MAX_JSON_BYTES = 64 << 20  # a config with 2**20 class names of up to 1024 characters is far less in practice
+
+
+def special_file(path: str | os.PathLike) -> str | None:
+    """What `path` is when it exists but is neither a regular file nor a folder ("a character
+    device", "a FIFO", "a link to nothing", ...), following links; None otherwise."""
+    import stat
+    path = Path(path)
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return "a link to nothing" if path.is_symlink() else None
+    except OSError as e:
+        return f"unreadable ({e.strerror or e})"
+    for test, what in ((stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                       (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return what
+    return None
+
+
+def read_small_file(path: str | os.PathLike, *, inside: str | os.PathLike | None = None,
+                    limit: int = MAX_JSON_BYTES) -> str:
+    """The text of a small file a lasad file set names (a model folder's config.json): refused
+    with one UserError line when it is not a regular file (a device such as /dev/zero or
+    /dev/urandom, a FIFO: reading those would never end), when it lies outside the folder
+    `inside` (a link that leads out of it), or when it is larger than `limit` bytes."""
+    import stat
+    path = Path(path)
+    kind = special_file(path)
+    if kind is not None:
+        raise UserError(f"{path}: is {kind}, not a file")
+    if inside is not None and not path.resolve().is_relative_to(Path(inside).resolve()):
+        raise UserError(f"{path}: a link to {safe_text(str(path.resolve()), 120)}, outside {inside}; lasad reads "
+                        "only files inside the folder")
+    try:
+        with open(path, "rb") as f:
+            st = os.fstat(f.fileno())
+            if not stat.S_ISREG(st.st_mode):  # changed since the check above
+                raise UserError(f"{path}: is not a regular file")
+            if st.st_size > limit:
+                raise UserError(f"{path}: {st.st_size} bytes; at most {limit} are read")
+            data = f.read(limit + 1)
+    except OSError as e:
+        raise UserError(f"{path}: cannot read ({e.strerror or e})") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not UTF-8 text") from None
 
 
 def nonfinite_tensor(state) -> str | None:

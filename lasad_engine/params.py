@@ -27,6 +27,14 @@ class EngineError(UserError):
     """Bad input to the engine; the message is one line that names the value and the choices."""
 
 
+class OutOfRange(EngineError):
+    """A value the user gave that is outside its range or not one of its choices (a class id or
+    name, a grid, a device, a sampling setting): a usage error, exit code 2 from the command-line
+    tools, as click gives for an option's own range."""
+
+    exit_code = 2
+
+
 def _number(name: str, value, kind=float):
     """`value` as a finite Python number of `kind` (bools and NaN/inf refused)."""
     ok = isinstance(value, (int, float)) and not isinstance(value, bool)
@@ -56,15 +64,15 @@ class SamplingParams:
         set_(self, "top_k", _number("top_k", self.top_k, int))
         set_(self, "cfg_interval", _number("cfg_interval", self.cfg_interval, int))
         if not abs(self.cfg_scale) <= MAX_CFG_SCALE:
-            raise EngineError(f"cfg_scale={self.cfg_scale} must be in -{MAX_CFG_SCALE:g}..{MAX_CFG_SCALE:g} (1 = off)")
+            raise OutOfRange(f"cfg_scale={self.cfg_scale} must be in -{MAX_CFG_SCALE:g}..{MAX_CFG_SCALE:g} (1 = off)")
         if not 0 <= self.temperature <= MAX_TEMPERATURE:
-            raise EngineError(f"temperature={self.temperature} must be in 0..{MAX_TEMPERATURE:g} (0 = greedy)")
+            raise OutOfRange(f"temperature={self.temperature} must be in 0..{MAX_TEMPERATURE:g} (0 = greedy)")
         if not 0 <= self.top_k <= MAX_TOP_K:
-            raise EngineError(f"top_k={self.top_k} must be an integer in 0..{MAX_TOP_K} (0 = off)")
+            raise OutOfRange(f"top_k={self.top_k} must be an integer in 0..{MAX_TOP_K} (0 = off)")
         if not 0 < self.top_p <= 1:
-            raise EngineError(f"top_p={self.top_p} must be in (0, 1] (1 = off)")
+            raise OutOfRange(f"top_p={self.top_p} must be in (0, 1] (1 = off)")
         if not -1 <= self.cfg_interval <= MAX_TOKENS:
-            raise EngineError(f"cfg_interval={self.cfg_interval} must be an integer in -1..{MAX_TOKENS} (-1 = always)")
+            raise OutOfRange(f"cfg_interval={self.cfg_interval} must be an integer in -1..{MAX_TOKENS} (-1 = always)")
 
     @property
     def cfg(self) -> bool:
@@ -119,14 +127,14 @@ def parse_grid(grid, default) -> Grid:
     if isinstance(grid, str):
         parts = grid.lower().split("x")
         if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
-            raise EngineError(f"grid={grid!r} is not of the form HxW, e.g. 16x16 or 32x32")
+            raise OutOfRange(f"grid={grid!r} is not of the form HxW, e.g. 16x16 or 32x32")
         grid = (int(parts[0]), int(parts[1]))
     try:
         h, w = (_number("grid side", v, int) for v in grid)
     except (TypeError, ValueError):
-        raise EngineError(f"grid={grid!r} is not (h, w) or 'HxW'") from None
+        raise OutOfRange(f"grid={grid!r} is not (h, w) or 'HxW'") from None
     if not (1 <= h <= MAX_GRID_SIDE and 1 <= w <= MAX_GRID_SIDE):
-        raise EngineError(f"grid={h}x{w}: each side must be in 1..{MAX_GRID_SIDE} tokens")
+        raise OutOfRange(f"grid={h}x{w}: each side must be in 1..{MAX_GRID_SIDE} tokens")
     return Grid(h, w)
 
 
@@ -161,7 +169,7 @@ class ClassLabels:
                 raise EngineError(f"class {v!r} is not an integer id (0..{num_classes - 1})")
             if not 0 <= v <= top:
                 null = f" ({num_classes} = null class)" if allow_null else ""
-                raise EngineError(f"class {v} is out of range: this model has classes 0..{num_classes - 1}{null}")
+                raise OutOfRange(f"class {v} is out of range: this model has classes 0..{num_classes - 1}{null}")
         return cls(torch.tensor(values, dtype=torch.int64), num_classes)
 
     def __len__(self) -> int:
@@ -215,12 +223,14 @@ def resolve_device(device=None):
     try:
         device = device_in or torch.device(device)
     except (RuntimeError, TypeError):
-        raise EngineError(f"device={device!r} is not a torch device (e.g. cpu, cuda, cuda:1)") from None
+        raise OutOfRange(f"device={device!r} is not a torch device (e.g. cpu, cuda, cuda:1)") from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise EngineError(f"device={device} was asked for, but CUDA is not available on this machine; use --device cpu")
         if device.index is not None and device.index >= torch.cuda.device_count():
-            raise EngineError(f"device={device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+            raise OutOfRange(f"device={device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     elif device.type != "cpu":
-        raise EngineError(f"device={device}: lasad runs on cpu or cuda")
+        raise OutOfRange(f"device={device}: lasad runs on cpu or cuda (e.g. cpu, cuda, cuda:1)")
+    elif device.index not in (None, 0):
+        raise OutOfRange(f"device={device}: there is one cpu device (cpu or cpu:0)")
     return device

@@ -26,8 +26,8 @@ from .backends import ARTIFACT_BACKENDS
 from .checkpoint import CheckpointError, file_fingerprint, followed_tokenizer, load_checkpoint, resolve_checkpoint
 from .engine import LasadEngine
 from .io import safe_text
-from .params import MAX_IMAGES, ClassLabels, EngineError, Grid, SamplingParams, check_memory, parse_grid, \
-    resolve_device
+from .params import MAX_IMAGES, ClassLabels, EngineError, Grid, OutOfRange, SamplingParams, check_memory, \
+    parse_grid, resolve_device
 
 OUTPUT_TYPES = ("pil", "np", "pt", "tokens")
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -358,11 +358,11 @@ class LasadPipeline:
             return int(key)
         shown = safe_text(repr(label), 80)
         if not names:
-            raise EngineError(f"class {shown} is not an id, and this checkpoint carries no class names; use 0..{C - 1}")
+            raise OutOfRange(f"class {shown} is not an id, and this checkpoint carries no class names; use 0..{C - 1}")
         close = difflib.get_close_matches(key[:200], list(lowered), n=3, cutoff=0.6)
         hint = (f"; did you mean {', '.join(safe_text(repr(names[lowered[c]]), 60) for c in close)}?" if close
                 else "; see --list-classes")
-        raise EngineError(f"unknown class {shown}{hint}")
+        raise OutOfRange(f"unknown class {shown}{hint}")
 
     def _name_index(self) -> dict[str, int]:
         """Lower-cased class name -> id (the first of equal names), built once."""

@@ -355,3 +355,191 @@ def test_output_collisions_are_refused_before_loading(ckpt, tmp_path, monkeypatc
         assert r.exit_code == 1
         assert words in assert_one_line(r)
     assert snapshot(tmp_path) == before and (tmp_path / "out.json").is_dir()
+
+
+# 3. Every checkpoint field is checked where it is read.
+
+@pytest.fixture
+def folder(tmp_path):
+    """A model folder as save_pretrained writes it (config.json, model.safetensors, vq.safetensors)."""
+    from lasad_engine.pretrained import write_pretrained
+    return write_pretrained(tmp_path / "model", tiny_model(), VQModel(VQ_PRESETS["vq-tiny"]))
+
+
+def _config_json(folder, **fields):
+    path = folder / "config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **fields}))
+
+
+def _link_config(folder, target):
+    (folder / "config.json").unlink()
+    (folder / "config.json").symlink_to(target)
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    dst.write_bytes(src.read_bytes())
+    return dst
+
+
+FOLDER_CASES = [  # (name, damage(folder, tmp_path), words)
+    ("format_version 99", lambda f, t: _config_json(f, format_version=99), "format_version 99; this lasad reads versions 1 to 1"),
+    ("format_version 0", lambda f, t: _config_json(f, format_version=0), "format_version 0"),
+    ("format_version '1'", lambda f, t: _config_json(f, format_version="1"), "format_version '1'"),
+    ("format_version true", lambda f, t: _config_json(f, format_version=True), "format_version True"),
+    ("nested 100,000 deep", lambda f, t: (f / "config.json").write_text("[" * 100_000 + "]" * 100_000),
+     "nested too deeply"),
+    ("a link out of the folder", lambda f, t: _link_config(f, _copy(f / "config.json", t / "elsewhere.json")),
+     "config.json: a link to"),
+    ("a link to /dev/zero", lambda f, t: _link_config(f, "/dev/zero"), "config.json: is a character device, not a file"),
+    ("a link to /dev/urandom", lambda f, t: _link_config(f, "/dev/urandom"), "is a character device"),
+    ("a FIFO", lambda f, t: (f / "config.json").unlink() or os.mkfifo(f / "config.json"), "config.json: is a FIFO"),
+    ("a link to nothing", lambda f, t: _link_config(f, t / "gone.json"), "config.json: is a link to nothing"),
+]
+
+
+@pytest.mark.parametrize("name, damage, words", FOLDER_CASES, ids=[c[0] for c in FOLDER_CASES])
+def test_model_folder_config_is_checked_where_it_is_read(folder, tmp_path, name, damage, words):
+    """A model folder's config.json: its format_version (99 loaded without a word), its depth (a
+    RecursionError traceback), and what it is (a link out of the folder or to a device was read
+    or silently skipped): one line, exit 1, in a subprocess (a device read would never end)."""
+    if "/dev/" in name and not Path(name.split()[-1]).exists():
+        pytest.skip(f"no {name.split()[-1]} here")
+    damage(folder, tmp_path)
+    p = subprocess.run(RACE + ["--checkpoint", str(folder), "-c", "1", "-n", "1", "--no-progress"], cwd=tmp_path,
+                       capture_output=True, text=True, timeout=120, preexec_fn=_default_signals)
+    assert p.returncode == 1, (p.returncode, p.stderr[-1500:])
+    assert words in assert_one_line(p.stderr)
+    assert not list(tmp_path.glob("*.png"))
+
+
+def test_a_device_as_checkpoint_or_tokenizer_is_named(ckpt, tmp_path):
+    """/dev/zero given as the checkpoint or the tokenizer is a device, not "no such file"."""
+    for args, words in ((["--checkpoint", "/dev/zero"], "/dev/zero: is a character device, not a checkpoint"),
+                        (["--checkpoint", ckpt, "--tokenizer", "/dev/zero"], "'/dev/zero' is a character device")):
+        r = invoke(run_main, [*args, "-c", "1"], tmp_path)
+        assert r.exit_code == 1 and words in assert_one_line(r)
+
+
+def _set_metadata(**props):
+    import onnx
+
+    def edit(proto):
+        for p in proto.metadata_props:
+            if p.key in props:
+                p.value = props.pop(p.key)
+        for k, v in props.items():
+            proto.metadata_props.append(onnx.StringStringEntryProto(key=k, value=v))
+    return edit
+
+
+STEP_METADATA = [
+    ("lasad.max_batch 10**8", {"lasad.max_batch": str(10**8)}, "lasad.max_batch='100000000' is out of range; allowed 1..65536"),
+    ("lasad.max_batch 0", {"lasad.max_batch": "0"}, "lasad.max_batch='0' is out of range"),
+    ("lasad.rows abc", {"lasad.rows": "abc"}, "lasad.rows='abc' is out of range"),
+    ("lasad.rows 17 with max_batch 2", {"lasad.rows": "17"}, "lasad.rows=17 is more than 2 x lasad.max_batch=2"),
+    ("lasad.dtype fp8", {"lasad.dtype": "fp8"}, "lasad.dtype='fp8' is not one of fp32, fp16, bf16"),
+    ("lasad.form other", {"lasad.form": "other"}, "lasad.form='other' is not one of custom, portable"),
+]
+
+
+@pytest.mark.parametrize("name, props, words", STEP_METADATA, ids=[c[0] for c in STEP_METADATA])
+def test_exported_step_metadata_is_checked(step, tmp_path, name, props, words):
+    from lasad_engine.checkpoint import CheckpointError  # noqa: F401 - the family of the error below
+    from lasad_engine.io import UserError
+    from lasad_engine.pipeline import LasadPipeline
+    bad = _edited(step[0], tmp_path / "meta.onnx", _set_metadata(**props))
+    with pytest.raises(UserError) as e:
+        LasadPipeline.from_checkpoint(bad)
+    assert words in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("command, args, words", [
+    ("run", ["-c", "1", "--device", "cpu:99"], "device=cpu:99: there is one cpu device"),
+    ("run", ["-c", "1", "--device", "cpu:1"], "device=cpu:1"),
+    ("export", ["--rows", "17", "--max-batch", "8"], "--rows 17 is more than 2 x --max-batch 8"),
+    ("export", ["--rows", str(10**9)], "--rows"),
+])
+def test_devices_and_row_counts_out_of_range_exit_2(ckpt, tmp_path, command, args, words):
+    """--device cpu:99 (taken for the CPU today) and --rows beyond 2 x --max-batch (exported today)."""
+    if command == "export":
+        pytest.importorskip("onnx")
+        from lasad_tools.export import main as cmd
+        argv = [ckpt, tmp_path / "x.onnx", *args]
+    else:
+        cmd, argv = run_main, ["--checkpoint", ckpt, "--no-progress", *args]
+    before = snapshot(tmp_path)
+    r = invoke(cmd, argv, tmp_path)
+    assert r.exit_code == 2, r.output
+    assert words in assert_one_line(r)
+    assert snapshot(tmp_path) == before
+
+
+PROFILE = [sys.executable, "-c", "import sys; from lasad_tools.profile import main; sys.exit(main())"]
+
+
+def test_profile_of_a_huge_grid_is_refused_before_it_runs(tmp_path):
+    """lasad-profile --grids 1024x1024 ran until killed; now it is refused within seconds from
+    a step timed here (in a subprocess with a time limit: before the fix it never ends)."""
+    try:
+        p = subprocess.run(PROFILE + ["--preset", "lasad-tiny", "--device", "cpu", "--grids", "1024x1024", "--no-vq",
+                                      "-o", str(tmp_path / "p.json")], cwd=tmp_path, capture_output=True, text=True,
+                           timeout=120)
+    except subprocess.TimeoutExpired:
+        pytest.fail("lasad-profile --grids 1024x1024 was still running after 120 s")
+    assert p.returncode == 1, p.stderr[-1500:]
+    assert "this profile would run for at least" in assert_one_line(p.stderr)
+    assert not (tmp_path / "p.json").exists()
+
+
+def test_profile_estimate_counts_the_steps_it_runs(tmp_path, monkeypatch):
+    """The estimate's step count against the steps a real (small) profile runs, counted at the
+    engine; and the refusal's arithmetic with a random per-step time."""
+    from click.testing import CliRunner
+
+    from lasad_engine.engine import LasadEngine
+    from lasad_tools import profiling
+    from lasad_tools.profile import main as profile_main
+    counted, planned = [], []
+    real_generate, real_plan = LasadEngine.generate, profiling.planned_steps
+
+    def counting(self, labels, grid=None, **kw):
+        g = grid or (self.model.config.grid_height, self.model.config.grid_width)
+        counted.append(g[0] * g[1])
+        return real_generate(self, labels, grid=grid, **kw)
+    monkeypatch.setattr(LasadEngine, "generate", counting)
+    monkeypatch.setattr(profiling, "planned_steps", lambda *a: planned.append(real_plan(*a)) or planned[-1])
+    args = ["--preset", "lasad-tiny", "--batches", "1,2", "--grids", "3x4,5x2", "--iters", "2", "--warmup", "1",
+            "--no-vq", "--device", "cpu", "-o", str(tmp_path / "p.json")]
+    r = CliRunner().invoke(profile_main, args)
+    assert r.exit_code == 0, r.output
+    probe = 2 * profiling.PROBE_TOKENS  # the probe's own two short generations
+    assert planned == [sum(counted) - probe]
+    rate = random.Random(5).uniform(0.01, 0.05)
+    monkeypatch.setattr(profiling, "probe_step_seconds", lambda *a: rate)
+    r = CliRunner().invoke(profile_main, args[:-2] + ["--grids", "300x300", "--max-minutes", "1", "-o",
+                                                      str(tmp_path / "q.json")])
+    steps = 2 * 300 * 300 + 2 * 3 * 5 * 7  # (warmup + 1) x the latency grid + batches x (iters + 1) x 5x7
+    assert r.exit_code == 1 and f"at least {rate * steps / 3600:.1f} hours here ({steps} decode steps" in r.stderr
+
+
+# 5. Exit codes as documented: a value out of range exits 2.
+
+@pytest.mark.parametrize("command, args, words", [
+    ("run", ["-c", "99"], "class 99 is out of range: this model has classes 0..9"),
+    ("run", ["-c", "no-such-class"], "class 'no-such-class' is not an id"),
+    ("run", ["-c", "1", "--grid", "2000x4"], "grid=2000x4: each side must be in 1..1024"),
+    ("run", ["-c", "1", "--grid", "0x4"], "grid=0x4"),
+    ("run", ["-c", "1", "--grid", "4by4"], "grid='4by4' is not of the form HxW"),
+    ("run", ["-c", "1", "--device", "tpu"], "device='tpu' is not a torch device"),
+    ("profile", ["--grids", "4x2000"], "grid=4x2000"),
+])
+def test_values_out_of_range_exit_2(ckpt, tmp_path, command, args, words):
+    if command == "profile":
+        from lasad_tools.profile import main as cmd
+        argv = ["--preset", "lasad-tiny", "--device", "cpu", "-o", tmp_path / "p.json", *args]
+    else:
+        cmd, argv = run_main, ["--checkpoint", ckpt, "--no-progress", *args]
+    r = invoke(cmd, argv, tmp_path)
+    assert r.exit_code == 2, r.output
+    assert words in assert_one_line(r)
+    assert not list(tmp_path.glob("*.png")) and not (tmp_path / "p.json").exists()
