@@ -127,9 +127,15 @@ def _one_line(prog: str, e: BaseException) -> tuple[int | None, str | None]:
         return EXIT_USAGE, f"{prog}: error: {' '.join(e.format_message().split())} (see {prog} --help)"
     if isinstance(e, (click.ClickException, UserError, OSError)):
         msg = e.format_message() if isinstance(e, click.ClickException) else str(e)
+        if isinstance(e, OSError):
+            from .io import disk_hint
+            msg += disk_hint(e)  # a full disk: what to change
         return getattr(e, "exit_code", EXIT_ERROR) or EXIT_ERROR, f"{prog}: error: {' '.join(msg.split())}"
-    if isinstance(e, MemoryError):
-        return EXIT_ERROR, f"{prog}: error: out of memory"
+    if isinstance(e, (MemoryError, RuntimeError)):  # torch's allocators raise RuntimeError
+        from .params import is_out_of_memory, out_of_memory_line
+        if is_out_of_memory(e):
+            return EXIT_ERROR, f"{prog}: error: " + out_of_memory_line(
+                e, "running", "free memory, or ask for less: a smaller --max-batch, fewer images, a smaller grid")
     if isinstance(e, (click.Abort, KeyboardInterrupt)):  # raised in-process, without a signal
         return 128 + signal.SIGINT, f"{prog}: interrupted; no half-written file is left"
     return None, None
@@ -329,10 +335,13 @@ def _run(held, classes, num_samples, seed, cfg_scale, cfg_interval, temperature,
             check_writable(f, "--output" if f == output else f"--output {str(output)!r}: the file")
         held.enter_context(hold_named_output(output))
     t0 = time.perf_counter()
+    from .params import memory_stage
     from .pipeline import LasadPipeline
-    pipe = LasadPipeline.from_checkpoint(checkpoint, tokenizer=tokenizer, backend=backend, device=device,
-                                         precision=precision, max_batch=max_batch,
-                                         use_cuda_graph=not no_cuda_graph, threads=threads)
+    with memory_stage("loading the model and allocating its decode buffers",
+                      "free memory, or pass a smaller --max-batch (the buffers are sized for it) or --precision bf16"):
+        pipe = LasadPipeline.from_checkpoint(checkpoint, tokenizer=tokenizer, backend=backend, device=device,
+                                             precision=precision, max_batch=max_batch,
+                                             use_cuda_graph=not no_cuda_graph, threads=threads)
     with pipe:
         cfg = pipe.model.config
         if list_classes:
@@ -368,8 +377,10 @@ def _run(held, classes, num_samples, seed, cfg_scale, cfg_interval, temperature,
         t_load = time.perf_counter() - t0
         params = pipe.sampling_params(**given)  # the model's recommendation fills what was left out
         eta = LongJobWarning(-(-len(labels) // pipe.max_batch) * grid.tokens, pipe.device)
-        out = pipe(labels, params=params, generator=torch.Generator(pipe.device).manual_seed(seed),
-                   output_type="np", grid=grid, progress=not no_progress, callback=eta)
+        with memory_stage(f"generating {len(labels)} image(s) of {grid.h}x{grid.w} tokens",
+                          "free memory, or pass a smaller --max-batch or --grid"):
+            out = pipe(labels, params=params, generator=torch.Generator(pipe.device).manual_seed(seed),
+                       output_type="np", grid=grid, progress=not no_progress, callback=eta)
         record = {
             "output": str(output), "individual": [str(f) for f in files[2:]], "classes": ids,
             "class_names": [cfg.class_names[i] for i in ids] if cfg.class_names else None,

@@ -10,6 +10,7 @@ together (an image and its record) are committed by `atomic_paths`: all or none.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import re
 import tempfile
@@ -40,6 +41,37 @@ def _temp_beside(path: Path) -> str:
     return tmp
 
 
+# What torch's zip writer says when a write fails (it does not pass on the errno): a full disk
+# ends torch.save with "unexpected pos N vs M" or "file write failed".
+_TORCH_WRITE_FAILURES = ("unexpected pos", "file write failed", "PytorchStreamWriter failed writing")
+DISK_ERRNOS = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC), errno.EFBIG)
+
+
+def _write_failure(e: BaseException, path: Path) -> OSError | None:
+    """The OSError for a write that failed inside a library that hides the cause (torch.save's
+    RuntimeError): ENOSPC when the file system of `path` has less than 64 MiB left, else EIO;
+    None for any other exception (it propagates as it is)."""
+    if not isinstance(e, RuntimeError) or not any(s in str(e) for s in _TORCH_WRITE_FAILURES):
+        return None
+    import shutil
+    try:
+        free = shutil.disk_usage(path.parent).free
+    except OSError:
+        free = None
+    if free is not None and free < 64 << 20:
+        return OSError(errno.ENOSPC, f"No space left on device ({free >> 20} MiB free) writing", str(path))
+    return OSError(errno.EIO, f"torch could not write the file ({one_line(e, 100)})", str(path))
+
+
+def disk_hint(e: OSError) -> str:
+    """What to change after a write failed with a full disk or quota ("" for other errors)."""
+    if getattr(e, "errno", None) not in DISK_ERRNOS:
+        return ""
+    where = f" ({Path(e.filename).parent or '.'})" if getattr(e, "filename", None) else ""
+    return (f"; free space on that file system{where} or write somewhere else; "
+            "files from before this command are unchanged")
+
+
 def _rename(src, dst) -> None:
     """os.replace; the one rename of a commit (tests replace it to inject a failure)."""
     os.replace(src, dst)
@@ -59,9 +91,12 @@ def atomic_path(path: str | os.PathLike):
         yield tmp
         os.chmod(tmp, _default_mode())  # mkstemp makes 0600; give the file the usual mode
         _rename(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        failure = _write_failure(e, path)
+        if failure is not None:
+            raise failure from None
         raise
 
 
@@ -90,10 +125,13 @@ def atomic_paths(paths):
         for t in temps:
             os.chmod(t, mode)
         _commit(paths, temps)
-    except BaseException:
+    except BaseException as e:
         for t in temps:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(t)
+        failure = _write_failure(e, paths[0]) if paths else None
+        if failure is not None:
+            raise failure from None
         raise
 
 

@@ -4,6 +4,7 @@ typed values. Nothing here imports torch at module load, so command-line `--help
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 from dataclasses import dataclass
@@ -208,6 +209,57 @@ def check_memory(nbytes: int, device, what: str, hint: str = "use a smaller --ma
     free = available_bytes(device)
     if free is not None and nbytes > free:
         raise EngineError(f"{what} needs {nbytes / 2**30:.1f} GiB but {device} has {free / 2**30:.1f} GiB free; {hint}")
+
+
+class OutOfMemory(EngineError):
+    """An allocation failed inside torch (the CPU allocator, or CUDA's) although the estimates
+    before it passed (another process took the memory, or a step needs more than estimated): one
+    line naming the stage, what was asked for, and what to change. Exit code 1."""
+
+
+def is_out_of_memory(e: BaseException) -> bool:
+    """True for torch's out-of-memory errors (torch.OutOfMemoryError on CUDA; a RuntimeError from
+    the CPU allocator) and Python's MemoryError."""
+    if isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError":
+        return True
+    text = str(e)
+    return isinstance(e, RuntimeError) and ("can't allocate memory" in text or "out of memory" in text.lower()
+                                           or "Cannot allocate memory" in text)
+
+
+def out_of_memory_line(e: BaseException, what: str, hint: str) -> str:
+    """"out of memory while WHAT (torch asked for N GiB); HINT": the one line for `e`."""
+    import re
+    text = str(e)
+    asked = re.search(r"tried to allocate (\d+) bytes", text, re.IGNORECASE)
+    if asked:
+        size = f"{int(asked.group(1)) / 2**30:.1f} GiB"
+    else:
+        found = re.search(r"tried to allocate ([\d.]+ [KMGT]?i?B)", text, re.IGNORECASE)
+        size = found.group(1) if found else None
+    device = "CUDA" if "CUDA" in text or type(e).__name__ == "OutOfMemoryError" else "the CPU"
+    asked_for = f" (torch asked {device} for {size} more)" if size else f" ({device})"
+    return f"out of memory while {what}{asked_for}; {hint}"
+
+
+@contextlib.contextmanager
+def memory_stage(what: str, hint: str):
+    """Turn an out-of-memory error raised inside into OutOfMemory, one line naming `what` was
+    being done and `hint` (what to change); other errors pass through."""
+    try:
+        yield
+    except (MemoryError, RuntimeError) as e:
+        if not is_out_of_memory(e):
+            raise
+        _release_cuda_cache()
+        raise OutOfMemory(out_of_memory_line(e, what, hint)) from None
+
+
+def _release_cuda_cache() -> None:
+    import sys
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
 
 
 def resolve_device(device=None):

@@ -27,7 +27,7 @@ from .checkpoint import CheckpointError, file_fingerprint, followed_tokenizer, l
 from .engine import LasadEngine
 from .io import safe_text
 from .params import MAX_IMAGES, ClassLabels, EngineError, Grid, OutOfRange, SamplingParams, check_memory, \
-    parse_grid, resolve_device
+    memory_stage, parse_grid, resolve_device
 
 OUTPUT_TYPES = ("pil", "np", "pt", "tokens")
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -448,7 +448,9 @@ class LasadPipeline:
             seconds = {"generate": t1 - t0}
             if output_type == "tokens":
                 return LasadPipelineOutput(tokens, tokens, seconds)
-            images = self.decode(tokens)  # float [n, 3, H, W] in [0, 1]
+            with memory_stage(f"VQ-decoding {len(labels)} image(s) of {grid.h}x{grid.w} tokens",
+                              "use fewer images per call (-n), a smaller grid, or output_type='tokens'"):
+                images = self.decode(tokens)  # float [n, 3, H, W] in [0, 1]
             arr = None if output_type == "pt" else to_uint8(images)
             seconds["vq_decode"] = time.perf_counter() - t1
         if output_type == "pt":

@@ -7,6 +7,8 @@ process before the fix (SIGABRT from inside onnxruntime) runs in a subprocess, s
 instead of ending the suite.
 """
 
+import errno
+import io
 import json
 import math
 import os
@@ -23,6 +25,7 @@ from lasad_engine import save_checkpoint
 from lasad_engine.cli import run_main
 from lasad_engine.tokenizer import VQ_PRESETS, VQModel, save_tokenizer
 from test_faults import _default_signals, assert_one_line, ckpt, invoke, snapshot, tiny_model  # noqa: F401
+from test_gpt_train import COMMON as TRAIN_COMMON, codes  # noqa: F401 - a code set to train on
 
 HERE = Path(__file__).resolve().parent
 
@@ -520,6 +523,99 @@ def test_profile_estimate_counts_the_steps_it_runs(tmp_path, monkeypatch):
                                                       str(tmp_path / "q.json")])
     steps = 2 * 300 * 300 + 2 * 3 * 5 * 7  # (warmup + 1) x the latency grid + batches x (iters + 1) x 5x7
     assert r.exit_code == 1 and f"at least {rate * steps / 3600:.1f} hours here ({steps} decode steps" in r.stderr
+
+
+# 4. Out of memory and a full disk say so.
+
+def _oom(*a, **k):
+    """A real out-of-memory error from torch's CPU allocator (an allocation no machine has)."""
+    torch.empty(1 << 60, dtype=torch.uint8)
+
+
+def test_out_of_memory_at_start_up_and_in_the_vq_decode(ckpt, tmp_path, monkeypatch):
+    """torch running out of memory while the engine's buffers are allocated, and while the VQ
+    decoder runs: one line naming the stage, what was asked and what to change; exit 1."""
+    from lasad_engine.engine import LasadEngine
+    real_init = LasadEngine.__init__
+
+    def init(self, *a, **k):
+        real_init(self, *a, **k)
+        _oom()
+    monkeypatch.setattr(LasadEngine, "__init__", init)
+    r = invoke(run_main, ["--checkpoint", ckpt, "-c", "1", "--no-progress"], tmp_path)
+    assert r.exit_code == 1
+    line = assert_one_line(r)
+    assert "out of memory while loading the model and allocating its decode buffers" in line
+    assert "torch asked the CPU for 1073741824.0 GiB more" in line and "smaller --max-batch" in line
+    monkeypatch.setattr(LasadEngine, "__init__", real_init)
+    monkeypatch.setattr(VQModel, "decode_code", _oom)
+    r = invoke(run_main, ["--checkpoint", ckpt, "-c", "1", "-n", "3", "--no-progress"], tmp_path)
+    assert r.exit_code == 1
+    line = assert_one_line(r)
+    assert "out of memory while VQ-decoding 3 image(s) of 4x4 tokens" in line and "fewer images" in line
+    assert not list(tmp_path.glob("*.png")) and not list(tmp_path.glob("*.json"))
+
+
+def test_out_of_memory_during_export(ckpt, tmp_path, monkeypatch):
+    pytest.importorskip("onnx")
+    from lasad_tools import onnx_export
+    from lasad_tools.export import main as export_main
+    monkeypatch.setattr(onnx_export, "export_step", _oom)
+    r = invoke(export_main, [ckpt, tmp_path / "x.onnx", "--max-batch", "2"], tmp_path)
+    assert r.exit_code == 1
+    line = assert_one_line(r)
+    assert "out of memory while exporting the step for --max-batch 2" in line and "smaller --max-batch" in line
+    assert not (tmp_path / "x.onnx").exists()
+
+
+class _FullDisk(io.RawIOBase):
+    """A file that takes `room` bytes and then fails as a full disk does (ENOSPC)."""
+
+    def __init__(self, path, room: int):
+        self.f, self.room = open(path, "wb"), room
+
+    def writable(self):
+        return True
+
+    def write(self, b):
+        if len(b) > self.room:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        self.room -= len(b)
+        return self.f.write(b)
+
+    def close(self):
+        self.f.close()
+        super().close()
+
+
+def test_a_full_disk_while_training_saves_is_one_line(codes, tmp_path, monkeypatch):
+    """lasad-train gpt's checkpoint written onto a full disk: torch's own writer gets ENOSPC after
+    a few KiB (and, as a real writer would, swallows it into "unexpected pos ..."), and the file
+    system reports 1 MiB free. One line that names the cause and what to change, exit 1, no temp
+    file left (torch's RuntimeError was a traceback)."""
+    import shutil
+    from collections import namedtuple
+
+    from click.testing import CliRunner
+
+    from lasad_train.cli import main as train_main
+    real_save = torch.save
+
+    def save(obj, f, *a, **k):
+        if isinstance(f, (str, os.PathLike)) and Path(f).name.startswith(".last.pt."):
+            with _FullDisk(f, 4096) as full:
+                return real_save(obj, full, *a, **k)
+        return real_save(obj, f, *a, **k)
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(torch, "save", save)
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10 << 30, (10 << 30) - (1 << 20), 1 << 20))
+    out = tmp_path / "run"
+    r = CliRunner().invoke(train_main, ["gpt", str(codes), str(out), "--steps", "2", *TRAIN_COMMON])
+    assert r.exit_code == 1, r.output
+    line = assert_one_line(r)
+    assert "No space left on device (1 MiB free) writing" in line and "last.pt" in line
+    assert "free space on that file system" in line
+    assert not [p for p in out.iterdir() if p.name.endswith(".tmp")] and not (out / "last.pt").exists()
 
 
 # 5. Exit codes as documented: a value out of range exits 2.

@@ -95,11 +95,10 @@ def main(paths, fmt, portable, max_batch, opset, dtype, rows, sampler, temperatu
                                    + (f" (and {len(existing) - 1} more file(s) this export writes)" if len(existing) > 1 else ""))
     from lasad_engine.checkpoint import file_fingerprint, followed_tokenizer, load_checkpoint, resolve_checkpoint
     from lasad_engine.io import check_writable, remove_stale_temps
-    from lasad_engine.params import check_memory
+    from lasad_engine.params import check_memory, memory_stage
 
     for p in targets:
         check_writable(p, "output")
-    from .onnx_export import export_sampler, export_step
     checkpoint = resolve_checkpoint(checkpoint)
     model = load_checkpoint(checkpoint)
     cfg = model.config
@@ -120,6 +119,16 @@ def main(paths, fmt, portable, max_batch, opset, dtype, rows, sampler, temperatu
         tok = None
     for folder in {p.parent for p in targets}:
         remove_stale_temps(folder)
+    with memory_stage(f"exporting the step for --max-batch {max_batch}",
+                      "free memory, or pass a smaller --max-batch (the trace holds 2 x --max-batch rows of state)"):
+        _export(model, out, fmt, portable, max_batch, opset, meta, tok, dtype, rows, sampler, temperature,
+                top_k, top_p, onnx_dir, timing_cache, verbose)
+
+
+def _export(model, out, fmt, portable, max_batch, opset, meta, tok, dtype, rows, sampler, temperature,
+            top_k, top_p, onnx_dir, timing_cache, verbose):
+    """Write the step (and its sampler graph) as ONNX, or build the plan; print what was written."""
+    from .onnx_export import export_sampler, export_step
     if fmt == "onnx":
         export_step(model, out, portable=portable, max_batch=max_batch, opset=opset,
                     meta=relative_tokenizer(meta, tok, out), dtype=dtype, rows=rows)
