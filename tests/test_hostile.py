@@ -639,3 +639,70 @@ def test_values_out_of_range_exit_2(ckpt, tmp_path, command, args, words):
     assert r.exit_code == 2, r.output
     assert words in assert_one_line(r)
     assert not list(tmp_path.glob("*.png")) and not (tmp_path / "p.json").exists()
+
+
+# 6. Benchmarks a user can run; 7. the README tells the truth about them.
+
+ROOT = HERE.parent
+README = (ROOT / "README.md").read_text()
+
+
+def test_readme_sends_users_to_no_internal_harness():
+    """The GPU machine's harness ($OUT, .carry/, wheels in parts) lives in benchmarks/device/; the
+    README names none of it, and its speed section's command is a script a user runs."""
+    harness = ["gpu_call.sh", "h200_session.sh", "demo_call.sh", "multi_gpu.sh", "pack_ort_gpu.py", "ort_cli_check.sh"]
+    assert all((ROOT / "benchmarks" / "device" / name).is_file() for name in harness)
+    assert not any((ROOT / "benchmarks" / name).exists() for name in harness)
+    for needle in ["benchmarks/device", "$OUT", ".carry"] + harness:
+        assert needle not in README, needle
+    speed = README[README.index("## Speed"):README.index("## What you can rely on")]
+    assert "python benchmarks/engine_bench.py --out bench --llamagen ../LlamaGen" in speed
+    assert "git clone https://github.com/FoundationVision/LlamaGen" in speed
+
+
+def test_readme_speed_table_is_what_engine_bench_prints_for_the_recorded_run():
+    """engine_bench.summary on the recorded H200 run (benchmarks/results/2026-12-02-h200-engine.json:
+    the engine rows and LlamaGen's, measured in one call) gives the README's rows, each naming the GPU."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import engine_bench
+    record = json.loads((ROOT / "benchmarks/results/2026-12-02-h200-engine.json").read_text())["results"]
+    results = {"environment": record["anatomy"]["environment"], "engine_bench": record["engine"]["engine_bench"],
+               "copy_bandwidth_Bps": record["anatomy"]["copy_bandwidth_Bps"]}
+    table = engine_bench.summary(results, record["llamagen_compile"])
+    speed = README[README.index("## Speed"):README.index("## What you can rely on")]
+    rows = [line for line in speed.splitlines() if line.startswith("| lasad-")]
+    assert len(rows) == 3
+    for row in rows:
+        assert row in table.splitlines(), (row, table)
+        assert row.endswith("| NVIDIA H200 |")
+
+
+def test_engine_bench_runs_on_a_cpu(tmp_path):
+    """The benchmark's CPU path (the torch backend, a tiny preset) runs and records its machine;
+    without a GPU the default run says so in one line."""
+    script = str(ROOT / "benchmarks" / "engine_bench.py")
+    p = subprocess.run([sys.executable, script, "--out", str(tmp_path), "--device", "cpu", "--presets", "lasad-tiny",
+                        "--batches", "1", "--quick"], capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-2000:]
+    d = json.loads((tmp_path / "engine.json").read_text())
+    assert d["environment"]["device"] == "cpu" and d["copy_bandwidth_Bps"] > 0
+    (row,) = d["engine_bench"]
+    assert row["preset"] == "lasad-tiny" and row["eager_torch_ms_per_step"] > 0
+    if not torch.cuda.is_available():
+        p = subprocess.run([sys.executable, script, "--out", str(tmp_path / "gpu")], capture_output=True, text=True,
+                           timeout=300)
+        assert p.returncode == 1 and "no CUDA GPU is visible to torch" in assert_one_line(p.stderr)
+    p = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "llamagen_bench.py"), "--llamagen", str(tmp_path),
+                        "--out", str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 1 and "is not a LlamaGen checkout" in assert_one_line(p.stderr)
+
+
+def test_model_in_one_screen_writes_a_git_ignored_checkpoint():
+    """The README's "model in one screen" block saves ckpt.pt in the folder it runs in (a clone):
+    .gitignore keeps it out of git."""
+    block = README[README.index("## The model in one screen"):README.index("## Checkpoints")]
+    assert 'save_checkpoint("ckpt.pt", model)' in block
+    ignored = subprocess.run(["git", "check-ignore", "-q", "ckpt.pt"], cwd=ROOT)
+    if ignored.returncode == 128:
+        pytest.skip("not a git checkout")
+    assert ignored.returncode == 0
