@@ -456,6 +456,17 @@ def test_exported_step_metadata_is_checked(step, tmp_path, name, props, words):
     assert words in str(e.value) and "\n" not in str(e.value)
 
 
+@pytest.mark.parametrize("rows", [10**9, 0, "8", True])
+def test_plan_record_max_rows_is_checked(tmp_path, rows):
+    """engine.json's max_rows (the plan's largest row count) is checked where it is read."""
+    (tmp_path / "x.plan").write_bytes(b"plan")
+    (tmp_path / "x.json").write_text(json.dumps({"opset": 17, "config": tiny_model().config.to_dict(),
+                                                 "max_rows": rows}))
+    r = invoke(run_main, ["--checkpoint", tmp_path / "x.plan", "-c", "1"], tmp_path)
+    assert r.exit_code == 1
+    assert "not a lasad plan record (max_rows=" in assert_one_line(r)
+
+
 @pytest.mark.parametrize("command, args, words", [
     ("run", ["-c", "1", "--device", "cpu:99"], "device=cpu:99: there is one cpu device"),
     ("run", ["-c", "1", "--device", "cpu:1"], "device=cpu:1"),

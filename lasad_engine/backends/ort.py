@@ -254,6 +254,9 @@ class OnnxRuntimeBackend(Backend):
         # the CPU "use the graph capture feature with caution", but each session fixes its rows;
         # and its errors come back to the backend, which reports each in one line (_raise_op_failure)
         so.log_severity_level = 4
+        # nodes run one after the other on the calling thread, where the Python op records a failure
+        # for this run (lasad_step_op); onnxruntime's default, kept explicit
+        so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         so.add_session_config_entry("session.model_external_initializers_file_folder_path",
                                     str(self.path.resolve().parent))
         if self.library is not None:
