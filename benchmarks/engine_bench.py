@@ -1,12 +1,20 @@
 """Engine benchmark (not a test): ms per image and per step, eager vs CUDA graph, beside the
-weight-streaming floor; and the engine's GPU checks (cuda == torch tokens, memory flat).
+weight-streaming floor; the engine's GPU checks (cuda == torch tokens, memory flat); and, with
+--llamagen, LlamaGen's own generate() under torch.compile on the same GPU. This is the command
+behind the README's speed table, for any CUDA machine:
 
-    python benchmarks/engine_bench.py --out DIR [--presets lasad-B,lasad-XL] [--batches 1,8,64,256]
+    git clone https://github.com/FoundationVision/LlamaGen /path/to/LlamaGen   # only for the comparison
+    python benchmarks/engine_bench.py --out DIR [--llamagen /path/to/LlamaGen]
 
-Random weights (std 0.02, bf16), fp32 state, CFG by batch doubling (cfg 4.0, top-k 2000, as the
-LlamaGen numbers in shared/docs/research/measured-baselines.md), 16×16 = 256 tokens per image.
-Floor per step = (bf16 bytes of the streamed weights + fp32 state read and written) ÷ the copy
-bandwidth measured in the same run.
+Writes DIR/engine.json (every measurement, with the GPU, driver, versions, date and commit),
+DIR/llamagen.json (with --llamagen) and DIR/summary.md, the README's table for this GPU, which it
+also prints. A few minutes on an H100 / H200 (LlamaGen's torch.compile takes about a minute per
+model the first time).
+
+Random weights (std 0.02, bf16), fp32 state, CFG by batch doubling (cfg 4.0, top-k 2000, LlamaGen's
+demo sampler), 16×16 = 256 tokens per image. Floor per step = (bf16 bytes of the streamed weights +
+fp32 state read and written) ÷ the copy bandwidth measured in the same run (`--bw` to give one).
+`--device cpu --presets lasad-tiny` runs the torch backend on a CPU (no table: a smoke run).
 """
 
 from __future__ import annotations
@@ -23,12 +31,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _repo  # noqa: E402,F401  (the checkout importable as installed)
 
-from lasad_engine import LasadConfig, LasadGen  # noqa: E402
+from lasad_engine import LASAD_PRESET_NAMES, LasadConfig, LasadGen  # noqa: E402
 from lasad_engine.engine import LasadEngine, SamplingParams  # noqa: E402
-from lasad_tools.profiling import streamed_weight_bytes, sync  # noqa: E402
+from lasad_tools.profiling import copy_bandwidth, environment, streamed_weight_bytes, sync  # noqa: E402
 
-TARGETS_MS_PER_IMAGE = {"lasad-B": 25.0, "lasad-XL": 120.0}
-BASELINE_COMPILED_MS = {"lasad-B": 178.4, "lasad-XL": 496.2}  # LlamaGen --compile, 1 image, same H200
 PARAMS = SamplingParams(cfg_scale=4.0, top_k=2000)
 
 
@@ -94,9 +100,6 @@ def bench(results: dict, presets, batches, device, bw_TBps: float, quick: bool) 
             if "graph_ms_per_step" in row:
                 row["graph_x_floor"] = row["graph_ms_per_step"] / floor_ms
                 row["graph_fraction_of_bw"] = floor_ms / row["graph_ms_per_step"]
-                if batch == 1 and name in TARGETS_MS_PER_IMAGE:
-                    row["target_ms_per_image"] = TARGETS_MS_PER_IMAGE[name]
-                    row["llamagen_compiled_ms_per_image"] = BASELINE_COMPILED_MS[name]
             rows.append(row)
             print(json.dumps(row), flush=True)
         del model
@@ -147,23 +150,95 @@ def checks(results: dict, device) -> None:
     engine.close()
 
 
+LLAMAGEN_MODELS = {"lasad-B": "GPT-B", "lasad-L": "GPT-L", "lasad-XL": "GPT-XL", "lasad-XXL": "GPT-XXL"}
+
+
+def run_llamagen(llamagen: Path, out: Path, presets, quick: bool) -> dict | None:
+    """LlamaGen's benchmark (benchmarks/llamagen_bench.py) in a process of its own (its
+    torch.compile state stays out of this one), for the presets' LlamaGen twins; its JSON."""
+    import subprocess
+    models = [LLAMAGEN_MODELS[p] for p in presets if p in LLAMAGEN_MODELS]
+    if not models:
+        return None
+    cmd = [sys.executable, str(Path(__file__).with_name("llamagen_bench.py")), "--llamagen", str(llamagen),
+           "--out", str(out), "--models", ",".join(models), "--repeats", "1" if quick else "3"]
+    print("running", " ".join(cmd), flush=True)
+    if subprocess.run(cmd).returncode != 0:
+        raise SystemExit("engine_bench.py: LlamaGen's benchmark failed (its error is above); "
+                         "the lasad numbers are in " + str(out / "engine.json"))
+    return json.loads((out / "llamagen.json").read_text())
+
+
+def summary(results: dict, llamagen: dict | None) -> str:
+    """The README's speed table for this run: one image per preset (ms, ms/token, LlamaGen, floor)
+    and the largest batch's images/s, naming the GPU."""
+    env = results["environment"]
+    gpu = env.get("gpu") or env["device"]
+    lg = {(r["model"], r["images"]): r for r in (llamagen or {}).get("rows", [])}
+    lines = [f"Measured {env['date']} on {gpu} (driver {env.get('driver', '?')}, torch {env['torch']}, "
+             f"commit {env['commit']}); copy bandwidth {results['copy_bandwidth_Bps'] / 1e12:.2f} TB/s.", "",
+             "| | lasad `cuda` | LlamaGen under `torch.compile` | floor | GPU |", "|---|---|---|---|---|"]
+    rows = results["engine_bench"]
+    for r in rows:
+        if r["images"] != 1 or "graph_ms_per_image" not in r:
+            continue
+        twin = lg.get((LLAMAGEN_MODELS.get(r["preset"]), 1))
+        theirs = f"{twin['ms_median']:.1f} ms (first call {twin['first_call_s']:.0f} s)" if twin else "(not run: --llamagen)"
+        lines.append(f"| {r['preset']}, 1 image | **{r['graph_ms_per_image']:.1f} ms** "
+                     f"({r['graph_ms_per_step']:.3f} ms/token) | {theirs} | "
+                     f"{r['floor_ms_per_step'] * r['tokens']:.1f} ms | {gpu} |")
+    for preset in dict.fromkeys(r["preset"] for r in rows):
+        big = max((r for r in rows if r["preset"] == preset and "graph_ms_per_batch" in r and r["images"] > 1),
+                  key=lambda r: r["images"], default=None)
+        if big is not None:
+            lines.append(f"| {preset}, {big['images']} images | **{big['images'] / big['graph_ms_per_batch'] * 1e3:.0f} "
+                         f"images/s** | | {big['graph_fraction_of_bw'] * 100:.0f} % of the bandwidth ceiling | {gpu} |")
+    return "\n".join(lines) + "\n"
+
+
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", type=Path, default=Path("out"))
-    ap.add_argument("--presets", default="lasad-B,lasad-L,lasad-XL,lasad-XXL")
-    ap.add_argument("--batches", default="1,8,64,256")
+    ap = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()),
+                                 epilog="The README's speed table: python benchmarks/engine_bench.py --out DIR "
+                                        "--llamagen PATH_TO_LLAMAGEN_CHECKOUT")
+    ap.add_argument("--out", type=Path, required=True, help="folder for engine.json, llamagen.json, summary.md")
+    ap.add_argument("--presets", default="lasad-B,lasad-XL", help="comma-separated (lasad-B, lasad-L, lasad-XL, "
+                                                                 "lasad-XXL; lasad-tiny for a smoke run)")
+    ap.add_argument("--batches", default="1,8,64,256", help="images per batch, comma-separated")
     ap.add_argument("--device", default="cuda")
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--bw", type=float, default=None, help="copy bandwidth TB/s (default: measure)")
+    ap.add_argument("--quick", action="store_true", help="one timed repeat instead of three")
+    ap.add_argument("--bw", type=float, default=None, help="copy bandwidth in TB/s for the floor (default: measure)")
+    ap.add_argument("--llamagen", type=Path, default=None,
+                    help="a checkout of LlamaGen (git clone https://github.com/FoundationVision/LlamaGen): also time "
+                         "its generate() under torch.compile for the presets' GPT twins")
+    ap.add_argument("--no-checks", action="store_true", help="skip the cuda == torch and flat-memory checks")
     args = ap.parse_args()
     device = torch.device(args.device)
-    results = {}
-    bw = args.bw or 4.3
-    bench(results, args.presets.split(","), [int(b) for b in args.batches.split(",")], device, bw, args.quick)
-    if device.type == "cuda":
-        checks(results, device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("engine_bench.py: no CUDA GPU is visible to torch; the README's numbers are GPU numbers "
+                         "(--device cpu --presets lasad-tiny runs the torch backend on a CPU)")
+    presets = args.presets.split(",")
+    unknown = [p for p in presets if p.lower() not in {n.lower() for n in LASAD_PRESET_NAMES}]
+    if unknown:
+        raise SystemExit(f"engine_bench.py: unknown preset {unknown[0]!r}; choose from {', '.join(LASAD_PRESET_NAMES)}")
+    if args.llamagen is not None:
+        if device.type != "cuda":
+            raise SystemExit("engine_bench.py: --llamagen times LlamaGen on a CUDA GPU; drop it with --device cpu")
+        from llamagen_bench import check_checkout
+        check_checkout(args.llamagen)
     args.out.mkdir(parents=True, exist_ok=True)
+    results = {"environment": environment(device, "python benchmarks/engine_bench.py")}
+    results["copy_bandwidth_Bps"] = args.bw * 1e12 if args.bw else copy_bandwidth(device)
+    bench(results, presets, [int(b) for b in args.batches.split(",")], device, results["copy_bandwidth_Bps"] / 1e12,
+          args.quick)
+    if device.type == "cuda" and not args.no_checks:
+        checks(results, device)
     (args.out / "engine.json").write_text(json.dumps(results, indent=1))
+    llamagen = run_llamagen(args.llamagen, args.out, presets, args.quick) if args.llamagen else None
+    if device.type == "cuda":
+        table = summary(results, llamagen)
+        (args.out / "summary.md").write_text(table)
+        print(table)
+    print(f"wrote {args.out / 'engine.json'}" + (" and summary.md" if device.type == "cuda" else ""))
 
 
 if __name__ == "__main__":

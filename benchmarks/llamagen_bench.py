@@ -1,10 +1,14 @@
 """The baseline users run today, timed the way they run it: LlamaGen's own GPT and `generate()`
 with `torch.compile(mode="reduce-overhead", fullgraph=True)` (its `sample_c2i.py --compile`),
 random bf16 weights, CFG 4.0, top-k 2000, one image of 16×16 tokens; median of repeats after the
-compile. LlamaGen's code is not part of lasad: pass a checkout (FoundationVision/LlamaGen; we
-carry `autoregressive/models/{gpt,generate}.py` and `utils/drop_path.py` at commit ce98ec4).
+compile. LlamaGen's code is not part of lasad: clone it and pass the checkout (the README's numbers
+were taken at its commit ce98ec4; it needs only torch):
 
-    python benchmarks/llamagen_bench.py --llamagen .carry/llamagen --out DIR [--models GPT-B,GPT-XL]
+    git clone https://github.com/FoundationVision/LlamaGen /path/to/LlamaGen
+    python benchmarks/llamagen_bench.py --llamagen /path/to/LlamaGen --out DIR [--models GPT-B,GPT-XL]
+
+`python benchmarks/engine_bench.py --out DIR --llamagen /path/to/LlamaGen` runs it beside lasad's
+numbers. Writes DIR/llamagen.json (with the GPU and LlamaGen's commit).
 """
 
 from __future__ import annotations
@@ -38,14 +42,39 @@ def time_generate(generate, model, cond, n_tokens: int, repeats: int) -> dict:
             "ms_per_step": statistics.median(times) / n_tokens}
 
 
+NEEDED = ("autoregressive/models/gpt.py", "autoregressive/models/generate.py", "utils/drop_path.py")
+
+
+def check_checkout(path: Path) -> None:
+    """One line (SystemExit) unless `path` holds LlamaGen's files that the benchmark imports."""
+    missing = [f for f in NEEDED if not (path / f).is_file()]
+    if missing:
+        raise SystemExit(f"llamagen_bench.py: {path} is not a LlamaGen checkout (no {missing[0]}): "
+                         f"git clone https://github.com/FoundationVision/LlamaGen {path}")
+
+
+def commit_of(path: Path) -> str | None:
+    import subprocess
+    try:
+        r = subprocess.run(["git", "-C", str(path), "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                           timeout=20)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return r.stdout.strip() or None
+
+
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--llamagen", type=Path, required=True, help="LlamaGen checkout (or the carried files)")
+    ap = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
+    ap.add_argument("--llamagen", type=Path, required=True,
+                    help="a LlamaGen checkout (git clone https://github.com/FoundationVision/LlamaGen)")
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--models", default="GPT-B,GPT-XL")
     ap.add_argument("--images", default="1", help="comma-separated images per batch (CFG doubles the rows)")
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
+    check_checkout(args.llamagen)
+    if not torch.cuda.is_available():
+        raise SystemExit("llamagen_bench.py: no CUDA GPU is visible to torch; this times LlamaGen on a GPU")
     sys.path.insert(0, str(args.llamagen.resolve()))
     from autoregressive.models.generate import generate
     from autoregressive.models.gpt import GPT_models
@@ -68,7 +97,8 @@ def main() -> None:
             print(f"{name} images={n}: {r['ms_median']:.1f} ms per batch ({r['ms_per_step'] * 1e3:.0f} µs/step), "
                   f"first call {r['first_call_s']:.1f} s", flush=True)
             (args.out / "llamagen.json").write_text(json.dumps(
-                {"torch": torch.__version__, "gpu": torch.cuda.get_device_name(), "rows": rows}, indent=1))
+                {"torch": torch.__version__, "gpu": torch.cuda.get_device_name(), "llamagen_commit": commit_of(args.llamagen),
+                 "rows": rows}, indent=1))
         del model
         torch.cuda.empty_cache()
         torch._dynamo.reset()

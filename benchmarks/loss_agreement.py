@@ -2,7 +2,7 @@
 
     python benchmarks/loss_agreement.py MULTI_DIR [--one-gpu n1,...] [--two-gpu n2,...] [--out result.json]
 
-MULTI_DIR holds one folder per run with the trainer's log.jsonl (benchmarks/multi_gpu.sh's step 6:
+MULTI_DIR holds one folder per run with the trainer's log.jsonl (benchmarks/device/multi_gpu.sh's step 6:
 n1, n1-repeat, n1-accum2, n1-accum4 on one GPU; n2, n2-repeat, n2-accum2 on two). Every run draws
 the batch of step s from (seed, s) alone, so the losses of two runs at one step are paired: they
 differ only by what the runs compute differently (the split of the batch into micro-batches or

@@ -28,7 +28,7 @@ import torch
 
 from .config import LasadConfig
 from .io import UserError, atomic_path, clean_state_dict, key_diff, loads_strict, nonfinite_tensor, \
-    one_line as _reason, torch_load_reason
+    one_line as _reason, read_small_file, special_file, torch_load_reason
 from .model import LasadGen, upgrade_state_dict
 
 FORMAT = "lasad"
@@ -106,6 +106,9 @@ def resolve_checkpoint(name_or_path: str | os.PathLike | None = None) -> Path:
         return path
     if str(name_or_path) == DEFAULT_NAME:
         return DEFAULT_CHECKPOINT
+    kind = special_file(path)
+    if kind is not None:
+        raise CheckpointError(f"{name_or_path}: is {kind}, not a checkpoint; give {CHECKPOINT_CHOICES}")
     raise CheckpointError(f"{name_or_path}: no such checkpoint file or folder; give {CHECKPOINT_CHOICES}")
 
 
@@ -113,26 +116,39 @@ def _folder_weights(folder: Path) -> Path:
     """`folder/model.safetensors`, checked against `folder/config.json` when the folder has one (a
     training run's folder has the weights only; they carry their config)."""
     weights = folder / WEIGHTS_FILE
+    kind = special_file(weights)
+    if kind is not None:
+        raise CheckpointError(f"{weights}: is {kind}, not a weights file")
     if not weights.is_file():
         found = sorted(p.name for p in folder.iterdir() if not p.name.startswith("."))
         listing = f"it holds {', '.join(found[:6])}{' ...' if len(found) > 6 else ''}" if found else "it is empty"
         raise CheckpointError(f"{folder}: a folder without {WEIGHTS_FILE} ({listing}); give {CHECKPOINT_CHOICES}")
     config_file = folder / CONFIG_FILE
-    if not config_file.is_file():
+    if not (config_file.exists() or config_file.is_symlink()):
         return weights
     try:
-        given = json.loads(config_file.read_text())
+        text = read_small_file(config_file, inside=folder)  # a regular file in the folder, of sane size
+    except UserError as e:
+        raise CheckpointError(str(e)) from None
+    try:
+        given = loads_strict(text)
         if not isinstance(given, dict):
             raise ValueError(f"top level is {type(given).__name__}, not an object")
         if given.get("model_type", FORMAT) != FORMAT:
-            raise ValueError(f"model_type {given['model_type']!r}, not {FORMAT!r}")
+            raise ValueError(f"model_type {_reason(repr(given['model_type']), 60)}, not {FORMAT!r}")
+        version = given.get("format_version", FORMAT_VERSION)
+        if isinstance(version, bool) or not isinstance(version, int) or not 1 <= version <= FORMAT_VERSION:
+            raise CheckpointError(f"{config_file}: format_version {_reason(repr(version), 60)}; this lasad reads "
+                                  f"versions 1 to {FORMAT_VERSION}")
         cfg = LasadConfig.from_dict({k: v for k, v in given.items() if k not in CONFIG_EXTRA_KEYS})
-    except (OSError, TypeError, ValueError) as e:
+    except CheckpointError:
+        raise
+    except (TypeError, ValueError) as e:
         raise CheckpointError(f"{config_file}: not a lasad config ({_reason(e)})") from None
     try:
         from safetensors import safe_open
         with safe_open(str(weights), framework="pt") as f:
-            stored = LasadConfig.from_dict(json.loads((f.metadata() or {})["config"]))
+            stored = LasadConfig.from_dict(loads_strict((f.metadata() or {})["config"]))
     except Exception:  # noqa: BLE001 - read_checkpoint names what is wrong with the weights
         return weights
     a, b = cfg.to_dict(), stored.to_dict()

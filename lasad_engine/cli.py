@@ -127,9 +127,15 @@ def _one_line(prog: str, e: BaseException) -> tuple[int | None, str | None]:
         return EXIT_USAGE, f"{prog}: error: {' '.join(e.format_message().split())} (see {prog} --help)"
     if isinstance(e, (click.ClickException, UserError, OSError)):
         msg = e.format_message() if isinstance(e, click.ClickException) else str(e)
+        if isinstance(e, OSError):
+            from .io import disk_hint
+            msg += disk_hint(e)  # a full disk: what to change
         return getattr(e, "exit_code", EXIT_ERROR) or EXIT_ERROR, f"{prog}: error: {' '.join(msg.split())}"
-    if isinstance(e, MemoryError):
-        return EXIT_ERROR, f"{prog}: error: out of memory"
+    if isinstance(e, (MemoryError, RuntimeError)):  # torch's allocators raise RuntimeError
+        from .params import is_out_of_memory, out_of_memory_line
+        if is_out_of_memory(e):
+            return EXIT_ERROR, f"{prog}: error: " + out_of_memory_line(
+                e, "running", "free memory, or ask for less: a smaller --max-batch, fewer images, a smaller grid")
     if isinstance(e, (click.Abort, KeyboardInterrupt)):  # raised in-process, without a signal
         return 128 + signal.SIGINT, f"{prog}: interrupted; no half-written file is left"
     return None, None
@@ -182,19 +188,41 @@ def default_output(ids: list[int], seed: int, grid=None) -> Path:
 MAX_NUMBERED = 10_000
 
 
-def unused_output(output: Path) -> Path:
-    """`output`, or the first of `<stem>-2.png`, `<stem>-3.png`, ... whose PNG, JSON record and
-    `--save-individual` folder are all absent: a default name never replaces an earlier run."""
-    def taken(p: Path) -> bool:
-        return any(f.exists() or f.is_symlink() for f in (p, p.with_suffix(".json"), p.with_suffix("")))
-    if not taken(output):
-        return output
-    for n in range(2, MAX_NUMBERED + 1):
-        candidate = output.with_name(f"{output.stem}-{n}{output.suffix}")
-        if not taken(candidate):
-            return candidate
+def _taken(p: Path) -> bool:
+    return any(f.exists() or f.is_symlink() for f in (p, p.with_suffix(".json"), p.with_suffix("")))
+
+
+def claim_output(output: Path):
+    """(`output`, or the first of `<stem>-2.png`, `<stem>-3.png`, ... that no other running lasad
+    holds and whose PNG, JSON record and `--save-individual` folder are all absent; its hold;
+    whether `output` itself was held by another run).
+    The name is held (io.hold_output) before it is checked and until the run's files are
+    committed, so two runs that start at the same moment in one folder get two names, and a
+    default name never replaces an earlier run's files."""
+    from .io import hold_output
+    busy = False  # whether the name asked for is held by a running process (for the message)
+    for n in range(1, MAX_NUMBERED + 1):
+        candidate = output if n == 1 else output.with_name(f"{output.stem}-{n}{output.suffix}")
+        lock = hold_output(candidate)
+        if lock is None:  # another running lasad-run writes it
+            busy = busy or n == 1
+            continue
+        if not _taken(candidate):
+            return candidate, lock, busy
+        lock.release()
     raise click.ClickException(f"{output} and {MAX_NUMBERED - 1} numbered names beside it are taken; "
                                "pass --output FILE.png")
+
+
+def hold_named_output(output: Path):
+    """The hold on an `--output` name; refused in one line when another running lasad-run holds it
+    (its files would replace this run's, or these its)."""
+    from .io import hold_output, output_holder
+    lock = hold_output(output)
+    if lock is None:
+        raise click.ClickException(f"--output {str(output)!r} is being written by another running lasad-run"
+                                   f"{output_holder(output)}; wait for it to finish or choose another name")
+    return lock
 
 
 class LongJobWarning:
@@ -272,17 +300,24 @@ NAME = "lasad-run"
 @click.option("--no-progress", is_flag=True, help="No progress bar on stderr.")
 @click.option("--list-classes", is_flag=True, help="List the checkpoint's classes and exit.")
 @click.version_option(__version__, "--version", prog_name="lasad-run")
-def run_main(classes, num_samples, seed, cfg_scale, cfg_interval, temperature, top_k, top_p, grid,
-             backend, checkpoint, tokenizer, device, precision, max_batch, no_cuda_graph, threads, output, nrow,
-             save_individual, json_out, no_progress, list_classes):
+def run_main(**options):
     """Generate class-conditional images with LASADGen and write them as a PNG grid."""
-    from .io import check_writable, safe_text
+    with contextlib.ExitStack() as held:  # the output's name, held until its files are committed
+        return _run(held, **options)
+
+
+def _run(held, classes, num_samples, seed, cfg_scale, cfg_interval, temperature, top_k, top_p, grid,
+         backend, checkpoint, tokenizer, device, precision, max_batch, no_cuda_graph, threads, output, nrow,
+         save_individual, json_out, no_progress, list_classes):
+    from .io import check_writable, safe_text, special_file
     from .params import parse_grid
 
     if tokenizer is not None and tokenizer.is_dir():
         raise click.ClickException(f"tokenizer {str(tokenizer)!r} is a folder, not a tokenizer file")
     if tokenizer is not None and not tokenizer.is_file():
-        raise click.ClickException(f"tokenizer {str(tokenizer)!r} does not exist")
+        kind = special_file(tokenizer)
+        raise click.ClickException(f"tokenizer {str(tokenizer)!r} " + (f"is {kind}, not a tokenizer file" if kind
+                                                                        else "does not exist"))
     if not classes and not list_classes:
         raise click.UsageError("no class given: pass --class ID (or --list-classes)")
     given = dict(cfg_scale=cfg_scale, cfg_interval=cfg_interval, temperature=temperature, top_k=top_k, top_p=top_p)
@@ -292,15 +327,21 @@ def run_main(classes, num_samples, seed, cfg_scale, cfg_interval, temperature, t
         grid = parse_grid(grid, None)
     if len(classes) * num_samples > MAX_IMAGES:
         raise click.UsageError(f"{len(classes)} classes x {num_samples} samples: at most {MAX_IMAGES} images per run")
-    if output is not None:
+    if output is not None and not list_classes:
         if output.suffix.lower() != ".png":
             raise click.UsageError(f"--output {str(output)!r} must end in .png")
-        check_writable(output, "--output")
+        # every file it names (the grid, its JSON record, the --save-individual folder) before any work
+        for f in _output_files(output, len(classes) * num_samples if save_individual else 0)[:3]:
+            check_writable(f, "--output" if f == output else f"--output {str(output)!r}: the file")
+        held.enter_context(hold_named_output(output))
     t0 = time.perf_counter()
+    from .params import memory_stage
     from .pipeline import LasadPipeline
-    pipe = LasadPipeline.from_checkpoint(checkpoint, tokenizer=tokenizer, backend=backend, device=device,
-                                         precision=precision, max_batch=max_batch,
-                                         use_cuda_graph=not no_cuda_graph, threads=threads)
+    with memory_stage("loading the model and allocating its decode buffers",
+                      "free memory, or pass a smaller --max-batch (the buffers are sized for it) or --precision bf16"):
+        pipe = LasadPipeline.from_checkpoint(checkpoint, tokenizer=tokenizer, backend=backend, device=device,
+                                             precision=precision, max_batch=max_batch,
+                                             use_cuda_graph=not no_cuda_graph, threads=threads)
     with pipe:
         cfg = pipe.model.config
         if list_classes:
@@ -322,10 +363,11 @@ def run_main(classes, num_samples, seed, cfg_scale, cfg_interval, temperature, t
         if output is None:
             trained = grid == (cfg.grid_height, cfg.grid_width)
             named = default_output(ids, seed, None if trained else grid)
-            output = unused_output(named)
+            output, lock, busy = claim_output(named)
+            held.enter_context(lock)
             if output != named:
-                click.echo(f"{named} is from an earlier run: writing {output} (--output FILE.png names the file)",
-                           err=True)
+                why = "is being written by another running lasad-run" if busy else "is from an earlier run"
+                click.echo(f"{named} {why}: writing {output} (--output FILE.png names the file)", err=True)
         files = _output_files(output, len(labels) if save_individual else 0)
         for f in files[:3]:  # the files this run writes (the rest share the third's folder and length)
             check_writable(f, "output")
@@ -335,8 +377,10 @@ def run_main(classes, num_samples, seed, cfg_scale, cfg_interval, temperature, t
         t_load = time.perf_counter() - t0
         params = pipe.sampling_params(**given)  # the model's recommendation fills what was left out
         eta = LongJobWarning(-(-len(labels) // pipe.max_batch) * grid.tokens, pipe.device)
-        out = pipe(labels, params=params, generator=torch.Generator(pipe.device).manual_seed(seed),
-                   output_type="np", grid=grid, progress=not no_progress, callback=eta)
+        with memory_stage(f"generating {len(labels)} image(s) of {grid.h}x{grid.w} tokens",
+                          "free memory, or pass a smaller --max-batch or --grid"):
+            out = pipe(labels, params=params, generator=torch.Generator(pipe.device).manual_seed(seed),
+                       output_type="np", grid=grid, progress=not no_progress, callback=eta)
         record = {
             "output": str(output), "individual": [str(f) for f in files[2:]], "classes": ids,
             "class_names": [cfg.class_names[i] for i in ids] if cfg.class_names else None,

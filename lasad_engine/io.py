@@ -10,6 +10,7 @@ together (an image and its record) are committed by `atomic_paths`: all or none.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import re
 import tempfile
@@ -40,6 +41,37 @@ def _temp_beside(path: Path) -> str:
     return tmp
 
 
+# What torch's zip writer says when a write fails (it does not pass on the errno): a full disk
+# ends torch.save with "unexpected pos N vs M" or "file write failed".
+_TORCH_WRITE_FAILURES = ("unexpected pos", "file write failed", "PytorchStreamWriter failed writing")
+DISK_ERRNOS = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC), errno.EFBIG)
+
+
+def _write_failure(e: BaseException, path: Path) -> OSError | None:
+    """The OSError for a write that failed inside a library that hides the cause (torch.save's
+    RuntimeError): ENOSPC when the file system of `path` has less than 64 MiB left, else EIO;
+    None for any other exception (it propagates as it is)."""
+    if not isinstance(e, RuntimeError) or not any(s in str(e) for s in _TORCH_WRITE_FAILURES):
+        return None
+    import shutil
+    try:
+        free = shutil.disk_usage(path.parent).free
+    except OSError:
+        free = None
+    if free is not None and free < 64 << 20:
+        return OSError(errno.ENOSPC, f"No space left on device ({free >> 20} MiB free) writing", str(path))
+    return OSError(errno.EIO, f"torch could not write the file ({one_line(e, 100)})", str(path))
+
+
+def disk_hint(e: OSError) -> str:
+    """What to change after a write failed with a full disk or quota ("" for other errors)."""
+    if getattr(e, "errno", None) not in DISK_ERRNOS:
+        return ""
+    where = f" ({Path(e.filename).parent or '.'})" if getattr(e, "filename", None) else ""
+    return (f"; free space on that file system{where} or write somewhere else; "
+            "files from before this command are unchanged")
+
+
 def _rename(src, dst) -> None:
     """os.replace; the one rename of a commit (tests replace it to inject a failure)."""
     os.replace(src, dst)
@@ -59,9 +91,12 @@ def atomic_path(path: str | os.PathLike):
         yield tmp
         os.chmod(tmp, _default_mode())  # mkstemp makes 0600; give the file the usual mode
         _rename(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        failure = _write_failure(e, path)
+        if failure is not None:
+            raise failure from None
         raise
 
 
@@ -90,10 +125,13 @@ def atomic_paths(paths):
         for t in temps:
             os.chmod(t, mode)
         _commit(paths, temps)
-    except BaseException:
+    except BaseException as e:
         for t in temps:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(t)
+        failure = _write_failure(e, paths[0]) if paths else None
+        if failure is not None:
+            raise failure from None
         raise
 
 
@@ -150,7 +188,8 @@ PROCESS_START = _process_start_time()
 
 def remove_stale_temps(folder: str | os.PathLike) -> list[str]:
     """Remove the temps of killed runs from `folder`: files named like ours (`TEMP_PATTERN`),
-    owned by this user, last written before this process started. Returns their names."""
+    owned by this user, last written before this process started; and output locks
+    (`.NAME.png.lock`) that no running process holds. Returns their names."""
     removed = []
     try:
         entries = list(os.scandir(folder))
@@ -158,6 +197,12 @@ def remove_stale_temps(folder: str | os.PathLike) -> list[str]:
         return removed
     uid = os.getuid() if hasattr(os, "getuid") else None
     for e in entries:
+        if LOCK_PATTERN.match(e.name):
+            with contextlib.suppress(OSError):
+                if e.is_file(follow_symlinks=False) and (uid is None or e.stat(follow_symlinks=False).st_uid == uid) \
+                        and _remove_stale_lock(e):
+                    removed.append(e.name)
+            continue
         if not TEMP_PATTERN.match(e.name):
             continue
         try:
@@ -170,6 +215,115 @@ def remove_stale_temps(folder: str | os.PathLike) -> list[str]:
         except OSError:
             continue
     return removed
+
+
+# An output's name is held while a run writes it: an advisory lock (flock) on `.NAME.lock` beside
+# it. The kernel drops the lock when the process ends, however it ends, so a name is never held by
+# a run that is gone; the file of a killed run is removed by the next command in that folder.
+LOCK_SUFFIX = ".lock"
+LOCK_PATTERN = re.compile(r"^\..+\.png\.lock$")
+
+
+class OutputLock:
+    """The hold on one output name (`hold_output`); `release()` (or leaving a `with`) gives it up."""
+
+    def __init__(self, path: Path, lock: Path, fd: int, made: list[Path]):
+        self.path, self.lock, self._fd, self._made = path, lock, fd, made
+
+    def release(self) -> None:
+        if self._fd is None:
+            return
+        try:
+            with contextlib.suppress(OSError):
+                if _same_file(self._fd, self.lock):
+                    os.unlink(self.lock)  # still locked: a process that opened it meanwhile retries
+        finally:
+            os.close(self._fd)
+            self._fd = None
+        for folder in reversed(self._made):  # folders made for the lock, if nothing else came into them
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.release()
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        a, b = os.fstat(fd), os.stat(path)
+    except OSError:
+        return False
+    return (a.st_ino, a.st_dev) == (b.st_ino, b.st_dev)
+
+
+def hold_output(path: str | os.PathLike) -> OutputLock | None:
+    """Hold the name `path` for this process (O_CREAT + an exclusive, non-blocking flock on
+    `.NAME.lock` beside it, made atomically by the kernel), or return None when another running
+    process holds it. Two runs that choose a name at the same moment never both get it; a run
+    that dies (even by SIGKILL) holds nothing. Folders on the way are made, and removed again on
+    release if they stayed empty."""
+    import fcntl
+
+    path = Path(path)
+    lock = path.with_name(f".{path.name}{LOCK_SUFFIX}")
+    made, folder = [], path.parent
+    while not folder.exists() and folder.parent != folder:
+        made.append(folder)
+        folder = folder.parent
+    for f in reversed(made):
+        with contextlib.suppress(FileExistsError):
+            f.mkdir()
+    made.reverse()
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), _default_mode())
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            for f in reversed(made):
+                with contextlib.suppress(OSError):
+                    f.rmdir()
+            return None
+        except BaseException:
+            os.close(fd)
+            raise
+        if _same_file(fd, lock):  # else its holder removed it between our open and our lock: again
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode())
+            return OutputLock(path, lock, fd, made)
+        os.close(fd)
+
+
+def output_holder(path: str | os.PathLike) -> str:
+    """" (pid N)" of the process holding `path` (`hold_output`), or "" if it cannot be read."""
+    path = Path(path)
+    try:
+        text = path.with_name(f".{path.name}{LOCK_SUFFIX}").read_text()[:20].strip()
+    except (OSError, UnicodeDecodeError):
+        return ""
+    return f" (pid {text})" if text.isdigit() else ""
+
+
+def _remove_stale_lock(entry) -> bool:
+    """Remove a `.NAME.png.lock` that no running process holds (left by a killed run)."""
+    import fcntl
+    try:
+        fd = os.open(entry.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        if _same_file(fd, Path(entry.path)):
+            os.unlink(entry.path)
+            return True
+        return False
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
 
 
 def check_writable(path: str | os.PathLike, what: str = "output") -> None:
@@ -268,12 +422,67 @@ def torch_load_reason(exc: BaseException) -> str:
 
 
 def loads_strict(text: str):
-    """json.loads that refuses NaN and infinities (Python's json reads them; they are not JSON)."""
+    """json.loads that refuses NaN and infinities (Python's json reads them; they are not JSON)
+    and JSON nested too deeply for Python's parser (a RecursionError otherwise): ValueError."""
     import json
 
     def refuse(name):
         raise ValueError(f"{name} is not a JSON value")
-    return json.loads(text, parse_constant=refuse)
+    try:
+        return json.loads(text, parse_constant=refuse)
+    except RecursionError:
+        raise ValueError("its JSON is nested too deeply to be lasad's") from None
+
+
+MAX_JSON_BYTES = 64 << 20  # a config with 2**20 class names of up to 1024 characters is far less in practice
+
+
+def special_file(path: str | os.PathLike) -> str | None:
+    """What `path` is when it exists but is neither a regular file nor a folder ("a character
+    device", "a FIFO", "a link to nothing", ...), following links; None otherwise."""
+    import stat
+    path = Path(path)
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return "a link to nothing" if path.is_symlink() else None
+    except OSError as e:
+        return f"unreadable ({e.strerror or e})"
+    for test, what in ((stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                       (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return what
+    return None
+
+
+def read_small_file(path: str | os.PathLike, *, inside: str | os.PathLike | None = None,
+                    limit: int = MAX_JSON_BYTES) -> str:
+    """The text of a small file a lasad file set names (a model folder's config.json): refused
+    with one UserError line when it is not a regular file (a device such as /dev/zero or
+    /dev/urandom, a FIFO: reading those would never end), when it lies outside the folder
+    `inside` (a link that leads out of it), or when it is larger than `limit` bytes."""
+    import stat
+    path = Path(path)
+    kind = special_file(path)
+    if kind is not None:
+        raise UserError(f"{path}: is {kind}, not a file")
+    if inside is not None and not path.resolve().is_relative_to(Path(inside).resolve()):
+        raise UserError(f"{path}: a link to {safe_text(str(path.resolve()), 120)}, outside {inside}; lasad reads "
+                        "only files inside the folder")
+    try:
+        with open(path, "rb") as f:
+            st = os.fstat(f.fileno())
+            if not stat.S_ISREG(st.st_mode):  # changed since the check above
+                raise UserError(f"{path}: is not a regular file")
+            if st.st_size > limit:
+                raise UserError(f"{path}: {st.st_size} bytes; at most {limit} are read")
+            data = f.read(limit + 1)
+    except OSError as e:
+        raise UserError(f"{path}: cannot read ({e.strerror or e})") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not UTF-8 text") from None
 
 
 def nonfinite_tensor(state) -> str | None:

@@ -4,6 +4,7 @@ typed values. Nothing here imports torch at module load, so command-line `--help
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 from dataclasses import dataclass
@@ -25,6 +26,14 @@ MAX_TOP_K = 1 << 20         # the largest vocabulary a config may have; top_k >=
 
 class EngineError(UserError):
     """Bad input to the engine; the message is one line that names the value and the choices."""
+
+
+class OutOfRange(EngineError):
+    """A value the user gave that is outside its range or not one of its choices (a class id or
+    name, a grid, a device, a sampling setting): a usage error, exit code 2 from the command-line
+    tools, as click gives for an option's own range."""
+
+    exit_code = 2
 
 
 def _number(name: str, value, kind=float):
@@ -56,15 +65,15 @@ class SamplingParams:
         set_(self, "top_k", _number("top_k", self.top_k, int))
         set_(self, "cfg_interval", _number("cfg_interval", self.cfg_interval, int))
         if not abs(self.cfg_scale) <= MAX_CFG_SCALE:
-            raise EngineError(f"cfg_scale={self.cfg_scale} must be in -{MAX_CFG_SCALE:g}..{MAX_CFG_SCALE:g} (1 = off)")
+            raise OutOfRange(f"cfg_scale={self.cfg_scale} must be in -{MAX_CFG_SCALE:g}..{MAX_CFG_SCALE:g} (1 = off)")
         if not 0 <= self.temperature <= MAX_TEMPERATURE:
-            raise EngineError(f"temperature={self.temperature} must be in 0..{MAX_TEMPERATURE:g} (0 = greedy)")
+            raise OutOfRange(f"temperature={self.temperature} must be in 0..{MAX_TEMPERATURE:g} (0 = greedy)")
         if not 0 <= self.top_k <= MAX_TOP_K:
-            raise EngineError(f"top_k={self.top_k} must be an integer in 0..{MAX_TOP_K} (0 = off)")
+            raise OutOfRange(f"top_k={self.top_k} must be an integer in 0..{MAX_TOP_K} (0 = off)")
         if not 0 < self.top_p <= 1:
-            raise EngineError(f"top_p={self.top_p} must be in (0, 1] (1 = off)")
+            raise OutOfRange(f"top_p={self.top_p} must be in (0, 1] (1 = off)")
         if not -1 <= self.cfg_interval <= MAX_TOKENS:
-            raise EngineError(f"cfg_interval={self.cfg_interval} must be an integer in -1..{MAX_TOKENS} (-1 = always)")
+            raise OutOfRange(f"cfg_interval={self.cfg_interval} must be an integer in -1..{MAX_TOKENS} (-1 = always)")
 
     @property
     def cfg(self) -> bool:
@@ -119,14 +128,14 @@ def parse_grid(grid, default) -> Grid:
     if isinstance(grid, str):
         parts = grid.lower().split("x")
         if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
-            raise EngineError(f"grid={grid!r} is not of the form HxW, e.g. 16x16 or 32x32")
+            raise OutOfRange(f"grid={grid!r} is not of the form HxW, e.g. 16x16 or 32x32")
         grid = (int(parts[0]), int(parts[1]))
     try:
         h, w = (_number("grid side", v, int) for v in grid)
     except (TypeError, ValueError):
-        raise EngineError(f"grid={grid!r} is not (h, w) or 'HxW'") from None
+        raise OutOfRange(f"grid={grid!r} is not (h, w) or 'HxW'") from None
     if not (1 <= h <= MAX_GRID_SIDE and 1 <= w <= MAX_GRID_SIDE):
-        raise EngineError(f"grid={h}x{w}: each side must be in 1..{MAX_GRID_SIDE} tokens")
+        raise OutOfRange(f"grid={h}x{w}: each side must be in 1..{MAX_GRID_SIDE} tokens")
     return Grid(h, w)
 
 
@@ -161,7 +170,7 @@ class ClassLabels:
                 raise EngineError(f"class {v!r} is not an integer id (0..{num_classes - 1})")
             if not 0 <= v <= top:
                 null = f" ({num_classes} = null class)" if allow_null else ""
-                raise EngineError(f"class {v} is out of range: this model has classes 0..{num_classes - 1}{null}")
+                raise OutOfRange(f"class {v} is out of range: this model has classes 0..{num_classes - 1}{null}")
         return cls(torch.tensor(values, dtype=torch.int64), num_classes)
 
     def __len__(self) -> int:
@@ -202,6 +211,57 @@ def check_memory(nbytes: int, device, what: str, hint: str = "use a smaller --ma
         raise EngineError(f"{what} needs {nbytes / 2**30:.1f} GiB but {device} has {free / 2**30:.1f} GiB free; {hint}")
 
 
+class OutOfMemory(EngineError):
+    """An allocation failed inside torch (the CPU allocator, or CUDA's) although the estimates
+    before it passed (another process took the memory, or a step needs more than estimated): one
+    line naming the stage, what was asked for, and what to change. Exit code 1."""
+
+
+def is_out_of_memory(e: BaseException) -> bool:
+    """True for torch's out-of-memory errors (torch.OutOfMemoryError on CUDA; a RuntimeError from
+    the CPU allocator) and Python's MemoryError."""
+    if isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError":
+        return True
+    text = str(e)
+    return isinstance(e, RuntimeError) and ("can't allocate memory" in text or "out of memory" in text.lower()
+                                           or "Cannot allocate memory" in text)
+
+
+def out_of_memory_line(e: BaseException, what: str, hint: str) -> str:
+    """"out of memory while WHAT (torch asked for N GiB); HINT": the one line for `e`."""
+    import re
+    text = str(e)
+    asked = re.search(r"tried to allocate (\d+) bytes", text, re.IGNORECASE)
+    if asked:
+        size = f"{int(asked.group(1)) / 2**30:.1f} GiB"
+    else:
+        found = re.search(r"tried to allocate ([\d.]+ [KMGT]?i?B)", text, re.IGNORECASE)
+        size = found.group(1) if found else None
+    device = "CUDA" if "CUDA" in text or type(e).__name__ == "OutOfMemoryError" else "the CPU"
+    asked_for = f" (torch asked {device} for {size} more)" if size else f" ({device})"
+    return f"out of memory while {what}{asked_for}; {hint}"
+
+
+@contextlib.contextmanager
+def memory_stage(what: str, hint: str):
+    """Turn an out-of-memory error raised inside into OutOfMemory, one line naming `what` was
+    being done and `hint` (what to change); other errors pass through."""
+    try:
+        yield
+    except (MemoryError, RuntimeError) as e:
+        if not is_out_of_memory(e):
+            raise
+        _release_cuda_cache()
+        raise OutOfMemory(out_of_memory_line(e, what, hint)) from None
+
+
+def _release_cuda_cache() -> None:
+    import sys
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
+
+
 def resolve_device(device=None):
     """A torch device from a user's choice (None: cuda if available, else cpu); one-line errors."""
     import torch
@@ -215,12 +275,14 @@ def resolve_device(device=None):
     try:
         device = device_in or torch.device(device)
     except (RuntimeError, TypeError):
-        raise EngineError(f"device={device!r} is not a torch device (e.g. cpu, cuda, cuda:1)") from None
+        raise OutOfRange(f"device={device!r} is not a torch device (e.g. cpu, cuda, cuda:1)") from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise EngineError(f"device={device} was asked for, but CUDA is not available on this machine; use --device cpu")
         if device.index is not None and device.index >= torch.cuda.device_count():
-            raise EngineError(f"device={device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+            raise OutOfRange(f"device={device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     elif device.type != "cpu":
-        raise EngineError(f"device={device}: lasad runs on cpu or cuda")
+        raise OutOfRange(f"device={device}: lasad runs on cpu or cuda (e.g. cpu, cuda, cuda:1)")
+    elif device.index not in (None, 0):
+        raise OutOfRange(f"device={device}: there is one cpu device (cpu or cpu:0)")
     return device

@@ -26,10 +26,10 @@ import torch
 from .backends import ARTIFACT_BACKENDS
 from .checkpoint import CheckpointError, file_fingerprint, followed_tokenizer, load_checkpoint, resolve_checkpoint
 from .engine import LasadEngine
-from .scheduler import cpu_threads  # noqa: F401 - re-exported (lasad-run and tests use it from here)
 from .io import safe_text
-from .params import MAX_IMAGES, ClassLabels, EngineError, Grid, SamplingParams, check_memory, parse_grid, \
-    resolve_device
+from .params import MAX_IMAGES, ClassLabels, EngineError, Grid, OutOfRange, SamplingParams, check_memory, \
+    memory_stage, parse_grid, resolve_device
+from .scheduler import cpu_threads  # noqa: F401 - re-exported (lasad-run and tests use it from here)
 
 OUTPUT_TYPES = ("pil", "np", "pt", "tokens")
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -349,11 +349,11 @@ class LasadPipeline:
             return int(key)
         shown = safe_text(repr(label), 80)
         if not names:
-            raise EngineError(f"class {shown} is not an id, and this checkpoint carries no class names; use 0..{C - 1}")
+            raise OutOfRange(f"class {shown} is not an id, and this checkpoint carries no class names; use 0..{C - 1}")
         close = difflib.get_close_matches(key[:200], list(lowered), n=3, cutoff=0.6)
         hint = (f"; did you mean {', '.join(safe_text(repr(names[lowered[c]]), 60) for c in close)}?" if close
                 else "; see --list-classes")
-        raise EngineError(f"unknown class {shown}{hint}")
+        raise OutOfRange(f"unknown class {shown}{hint}")
 
     def _name_index(self) -> dict[str, int]:
         """Lower-cased class name -> id (the first of equal names), built once."""
@@ -471,7 +471,10 @@ class LasadPipeline:
         seconds = {"generate": t1 - t0}
         if output_type == "tokens":
             return LasadPipelineOutput(tokens, tokens, seconds)
-        images = self.decode(tokens)  # float [n, 3, H, W] in [0, 1]
+        n, h, w = tokens.shape
+        with memory_stage(f"VQ-decoding {n} image(s) of {h}x{w} tokens",
+                          "use fewer images per call (-n), a smaller grid, or output_type='tokens'"):
+            images = self.decode(tokens)  # float [n, 3, H, W] in [0, 1]
         arr = None if output_type == "pt" else to_uint8(images)
         seconds["vq_decode"] = time.perf_counter() - t1
         if output_type == "pt":

@@ -31,7 +31,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .io import atomic_path, clean_state_dict, key_diff, nonfinite_tensor, one_line, torch_load_reason
+from .io import atomic_path, clean_state_dict, key_diff, loads_strict, nonfinite_tensor, one_line, torch_load_reason
 
 __all__ = ["VQConfig", "VQModel", "VQ_PRESETS", "load_tokenizer", "save_tokenizer"]
 
@@ -655,8 +655,8 @@ def _read_safetensors(path):
     config = None
     if "config" in metadata:
         try:
-            config = json.loads(metadata["config"])
-        except json.JSONDecodeError as exc:
+            config = loads_strict(metadata["config"])
+        except ValueError as exc:  # not JSON, NaN, or nested too deeply
             raise _unreadable(path, exc) from None
     fmt = metadata.get("format")
     if fmt == _FORMAT_NAME and metadata.get("format_version", str(_FORMAT_VERSION)) != str(_FORMAT_VERSION):

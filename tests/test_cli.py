@@ -76,14 +76,14 @@ def test_list_classes_and_version(ckpt, tmp_path):
 
 
 @pytest.mark.parametrize("args,code,message", [
-    (["-c", "99"], 1, "class 99 is out of range: this model has classes 0..9"),
-    (["-c", "golden retreiver"], 1, "did you mean 'golden retriever'"),
+    (["-c", "99"], 2, "class 99 is out of range: this model has classes 0..9"),
+    (["-c", "golden retreiver"], 2, "did you mean 'golden retriever'"),
     (["-c", "1", "--backend", "jax"], 2, "'jax' is not one of 'torch', 'cuda', 'onnxruntime', 'tensorrt'"),
     (["-c", "1", "--top-p", "0"], 2, "--top-p"),
-    (["-c", "1", "--grid", "big"], 1, "grid='big' is not of the form HxW"),
+    (["-c", "1", "--grid", "big"], 2, "grid='big' is not of the form HxW"),
     (["-c", "1", "-o", "x.jpg"], 2, "must end in .png"),
     (["-c", "1", "--device", "cuda"], 1, "CUDA is not available on this machine"),
-    (["-c", "1", "--device", "tpu9"], 1, "is not a torch device"),
+    (["-c", "1", "--device", "tpu9"], 2, "is not a torch device"),
     (["-c", "1", "--backend", "tensorrt"], 1, "backend 'tensorrt' needs tensorrt: NVIDIA TensorRT"),
     (["--no-progress"], 2, "no class given"),
     (["-c", "1", "--precision", "fp8"], 2, "'fp8' is not one of"),

@@ -30,6 +30,7 @@ from lasad_tools.onnx_export import export_step
 ort = pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (pip install -e '.[export]' in lasad's folder)")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
+sys.path.insert(0, str(ROOT / "benchmarks" / "device"))  # pack_ort_gpu.py: the GPU machine's harness
 
 
 @pytest.fixture(scope="module")

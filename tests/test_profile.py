@@ -43,7 +43,7 @@ def test_profile_errors_are_one_line(tmp_path):
     assert r.exit_code == 2 and "lasad-Q" in r.stderr and len(r.stderr.strip().splitlines()) == 1
     r = CliRunner().invoke(main, ["--preset", "lasad-tiny", "--grids", "4by4", "--device", "cpu",
                                   "-o", str(tmp_path / "x.json")])
-    assert r.exit_code == 1 and "grid='4by4'" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert r.exit_code == 2 and "grid='4by4'" in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "x.json").exists()
 
 

@@ -258,6 +258,21 @@ def _all_commands():
     return seen
 
 
+SCRIPT = re.compile(r"^(benchmarks/\w+\.py)$")  # `python benchmarks/NAME.py ...`: a script of this repository
+
+
+def _script_options(script: str) -> set[str] | None:
+    """The options a benchmark script's `--help` lists (argparse), or None if it has no --help."""
+    path = README.parent / script
+    if not path.is_file():
+        return None
+    r = subprocess.run([sys.executable, str(path), "--help"], capture_output=True, text=True, timeout=300,
+                       cwd=README.parent)
+    if r.returncode != 0:
+        return None
+    return set(re.findall(r"(?<![\w-])(--?[A-Za-z][\w-]*)", r.stdout)) | {"-h", "--help"}
+
+
 def check_commands(text: str) -> list[str]:
     """What is wrong with the README's commands: a subcommand or an option that the command does
     not have (each lasad command line, in code blocks and in the prose), and any `--option`
@@ -266,12 +281,25 @@ def check_commands(text: str) -> list[str]:
 
     import click
     ctx = click.Context(click.Command("readme"))
-    problems = []
+    problems, scripts = [], {}
     for no, line in command_lines(text):
         for piece in re.split(r"&&|\|\|?|;", line):
             try:
                 words = shlex.split(piece)
             except ValueError:
+                continue
+            at = next((i for i, w in enumerate(words) if SCRIPT.match(w) and i and words[i - 1] in ("python", "python3")),
+                      None)
+            if at is not None:  # a benchmark script: its options are its argparse options
+                script = words[at]
+                if script not in scripts:
+                    scripts[script] = _script_options(script)
+                if scripts[script] is None:
+                    problems.append(f"README.md line {no}: {script} is not a script with --help")
+                    continue
+                for word in words[at + 1:]:
+                    if re.match(r"^--?[A-Za-z]", word) and word.split("=", 1)[0] not in scripts[script]:
+                        problems.append(f"README.md line {no}: {script} has no option {word.split('=', 1)[0]}")
                 continue
             start = next((i for i, w in enumerate(words) if w in COMMANDS and (i == 0 or words[i - 1] == "-m")), None)
             if start is None:
@@ -289,7 +317,8 @@ def check_commands(text: str) -> list[str]:
             for word in rest:
                 if re.match(r"^--?[A-Za-z]", word) and word.split("=", 1)[0] not in known:
                     problems.append(f"README.md line {no}: {name} has no option {word.split('=', 1)[0]}")
-    everywhere = set().union(*(_options(c) for c in _all_commands())) | FOREIGN_OPTIONS
+    everywhere = set().union(*(_options(c) for c in _all_commands()), *(o for o in scripts.values() if o)) \
+        | FOREIGN_OPTIONS
     for no, line in enumerate(text.splitlines(), 1):
         for option in re.findall(r"(?<![\w-])--[a-z][a-z0-9_-]*", line):
             if option not in everywhere:
@@ -299,7 +328,8 @@ def check_commands(text: str) -> list[str]:
 
 def test_readme_commands_and_options_exist():
     """Every lasad command line in the README (code blocks, the GPU-only and skipped ones too, and
-    the prose) names real subcommands and options, and every `--option` it mentions exists."""
+    the prose) names real subcommands and options, every `python benchmarks/NAME.py` command only
+    that script's options (its --help), and every `--option` it mentions exists."""
     problems = check_commands(README.read_text())
     assert not problems, "\n".join(problems)
 
@@ -308,10 +338,16 @@ def test_check_commands_finds_drift():
     """The check above on a README with made-up drift: each kind of mistake is found."""
     text = README.read_text()
     assert "--save-individual" in text and "lasad-eval fid --ref" in text
+    assert "python benchmarks/engine_bench.py --out bench --llamagen" in text
     bad = (text.replace("--save-individual", "--save-indiv")
            .replace("lasad-eval fid --ref", "lasad-eval fidd --ref")
-           + "\nSee `lasad-train data subset SRC OUT --label-set subgroup\n--min-cnt 40` and `--no-such-flag`.\n")
+           .replace("python benchmarks/engine_bench.py --out bench --llamagen",
+                    "python benchmarks/engine_bench.py --out bench --llamagenn")
+           + "\nSee `lasad-train data subset SRC OUT --label-set subgroup\n--min-cnt 40` and `--no-such-flag`.\n"
+           + "Run `python benchmarks/no_such_bench.py --out X`.\n")
     problems = "\n".join(check_commands(bad))
+    assert "benchmarks/engine_bench.py has no option --llamagenn" in problems
+    assert "benchmarks/no_such_bench.py is not a script with --help" in problems
     assert "lasad-run has no option --save-indiv" in problems
     assert "lasad-eval has no subcommand 'fidd'" in problems
     assert "lasad-train data subset has no option --min-cnt" in problems

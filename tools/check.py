@@ -63,12 +63,16 @@ def main(artifact, checkpoint, backend, images, steps, tol, seed, device):
     if backend is None:
         raise click.UsageError(f"cannot tell the backend of {str(artifact)!r}: pass --backend")
     device = resolve_device(device or ("cpu" if backend == "onnxruntime" else None))
-    if tol is None:
-        tol = TOLERANCES[_artifact_dtype(artifact, backend)]
-    checkpoint = resolve_checkpoint(checkpoint)
+    dtype = "fp32"
     if backend == "onnxruntime":
-        from lasad_engine.backends.ort import read_onnx_config
-        art_cfg, _, _ = read_onnx_config(artifact)  # one line for a random or sampler .onnx
+        from lasad_engine.backends.ort import read_onnx_config, read_onnx_dtype
+        # one line for a random, truncated or sampler .onnx, or a graph that breaks the step
+        # contract (contract.check_step_graph), before anything else reads it
+        art_cfg, _, _ = read_onnx_config(artifact)
+        dtype = read_onnx_dtype(artifact)
+    if tol is None:
+        tol = TOLERANCES[dtype]
+    checkpoint = resolve_checkpoint(checkpoint)
     model = load_checkpoint(checkpoint, device=device)
     cfg = model.config
     if backend == "onnxruntime":
@@ -100,14 +104,6 @@ def main(artifact, checkpoint, backend, images, steps, tol, seed, device):
     if not passed:
         raise Mismatch(f"{artifact} differs from {checkpoint}: relative error {err:.3e} > tol {tol:.1e} "
                        f"(worst at step {worst}: {per_step[worst]:.3e})")
-
-
-def _artifact_dtype(artifact: Path, backend: str) -> str:
-    if backend != "onnxruntime":
-        return "fp32"
-    import onnx
-    props = {p.key: p.value for p in onnx.load(str(artifact), load_external_data=False).metadata_props}
-    return props.get("lasad.dtype", "fp32")
 
 
 if __name__ == "__main__":

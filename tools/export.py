@@ -49,7 +49,7 @@ def relative_tokenizer(meta: dict, tokenizer: Path | None, written: Path) -> dic
 @click.option("--opset", default=17, show_default=True, type=click.IntRange(14, 21))
 @click.option("--dtype", type=click.Choice(DTYPES), default="fp32", show_default=True,
               help="Weights and activations (ONNX output). The state and the logits stay fp32.")
-@click.option("--rows", type=click.IntRange(min=1), default=None,
+@click.option("--rows", type=click.IntRange(1, 2 * MAX_BATCH), default=None,
               help="A fixed row count (2x images with CFG) instead of a dynamic axis: for onnxruntime's "
                    "CUDA graphs (ONNX output). Default: dynamic, up to 2x --max-batch.")
 @click.option("--sampler/--no-sampler", default=True, show_default=True,
@@ -85,6 +85,9 @@ def main(paths, fmt, portable, max_batch, opset, dtype, rows, sampler, temperatu
         check_versions()
     if fmt == "plan" and (dtype != "fp32" or rows is not None):
         raise click.UsageError("--dtype and --rows apply to ONNX output; a .plan is built from the fp32 step")
+    if rows is not None and rows > 2 * max_batch:  # the engine runs at most 2 x max_batch rows (CFG)
+        raise click.UsageError(f"--rows {rows} is more than 2 x --max-batch {max_batch} (the rows of {max_batch} "
+                               f"images with CFG); pass --max-batch {-(-rows // 2)} or at most {2 * max_batch} rows")
     targets = _outputs(out, fmt, sampler, onnx_dir)
     existing = [str(p) for p in targets if p.exists()]
     if existing and not force:
@@ -92,11 +95,10 @@ def main(paths, fmt, portable, max_batch, opset, dtype, rows, sampler, temperatu
                                    + (f" (and {len(existing) - 1} more file(s) this export writes)" if len(existing) > 1 else ""))
     from lasad_engine.checkpoint import file_fingerprint, followed_tokenizer, load_checkpoint, resolve_checkpoint
     from lasad_engine.io import check_writable, remove_stale_temps
-    from lasad_engine.params import check_memory
+    from lasad_engine.params import check_memory, memory_stage
 
     for p in targets:
         check_writable(p, "output")
-    from .onnx_export import export_sampler, export_step
     checkpoint = resolve_checkpoint(checkpoint)
     model = load_checkpoint(checkpoint)
     cfg = model.config
@@ -117,6 +119,16 @@ def main(paths, fmt, portable, max_batch, opset, dtype, rows, sampler, temperatu
         tok = None
     for folder in {p.parent for p in targets}:
         remove_stale_temps(folder)
+    with memory_stage(f"exporting the step for --max-batch {max_batch}",
+                      "free memory, or pass a smaller --max-batch (the trace holds 2 x --max-batch rows of state)"):
+        _export(model, out, fmt, portable, max_batch, opset, meta, tok, dtype, rows, sampler, temperature,
+                top_k, top_p, onnx_dir, timing_cache, verbose)
+
+
+def _export(model, out, fmt, portable, max_batch, opset, meta, tok, dtype, rows, sampler, temperature,
+            top_k, top_p, onnx_dir, timing_cache, verbose):
+    """Write the step (and its sampler graph) as ONNX, or build the plan; print what was written."""
+    from .onnx_export import export_sampler, export_step
     if fmt == "onnx":
         export_step(model, out, portable=portable, max_batch=max_batch, opset=opset,
                     meta=relative_tokenizer(meta, tok, out), dtype=dtype, rows=rows)

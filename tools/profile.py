@@ -54,9 +54,12 @@ NAME = "lasad-profile"
 @click.option("--vq/--no-vq", default=True, show_default=True, help="Time the VQ-16 decoder stage too.")
 @click.option("--trace", type=click.Path(path_type=Path), default=None, help="torch.profiler trace (Chrome JSON) of one generation.")
 @click.option("--nvtx", is_flag=True, help="NVTX ranges per stage and per step (for nsys).")
+@click.option("--max-minutes", default=60, show_default=True, type=click.IntRange(0, 10**6),
+              help="Refuse, before it starts, a profile estimated to run longer (timed steps here x the steps it "
+                   "runs, a lower bound); 0 = no limit.")
 @click.option("-o", "--out", type=click.Path(path_type=Path), default=Path("profile.json"), show_default=True)
 def main(preset, checkpoint, baseline, backend, device, precision, batches, grids, latency_grid, iters, warmup,
-         cfg_scale, top_k, no_cuda_graph, vq, trace, nvtx, out):
+         cfg_scale, top_k, no_cuda_graph, vq, trace, nvtx, max_minutes, out):
     """Latency, throughput and memory of lasad's decode, beside a KV-cache baseline."""
     import torch
 
@@ -65,7 +68,8 @@ def main(preset, checkpoint, baseline, backend, device, precision, batches, grid
     from lasad_engine.io import atomic_write_text
     from lasad_engine.params import SamplingParams, parse_grid
 
-    from .profiling import copy_bandwidth, environment, latency, memory, parse_list, subjects, throughput, vq_stage
+    from .profiling import (copy_bandwidth, environment, latency, memory, parse_list, planned_steps, probe_step_seconds,
+                            subjects, throughput, vq_stage)
     from lasad_engine.checkpoint import load_checkpoint
     from lasad_engine.pipeline import PRECISIONS
     from lasad_engine.params import resolve_device
@@ -101,7 +105,10 @@ def main(preset, checkpoint, baseline, backend, device, precision, batches, grid
               "sampling": dataclasses.asdict(params), "copy_bandwidth_Bps": bw, "subjects": {}}
     train_grid = (cfg.grid_height, cfg.grid_width)
     rng = torch.cuda.nvtx.range if (nvtx and device.type == "cuda") else (lambda name: contextlib.nullcontext())
-    for s in subjects(model, baseline, backend, device, not no_cuda_graph):
+    under_test = subjects(model, baseline, backend, device, not no_cuda_graph)
+    _check_feasible(under_test, cfg, params, device, lat_grid, grid_list, train_grid, batch_list, warmup, iters,
+                    max_minutes, planned_steps, probe_step_seconds)
+    for s in under_test:
         click.echo(f"profiling {s.name} ...", err=True)
         r = {}
         with rng(f"{s.name} latency"):
@@ -131,6 +138,30 @@ def main(preset, checkpoint, baseline, backend, device, precision, batches, grid
                    f"at {lat['grid'][0]}x{lat['grid'][1]}; ttft {lat['time_to_first_token_ms']:.2f} ms; "
                    + ", ".join(f"b{t['batch']}: {t.get('images_per_s', 0):.1f} img/s" for t in r["throughput"]))
     click.echo(f"wrote {out}")
+
+
+def _check_feasible(under_test, cfg, params, device, lat_grid, grid_list, train_grid, batch_list, warmup, iters,
+                    max_minutes, planned_steps, probe_step_seconds) -> None:
+    """Refuse, in one line and before any measurement, a profile that cannot fit in memory (the
+    KV baseline's cache at the largest grid and batch) or that would run longer than
+    `max_minutes`: a step timed here at batch 1 times the steps the profile runs (a lower bound:
+    larger batches and a KV cache that grows only take longer)."""
+    from lasad_engine.params import EngineError, check_memory
+    rows = 2 if params.cfg else 1
+    if any(s.name == "kv" for s in under_test):
+        el = 2 if device.type == "cuda" else 4
+        tokens = max(max(g[0] * g[1] for g in [lat_grid, *grid_list]) * rows,
+                     train_grid[0] * train_grid[1] * rows * max(batch_list))
+        check_memory(2 * cfg.n_layer * cfg.dim * tokens * el, device, "the KV baseline's cache",
+                     "use smaller --grids / --latency-grid / --batches")
+    if not max_minutes:
+        return
+    steps = planned_steps(lat_grid, grid_list, train_grid, batch_list, warmup, iters, device)
+    seconds = sum(probe_step_seconds(s, params, device) * steps for s in under_test)
+    if seconds > 60 * max_minutes:
+        raise EngineError(f"this profile would run for at least {seconds / 3600:.1f} hours here ({steps} decode "
+                          f"steps per engine, timed at batch 1 on {device}); use smaller --grids / --latency-grid / "
+                          f"--batches / --iters, or raise --max-minutes ({max_minutes})")
 
 
 if __name__ == "__main__":

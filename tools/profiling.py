@@ -229,6 +229,34 @@ def vq_stage(device, dtype, grid, batch: int, iters: int) -> dict:
             "raw_ms": times[1:], "ms_per_batch": statistics.median(times[1:])}
 
 
+PROBE_TOKENS = 8  # tokens of the short generation that times a step before a profile starts
+
+
+def probe_step_seconds(subject: Subject, params, device) -> float:
+    """Seconds one decode step of `subject` takes at batch 1 here: a generation of one row of
+    PROBE_TOKENS tokens, timed after an untimed one (which pays for graph capture)."""
+    grid = (1, PROBE_TOKENS)
+    engine = subject.make(1, grid)
+    engine.generate([1], grid=grid, params=params, generator=torch.Generator(device).manual_seed(0))
+    sync(device)
+    t = time.perf_counter()
+    engine.generate([1], grid=grid, params=params, generator=torch.Generator(device).manual_seed(1))
+    sync(device)
+    engine.close()
+    return (time.perf_counter() - t) / PROBE_TOKENS
+
+
+def planned_steps(latency_grid, memory_grids, train_grid, batches, warmup: int, iters: int, device) -> int:
+    """Decode steps one subject of a profile runs: the latency run (warmup + 1 generations at
+    `latency_grid`), the throughput runs (iters + 1 generations per batch at the trained grid) and,
+    on CUDA, the memory runs (2 generations per grid; on a CPU they only allocate)."""
+    tokens = lambda g: g[0] * g[1]  # noqa: E731
+    steps = (warmup + 1) * tokens(latency_grid) + len(batches) * (iters + 1) * tokens(train_grid)
+    if device.type == "cuda":
+        steps += 2 * sum(tokens(g) for g in memory_grids)
+    return steps
+
+
 def parse_list(text: str, kind=int) -> list:
     try:
         return [kind(x) for x in text.split(",") if x.strip()]

@@ -20,7 +20,9 @@ import os
 from pathlib import Path
 
 from lasad_engine.checkpoint import file_fingerprint
+from lasad_engine.config import LasadConfig
 from lasad_engine.io import atomic_path, atomic_write_text
+from lasad_plugins import contract as C
 from lasad_plugins.lasad_step import plan as P
 from lasad_plugins.lasad_step.plan import (FINGERPRINT_KEYS, PlanMismatch, PlanRefused,  # noqa: F401 (re-exported)
                                            check_fingerprint, current_fingerprint, fingerprint_path)
@@ -47,13 +49,17 @@ def build_plan(onnx_path: str | os.PathLike, plan_path: str | os.PathLike, *, ma
 
     from lasad_engine.ops.lasad.aot import KernelABIError
     from lasad_plugins.lasad_step import defs
+    proto = onnx.load(str(onnx_path), load_external_data=False)
+    props = {p.key: p.value for p in proto.metadata_props}
+    config_dict = json.loads(props["lasad.config"])
+    # every node against the contract and the model's config before TensorRT's parser sees it
+    C.check_step_graph(proto, LasadConfig.from_dict(config_dict), str(onnx_path))
+    del proto
     defs.register()
     try:
         kernels = defs.compile_nodes(onnx_path)
     except KernelABIError as e:
         raise PlanRefused(f"the LasadStep kernel cannot be built for TensorRT here: {e}") from None
-    props = {p.key: p.value for p in onnx.load(str(onnx_path), load_external_data=False).metadata_props}
-    config_dict = json.loads(props["lasad.config"])
     logger = trt.Logger(trt.Logger.VERBOSE if verbose else trt.Logger.WARNING)
     builder = trt.Builder(logger)
     network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))

@@ -36,6 +36,7 @@ On CUDA (docs/design.md, "The step contract"):
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -57,8 +58,9 @@ NUMPY_TYPES = {torch.int64: np.int64, torch.float32: np.float32}
 
 
 def read_onnx_config(path: str | os.PathLike) -> tuple[LasadConfig, dict, str]:
-    """(config, meta, form) from an exported step's metadata; one-line errors for other files."""
-    props = _metadata(path)
+    """(config, meta, form) from an exported step's metadata, the graph checked against the step
+    contract and that config (`contract.check_step_graph`); one-line errors for other files."""
+    props, proto = _load_step(path)
     try:
         cfg = LasadConfig.from_dict(loads_strict(props["lasad.config"]))
         meta = loads_strict(props.get("lasad.meta", "{}"))
@@ -67,11 +69,23 @@ def read_onnx_config(path: str | os.PathLike) -> tuple[LasadConfig, dict, str]:
     if not isinstance(meta, dict):
         raise CheckpointError(f"{path}: damaged lasad metadata (lasad.meta is a {type(meta).__name__}, not an object)")
     check_contract(props, path)
-    return cfg, meta, props.get("lasad.form", "")
+    C.check_step_graph(proto, cfg, str(path))
+    return cfg, meta, C.check_step_metadata(props, str(path))["form"]
+
+
+def read_onnx_dtype(path: str | os.PathLike) -> str:
+    """The weights' dtype of an exported step (lasad.dtype: fp32 | fp16 | bf16), checked."""
+    return C.check_step_metadata(_metadata(path), str(path))["dtype"]
 
 
 def _metadata(path) -> dict:
     """The metadata properties of a lasad decode step's ONNX file (one-line errors otherwise)."""
+    return _load_step(path)[0]
+
+
+def _load_step(path) -> tuple[dict, object]:
+    """(metadata properties, ModelProto without external data) of a lasad decode step's ONNX
+    file; one-line errors for anything else."""
     try:
         import onnx
     except ImportError:
@@ -90,7 +104,7 @@ def _metadata(path) -> dict:
             raise CheckpointError(f"{path}: the sampler graph lasad-export writes beside a step, not a decode step; "
                                   "pass the step's .onnx")
         raise CheckpointError(f"{path}: an ONNX file but not a lasad decode step (no lasad.config metadata)")
-    return props
+    return props, proto
 
 
 def check_contract(props: dict, path) -> None:
@@ -113,6 +127,42 @@ def lasad_step_numpy(qfv, lower_bound, past_state, start, num_heads, head_k_dim,
     return o.numpy(), new.numpy()
 
 
+_OP_FAILURE = threading.local()  # .error: what the Python op raised in this thread's last run
+
+
+def lasad_step_op(qfv, lower_bound, past_state, start, **attrs):
+    """The Python op onnxruntime-extensions calls for each LasadStep node. It never raises: an
+    exception (or a Ctrl-C) escaping a Python op inside onnxruntime ends the process with SIGABRT
+    ("terminate called after throwing an instance of pybind11::error_already_set"). It records
+    the error instead, returns outputs of the contract's shapes (NaN where it can, empty where the
+    shapes are unknown, which stops the run), and the backend raises the error after the run
+    (`_raise_op_failure`)."""
+    try:
+        C.check_node_attributes(attrs)
+        return lasad_step_numpy(qfv, lower_bound, past_state, start, **attrs)
+    except BaseException as e:  # noqa: BLE001 - reported by the backend after the run
+        if getattr(_OP_FAILURE, "error", None) is None:
+            _OP_FAILURE.error = e
+        rows = qfv.shape[0] if getattr(qfv, "ndim", 0) >= 1 else 0
+        H, V = attrs.get("num_heads"), attrs.get("head_v_dim")
+        fits = isinstance(H, int) and isinstance(V, int) and 1 <= H and 1 <= V and H * V <= max(qfv.size, 1)
+        o = np.full((rows, H, V), np.nan, np.float32) if fits else np.zeros((rows, 0), np.float32)
+        return o, np.asarray(past_state, np.float32)
+
+
+def _raise_op_failure(path, run_error: BaseException | None = None) -> None:
+    """After a run: raise what the Python op recorded (a Ctrl-C as itself, an error as one
+    EngineError line naming the file), else onnxruntime's own error of the run, if any."""
+    error, _OP_FAILURE.error = getattr(_OP_FAILURE, "error", None), None
+    if isinstance(error, (KeyboardInterrupt, SystemExit)):
+        raise error
+    if error is not None:
+        raise EngineError(f"{path}: the LasadStep node failed inside onnxruntime: "
+                          f"{one_line(error if isinstance(error, EngineError) else f'{type(error).__name__}: {error}', 300)}") from None
+    if run_error is not None:
+        raise EngineError(f"{path}: onnxruntime stopped the step: {one_line(run_error, 300)}") from None
+
+
 def _register_custom_op() -> str:
     """Register LasadStep with onnxruntime-extensions once; returns its custom-op library path."""
     global _REGISTERED
@@ -125,7 +175,7 @@ def _register_custom_op() -> str:
         T = PyCustomOpDef
         attrs = {name: T.dt_int64 if kind == "int" else T.dt_float for name, (kind, _) in C.ATTRIBUTES.items()}
         onnx_op(op_type=C.OP_TYPE, inputs=[T.dt_float, T.dt_float, T.dt_float, T.dt_bool],
-                outputs=[T.dt_float, T.dt_float], attrs=attrs)(lasad_step_numpy)
+                outputs=[T.dt_float, T.dt_float], attrs=attrs)(lasad_step_op)
         _REGISTERED = True
     return get_library_path()
 
@@ -161,7 +211,7 @@ class OnnxRuntimeBackend(Backend):
 
     def __init__(self, model, device: torch.device, onnx_path: str | os.PathLike):
         try:
-            import onnx
+            import onnx  # noqa: F401 - read by _load_step
             import onnxruntime as ort
         except ImportError:
             hint = GPU_HINT if device.type == "cuda" else "pip install -e '.[export]' in lasad's folder"
@@ -173,12 +223,11 @@ class OnnxRuntimeBackend(Backend):
             device = torch.device("cuda", torch.cuda.current_device() if device.index is None else device.index)
         super().__init__(model, device)
         self.ort, self.path = ort, Path(onnx_path)
-        props = _metadata(onnx_path)
+        props, proto = _load_step(onnx_path)
         check_contract(props, onnx_path)
-        self.dtype = props.get("lasad.dtype", "fp32")
-        fixed = props.get("lasad.rows", "dynamic")
-        self.fixed_rows = None if fixed == "dynamic" else int(fixed)
-        proto = onnx.load(str(onnx_path), load_external_data=False)
+        C.check_step_graph(proto, model.config, str(onnx_path))  # before any runtime sees a node
+        step = C.check_step_metadata(props, str(onnx_path))
+        self.dtype, self.fixed_rows = step["dtype"], step["rows"]
         custom = [n for n in proto.graph.node if n.op_type == C.OP_TYPE and n.domain == C.DOMAIN]
         self.form = "custom" if custom else "portable"
         self.library = None
@@ -211,9 +260,13 @@ class OnnxRuntimeBackend(Backend):
             return self.sessions[key]
         ort = self.ort
         so = ort.SessionOptions()
-        # errors only: onnxruntime warns that a dynamic-rows export keeps its shape arithmetic on
-        # the CPU "use the graph capture feature with caution", but each session fixes its rows
-        so.log_severity_level = 3
+        # fatal only: onnxruntime warns that a dynamic-rows export keeps its shape arithmetic on
+        # the CPU "use the graph capture feature with caution", but each session fixes its rows;
+        # and its errors come back to the backend, which reports each in one line (_raise_op_failure)
+        so.log_severity_level = 4
+        # nodes run one after the other on the calling thread, where the Python op records a failure
+        # for this run (lasad_step_op); onnxruntime's default, kept explicit
+        so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         so.add_session_config_entry("session.model_external_initializers_file_folder_path",
                                     str(self.path.resolve().parent))
         if self.library is not None:
@@ -288,7 +341,12 @@ class OnnxRuntimeBackend(Backend):
         fence = self.device.type == "cuda" and torch.cuda.current_stream(self.device) != self.stream
         if fence:
             self.stream.wait_stream(torch.cuda.current_stream(self.device))
-        session.run_with_iobinding(binding, options)
+        _OP_FAILURE.error = None
+        try:
+            session.run_with_iobinding(binding, options)
+        except Exception as e:  # noqa: BLE001 - onnxruntime raises its own types
+            _raise_op_failure(self.path, e)
+        _raise_op_failure(self.path)
         if fence:
             torch.cuda.current_stream(self.device).wait_stream(self.stream)
         self.parity ^= 1

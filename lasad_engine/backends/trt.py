@@ -40,6 +40,10 @@ def read_plan_config(plan: str | os.PathLike):
             raise ValueError("its meta is not an object")
         if isinstance(record.get("opset"), bool) or not isinstance(record.get("opset"), int):
             raise ValueError("it records no integer opset")
+        from ..params import MAX_BATCH
+        rows = record.get("max_rows", 1)
+        if isinstance(rows, bool) or not isinstance(rows, int) or not 1 <= rows <= 2 * MAX_BATCH:
+            raise ValueError(f"max_rows={str(rows)[:40]!r} is not a row count in 1..{2 * MAX_BATCH}")
         return LasadConfig.from_dict(record.get("config")), record
     except (OSError, UnicodeDecodeError, TypeError, ValueError) as e:
         raise EngineError(f"{path}: not a lasad plan record ({one_line(e)}); rebuild with lasad-export CKPT {plan}") from None

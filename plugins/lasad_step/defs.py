@@ -76,22 +76,15 @@ class PluginUnavailable(UserError):
     """TensorRT's plugin API (or the Triton that compiles the kernel) is missing or too old."""
 
 
-def _scalar(x, kind):
-    a = np.asarray(x).reshape(-1)
-    if a.size != 1:
-        raise ValueError(f"a LasadStep attribute must hold one value, got {a.size}")
-    return kind(a[0])
-
-
 def node_settings(num_heads, head_k_dim, head_v_dim, row_start, has_lower_bound, scale) -> dict:
     """The node's attributes as Python values: H, K, V, row_start ("none" | "unit" | "reset"),
-    has_lower_bound (bool), scale (float)."""
-    code = _scalar(row_start, int)
-    if code not in C.ROW_START_NAMES:
-        raise ValueError(f"row_start={code} is not one of {sorted(C.ROW_START_NAMES)}")
-    return dict(H=_scalar(num_heads, int), K=_scalar(head_k_dim, int), V=_scalar(head_v_dim, int),
-                row_start=C.ROW_START_NAMES[code], has_lower_bound=bool(_scalar(has_lower_bound, int)),
-                scale=_scalar(scale, float))
+    has_lower_bound (bool), scale (float); each checked against the contract first
+    (`contract.check_node_attributes`: one ContractError line, never a bad kernel)."""
+    v = C.check_node_attributes(dict(num_heads=num_heads, head_k_dim=head_k_dim, head_v_dim=head_v_dim,
+                                     row_start=row_start, has_lower_bound=has_lower_bound, scale=scale),
+                                where=f"{PLUGIN_ID} plugin")
+    return dict(H=v["num_heads"], K=v["head_k_dim"], V=v["head_v_dim"], row_start=C.ROW_START_NAMES[v["row_start"]],
+                has_lower_bound=bool(v["has_lower_bound"]), scale=v["scale"])
 
 
 def lasad_step_desc(qfv: TensorDesc, lower_bound: TensorDesc, past_state: TensorDesc, start: TensorDesc,
@@ -131,8 +124,10 @@ def compile_nodes(onnx_path) -> list:
     it, so that a kernel that cannot have TensorRT's ABI fails here, with its reason; returns the
     compiled kernels (their PTX ISA goes into engine.json)."""
     import onnx
+    proto = onnx.load(str(onnx_path), load_external_data=False)
+    C.check_step_graph(proto, where=str(onnx_path))
     kernels = []
-    for node in onnx.load(str(onnx_path), load_external_data=False).graph.node:
+    for node in proto.graph.node:
         if node.op_type == C.OP_TYPE and node.domain == C.DOMAIN:
             a = {x.name: onnx.helper.get_attribute_value(x) for x in node.attribute}
             kernels.append(compile_for(node_settings(**{n: a[n] for n in C.ATTRIBUTES})))

@@ -11,11 +11,10 @@ one whose kernel's PTX ISA is newer than this machine's driver accepts.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
-from lasad_engine.io import UserError
+from lasad_engine.io import UserError, loads_strict
 from lasad_plugins import contract as C
 
 FINGERPRINT_KEYS = ("tensorrt", "cuda", "gpu", "compute_capability", "opset", "plugin", "lasad_format")
@@ -79,7 +78,12 @@ def check_fingerprint(plan: str | os.PathLike, current: dict, rebuild_hint: str)
     path = fingerprint_path(plan)
     if not path.is_file():
         raise PlanMismatch(f"{plan}: no {path.name} beside it; rebuild with {rebuild_hint}")
-    recorded = json.loads(path.read_text())
+    try:
+        recorded = loads_strict(path.read_text())
+        if not isinstance(recorded, dict):
+            raise ValueError(f"it holds a JSON {type(recorded).__name__}, not an object")
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise PlanMismatch(f"{path}: not a lasad plan record ({e}); rebuild with {rebuild_hint}") from None
     for key in FINGERPRINT_KEYS:
         if recorded.get(key) != current.get(key):
             raise PlanMismatch(f"{plan} was built for {key} {recorded.get(key)!r}, this machine has "

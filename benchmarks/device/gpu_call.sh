@@ -3,7 +3,7 @@
 # each under its own time limit, results packed into $OUT after every step (so a call cut short
 # still returns what it measured).
 #
-#   bash benchmarks/gpu_call.sh STEP [STEP ...]
+#   bash benchmarks/device/gpu_call.sh STEP [STEP ...]
 #
 # Steps: env | plugin | sampler | layers | engine | engine-final | engine-lxxl | engine-quick | pytest |
 #        pytest-train | pytest-a | pytest-b | pytest-ort | tiles | tiles-lxxl | llamagen | ort-part N |
@@ -12,7 +12,7 @@
 # Carried (git-ignored): .whl/ (fla-core wheel), .carry/llamagen (LlamaGen's gpt.py, generate.py,
 # drop_path.py at ce98ec4, for `llamagen`), .carry/ptx (PTX compiled on the CPU machine, for
 # `plugin`: benchmarks/plugin_launch_check.py --prepare build/plugin-launch), .carry/ort.partN
-# (onnxruntime-gpu pruned to sm_90 in parts: benchmarks/pack_ort_gpu.py; `ort-partN` copies one to
+# (onnxruntime-gpu pruned to sm_90 in parts: benchmarks/device/pack_ort_gpu.py; `ort-partN` copies one to
 # /tmp on a warm machine, `ort` joins and installs them, then runs benchmarks/ort_gpu_bench.py).
 set -u -o pipefail
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -64,7 +64,7 @@ for s in "$@"; do
     ort-part*) n=${s#ort-part}; cp .carry/ort.part"$n" /tmp/ && log "ort part $n copied" ;;
     ort|ort-install) step ort-install 120 bash -c 'cat /tmp/ort.part* > /tmp/ort.tar.xz && mkdir -p /tmp/ortsite && tar xJf /tmp/ort.tar.xz -C /tmp/ortsite && python3 -c "import onnxruntime as o; print(o.__version__, o.get_available_providers())"'
          [ "$s" = ort ] && step ort 400 python3 benchmarks/ort_gpu_bench.py --out "$W/ort" --dtypes fp16,fp32 --anatomy --budget 330 ;;
-    ort-cli) ORT_INCLUDE=/tmp/ortsite/ort-include step ort-cli 150 bash benchmarks/ort_cli_check.sh "$W/ort-cli" ;;
+    ort-cli) ORT_INCLUDE=/tmp/ortsite/ort-include step ort-cli 150 bash benchmarks/device/ort_cli_check.sh "$W/ort-cli" ;;
     *) log "unknown step $s" ;;
   esac
 done

@@ -4,7 +4,7 @@
 # the step, `lasad-run --checkpoint step.onnx --device cuda`, `lasad-check` on CUDA; then the same
 # seed through the torch backend in fp32 against an fp32 export (byte-identical PNGs: the same tokens).
 #
-#   bash benchmarks/ort_cli_check.sh DIR      (needs onnxruntime-gpu and its headers: $ORT_INCLUDE)
+#   bash benchmarks/device/ort_cli_check.sh DIR      (needs onnxruntime-gpu and its headers: $ORT_INCLUDE)
 set -u -o pipefail
 D=$1
 mkdir -p "$D"

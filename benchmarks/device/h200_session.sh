@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # The training runs of the demo model, the ablation and the multi-GPU checks, one device call each.
 #
-#   bash benchmarks/h200_session.sh demo    # nvidia-h200-x2, ~9.5 min: issue 4 numbers, demo model, ablation
-#   bash benchmarks/h200_session.sh multi [STEP ...]  # nvidia-h200-x2, ~9.5 min: DDP / FSDP on two GPUs
-#   bash benchmarks/h200_session.sh final   # nvidia-h200-x2, ~9.5 min: the demo GPT again, longer; the ablation
+#   bash benchmarks/device/h200_session.sh demo    # nvidia-h200-x2, ~9.5 min: issue 4 numbers, demo model, ablation
+#   bash benchmarks/device/h200_session.sh multi [STEP ...]  # nvidia-h200-x2, ~9.5 min: DDP / FSDP on two GPUs
+#   bash benchmarks/device/h200_session.sh final   # nvidia-h200-x2, ~9.5 min: the demo GPT again, longer; the ablation
 #
 # Runs on the GPU machine from the repository root with $OUT set (the device tool's result folder).
 # Carried (git-ignored): .whl/ (fla wheels), .carry/emoji5.npz (lasad_train.formats.pack_image_set
@@ -91,7 +91,7 @@ if [ "$mode" = demo ]; then
   wait $abl
   pack
 elif [ "$mode" = multi ]; then
-  bash benchmarks/multi_gpu.sh "$W" "$@"    # steps: multi_gpu.sh's names (default: its steps 1-3)
+  bash benchmarks/device/multi_gpu.sh "$W" "$@"    # steps: multi_gpu.sh's names (default: its steps 1-3)
   pack
   # hand Triton's compile cache on to the next call when it is small enough to carry
   (cd /tmp/tcache && find . \( -name '*.cubin' -o -name '*.json' -o -name '*.so' \) | tar czf /tmp/tcache.tgz -T -)
@@ -108,7 +108,7 @@ elif [ "$mode" = final ]; then
   log "codes done"
   (CUDA_VISIBLE_DEVICES=1 timeout "$(left)" python3 benchmarks/ablation.py train --images "$W/sub40" \
      --vq lasad_engine/assets/default-vq.safetensors --work "$W/abl" --steps 1500 --parallel --time-limit 300 > "$W/abl.log" 2>&1
-   log "ablation rc=$?"; ONE_GPU=1 END_S=$(left) bash benchmarks/multi_gpu.sh "$W" b1-nodrop; log "b1-nodrop done") &
+   log "ablation rc=$?"; ONE_GPU=1 END_S=$(left) bash benchmarks/device/multi_gpu.sh "$W" b1-nodrop; log "b1-nodrop done") &
   abl=$!
   CUDA_VISIBLE_DEVICES=0 $LT gpt "$W/codes" "$W/gpt" --preset lasad-S --set n_layer=5 --steps 1000000 \
     --batch-size 256 --lr 8e-4 --warmup 200 --ema 0.999 --time-limit "$GPT_S" --no-progress --log-every 50 \
@@ -117,7 +117,7 @@ elif [ "$mode" = final ]; then
   package_demo
   wait $abl
   pack
-  END_S=$(( $(left) - 15 )) bash benchmarks/multi_gpu.sh "$W" b2-nodrop xl-fsdp-mem
+  END_S=$(( $(left) - 15 )) bash benchmarks/device/multi_gpu.sh "$W" b2-nodrop xl-fsdp-mem
   pack
 else
   echo "unknown mode $mode (demo | multi | final)"; exit 2

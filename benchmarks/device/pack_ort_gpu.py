@@ -1,6 +1,6 @@
 """Pack onnxruntime-gpu for the H200 into parts small enough to carry, one per device call.
 
-    python benchmarks/pack_ort_gpu.py --wheel onnxruntime_gpu-1.31.1-cp312-cp312-manylinux_2_28_x86_64.whl \
+    python benchmarks/device/pack_ort_gpu.py --wheel onnxruntime_gpu-1.31.1-cp312-cp312-manylinux_2_28_x86_64.whl \
         --ort-include .carry/ort-include
 
 The wheel is 255 MB, almost all of it libonnxruntime_providers_cuda.so, whose `.nv_fatbin` section
@@ -22,7 +22,7 @@ Checks before writing: the pruned file parses, kept payloads equal the wheel's, 
 all zeros, nothing outside the pruned payloads changed, and (when cuobjdump is given or found)
 `cuobjdump --list-elf` on the wheel's file counts the same sm_90 cubins, sampled ones it extracts
 equal the kept payloads decompressed, and sampled pruned payloads decompress to zeros (zstd CLI). Output: `.carry/ort.part0`, `.part1`, ... (at most --part-mib MiB each) of one
-`tar.xz` whose top level is `onnxruntime/`, as benchmarks/gpu_call.sh unpacks it; a JSON summary
+`tar.xz` whose top level is `onnxruntime/`, as benchmarks/device/gpu_call.sh unpacks it; a JSON summary
 on stdout.
 """
 

@@ -8,7 +8,7 @@
 #                                restores it instead of spending minutes compiling
 #   results.tgz                  log.jsonl, the logs
 #
-#   [DEMO_TCACHE=0] bash benchmarks/demo_call.sh SECONDS [INIT [LR]]
+#   [DEMO_TCACHE=0] bash benchmarks/device/demo_call.sh SECONDS [INIT [LR]]
 # Carried (git-ignored): .whl/ (fla-core), .carry/demo/{codes/, labels.npy, tcache.tgz},
 # .carry/commit.txt.
 set -u -o pipefail
