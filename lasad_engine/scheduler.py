@@ -750,7 +750,7 @@ def _fail(req: Request, err) -> None:
         return
     if req.progress is not None:
         req.progress.close()
-    if isinstance(err, EngineError):
+    if isinstance(err, (EngineError, KeyboardInterrupt)):  # an interrupt reaches the waiter as one
         req.future.set_exception(err)
     else:
         req.future.set_exception(EngineError(f"the decode loop failed: {type(err).__name__}: {err}"))

@@ -113,7 +113,7 @@ BAD_NODES = [
     ("num_heads missing", _set_attr("num_heads", None), "no attribute num_heads"),
     ("an unknown attribute", _set_attr("evil", 1), "unknown attribute 'evil'"),
     ("plugin_version 2", _set_attr("plugin_version", "2"), "plugin_version='2'"),
-    ("ai.lasad version 2", _domain_version(2), "imports ai.lasad version 2; this lasad implements version 1"),
+    ("ai.lasad version 3", _domain_version(3), "imports ai.lasad version 3; this lasad implements version 2"),
     ("ai.lasad version 0", _domain_version(0), "imports ai.lasad version 0"),
     ("LasadStep in another domain", _node_domain("com.evil"), "the ai.lasad domain has one op"),
     ("no width input", _drop("input", "width"), "the graph has no input width"),

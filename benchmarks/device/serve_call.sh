@@ -34,6 +34,7 @@ for s in "$@"; do
     serve-B) step serve-B 470 python3 benchmarks/serve_bench.py --out "$W/serve-B" --presets lasad-B --slots 64 --budget 430 ;;
     serve-B-short) step serve-B 340 python3 benchmarks/serve_bench.py --out "$W/serve-B" --presets lasad-B --slots 64 --baseline-rates 0.05,0.5 --duration 5 --budget 300 ;;
     serve-XL) step serve-XL 330 python3 benchmarks/serve_bench.py --out "$W/serve-XL" --presets lasad-XL --slots 64 --policies continuous,lock --baseline-rates 0.25 --rates 0.5,0.8,1.25 --duration 5 --budget 290 ;;
+    serve-B-min) step serve-B 280 python3 benchmarks/serve_bench.py --out "$W/serve-B" --presets lasad-B --slots 64 --policies continuous,lock --rates 0.5,0.8,1.25 --baseline-rates 0.05 --duration 4 --lone 8 --budget 230 ;;
     serve-quick) step serve-quick 300 python3 benchmarks/serve_bench.py --out "$W/serve-quick" --presets lasad-B --slots 64 --policies continuous --rates 0.5,1.25 --duration 4 --budget 250 ;;
     persistent) step persistent 200 python3 benchmarks/persistent_bench.py --out "$W/persistent" --budget 150 ;;
     int8) step int8 280 python3 benchmarks/int8_bench.py --out "$W/int8" ;;
