@@ -25,14 +25,12 @@ import torch
 import torch.nn as nn
 
 from .ops.linear import QUANT_DTYPES, fused_linear
-from .params import EngineError
+from .params import WEIGHT_CHOICES, EngineError  # noqa: F401 (WEIGHT_CHOICES: re-exported)
 
 # the formats a user names (the `weights=` option), their storage dtype and largest magnitude
 FORMATS = {"int8": torch.int8, "fp8": torch.float8_e4m3fn}
 QMAX = {"int8": 127.0, "fp8": 448.0}
-# `weights=` of the pipeline, the CLI and the exporter: "float" keeps (or makes) the linear
-# layers' weights in the precision of the rest; "int8" / "fp8" quantise them
-WEIGHT_CHOICES = ("float", "int8", "fp8")
+QUANTIZE_HEAD = True  # the head too (lasad-B: 13 % of its bytes; benchmarks/int8_bench.py measures both)
 FP8_CAPABILITY = (8, 9)  # e4m3 loads and conversions in Triton: Ada (sm_89), Hopper (sm_90) and later
 # the quantised matrices of each block, and the head
 LAYER_TARGETS = ("attention.qfv", "attention.o_proj", "feed_forward.w13", "feed_forward.w2")
@@ -138,7 +136,7 @@ class QuantLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, weights={self.fmt}"
 
 
-def target_names(model: nn.Module, head: bool = True) -> list[str]:
+def target_names(model: nn.Module, head: bool = QUANTIZE_HEAD) -> list[str]:
     """Module names of the matrices `quantize_` quantises: every block's four, then the head."""
     names = [f"layers.{i}.{t}" for i in range(len(model.layers)) for t in LAYER_TARGETS]
     return names + ([HEAD] if head else [])
@@ -149,7 +147,7 @@ def _set(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, leaf, module)
 
 
-def quantize_(model: nn.Module, fmt: str = "int8", *, head: bool = True) -> nn.Module:
+def quantize_(model: nn.Module, fmt: str = "int8", *, head: bool = QUANTIZE_HEAD) -> nn.Module:
     """Quantise a LasadGen's decode matrices in place (module docstring); returns the model. A
     matrix already quantised stays as it is if it is in `fmt`; in the other format, EngineError."""
     check_format(fmt)
@@ -201,7 +199,7 @@ def quantized_modules(state: dict) -> dict[str, str]:
     return out
 
 
-def quantize_state(state: dict, fmt: str, n_layer: int, *, head: bool = True) -> dict:
+def quantize_state(state: dict, fmt: str, n_layer: int, *, head: bool = QUANTIZE_HEAD) -> dict:
     """A copy of a float state dict with the decode matrices quantised (`quantize_weight`)."""
     check_format(fmt)
     names = [f"layers.{i}.{t}" for i in range(n_layer) for t in LAYER_TARGETS] + ([HEAD] if head else [])
