@@ -314,6 +314,25 @@ def load_checkpoint(path: str | os.PathLike, *, device: str | torch.device = "cp
     return model.eval()
 
 
+def stored_weights(path: str | os.PathLike) -> str:
+    """The form of the decode matrices a checkpoint file stores: "float", "int8" or "fp8"
+    (read from the names and dtypes of its tensors, not their data)."""
+    path = resolve_checkpoint(path)
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                dtypes = {k: f.get_slice(k).get_dtype() for k in f.keys() if k.endswith(".weight")}
+        except Exception as e:  # noqa: BLE001 - read_checkpoint names what is wrong with the file
+            raise CheckpointError(f"{path}: not a readable safetensors file ({_reason(e)})") from None
+        found = {"I8": "int8", "F8_E4M3": "fp8"}
+        formats = {found[d] for d in dtypes.values() if d in found}
+    else:
+        state = read_envelope(path, FORMAT, FORMAT_VERSION).get("model")
+        formats = set(quant.quantized_modules(state).values()) if isinstance(state, dict) else set()
+    return formats.pop() if len(formats) == 1 else "float"
+
+
 def _weights_form(path: Path, state: dict, model: LasadGen, weights: str | None, device: torch.device) -> dict:
     """The state dict with its decode matrices in the form `weights` asks (load_checkpoint)."""
     from .params import WEIGHT_CHOICES
@@ -336,7 +355,6 @@ def _weights_form(path: Path, state: dict, model: LasadGen, weights: str | None,
         weights = stored if stored is not None and device.type != "cpu" else "float"
     if weights == "float":
         return quant.dequantize_state(state) if stored else state
-    quant.check_device(weights, device)
     if stored is None:
         return quant.quantize_state(state, weights, model.config.n_layer)
     if stored != weights:

@@ -173,6 +173,9 @@ class LasadPipeline:
         if weights is not None and weights not in WEIGHT_CHOICES:
             raise EngineError(f"weights={safe_text(repr(weights), 40)} is not one of {', '.join(WEIGHT_CHOICES)}")
         device = resolve_device(device)
+        if weights is not None:
+            from .quant import check_device
+            check_device(weights, device)  # before anything is loaded
         precision = _precision(precision or ("bf16" if device.type == "cuda" else "fp32"))
         path = resolve_checkpoint(path)
         artifact = None
