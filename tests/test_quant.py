@@ -447,3 +447,16 @@ def test_fp8_without_a_gpu_is_one_line():
         quant.check_device("fp8", "cpu")
     assert "\n" not in str(e.value)
     quant.check_device("int8", "cpu")
+
+
+def test_lasad_check_compares_an_int8_export_with_the_same_quantisation(tmp_path):
+    """lasad-check of an int8 export loads the checkpoint with the export's weights form (the
+    float model would differ by the quantisation itself, ~3 % here) and passes at fp32's bound."""
+    from lasad_tools.check import main as check_main
+    from lasad_tools.onnx_export import export_step
+    model = _tiny(seed=7)
+    ckpt = save_checkpoint(tmp_path / "m.pt", model)
+    step = export_step(model, tmp_path / "step.onnx", portable=True, max_batch=2, weights="int8")
+    r = CliRunner().invoke(check_main, [str(step), str(ckpt), "--images", "2"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout.strip().splitlines()[-1])["rel_err"] < 1e-4

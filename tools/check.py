@@ -66,10 +66,14 @@ def main(artifact, checkpoint, backend, images, steps, tol, seed, device):
     if tol is None:
         tol = TOLERANCES[_artifact_dtype(artifact, backend)]
     checkpoint = resolve_checkpoint(checkpoint)
+    weights = None
     if backend == "onnxruntime":
         from lasad_engine.backends.ort import read_onnx_config
-        art_cfg, _, _ = read_onnx_config(artifact)  # one line for a random or sampler .onnx
-    model = load_checkpoint(checkpoint, device=device)
+        art_cfg, art_meta, _ = read_onnx_config(artifact)  # one line for a random or sampler .onnx
+        # an export with int8 / fp8 weights (lasad-export --weights) is checked against the same
+        # quantisation of the checkpoint, run by the torch definition
+        weights = art_meta.get("weights") if art_meta.get("weights") in ("int8", "fp8") else None
+    model = load_checkpoint(checkpoint, device=device, weights=weights)
     cfg = model.config
     if backend == "onnxruntime":
         differ = [f for f in SHAPE_FIELDS if getattr(art_cfg, f) != getattr(cfg, f)]
