@@ -7,6 +7,13 @@ float run is fp32, the int8 run the torch definition of the quantised GEMM).
 
     python benchmarks/int8_quality.py --ref data/emoji5 --num 1000 --out benchmarks/results/DATE-cpu-int8-quality.json
 
+On a GPU (no Emoji-5 there: the labels travel as a file), draw the tokens (bf16 activations vs
+int8 weights on the `cuda` kernels), then score them on a machine with the data and Inception:
+
+    python benchmarks/int8_quality.py --labels benchmarks/results/emoji5-holdout-labels-1000.npy \
+        --device cuda --draw-only --out OUT/int8-quality.json          # on the GPU: OUT/int8-quality.tokens.npz
+    python benchmarks/int8_quality.py --ref data/emoji5 --out OUT/int8-quality.json   # here: scores those tokens
+
 Each variant's tokens are kept in `--tokens` (npz) after it is drawn, and its scores in the JSON
 after it is scored, so a run that is stopped keeps what it finished and a second run goes on.
 """
@@ -37,7 +44,10 @@ def _commit() -> str:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--ref", type=Path, required=True, help="Emoji-5 (lasad-train data emoji5)")
+    ap.add_argument("--ref", type=Path, default=None, help="Emoji-5 (lasad-train data emoji5)")
+    ap.add_argument("--labels", type=Path, default=None, help=".npy of the class labels (default: from --ref)")
+    ap.add_argument("--device", default="cpu", help="where the tokens are drawn (cuda: bf16 activations)")
+    ap.add_argument("--draw-only", action="store_true", help="stop after drawing the tokens (no --ref needed)")
     ap.add_argument("--checkpoint", default="default")
     ap.add_argument("--num", type=int, default=1000)
     ap.add_argument("--variants", default="float,int8", help="weights= values, the first is the baseline")
@@ -74,20 +84,30 @@ def main():
                     "Emoji-5's 892 held-out images, labels = generation_labels(held-out identity labels, num, seed 0)",
         "torch": torch.__version__})
     rows = record.setdefault("rows", {})
-    ref, ref_labels, _, _ = load_images(a.ref, LABEL_SET, 1)
-    labels = generation_labels(ref_labels, a.num, SEED)
+    if a.labels is not None:
+        labels = np.load(a.labels).tolist()[: a.num]
+    else:
+        if a.ref is None:
+            raise SystemExit("give --ref (Emoji-5) or --labels")
+        ref, ref_labels, _, _ = load_images(a.ref, LABEL_SET, 1)
+        labels = generation_labels(ref_labels, a.num, SEED)
+    cuda = a.device.startswith("cuda")
+    precision = "bf16" if cuda else "fp32"
+    record["precision"] = precision
     drawn = dict(np.load(tokens_path)) if tokens_path.is_file() else {}
     variants = a.variants.split(",")
     for v in variants:
         if v in drawn and len(drawn[v]) >= a.num:
             continue
         t0 = time.perf_counter()
-        with LasadPipeline.from_pretrained(a.checkpoint, device="cpu", precision="fp32", weights=v,
-                                           max_batch=a.batch, threads=a.threads) as pipe:
-            if not a.exact:
+        with LasadPipeline.from_pretrained(a.checkpoint, device=a.device, precision=precision, weights=v,
+                                           max_batch=a.batch, threads=None if cuda else a.threads) as pipe:
+            if not a.exact and not cuda:
                 quant.dequantize_(pipe.model, torch.float32)  # in place: the engine runs the same object
-            out = pipe(labels, generator=torch.Generator().manual_seed(SEED), output_type="tokens", **SETTINGS)
-        drawn[v] = out.tokens.numpy().astype(np.int16)
+            out = pipe(labels, generator=torch.Generator(pipe.device).manual_seed(SEED), output_type="tokens",
+                       **SETTINGS)
+            rows.setdefault(v, {})["device"] = str(torch.cuda.get_device_name(pipe.device)) if cuda else "cpu"
+        drawn[v] = out.tokens.cpu().numpy().astype(np.int16)
         rows.setdefault(v, {})["generate_seconds"] = time.perf_counter() - t0
         np.savez_compressed(str(tokens_path) + ".tmp.npz", **drawn)
         Path(str(tokens_path) + ".tmp.npz").replace(tokens_path)
@@ -112,6 +132,11 @@ def main():
             ((got.double() - ref_logits.double()).norm() / ref_logits.double().norm()).item())
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(record, indent=1) + "\n")
+    if a.draw_only:
+        return
+    if a.ref is None:
+        raise SystemExit("scoring needs --ref (Emoji-5)")
+    ref = load_images(a.ref, LABEL_SET, 1)[0]
     feats = InceptionFeatures(a.inception or DEFAULT_CACHE / "default_1.pt", "cpu", 50)
     if a.ref_features and a.ref_features.is_file():
         f_ref = np.load(a.ref_features)
