@@ -125,7 +125,7 @@ def main():
     ap.add_argument("--out", type=Path, default=Path("out"))
     ap.add_argument("--presets", default="lasad-B,lasad-XL,lasad-XXL")
     ap.add_argument("--batches", default="1,64")
-    ap.add_argument("--variants", default="bf16,int8,int8_nohead,int8_rule,fp8")
+    ap.add_argument("--variants", default="bf16,int8,int8_nohead,fp8,int8_rule")
     ap.add_argument("--repeats", type=int, default=3)
     a = ap.parse_args()
     device = torch.device("cuda")
