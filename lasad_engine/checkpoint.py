@@ -292,8 +292,12 @@ def load_checkpoint(path: str | os.PathLike, *, device: str | torch.device = "cp
         ok = isinstance(got, torch.Tensor) and tuple(got.shape) == tuple(t.shape) and (
             got.dtype == t.dtype if fixed else got.is_floating_point() and got.dtype not in QUANT_DTYPES)
         if not ok:
-            what = f"{tuple(got.shape)} {str(got.dtype).removeprefix('torch.')}" if isinstance(got, torch.Tensor) \
-                else type(got).__name__
+            if not isinstance(got, torch.Tensor):
+                what = type(got).__name__
+            elif tuple(got.shape) != tuple(t.shape):
+                what = str(tuple(got.shape))
+            else:  # the dtype is what is wrong
+                what = f"{tuple(got.shape)} {str(got.dtype).removeprefix('torch.')}"
             kind = str(t.dtype).removeprefix("torch.") if fixed else "float"
             raise CheckpointError(f"{path}: {name} is {what}, the config needs a {kind} tensor of shape {tuple(t.shape)}")
     bad = nonfinite_tensor(state)
