@@ -112,10 +112,14 @@ def fused_linear(x: torch.Tensor, weight: torch.Tensor, *, weight_scale: torch.T
 
     Args:
         backend: "torch" or "triton" (default: triton for CUDA tensors). The Triton path serves
-            R ≤ ROWS_MAX rows; more rows run the torch definition whatever the backend.
+            R ≤ ROWS_MAX rows (any R with quantised weights, in blocks of ROWS_MAX); more rows
+            run the torch definition whatever the backend.
+        weight_scale: fp32 `[N]`, the per-output-channel scales of an int8 / float8_e4m3fn
+            `weight` (lasad_engine/quant.py); None for a float weight.
         pdl: launch with programmatic dependent launch (default: on CUDA devices of compute
-            capability ≥ 9.0). The kernel reads only `weight` and `norm_weight` before it waits
-            for the previous kernel, so these must not be written by the kernels just before.
+            capability ≥ 9.0). The kernel reads only `weight`, `weight_scale` and `norm_weight`
+            before it waits for the previous kernel, so these must not be written by the kernels
+            just before.
         tiles: override the tile choice (`linear_tiles`), for benchmarks.
         out: where the result goes; it may be `residual` itself (the residual stream updated in
             place, as the decode step does: no copy of it on the GEMM-library path).
