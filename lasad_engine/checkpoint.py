@@ -29,7 +29,9 @@ import torch
 from .config import LasadConfig
 from .io import UserError, atomic_path, clean_state_dict, key_diff, loads_strict, nonfinite_tensor, \
     one_line as _reason, read_small_file, special_file, torch_load_reason
+from . import quant
 from .model import LasadGen, upgrade_state_dict
+from .ops.linear import QUANT_DTYPES
 
 FORMAT = "lasad"
 FORMAT_VERSION = 1
@@ -271,44 +273,114 @@ def _foreign(obj, fmt: str) -> str:
 
 
 def load_checkpoint(path: str | os.PathLike, *, device: str | torch.device = "cpu",
-                    dtype: torch.dtype | None = None) -> LasadGen:
+                    dtype: torch.dtype | None = None, weights: str | None = None) -> LasadGen:
     """Build the model a checkpoint describes and load its weights strictly.
 
     The model is built on the meta device (nothing allocated), the file's tensors are checked
-    against it by name and shape, and only then assigned (gpt-fast's `_load_model`), so a config
-    that does not match its weights costs nothing and says which keys differ. Returned in eval
-    mode on `device`, in `dtype` (default fp32); the checkpoint's `meta` is kept as
+    against it by name, shape and dtype, and only then assigned (gpt-fast's `_load_model`), so a
+    config that does not match its weights costs nothing and says which keys differ. Returned in
+    eval mode on `device`, in `dtype` (default fp32); the checkpoint's `meta` is kept as
     `model.checkpoint_meta`, its SHA-256 prefix as `model.checkpoint_id`. `path` is anything
     `resolve_checkpoint` takes ("default", a model folder, a file).
+
+    `weights` (params.WEIGHT_CHOICES) is the form of the decode matrices (lasad_engine/quant.py):
+    "int8" / "fp8" quantise a float file's matrices as they are stored (before any cast to
+    `dtype`) or keep a file's own quantised ones (a file quantised in the other format is
+    refused); "float" keeps a float file and dequantises a quantised one to `dtype`. None: as the
+    file holds them, except that a quantised file is dequantised on a CPU, where int8 weights
+    save no time.
     """
     path = resolve_checkpoint(path)
     cfg, state, meta = read_checkpoint(path)
     with torch.device("meta"):
         model = LasadGen(cfg)
     state = upgrade_state_dict(state)
+    device = torch.device(device)
+    state = _weights_form(path, state, model, weights, device)
+    quant.make_quant_modules_(model, quant.quantized_modules(state))
     expected = model.state_dict()
     missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     if missing or unexpected:
         raise CheckpointError(f"{path}: keys do not match the config: {key_diff(missing, unexpected)}")
     for name, t in expected.items():
         got = state[name]
-        if not isinstance(got, torch.Tensor) or tuple(got.shape) != tuple(t.shape) or not got.is_floating_point():
-            what = tuple(got.shape) if isinstance(got, torch.Tensor) else type(got).__name__
-            raise CheckpointError(f"{path}: {name} is {what}, the config needs a float tensor of shape {tuple(t.shape)}")
+        fixed = t.dtype in QUANT_DTYPES or name.endswith(quant.SCALE_SUFFIX)  # a quantised matrix's dtype is its format
+        ok = isinstance(got, torch.Tensor) and tuple(got.shape) == tuple(t.shape) and (
+            got.dtype == t.dtype if fixed else got.is_floating_point() and got.dtype not in QUANT_DTYPES)
+        if not ok:
+            if not isinstance(got, torch.Tensor):
+                what = type(got).__name__
+            elif tuple(got.shape) != tuple(t.shape):
+                what = str(tuple(got.shape))
+            else:  # the dtype is what is wrong
+                what = f"{tuple(got.shape)} {str(got.dtype).removeprefix('torch.')}"
+            kind = str(t.dtype).removeprefix("torch.") if fixed else "float"
+            raise CheckpointError(f"{path}: {name} is {what}, the config needs a {kind} tensor of shape {tuple(t.shape)}")
     bad = nonfinite_tensor(state)
     if bad is not None:
         raise CheckpointError(f"{path}: weight {bad} holds NaN or infinite values; the checkpoint is damaged "
                               "(or was saved from a diverged run)")
     dtype = dtype or torch.float32
-    device = torch.device(device)
     from .params import check_memory
-    copies = sum(v.numel() * dtype.itemsize for v in state.values() if v.dtype != dtype or v.device != device)
+    cast = {k: v.dtype not in QUANT_DTYPES and not k.endswith(quant.SCALE_SUFFIX) for k, v in state.items()}
+    copies = sum(v.numel() * (dtype.itemsize if cast[k] else v.element_size()) for k, v in state.items()
+                 if (cast[k] and v.dtype != dtype) or v.device != device)
     check_memory(copies, device, f"loading {Path(path).name}", "use --precision bf16 or another device")
-    model.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in state.items()}, strict=True, assign=True)
+    model.load_state_dict({k: v.to(device=device, dtype=dtype) if cast[k] else v.to(device) for k, v in state.items()},
+                          strict=True, assign=True)
     model.checkpoint_meta = meta
     model.checkpoint_id = file_fingerprint(path)
     model.checkpoint_path = Path(path)
     return model.eval()
+
+
+def stored_weights(path: str | os.PathLike) -> str:
+    """The form of the decode matrices a checkpoint file stores: "float", "int8" or "fp8"
+    (read from the names and dtypes of its tensors, not their data)."""
+    path = resolve_checkpoint(path)
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                dtypes = {k: f.get_slice(k).get_dtype() for k in f.keys() if k.endswith(".weight")}
+        except Exception as e:  # noqa: BLE001 - read_checkpoint names what is wrong with the file
+            raise CheckpointError(f"{path}: not a readable safetensors file ({_reason(e)})") from None
+        found = {"I8": "int8", "F8_E4M3": "fp8"}
+        formats = {found[d] for d in dtypes.values() if d in found}
+    else:
+        state = read_envelope(path, FORMAT, FORMAT_VERSION).get("model")
+        formats = set(quant.quantized_modules(state).values()) if isinstance(state, dict) else set()
+    return formats.pop() if len(formats) == 1 else "float"
+
+
+def _weights_form(path: Path, state: dict, model: LasadGen, weights: str | None, device: torch.device) -> dict:
+    """The state dict with its decode matrices in the form `weights` asks (load_checkpoint)."""
+    from .params import WEIGHT_CHOICES
+    if weights is not None and weights not in WEIGHT_CHOICES:
+        raise CheckpointError(f"weights={weights!r} is not one of {', '.join(WEIGHT_CHOICES)}")
+    formats = quant.quantized_modules(state)
+    allowed = set(quant.target_names(model, head=True))
+    for name, fmt in formats.items():
+        if name not in allowed:
+            raise CheckpointError(f"{path}: {name}{quant.SCALE_SUFFIX}: lasad quantises only the decode matrices "
+                                  f"({', '.join(quant.LAYER_TARGETS)}, {quant.HEAD}), not {name}")
+        if fmt is None:
+            raise CheckpointError(f"{path}: {name}{quant.SCALE_SUFFIX} beside a weight that is not int8 or "
+                                  "float8_e4m3fn; the checkpoint is damaged")
+    stored = set(formats.values())
+    if len(stored) > 1:
+        raise CheckpointError(f"{path}: mixes quantised weight formats {', '.join(sorted(stored))}")
+    stored = stored.pop() if stored else None
+    if weights is None:
+        weights = stored if stored is not None and device.type != "cpu" else "float"
+    if weights == "float":
+        return quant.dequantize_state(state) if stored else state
+    if stored is None:
+        return quant.quantize_state(state, weights, model.config.n_layer)
+    if stored != weights:
+        raise CheckpointError(f"{path}: holds {stored} weights; loading them as {weights} would quantise them "
+                              f"twice: use weights={stored!r} or 'float', or the float checkpoint")
+    return state
 
 
 def file_fingerprint(path: str | os.PathLike, length: int = 16) -> str:

@@ -17,7 +17,8 @@ import click
 
 from . import __version__
 from .backends import BACKENDS
-from .params import MAX_BATCH, MAX_CFG_SCALE, MAX_IMAGES, MAX_SEED, MAX_TEMPERATURE, MAX_TOKENS, MAX_TOP_K
+from .params import MAX_BATCH, MAX_CFG_SCALE, MAX_IMAGES, MAX_SEED, MAX_TEMPERATURE, MAX_TOKENS, MAX_TOP_K, \
+    WEIGHT_CHOICES
 
 EXIT_USAGE, EXIT_ERROR = 2, 1
 # A run predicted (from the rate of its first steps) to take longer than this gets a warning.
@@ -284,6 +285,10 @@ NAME = "lasad-run"
 @click.option("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available).")
 @click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default=None,
               help="Weight precision; the state stays fp32 (default: bf16 on CUDA, fp32 on CPU).")
+@click.option("--weights", type=click.Choice(WEIGHT_CHOICES), default=None,
+              help="The decode matrices: float (in --precision), int8 or fp8 (one scale per output channel, "
+                   "dequantised inside the GEMM kernels: half the bytes per step; fp8 needs compute capability "
+                   "8.9+) [default: as the checkpoint holds them; a quantised one is dequantised on a CPU].")
 @click.option("--max-batch", default=8, show_default=True, type=click.IntRange(1, MAX_BATCH),
               help="Images decoded together (buffers are sized for this).")
 @click.option("--no-cuda-graph", is_flag=True, help="Replay nothing: launch every kernel (debugging).")
@@ -307,7 +312,7 @@ def run_main(**options):
 
 
 def _run(held, classes, num_samples, seed, cfg_scale, cfg_interval, temperature, top_k, top_p, grid,
-         backend, checkpoint, tokenizer, device, precision, max_batch, no_cuda_graph, threads, output, nrow,
+         backend, checkpoint, tokenizer, device, precision, weights, max_batch, no_cuda_graph, threads, output, nrow,
          save_individual, json_out, no_progress, list_classes):
     from .io import check_writable, safe_text, special_file
     from .params import parse_grid
@@ -341,7 +346,7 @@ def _run(held, classes, num_samples, seed, cfg_scale, cfg_interval, temperature,
                       "free memory, or pass a smaller --max-batch (the buffers are sized for it) or --precision bf16"):
         pipe = LasadPipeline.from_checkpoint(checkpoint, tokenizer=tokenizer, backend=backend, device=device,
                                              precision=precision, max_batch=max_batch,
-                                             use_cuda_graph=not no_cuda_graph, threads=threads)
+                                             use_cuda_graph=not no_cuda_graph, threads=threads, weights=weights)
     with pipe:
         cfg = pipe.model.config
         if list_classes:
@@ -387,7 +392,7 @@ def _run(held, classes, num_samples, seed, cfg_scale, cfg_interval, temperature,
             "num_samples": num_samples, "seed": seed, "cfg_scale": params.cfg_scale,
             "cfg_interval": params.cfg_interval, "temperature": params.temperature, "top_k": params.top_k,
             "top_p": params.top_p, "grid": list(grid), "backend": pipe.backend, "device": str(pipe.device),
-            "precision": precision or str(pipe.model.output.weight.dtype).split(".")[-1],
+            "precision": precision or str(pipe.dtype).split(".")[-1], "weights": pipe.weights,
             "cuda_graph": not no_cuda_graph, "max_batch": max_batch,
             "checkpoint": str(pipe.checkpoint_path), "checkpoint_sha256": pipe.checkpoint_id,
             "lasad_version": __version__, "torch": torch.__version__,

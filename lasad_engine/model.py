@@ -121,7 +121,13 @@ class LasadAttention(nn.Module):
         else:
             o, _ = chunk_lasad(q.to(v.dtype), k.to(v.dtype), v, g, backend=backend, **kw)
         o = self.g_norm(o.flatten(-2))
-        return self.resid_dropout(self.o_proj(o.to(self.o_proj.weight.dtype)))
+        return self.resid_dropout(self.o_proj(o.to(x.dtype)))  # x.dtype: o_proj's weight may be int8
+
+
+def _scale(linear: nn.Module) -> torch.Tensor | None:
+    """The per-channel scale of a weight-only quantised matrix (quant.QuantLinear), else None:
+    what `fused_linear` takes beside the weight."""
+    return getattr(linear, "weight_scale", None)
 
 
 def _in_place_step(mode: str, backend: str | None, slots: torch.Tensor | None = None):
@@ -162,12 +168,16 @@ class LasadBlock(nn.Module):
         # the kernels update the residual stream in place (x is the step's own buffer); the
         # traced and reference forms keep it functional
         inplace = backend == "triton"
-        qfv = fused_linear(x, a.qfv.weight, norm_weight=self.attention_norm.weight, eps=eps, backend=backend)
+        qfv = fused_linear(x, a.qfv.weight, weight_scale=_scale(a.qfv), norm_weight=self.attention_norm.weight,
+                           eps=eps, backend=backend)
         o, state = lasad_op(qfv, lower_bound, state, start)
-        h = fused_linear(o.flatten(-2), a.o_proj.weight, norm_weight=a.g_norm.weight, eps=a.g_norm.eps,
+        h = fused_linear(o.flatten(-2), a.o_proj.weight, weight_scale=_scale(a.o_proj), norm_weight=a.g_norm.weight,
+                         eps=a.g_norm.eps,
                          norm_groups=a.g_norm.groups, residual=x, out=x if inplace else None, backend=backend)
-        u = fused_linear(h, f.w13.weight, norm_weight=self.ffn_norm.weight, eps=eps, swiglu=True, backend=backend)
-        return fused_linear(u, f.w2.weight, residual=h, out=h if inplace else None, backend=backend), state
+        u = fused_linear(h, f.w13.weight, weight_scale=_scale(f.w13), norm_weight=self.ffn_norm.weight, eps=eps,
+                         swiglu=True, backend=backend)
+        return fused_linear(u, f.w2.weight, weight_scale=_scale(f.w2), residual=h, out=h if inplace else None,
+                            backend=backend), state
 
 
 class ClassEmbedder(nn.Module):
@@ -365,7 +375,8 @@ class LasadGen(nn.Module):
         for i, (layer, lb) in enumerate(zip(self.layers, self._lower_bounds())):
             x, s = layer.step(x, lb, states[i], start, lasad_op, backend)
             new_states.append(s)
-        logits = fused_linear(x, self.output.weight, norm_weight=self.norm.weight, eps=self.norm.eps, backend=backend)
+        logits = fused_linear(x, self.output.weight, weight_scale=_scale(self.output), norm_weight=self.norm.weight,
+                              eps=self.norm.eps, backend=backend)
         return logits, new_states
 
     @torch.no_grad()

@@ -24,6 +24,12 @@ MAX_TEMPERATURE = 100.0     # logits / 100 is already nearly uniform
 MAX_TOP_K = 1 << 20         # the largest vocabulary a config may have; top_k >= vocab is off
 
 
+# `weights=` (pipeline, lasad-run, lasad-export): the decode matrices' storage. "float": in the
+# precision of the rest; "int8" / "fp8": weight-only quantised, one fp32 scale per output channel
+# (lasad_engine/quant.py). Here, not in quant.py, so that `--help` imports no torch.
+WEIGHT_CHOICES = ("float", "int8", "fp8")
+
+
 class EngineError(UserError):
     """Bad input to the engine; the message is one line that names the value and the choices."""
 

@@ -27,7 +27,7 @@ from .backends import ARTIFACT_BACKENDS
 from .checkpoint import CheckpointError, file_fingerprint, followed_tokenizer, load_checkpoint, resolve_checkpoint
 from .engine import LasadEngine
 from .io import safe_text
-from .params import MAX_IMAGES, ClassLabels, EngineError, Grid, OutOfRange, SamplingParams, check_memory, \
+from .params import MAX_IMAGES, WEIGHT_CHOICES, ClassLabels, EngineError, Grid, OutOfRange, SamplingParams, check_memory, \
     memory_stage, parse_grid, resolve_device
 from .scheduler import cpu_threads  # noqa: F401 - re-exported (lasad-run and tests use it from here)
 
@@ -120,9 +120,12 @@ class LasadPipeline:
         return self.model.output.weight.device.type == "meta"
 
     def _place(self, model, tokenizer, device: torch.device, dtype: torch.dtype | None):
-        """The model on `device` (in `dtype`), the tokenizer on `device` (it stays fp32)."""
+        """The model on `device` (in `dtype`; quantised weights keep their format), the tokenizer
+        on `device` (it stays fp32)."""
         if model.output.weight.device.type != "meta":
-            if model.output.weight.device != device or (dtype is not None and model.output.weight.dtype != dtype):
+            from .quant import activation_dtype, check_device, weights_format
+            check_device(weights_format(model), device)
+            if model.output.weight.device != device or (dtype is not None and activation_dtype(model) != dtype):
                 model = model.to(device=device, dtype=dtype)
         if tokenizer is not None and next(tokenizer.parameters()).device != device:
             tokenizer = tokenizer.to(device)
@@ -135,7 +138,8 @@ class LasadPipeline:
     @classmethod
     def from_checkpoint(cls, path: str | os.PathLike | None = None, *, tokenizer=None, backend=None,
                         device=None, precision: str | torch.dtype | None = None, max_batch: int = 8,
-                        use_cuda_graph: bool = True, threads: int | None = None, **engine_options) -> "LasadPipeline":
+                        use_cuda_graph: bool = True, threads: int | None = None, weights: str | None = None,
+                        **engine_options) -> "LasadPipeline":
         """Load a checkpoint (default: the bundled model) and the tokenizer it names.
 
         Args:
@@ -149,9 +153,20 @@ class LasadPipeline:
             precision: fp32 | bf16 | fp16 (or the torch dtype) for the weights (the state stays
                 fp32). Default: bf16 on CUDA, fp32 on CPU.
             threads: CPU threads for the token decode (default 1: see `cpu_threads`).
+            weights: the decode matrices' form, "float" | "int8" | "fp8" (lasad_engine/quant.py):
+                int8 / fp8 store them with one fp32 scale per output channel, dequantised inside
+                the GEMM kernels (half the bytes a step streams; fp8 needs compute capability
+                8.9+); the activations stay in `precision`. Default: as the checkpoint holds
+                them (a quantised checkpoint is dequantised on a CPU). An exported step's form was
+                fixed by `lasad-export --weights`.
             max_queue, policy, batch_wait, reproducible, step_kernel: the engine's (`LasadEngine`).
         """
+        if weights is not None and weights not in WEIGHT_CHOICES:
+            raise EngineError(f"weights={safe_text(repr(weights), 40)} is not one of {', '.join(WEIGHT_CHOICES)}")
         device = resolve_device(device)
+        if weights is not None:
+            from .quant import check_device
+            check_device(weights, device)  # before anything is loaded
         precision = _precision(precision or ("bf16" if device.type == "cuda" else "fp32"))
         path = resolve_checkpoint(path)
         artifact = None
@@ -160,9 +175,12 @@ class LasadPipeline:
             backend = backend or kind
             if backend != kind:
                 raise EngineError(f"{path} is an exported step: it runs with backend {kind}, not {backend}")
+            if weights is not None:
+                raise EngineError(f"{path} is an exported step: its weights' form was fixed when it was exported "
+                                  "(lasad-export --weights)")
             model, artifact = _artifact_model(path, kind), path
         else:
-            model = load_checkpoint(path, device=device, dtype=PRECISIONS[precision])
+            model = load_checkpoint(path, device=device, dtype=PRECISIONS[precision], weights=weights)
         tok, refused = _load_named_tokenizer(tokenizer, model.checkpoint_meta.get("tokenizer"), path, device)
         pipe = cls(model, tok, backend=backend, device=device, max_batch=max_batch,
                    use_cuda_graph=use_cuda_graph, artifact=artifact, threads=threads, **engine_options)
@@ -174,7 +192,8 @@ class LasadPipeline:
         """A model folder written by `save_pretrained` (config.json, model.safetensors,
         vq.safetensors, README.md), or "default" (the bundled model), or any checkpoint file.
         Takes the keywords of `from_checkpoint` (tokenizer, backend, device, precision, max_batch,
-        use_cuda_graph, threads), and diffusers' `torch_dtype=` as another name for `precision=`.
+        use_cuda_graph, threads, weights), and diffusers' `torch_dtype=` as another name for
+        `precision=`.
 
         >>> with LasadPipeline.from_pretrained("my-model", device="cpu") as pipe:
         ...     pipe(["handshake"]).images[0].save("handshake.png")
@@ -241,7 +260,7 @@ class LasadPipeline:
                 raise EngineError(f"{self.checkpoint_path} is an exported step: its dtype was fixed when it was "
                                   "exported (lasad-export --dtype)")
             old = (self.model, self.tokenizer, self.device, self.backend, self._backend_given,
-                   None if self.on_meta else self.model.output.weight.dtype)
+                   None if self.on_meta else self.dtype)
             if backend is not None:
                 self.backend, self._backend_given = backend, True
             elif not self._backend_given:
@@ -302,8 +321,20 @@ class LasadPipeline:
 
     @property
     def dtype(self) -> torch.dtype:
-        """The weights' dtype (diffusers' `pipe.dtype`); the decode state and the VQ decoder are fp32."""
-        return self.model.output.weight.dtype
+        """The weights' dtype (diffusers' `pipe.dtype`), which the activations follow; the decode
+        state and the VQ decoder are fp32, and quantised decode matrices keep their format
+        (`weights`)."""
+        from .quant import activation_dtype
+        return activation_dtype(self.model)
+
+    @property
+    def weights(self) -> str:
+        """The decode matrices' form: "float" (in `dtype`), "int8" or "fp8" (lasad_engine/quant.py);
+        an exported step's as recorded at export."""
+        if self.on_meta:
+            return getattr(self.model, "weights_form", "float")
+        from .quant import weights_format
+        return weights_format(self.model)
 
     @property
     def max_batch(self) -> int:
@@ -523,6 +554,8 @@ def _artifact_model(path: Path, kind: str):
     with torch.device("meta"):
         model = LasadGen(cfg)
     model.checkpoint_meta, model.checkpoint_id, model.checkpoint_path = meta, file_fingerprint(path), path
+    form = meta.get("weights")  # lasad-export records the form of the weights it wrote
+    model.weights_form = form if form in WEIGHT_CHOICES else "float"
     return model
 
 

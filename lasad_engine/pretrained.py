@@ -84,6 +84,9 @@ def write_pretrained(folder: str | os.PathLike, model, tokenizer=None, *, meta: 
         atomic_write_text(tmp / CONFIG_FILE, json.dumps(config_json(model.config), indent=2) + "\n")
         n_params = sum(p.numel() for p in model.parameters())
         dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+        from .quant import weights_format
+        if weights_format(model) != "float":  # the decode matrices' own format beside the rest's dtype
+            dtype += f"; decode matrices {weights_format(model)} with per-channel scales"
         atomic_write_text(tmp / CARD_FILE, model_card(model.config, meta, folder=str(folder),
                                                       n_params=n_params, dtype=dtype))
         os.chmod(tmp, _dir_mode())  # mkdtemp makes 0700

@@ -39,8 +39,11 @@ def ptx_facts() -> dict:
         cx = dict(K=768, SEG=768, NSEG=1, SEG_P=1024, NSEG_P=1, NORM_N=768, SPLIT_K=1, SPLIT_P=1, BR=2,
                   BN=t.block_n, HAS_NORM=True, ROW_STATS=False, SWIGLU=False, NACC=1, HAS_RES=False,
                   MMA=False, DOT_F32=False, USE_PDL=pdl)
-        sig = dict(x=p, w=p, nw=p, res=p, out=p, part="*fp32", cnt="*i32", R="i32", N_OUT="i32", eps="fp32")
-        out[f"linear_pdl={pdl}"] = build(L.fused_linear_kernel, sig, cx)
+        sig = dict(x=p, w=p, ws="*fp32", nw=p, res=p, out=p, part="*fp32", cnt="*i32", R="i32", N_OUT="i32",
+                   eps="fp32")
+        out[f"linear_pdl={pdl}"] = build(L.fused_linear_kernel, sig, {**cx, "HAS_SCALE": False})
+        # int8 weights (lasad_engine/quant.py): the same kernel, the tile streamed as bytes
+        out[f"linear_int8_pdl={pdl}"] = build(L.fused_linear_kernel, {**sig, "w": "*i8"}, {**cx, "HAS_SCALE": True})
         cx = dict(K=64, V=64, BK=64, BV=16, HAS_OVERRIDE=True, FUSED_GATES=True, HAS_LB=True, USE_PDL=pdl)
         sig = dict(q=p, k=p, v=p, g=p, lb="*fp32", s="*fp32", o=p, start="*i1", override="fp32", scale="fp32",
                    H="i32", stride_qk="i32", stride_v="i32")

@@ -222,7 +222,7 @@ def test_pdl_kernels_compile_for_hopper():
     run = subprocess.run([sys.executable, script], capture_output=True, text=True, env=env, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     facts = json.loads(run.stdout.strip().splitlines()[-1])
-    for name in ("linear", "step"):
+    for name in ("linear", "linear_int8", "step"):
         on, off = facts[f"{name}_pdl=True"], facts[f"{name}_pdl=False"]
         assert on["wait"] and on["launch_dependents"] and on["launch_before_wait"], (name, on)
         assert on["loads_before_wait"] and on["wide_loads_before_wait"] >= 2, (name, on)

@@ -64,16 +64,20 @@ def main(artifact, checkpoint, backend, images, steps, tol, seed, device):
         raise click.UsageError(f"cannot tell the backend of {str(artifact)!r}: pass --backend")
     device = resolve_device(device or ("cpu" if backend == "onnxruntime" else None))
     dtype = "fp32"
+    weights = None
     if backend == "onnxruntime":
         from lasad_engine.backends.ort import read_onnx_config, read_onnx_dtype
         # one line for a random, truncated or sampler .onnx, or a graph that breaks the step
         # contract (contract.check_step_graph), before anything else reads it
-        art_cfg, _, _ = read_onnx_config(artifact)
+        art_cfg, art_meta, _ = read_onnx_config(artifact)
         dtype = read_onnx_dtype(artifact)
+        # an export with int8 / fp8 weights (lasad-export --weights) is checked against the same
+        # quantisation of the checkpoint, run by the torch definition
+        weights = art_meta.get("weights") if art_meta.get("weights") in ("int8", "fp8") else None
     if tol is None:
         tol = TOLERANCES[dtype]
     checkpoint = resolve_checkpoint(checkpoint)
-    model = load_checkpoint(checkpoint, device=device)
+    model = load_checkpoint(checkpoint, device=device, weights=weights)
     cfg = model.config
     if backend == "onnxruntime":
         differ = [f for f in SHAPE_FIELDS if getattr(art_cfg, f) != getattr(cfg, f)]

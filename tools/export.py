@@ -7,6 +7,7 @@ out), a model folder (`save_pretrained`), or a ckpt.pt / .safetensors file.
     lasad-export ckpt.pt step.onnx                 # LasadStep custom node (+ step.sampler.onnx)
     lasad-export ckpt.pt step.onnx --portable      # standard ONNX ops only
     lasad-export ckpt.pt step.onnx --dtype fp16 --rows 16   # fp16 weights, 16 fixed rows (GPU graphs)
+    lasad-export ckpt.pt step.onnx --weights int8  # decode matrices int8 + per-channel scales (QDQ)
     lasad-export ckpt.pt engine.plan --onnx-dir build/onnx --timing-cache build/trt.cache
 """
 
@@ -20,10 +21,11 @@ from pathlib import Path
 import click
 
 from lasad_engine.cli import FiniteFloat, OneLineCommand
-from lasad_engine.params import MAX_BATCH, MAX_TEMPERATURE, MAX_TOP_K
+from lasad_engine.params import MAX_BATCH, MAX_TEMPERATURE, MAX_TOP_K, WEIGHT_CHOICES
 
 FORMATS = ("onnx", "plan")
 DTYPES = ("fp32", "fp16", "bf16")  # tools/onnx_export.py DTYPES (this module imports no torch for --help)
+QDQ_MIN_OPSET = {"int8": 13, "fp8": 19}  # tools/onnx_export.py QDQ_MIN_OPSET
 TENSORRT_HINT = ("building a .plan needs NVIDIA TensorRT >= 10.9 with its Python plugin API, Triton >= 3.3 and "
                  "a GPU TensorRT supports: pip install -e '.[tensorrt]' in lasad's folder "
                  "(or export ONNX: lasad-export CKPT step.onnx)")
@@ -49,6 +51,10 @@ def relative_tokenizer(meta: dict, tokenizer: Path | None, written: Path) -> dic
 @click.option("--opset", default=17, show_default=True, type=click.IntRange(14, 21))
 @click.option("--dtype", type=click.Choice(DTYPES), default="fp32", show_default=True,
               help="Weights and activations (ONNX output). The state and the logits stay fp32.")
+@click.option("--weights", type=click.Choice(WEIGHT_CHOICES), default=None,
+              help="The decode matrices: float (in --dtype), int8 or fp8 (opset >= 19): stored quantised with one "
+                   "fp32 scale per output channel, each read through a DequantizeLinear (onnxruntime and TensorRT "
+                   "run it) [default: as the checkpoint holds them].")
 @click.option("--rows", type=click.IntRange(1, 2 * MAX_BATCH), default=None,
               help="A fixed row count (2x images with CFG) instead of a dynamic axis: for onnxruntime's "
                    "CUDA graphs (ONNX output). Default: dynamic, up to 2x --max-batch.")
@@ -62,7 +68,7 @@ def relative_tokenizer(meta: dict, tokenizer: Path | None, written: Path) -> dic
 @click.option("--timing-cache", type=click.Path(path_type=Path), default=None, help="For .plan: TensorRT timing cache.")
 @click.option("--force", is_flag=True, help="Replace OUT (and the files written beside it) if they exist.")
 @click.option("-v", "--verbose", is_flag=True, help="TensorRT builder log.")
-def main(paths, fmt, portable, max_batch, opset, dtype, rows, sampler, temperature, top_k, top_p, onnx_dir,
+def main(paths, fmt, portable, max_batch, opset, dtype, weights, rows, sampler, temperature, top_k, top_p, onnx_dir,
          timing_cache, force, verbose):
     """Export one LASADGen decode step (ids, pos, width, past states -> logits, present states).
 
@@ -88,19 +94,25 @@ def main(paths, fmt, portable, max_batch, opset, dtype, rows, sampler, temperatu
     if rows is not None and rows > 2 * max_batch:  # the engine runs at most 2 x max_batch rows (CFG)
         raise click.UsageError(f"--rows {rows} is more than 2 x --max-batch {max_batch} (the rows of {max_batch} "
                                f"images with CFG); pass --max-batch {-(-rows // 2)} or at most {2 * max_batch} rows")
+    if weights in QDQ_MIN_OPSET and opset < QDQ_MIN_OPSET[weights]:
+        raise click.UsageError(f"--weights {weights} needs --opset {QDQ_MIN_OPSET[weights]} or later "
+                               f"(DequantizeLinear of {weights}), got {opset}")
     targets = _outputs(out, fmt, sampler, onnx_dir)
     existing = [str(p) for p in targets if p.exists()]
     if existing and not force:
         raise click.ClickException(f"{existing[0]} exists; pass --force to replace it"
                                    + (f" (and {len(existing) - 1} more file(s) this export writes)" if len(existing) > 1 else ""))
-    from lasad_engine.checkpoint import file_fingerprint, followed_tokenizer, load_checkpoint, resolve_checkpoint
+    from lasad_engine.checkpoint import file_fingerprint, followed_tokenizer, load_checkpoint, resolve_checkpoint, \
+        stored_weights
+    from lasad_engine.quant import weights_format
     from lasad_engine.io import check_writable, remove_stale_temps
     from lasad_engine.params import check_memory, memory_stage
 
     for p in targets:
         check_writable(p, "output")
     checkpoint = resolve_checkpoint(checkpoint)
-    model = load_checkpoint(checkpoint)
+    # the file's own form (a quantised checkpoint stays quantised, on the CPU too), then --weights
+    model = load_checkpoint(checkpoint, weights=stored_weights(checkpoint))
     cfg = model.config
     # The exporters trace with example inputs of the largest batch: the states of 2 x max_batch
     # rows, and the sampler's logits and noise.
@@ -131,7 +143,7 @@ def _export(model, out, fmt, portable, max_batch, opset, meta, tok, dtype, rows,
     from .onnx_export import export_sampler, export_step
     if fmt == "onnx":
         export_step(model, out, portable=portable, max_batch=max_batch, opset=opset,
-                    meta=relative_tokenizer(meta, tok, out), dtype=dtype, rows=rows)
+                    meta=relative_tokenizer(meta, tok, out), dtype=dtype, rows=rows, weights=weights)
         written = [str(out)]
         if sampler:
             s = out.with_name(out.stem + ".sampler.onnx")
@@ -140,6 +152,7 @@ def _export(model, out, fmt, portable, max_batch, opset, meta, tok, dtype, rows,
             written.append(str(s))
         click.echo(json.dumps({"written": written, "form": "portable" if portable else "custom",
                                "opset": opset, "max_batch": max_batch, "dtype": dtype,
+                               "weights": weights or weights_format(model),
                                "rows": rows or "dynamic"}, allow_nan=False))
         return
     from .trt_build import build_plan
@@ -147,7 +160,7 @@ def _export(model, out, fmt, portable, max_batch, opset, meta, tok, dtype, rows,
         folder = onnx_dir or Path(tmp)
         step = Path(folder) / (out.stem + ".onnx")
         export_step(model, step, portable=portable, max_batch=max_batch, opset=opset,
-                    meta=relative_tokenizer(meta, tok, step))
+                    meta=relative_tokenizer(meta, tok, step), weights=weights)
         build_plan(step, out, max_rows=2 * max_batch, opset=opset, timing_cache=timing_cache, verbose=verbose,
                    meta=relative_tokenizer(meta, tok, out))
     click.echo(json.dumps({"written": [str(out), str(out.with_suffix(".json"))], "opset": opset}))

@@ -186,18 +186,103 @@ def _annotate(model_proto, cfg, rows_name: str | int, dtype: str = "fp32") -> No
                     d.dim_param = size
 
 
+QDQ_MIN_OPSET = {"int8": 13, "fp8": 19}  # DequantizeLinear with a per-axis scale; float8 inputs from opset 19
+
+
+def quantized_matrices(model: LasadGen) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
+    """(module name, W_q, scale) of each weight-only quantised matrix of `model` (quant.QuantLinear)."""
+    from lasad_engine.quant import QuantLinear
+    return [(name, m.weight.detach().cpu(), m.weight_scale.detach().cpu()) for name, m in model.named_modules()
+            if isinstance(m, QuantLinear)]
+
+
+def quantize_initializers(proto, matrices, dtype: str = "fp32") -> int:
+    """The weight-only QDQ form of an exported step: every initializer that holds a quantised
+    matrix as the trace stored it (W_q · s in `dtype`, `[N, K]` or transposed `[K, N]`, under
+    whatever name the tracer gave it) becomes the int8 / e4m3 matrix, its fp32 scales `[N]` and a
+    `DequantizeLinear` over the output-channel axis (then a `Cast` to `dtype` unless fp32), whose
+    output keeps the initializer's name: the graph computes exactly what it computed before, from
+    half the bytes (a quarter of fp32's). onnxruntime runs DequantizeLinear as a standard op;
+    TensorRT reads a DequantizeLinear on a constant weight as a weight-only quantised layer.
+    Matched by value, not by name. Returns the number of initializers replaced."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+    from lasad_engine.quant import dequantize_weight
+
+    bits = {1: torch.int32, 2: torch.int16}
+    want = {}  # raw bytes of the traced initializer -> (name, W_q laid out the same way, scale, axis)
+    for name, q, s in matrices:
+        w = dequantize_weight(q, s, DTYPES[dtype])
+        for axis, laid in ((0, w), (1, w.t())):
+            raw = laid.contiguous().view(bits.get(w.element_size(), torch.int32)).numpy().tobytes()
+            want.setdefault((tuple(laid.shape), raw), (name, q if axis == 0 else q.t(), s, axis))
+    graph = proto.graph
+    inputs = {i.name for i in graph.input}
+    new_nodes, replaced = [], []
+    for t in graph.initializer:
+        if t.data_type != ONNX_DTYPES[dtype] or len(t.dims) != 2 or not t.HasField("raw_data"):
+            continue
+        hit = want.get((tuple(t.dims), t.raw_data))
+        if hit is None:
+            continue
+        name, q, s, axis = hit
+        q_name, s_name = f"{name}.weight_quantized", f"{name}.weight_scale"
+        while q_name in {i.name for i in graph.initializer}:  # one matrix may be used twice
+            q_name, s_name = q_name + "_", s_name + "_"
+        if q.dtype == torch.int8:
+            q_init = numpy_helper.from_array(q.contiguous().numpy(), q_name)
+        else:  # e4m3: its bytes, typed FLOAT8E4M3FN
+            q_init = helper.make_tensor(q_name, TensorProto.FLOAT8E4M3FN, list(q.shape),
+                                        q.contiguous().view(torch.uint8).numpy().tobytes(), raw=True)
+        out = t.name if dtype == "fp32" else t.name + "_dequantized"
+        new_nodes.append(helper.make_node("DequantizeLinear", [q_name, s_name], [out], axis=axis,
+                                          name=f"{name}.DequantizeLinear"))
+        if dtype != "fp32":
+            new_nodes.append(helper.make_node("Cast", [out], [t.name], to=ONNX_DTYPES[dtype], name=f"{name}.Cast"))
+        replaced.append((t, [q_init, numpy_helper.from_array(s.float().numpy(), s_name)]))
+    for t, inits in replaced:
+        graph.initializer.remove(t)
+        graph.initializer.extend(inits)
+        if t.name in inputs:
+            graph.input.remove(next(i for i in graph.input if i.name == t.name))
+    for node in reversed(new_nodes):
+        graph.node.insert(0, node)
+    if replaced:
+        onnx.checker.check_model(proto)
+    return len(replaced)
+
+
 def export_step(model: LasadGen, path: str | os.PathLike, *, portable: bool = False, max_batch: int = 8,
-                opset: int = 17, meta: dict | None = None, dtype: str = "fp32", rows: int | None = None) -> Path:
+                opset: int = 17, meta: dict | None = None, dtype: str = "fp32", rows: int | None = None,
+                weights: str | None = None) -> Path:
     """Write the decode step of `model` (on the CPU, weights in `dtype`: fp32 | fp16 | bf16; state
     and logits fp32) to `path` atomically, its weights as initializers (over 2 GB in
     `path.name + ".data"` beside it); returns the path. `rows`: a fixed row count (default: a
-    dynamic axis)."""
+    dynamic axis). `weights`: "int8" | "fp8" writes the decode matrices weight-only quantised
+    (`quantize_initializers`; a model whose matrices are quantised already keeps them), "float"
+    dequantises them; default: as the model holds them."""
     import onnx
 
+    from lasad_engine import quant
+
     path = Path(path)
+    held = quant.weights_format(model)
+    weights = weights or held
+    if weights not in quant.WEIGHT_CHOICES:
+        raise ValueError(f"weights={weights!r} is not one of {', '.join(quant.WEIGHT_CHOICES)}")
+    if weights != "float" and opset < QDQ_MIN_OPSET[weights]:
+        raise ValueError(f"{weights} weights need opset {QDQ_MIN_OPSET[weights]} or later (DequantizeLinear), "
+                         f"got {opset}")
+    matrices, copied = [], False  # the caller's model is never changed: a copy is
+    if weights != "float":  # traced with W_q · s in dtype; the matrices go back in by quantize_initializers
+        model, copied = quant.quantize_(copy.deepcopy(model).cpu(), weights), True
+        matrices = quantized_matrices(model)
+    if weights != "float" or held != "float":
+        model = quant.dequantize_(model if copied else copy.deepcopy(model), torch.float32)
+        copied = True
     w = model.output.weight
-    if w.dtype != DTYPES[dtype] or w.device.type != "cpu":  # convert a copy, never the caller's model
-        model = copy.deepcopy(model).to(device="cpu", dtype=DTYPES[dtype])
+    if w.dtype != DTYPES[dtype] or w.device.type != "cpu":
+        model = (model if copied else copy.deepcopy(model)).to(device="cpu", dtype=DTYPES[dtype])
     cfg = model.config
     graph = StepGraph(model.eval(), portable).eval()
     fixed, rows = rows is not None, rows or 2 * max_batch
@@ -224,12 +309,15 @@ def export_step(model: LasadGen, path: str | os.PathLike, *, portable: bool = Fa
         onnx.load_external_data_for_model(proto, str(traced))
         shutil.rmtree(traced)
         _annotate(proto, cfg, rows if fixed else "rows", dtype)
+        if matrices and quantize_initializers(proto, matrices, dtype) != len(matrices):
+            raise RuntimeError("a quantised matrix was not found among the traced initializers")
         info = {"lasad.config": json.dumps(cfg.to_dict()), "lasad.contract": str(C.CONTRACT_VERSION),
                 "lasad.form": "portable" if portable else "custom",
-                "lasad.dtype": dtype, "lasad.rows": str(rows) if fixed else "dynamic",
+                "lasad.dtype": dtype, "lasad.rows": str(rows) if fixed else "dynamic", "lasad.weights": weights,
                 "lasad.op": json.dumps({"op_type": C.OP_TYPE, "domain": C.DOMAIN, "version": C.OP_VERSION,
                                         "plugin_namespace": C.PLUGIN_NAMESPACE}),
-                "lasad.opset": str(opset), "lasad.max_batch": str(max_batch), "lasad.meta": json.dumps(meta or {})}
+                "lasad.opset": str(opset), "lasad.max_batch": str(max_batch),
+                "lasad.meta": json.dumps({**(meta or {}), **({"weights": weights} if matrices else {})})}
         for k, v in info.items():
             proto.metadata_props.append(onnx.StringStringEntryProto(key=k, value=v))
         _save(proto, path, Path(tmp))

@@ -125,7 +125,7 @@ def subjects(model: LasadGen, baseline: str | None, backend: str, device, use_gr
         torch.manual_seed(0)
         with torch.device(device):
             kv = KVCacheGPT(cfg)
-        kv = kv.to(model.output.weight.dtype).eval()
+        kv = kv.to(model.norm.weight.dtype).eval()  # the activations' dtype (the head may be int8)
         kv_w = streamed_weight_bytes(kv)
         el = kv.output.weight.element_size()
 

@@ -55,6 +55,7 @@ _REGISTERED = False
 CUDA_PROVIDER = "CUDAExecutionProvider"
 GPU_HINT = "pip uninstall -y onnxruntime onnxruntime-gpu && pip install onnxruntime-gpu"
 NUMPY_TYPES = {torch.int64: np.int64, torch.float32: np.float32}
+QDQ_ACCURACY_KEY = "session.qdq_matmulnbits_accuracy_level"
 
 
 def read_onnx_config(path: str | os.PathLike) -> tuple[LasadConfig, dict, str]:
@@ -269,6 +270,10 @@ class OnnxRuntimeBackend(Backend):
         so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         so.add_session_config_entry("session.model_external_initializers_file_folder_path",
                                     str(self.path.resolve().parent))
+        # int8 weights (lasad-export --weights int8): onnxruntime fuses DequantizeLinear -> MatMul
+        # into MatMulNBits, whose default accuracy level (4) quantises the activations to int8 as
+        # well; level 1 computes in fp32, the weight-only numerics of the export
+        so.add_session_config_entry(QDQ_ACCURACY_KEY, "1")
         if self.library is not None:
             so.register_custom_ops_library(self.library)
         if self.device.type == "cpu":

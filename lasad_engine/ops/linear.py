@@ -17,9 +17,25 @@ The Triton kernel is built for streaming a small weight matrix at the bandwidth 
 Numerics follow the torch definition: fp32 accumulation; the GEMM result is rounded to the
 activation dtype (as F.linear's output is) before SwiGLU and before the residual add.
 
+Weight-only quantised weights (`weight` int8 or fp8 e4m3 with `weight_scale`, one fp32 scale per
+output channel; lasad_engine/quant.py makes them) have one definition too (`quantized_gemm`):
+
+    y = round_act( round_act( a · W_q^T ) · s )
+
+the GEMM of the integer (fp8) values exactly as for float weights (W_q converted to the
+activation dtype, which holds every int8 and e4m3 value exactly; fp32 accumulation; rounded to the
+activation dtype as F.linear's output is), then times the channel's fp32 scale in fp32, rounded to
+the activation dtype once more. SwiGLU and the residual follow as for float weights. The kernel
+dequantises in registers (the weight tile streams as 1 byte an element: half the bytes of bf16)
+and serves any row count, in blocks of at most ROWS_MAX rows (a third grid axis, the fastest, so
+the blocks of one weight tile run together and read it from L2): with quantised weights there is
+no GEMM-library path, which would have to write the dequantised matrix out first.
+
 Shapes:
     x:           [..., K]            activations (R = x.numel() / K rows)
-    weight:      [N, K]              nn.Linear layout; with swiglu, rows [:N/2] = W_1, [N/2:] = W_3
+    weight:      [N, K]              nn.Linear layout; with swiglu, rows [:N/2] = W_1, [N/2:] = W_3;
+                                     float, or int8 / float8_e4m3fn with weight_scale
+    weight_scale: [N] fp32           per-output-channel scale of a quantised weight (None: float)
     norm_weight: [K]                 RMSNorm weight of the input (None: no norm); norm_groups
                                      equal slices of K, each normalised on its own
     residual:    [..., N_out]        added after the GEMM (and SwiGLU); N_out = N/2 with swiglu, else N
@@ -69,19 +85,41 @@ class LinearTiles:
     num_warps: int = 4
 
 
-def fused_linear(x: torch.Tensor, weight: torch.Tensor, *, norm_weight: torch.Tensor | None = None,
+QUANT_DTYPES = (torch.int8, torch.float8_e4m3fn)  # weight dtypes that come with a weight_scale
+
+
+def quantized_gemm(a: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor) -> torch.Tensor:
+    """The one definition of a GEMM with weight-only quantised weights (module docstring):
+    round_act(round_act(a · W_q^T) · s). a `[..., K]`, weight int8 / e4m3 `[N, K]`, weight_scale
+    fp32 `[N]` -> `[..., N]` in a's dtype (fp64 references scale in fp64)."""
+    y = F.linear(a, weight.to(a.dtype))
+    acc = torch.promote_types(a.dtype, torch.float32)
+    return (y.to(acc) * weight_scale.to(acc)).to(a.dtype)
+
+
+def _gemm(a: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor | None) -> torch.Tensor:
+    return F.linear(a, weight) if weight_scale is None else quantized_gemm(a, weight, weight_scale)
+
+
+def fused_linear(x: torch.Tensor, weight: torch.Tensor, *, weight_scale: torch.Tensor | None = None,
+                 norm_weight: torch.Tensor | None = None,
                  eps: float = 1e-5, norm_groups: int = 1, residual: torch.Tensor | None = None,
                  swiglu: bool = False, out: torch.Tensor | None = None, backend: str | None = None,
                  pdl: bool | None = None, tiles: LinearTiles | None = None) -> torch.Tensor:
-    """y = [residual +] [silu_mul ∘ halves] F.linear([rms_norm](x), weight), shapes as the module
-    docstring.
+    """y = [residual +] [silu_mul ∘ halves] GEMM([rms_norm](x), weight), shapes as the module
+    docstring; GEMM = F.linear for float weights, `quantized_gemm` for int8 / fp8 weights with
+    their `weight_scale`.
 
     Args:
         backend: "torch" or "triton" (default: triton for CUDA tensors). The Triton path serves
-            R ≤ ROWS_MAX rows; more rows run the torch definition whatever the backend.
+            R ≤ ROWS_MAX rows (any R with quantised weights, in blocks of ROWS_MAX); more rows
+            run the torch definition whatever the backend.
+        weight_scale: fp32 `[N]`, the per-output-channel scales of an int8 / float8_e4m3fn
+            `weight` (lasad_engine/quant.py); None for a float weight.
         pdl: launch with programmatic dependent launch (default: on CUDA devices of compute
-            capability ≥ 9.0). The kernel reads only `weight` and `norm_weight` before it waits
-            for the previous kernel, so these must not be written by the kernels just before.
+            capability ≥ 9.0). The kernel reads only `weight`, `weight_scale` and `norm_weight`
+            before it waits for the previous kernel, so these must not be written by the kernels
+            just before.
         tiles: override the tile choice (`linear_tiles`), for benchmarks.
         out: where the result goes; it may be `residual` itself (the residual stream updated in
             place, as the decode step does: no copy of it on the GEMM-library path).
@@ -93,20 +131,27 @@ def fused_linear(x: torch.Tensor, weight: torch.Tensor, *, norm_weight: torch.Te
     N, K = weight.shape
     if x.shape[-1] != K:
         raise ValueError(f"x has {x.shape[-1]} features but weight {tuple(weight.shape)} expects {K}")
+    quantized = weight.dtype in QUANT_DTYPES
+    if quantized != (weight_scale is not None):
+        raise ValueError(f"weight is {weight.dtype}: a weight_scale goes with int8 / float8_e4m3fn weights, "
+                         "and only with them")
+    if quantized and (weight_scale.shape != (N,) or weight_scale.dtype != torch.float32):
+        raise ValueError(f"weight_scale must be fp32 [{N}] (one per output channel), got "
+                         f"{weight_scale.dtype} {tuple(weight_scale.shape)}")
     if swiglu and N % 2:
         raise ValueError(f"swiglu needs an even number of weight rows (W_1 then W_3), got {N}")
     if norm_groups < 1 or K % norm_groups:
         raise ValueError(f"norm_groups={norm_groups} must divide the {K} input features")
     rows = x.numel() // K if K else 0
     if tiles is None and _pick(backend, x) == "triton" and x.is_cuda:
-        tiles = tile_policy(rows, N // 2 if swiglu else N, K, x.device)
-    if (_pick(backend, x) == "triton" and 0 < rows <= ROWS_MAX and triton is not None
+        tiles = tile_policy(rows, N // 2 if swiglu else N, K, x.device, quantized=quantized)
+    if (_pick(backend, x) == "triton" and 0 < rows and (rows <= ROWS_MAX or quantized) and triton is not None
             and tiles != LIBRARY):
-        return _fused_linear_triton(x, weight, norm_weight, eps, norm_groups, residual, swiglu, out,
-                                    pdl, tiles)
+        return _fused_linear_triton(x, weight, weight_scale, norm_weight, eps, norm_groups, residual, swiglu,
+                                    out, pdl, tiles)
     kernels = _pick(backend, x)
     a = rms_norm(x, norm_weight, eps, norm_groups, backend=kernels) if norm_weight is not None else x
-    if kernels == "triton" and residual is not None and not swiglu and x.dim() == 2:
+    if kernels == "triton" and residual is not None and not swiglu and x.dim() == 2 and not quantized:
         # many rows on the GPU: cuBLAS adds the residual in its epilogue (the GEMM is not rounded
         # before the add, a difference within the activation dtype's rounding). Into the
         # residual's own buffer when `out` is it: then cuBLAS copies nothing first.
@@ -114,7 +159,7 @@ def fused_linear(x: torch.Tensor, weight: torch.Tensor, *, norm_weight: torch.Te
             return torch.addmm(residual, a, weight.t(), out=out)
         y = torch.addmm(residual, a, weight.t())
         return y if out is None else out.copy_(y)
-    y = F.linear(a, weight)
+    y = _gemm(a, weight, weight_scale)
     if swiglu:
         y = swiglu_op(y, backend=kernels) if kernels == "triton" else silu_mul(y[..., :N // 2], y[..., N // 2:])
     if residual is not None:
@@ -208,17 +253,35 @@ TILE_POLICY: dict = {
 }
 
 
-def tile_policy(rows: int, n_out: int, K: int, device) -> "LinearTiles | str | None":
+# Quantised (int8 / fp8) weights, not yet measured on a GPU: a weight tile of the same elements is
+# half the bytes of bf16's but the same registers once dequantised, so the bf16 measurements'
+# Triton tiles are kept where they chose the kernel (QUANT_FOLLOWS_FLOAT_POLICY; the benchmark
+# benchmarks/int8_bench.py compares them with the hand rule alone) and the hand rule decides the
+# rest, the head included; never the library. QUANT_TILE_POLICY takes measured int8 choices,
+# (band, n_out, K) -> LinearTiles, first. Above ROWS_MAX rows the tiles are those of a block of
+# ROWS_MAX rows.
+QUANT_TILE_POLICY: dict = {}
+QUANT_FOLLOWS_FLOAT_POLICY = True
+
+
+def tile_policy(rows: int, n_out: int, K: int, device, quantized: bool = False) -> "LinearTiles | str | None":
     """The measured choice for this GEMM (TILE_POLICY; the head, n_out ≥ 8192: the library), or
-    None (then `linear_tiles` decides). Measured on an H200 (sm_90); elsewhere the hand rule."""
+    None (then `linear_tiles` decides). Measured on an H200 (sm_90); elsewhere the hand rule.
+    `quantized`: int8 / fp8 weights (QUANT_TILE_POLICY, then bf16's kernel tiles, never LIBRARY)."""
     if torch.cuda.get_device_capability(device) != (9, 0):
         return None
+    # the band these rows fall in, only: tiles measured at 16 rows are no choice for 2
+    band = FMA_ROWS_MAX if rows <= FMA_ROWS_MAX else ROWS_MAX
+    if quantized:
+        choice = QUANT_TILE_POLICY.get((band, n_out, K))
+        if choice is None and QUANT_FOLLOWS_FLOAT_POLICY:
+            choice = TILE_POLICY.get((band, n_out, K))
+        return None if choice == LIBRARY else choice
     if n_out >= 8192:
         return LIBRARY
     if rows > ROWS_MAX:
         return None
-    # the band these rows fall in, only: tiles measured at 16 rows are no choice for 2
-    return TILE_POLICY.get((FMA_ROWS_MAX if rows <= FMA_ROWS_MAX else ROWS_MAX, n_out, K))
+    return TILE_POLICY.get((band, n_out, K))
 
 
 @functools.lru_cache(maxsize=None)
@@ -278,39 +341,51 @@ if triton is not None:
     @triton.jit
     def _dot(a, w_t, DOT_F32: tl.constexpr):
         # a [BR, KP] @ w_t [BN, KP]^T -> [BR, BN] fp32 on tensor cores (fp32 inputs: exact FMA).
-        # DOT_F32 (Triton's CPU interpreter, whose dot multiplies bf16 bit patterns as integers):
-        # fp32 copies with tf32 precision, which holds every bf16 and fp16 value exactly.
+        # A quantised tile is converted to a's dtype first, which holds every int8 and e4m3
+        # value exactly. DOT_F32 (Triton's CPU interpreter, whose dot multiplies bf16 bit
+        # patterns as integers): fp32 copies with tf32 precision, which holds every bf16, fp16,
+        # int8 and e4m3 value exactly.
         if DOT_F32:
             return tl.dot(a.to(tl.float32), tl.trans(w_t.to(tl.float32)), input_precision="tf32")
         elif a.dtype == tl.float32:
-            return tl.dot(a, tl.trans(w_t), input_precision="ieee")
+            return tl.dot(a, tl.trans(w_t.to(tl.float32)), input_precision="ieee")
         else:
-            return tl.dot(a, tl.trans(w_t))
+            return tl.dot(a, tl.trans(w_t.to(a.dtype)))
 
     @triton.jit
-    def _epilogue(acc, acc3, res_t, out, off, om, SWIGLU: tl.constexpr, HAS_RES: tl.constexpr):
-        # acc [BR, BN] fp32 GEMM sums -> rounded to the activation dtype (F.linear's output), then
-        # SwiGLU (acc3: the W_3 half) and the residual add, each rounded as the torch ops round.
+    def _epilogue(acc, acc3, s_t, s3_t, res_t, out, off, om, SWIGLU: tl.constexpr, HAS_RES: tl.constexpr,
+                  HAS_SCALE: tl.constexpr):
+        # acc [BR, BN] fp32 GEMM sums -> rounded to the activation dtype (F.linear's output); with
+        # quantised weights times the channel scales s_t [BN] in fp32, rounded again
+        # (quantized_gemm); then SwiGLU (acc3: the W_3 half) and the residual add, each rounded as
+        # the torch ops round.
         dt = out.dtype.element_ty
         y = acc.to(dt)
+        y3 = acc3.to(dt)
+        if HAS_SCALE:
+            y = (y.to(tl.float32) * s_t[None, :]).to(dt)
+            y3 = (y3.to(tl.float32) * s3_t[None, :]).to(dt)
         if SWIGLU:
-            y = silu_mul_f32(y, acc3.to(dt)).to(dt)
+            y = silu_mul_f32(y, y3).to(dt)
         if HAS_RES:
             y = (res_t.to(tl.float32) + y.to(tl.float32)).to(dt)
         tl.store(out + off, y, mask=om)
 
     @triton.jit
     def fused_linear_kernel(
-        x, w, nw, res, out, part, cnt, R, N_OUT, eps,
+        x, w, ws, nw, res, out, part, cnt, R, N_OUT, eps,
         K: tl.constexpr, SEG: tl.constexpr, NSEG: tl.constexpr, SEG_P: tl.constexpr,
         NSEG_P: tl.constexpr, NORM_N: tl.constexpr, SPLIT_K: tl.constexpr, SPLIT_P: tl.constexpr,
         BR: tl.constexpr, BN: tl.constexpr, HAS_NORM: tl.constexpr, ROW_STATS: tl.constexpr,
         SWIGLU: tl.constexpr, NACC: tl.constexpr, HAS_RES: tl.constexpr, MMA: tl.constexpr,
-        DOT_F32: tl.constexpr, USE_PDL: tl.constexpr,
+        DOT_F32: tl.constexpr, USE_PDL: tl.constexpr, HAS_SCALE: tl.constexpr = False,
     ):
         # One program: output columns [i_n·BN, +BN) (and their W_3 partners with SWIGLU), input
-        # features = the i_k-th slice of K, all R rows (padded to BR).
-        i_n, i_k = tl.program_id(0), tl.program_id(1)
+        # features = the i_k-th slice of K, rows [i_r·BR, +BR) (one block of all R rows, padded
+        # to BR, unless the weights are quantised). The row blocks of one weight tile are the
+        # fastest grid axis: they run together and the tile comes from DRAM once.
+        i_r, i_n, i_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        n_blocks = tl.num_programs(1)
         cols = i_n * BN + tl.arange(0, BN)
         kk = tl.arange(0, NSEG_P * SEG_P)
         if SEG == SEG_P or NSEG_P == 1:  # contiguous features: keeps the loads 16 bytes wide
@@ -327,6 +402,15 @@ if triton is not None:
             w3_t = tl.load(w + (cols + N_OUT)[:, None] * K + k[None, :], mask=wm, other=0.0)
         else:
             w3_t = w_t
+        if HAS_SCALE:  # quantised weights: the channels' fp32 scales (epilogue)
+            s_t = tl.load(ws + cols, mask=cols < N_OUT, other=0.0)
+            if SWIGLU:
+                s3_t = tl.load(ws + cols + N_OUT, mask=cols < N_OUT, other=0.0)
+            else:
+                s3_t = s_t
+        else:
+            s_t = cols
+            s3_t = cols
         if HAS_NORM:
             nw_t = tl.load(nw + k, mask=km, other=0.0)
         else:
@@ -334,7 +418,7 @@ if triton is not None:
         if USE_PDL:
             gdc_launch_dependents()
             gdc_wait()
-        rows = tl.arange(0, BR)
+        rows = i_r * BR + tl.arange(0, BR)
         om = (rows < R)[:, None] & (cols < N_OUT)[None, :]
         off = rows[:, None] * N_OUT + cols[None, :]
         if HAS_RES:  # issued now, so that its latency hides behind the GEMM
@@ -356,55 +440,62 @@ if triton is not None:
             af = a.to(tl.float32)
             wf = w_t.to(tl.float32)
             w3f = w3_t.to(tl.float32)
+            lr = tl.arange(0, BR)
             for r in tl.static_range(BR):
-                a_r = tl.sum(tl.where(rows[:, None] == r, af, 0.0), axis=0)[None, :]
-                acc = tl.where(rows[:, None] == r, tl.sum(wf * a_r, axis=1)[None, :], acc)
+                a_r = tl.sum(tl.where(lr[:, None] == r, af, 0.0), axis=0)[None, :]
+                acc = tl.where(lr[:, None] == r, tl.sum(wf * a_r, axis=1)[None, :], acc)
                 if SWIGLU:
-                    acc3 = tl.where(rows[:, None] == r, tl.sum(w3f * a_r, axis=1)[None, :], acc3)
+                    acc3 = tl.where(lr[:, None] == r, tl.sum(w3f * a_r, axis=1)[None, :], acc3)
         if SPLIT_K == 1:
-            _epilogue(acc, acc3, res_t, out, off, om, SWIGLU, HAS_RES)
+            _epilogue(acc, acc3, s_t, s3_t, res_t, out, off, om, SWIGLU, HAS_RES, HAS_SCALE)
         else:
-            # Partial sums [SPLIT_K, (1 or 2), BR, BN] per column block; the last program to arrive
-            # adds them in split order (the same order whichever program that is).
-            tile = rows[:, None] * BN + tl.arange(0, BN)[None, :]
-            base = part + (i_n * SPLIT_K + i_k) * NACC * BR * BN
+            # Partial sums [SPLIT_K, (1 or 2), BR, BN] per (row block, column block); the last
+            # program to arrive adds them in split order (the same order whichever program it is).
+            blk = i_r * n_blocks + i_n
+            tile = tl.arange(0, BR)[:, None] * BN + tl.arange(0, BN)[None, :]
+            base = part + (blk * SPLIT_K + i_k) * NACC * BR * BN
             tl.store(base + tile, acc)
             if SWIGLU:
                 tl.store(base + BR * BN + tile, acc3)
             tl.debug_barrier()  # every thread's partials are written before the release below
-            arrived = tl.atomic_add(cnt + i_n, 1, sem="acq_rel", scope="gpu")
+            arrived = tl.atomic_add(cnt + blk, 1, sem="acq_rel", scope="gpu")
             if arrived == SPLIT_K - 1:
                 s = tl.arange(0, SPLIT_P)
-                p = part + (i_n * SPLIT_K + s[:, None, None]) * NACC * BR * BN + tile[None, :, :]
+                p = part + (blk * SPLIT_K + s[:, None, None]) * NACC * BR * BN + tile[None, :, :]
                 sm = (s < SPLIT_K)[:, None, None]
                 acc = tl.sum(tl.load(p, mask=sm, other=0.0, cache_modifier=".cg"), axis=0)
                 if SWIGLU:
                     acc3 = tl.sum(tl.load(p + BR * BN, mask=sm, other=0.0, cache_modifier=".cg"), axis=0)
                 else:
                     acc3 = acc
-                _epilogue(acc, acc3, res_t, out, off, om, SWIGLU, HAS_RES)
-                tl.atomic_xchg(cnt + i_n, 0, sem="relaxed", scope="gpu")
+                _epilogue(acc, acc3, s_t, s3_t, res_t, out, off, om, SWIGLU, HAS_RES, HAS_SCALE)
+                tl.atomic_xchg(cnt + blk, 0, sem="relaxed", scope="gpu")
 
 
-def _fused_linear_triton(x, weight, norm_weight, eps, groups, residual, swiglu, out, pdl, tiles):
+def _fused_linear_triton(x, weight, weight_scale, norm_weight, eps, groups, residual, swiglu, out, pdl, tiles):
     N, K = weight.shape
     n_out = N // 2 if swiglu else N
     rows = x.numel() // K
     dtype = x.dtype
-    for name, t in (("weight", weight), ("norm_weight", norm_weight), ("residual", residual), ("out", out)):
+    quantized = weight_scale is not None
+    for name, t in (("weight", None if quantized else weight), ("norm_weight", norm_weight),
+                    ("residual", residual), ("out", out)):
         if t is not None and t.dtype != dtype:
             raise ValueError(f"{name} is {t.dtype} but x is {dtype}: the Triton path takes one dtype")
     if N * K >= 2**31:
         raise ValueError(f"weight {tuple(weight.shape)} has 2**31 or more elements (32-bit offsets)")
+    if rows * max(K, n_out) >= 2**31:
+        raise ValueError(f"{rows} rows of {max(K, n_out)} features: 2**31 or more elements (32-bit offsets)")
     has_norm = norm_weight is not None
+    block_rows = min(rows, ROWS_MAX)  # quantised weights: blocks of up to ROWS_MAX rows
     if tiles is None:
-        tiles = linear_tiles(rows, n_out, K, groups=groups, has_norm=has_norm, swiglu=swiglu,
+        tiles = linear_tiles(block_rows, n_out, K, groups=groups, has_norm=has_norm, swiglu=swiglu,
                              sms=_sm_count(x.device))
     s = tiles.split_k
     if has_norm and groups > 1 and groups % s:
         raise ValueError(f"split_k={s} must divide norm_groups={groups}")
     seg, nseg = _segments(K, groups, has_norm, s)
-    br = max(16, _pow2(rows)) if tiles.mma else _pow2(rows)
+    br = max(16, _pow2(block_rows)) if tiles.mma else _pow2(block_rows)
     if tiles.mma and (tiles.block_n < 16 or _pow2(seg) * _pow2(nseg) < 16):
         raise ValueError(f"mma tiles need block_n >= 16 and a K slice of >= 16 features, got {tiles}")
     shape = (*x.shape[:-1], n_out)
@@ -415,20 +506,23 @@ def _fused_linear_triton(x, weight, norm_weight, eps, groups, residual, swiglu, 
     if residual is not None and tuple(residual.shape) != shape:
         raise ValueError(f"residual must be {shape}, got {tuple(residual.shape)}")
     n_blocks = triton.cdiv(n_out, tiles.block_n)
+    row_blocks = triton.cdiv(rows, br)
     nacc = 2 if swiglu else 1
     if s > 1:
-        part = torch.empty(n_blocks * s * nacc * br * tiles.block_n, dtype=torch.float32, device=x.device)
-        cnt = _counters(x.device, n_blocks)
+        part = torch.empty(row_blocks * n_blocks * s * nacc * br * tiles.block_n, dtype=torch.float32,
+                           device=x.device)
+        cnt = _counters(x.device, row_blocks * n_blocks)
     else:
         part = cnt = out
     use_pdl = _pdl_supported(x.device) if pdl is None else bool(pdl and _pdl_supported(x.device))
     x = x.contiguous()
     extra = {"launch_pdl": True} if use_pdl else {}
-    fused_linear_kernel[(n_blocks, s)](
-        x, weight.contiguous(), norm_weight if has_norm else x,
+    fused_linear_kernel[(row_blocks, n_blocks, s)](
+        x, weight.contiguous(), weight_scale if quantized else x, norm_weight if has_norm else x,
         residual.contiguous() if residual is not None else x, out, part, cnt, rows, n_out, eps,
         K=K, SEG=seg, NSEG=nseg, SEG_P=_pow2(seg), NSEG_P=_pow2(nseg), NORM_N=K // groups,
         SPLIT_K=s, SPLIT_P=_pow2(s), BR=br, BN=tiles.block_n, HAS_NORM=has_norm,
         ROW_STATS=has_norm and groups == 1 and s > 1, SWIGLU=swiglu, NACC=nacc, HAS_RES=residual is not None,
-        MMA=tiles.mma, DOT_F32=_INTERPRET, USE_PDL=use_pdl, num_warps=tiles.num_warps, **extra)
+        MMA=tiles.mma, DOT_F32=_INTERPRET, USE_PDL=use_pdl, HAS_SCALE=quantized, num_warps=tiles.num_warps,
+        **extra)
     return out
