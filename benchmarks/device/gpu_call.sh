@@ -8,7 +8,12 @@
 # Steps: env | plugin | sampler | layers | engine | engine-final | engine-lxxl | engine-quick | pytest |
 #        pytest-train | pytest-a | pytest-b | pytest-ort | tiles | tiles-lxxl | llamagen | ort-part N |
 #        ort-install | ort (install, then the full bench) | ort-quick | ort-fuse | ort-cli | anatomy | engine-lxxl-quick |
-#        persistent-test | persistent (issue 27: the persistent step's GPU tests, then its benchmark)
+#        persistent-test | persistent (issue 27: the persistent step's GPU tests, then its benchmark) |
+#        serving-test | serve-B | serve-B-min | serve-XL (issue 25: the scheduler's GPU tests; serve_bench.py) |
+#        int8 (issue 29: benchmarks/int8_gpu_call.py)
+# The serving steps need the server's wheels in .whl (fastapi, starlette, uvicorn, h11, httpx, httpcore,
+# anyio, sniffio, idna, certifi, prometheus_client, pydantic, pydantic_core, annotated_types,
+# typing_inspection, typing_extensions: pip download ... --python-version 3.12, the device README).
 # Carried (git-ignored): .whl/ (fla-core wheel), .carry/llamagen (LlamaGen's gpt.py, generate.py,
 # drop_path.py at ce98ec4, for `llamagen`), .carry/ptx (PTX compiled on the CPU machine, for
 # `plugin`: benchmarks/plugin_launch_check.py --prepare build/plugin-launch), .carry/ort.partN
@@ -58,6 +63,11 @@ for s in "$@"; do
     pytest-train) step pytest-train 200 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_gpt_train.py -rs ;;
     persistent-test) step persistent-test 110 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_persistent.py -rs --durations=8 ;;
     persistent) step persistent 200 python3 benchmarks/persistent_bench.py --out "$W/persistent" --budget 150 ;;
+    serving-test) step serving-test 150 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu_serving.py -rs --durations=6 ;;
+    serve-B) step serve-B 470 python3 benchmarks/serve_bench.py --out "$W/serve-B" --presets lasad-B --slots 64 --budget 430 ;;
+    serve-B-min) step serve-B 280 python3 benchmarks/serve_bench.py --out "$W/serve-B" --presets lasad-B --slots 64 --policies continuous,lock --rates 0.5,0.8,1.25 --baseline-rates 0.05 --duration 4 --lone 8 --budget 230 ;;
+    serve-XL) step serve-XL 330 python3 benchmarks/serve_bench.py --out "$W/serve-XL" --presets lasad-XL --slots 64 --policies continuous,lock --baseline-rates 0.25 --rates 0.5,0.8,1.25 --duration 5 --budget 290 ;;
+    int8) step int8 600 python3 benchmarks/int8_gpu_call.py --out "$W/int8" ;;
     tiles) step tiles 240 python3 benchmarks/linear_tile_sweep.py --out "$W/tiles" ;;
     tiles-lxxl) step tiles-lxxl 260 python3 benchmarks/linear_tile_sweep.py --out "$W/tiles-lxxl" --presets lasad-L,lasad-XXL --budget 230 ;;
     llamagen) step llamagen 190 python3 benchmarks/llamagen_bench.py --llamagen .carry/llamagen --out "$W/llamagen" ;;
