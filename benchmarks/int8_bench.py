@@ -38,23 +38,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _repo  # noqa: E402,F401  (the checkout importable as installed)
 
-from lasad_engine import LasadConfig, LasadGen, quant  # noqa: E402
+from lasad_engine import LasadGen, quant  # noqa: E402
 from lasad_engine.engine import LasadEngine, SamplingParams  # noqa: E402
 from lasad_engine.ops import linear as L  # noqa: E402
 
+from engine_bench import random_model  # noqa: E402
+
 PARAMS = SamplingParams(cfg_scale=4.0, top_k=2000)
 TARGETS = {"speedup_1_image": {"lasad-XL": 1.4, "lasad-XXL": 1.4, "lasad-B": 1.0}, "speedup_64_images": 1.0}
-
-
-def random_model(name: str, device) -> LasadGen:
-    """fp32 weights (engine_bench's random_model before its cast): the reference of the logit error."""
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = LasadGen(LasadConfig.from_preset(name, token_dropout=0, resid_dropout=0, ffn_dropout=0))
-    with torch.no_grad():
-        model.output.weight.normal_(std=0.02)
-        model.lower_bounds.normal_()
-    return model.eval()
 
 
 def variant_model(fp32: LasadGen, variant: str) -> LasadGen:
@@ -147,7 +138,7 @@ def main():
     variants = [v for v in a.variants.split(",") if v != "fp8" or cap >= quant.FP8_CAPABILITY]
     t_start = time.perf_counter()
     for preset in a.presets.split(","):
-        fp32 = random_model(preset, device)
+        fp32 = random_model(preset, device, torch.float32)  # the reference of the logit error
         cfg = fp32.config
         gen = torch.Generator().manual_seed(0)
         tokens = torch.randint(0, cfg.vocab_size, (2, cfg.seq_len), generator=gen).to(device)

@@ -29,7 +29,6 @@ from .engine import LasadEngine
 from .io import safe_text
 from .params import MAX_IMAGES, WEIGHT_CHOICES, ClassLabels, EngineError, Grid, OutOfRange, SamplingParams, check_memory, \
     memory_stage, parse_grid, resolve_device
-from .scheduler import cpu_threads  # noqa: F401 - re-exported (lasad-run and tests use it from here)
 
 OUTPUT_TYPES = ("pil", "np", "pt", "tokens")
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -92,7 +91,7 @@ class LasadPipeline:
                  max_queue: int | None = None, policy: str = "continuous", batch_wait: float = 0.0,
                  reproducible: bool = False, step_kernel: str = "ops"):
         self.device = resolve_device(device)
-        # CPU decode: one thread unless told otherwise (see cpu_threads); no effect on CUDA.
+        # CPU decode: one thread unless told otherwise (see scheduler.cpu_threads); no effect on CUDA.
         if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
             raise EngineError(f"threads={threads!r} must be a positive integer")
         self._threads = threads
@@ -152,7 +151,7 @@ class LasadPipeline:
             device: Default: cuda if available, else cpu.
             precision: fp32 | bf16 | fp16 (or the torch dtype) for the weights (the state stays
                 fp32). Default: bf16 on CUDA, fp32 on CPU.
-            threads: CPU threads for the token decode (default 1: see `cpu_threads`).
+            threads: CPU threads for the token decode (default 1: see `scheduler.cpu_threads`).
             weights: the decode matrices' form, "float" | "int8" | "fp8" (lasad_engine/quant.py):
                 int8 / fp8 store them with one fp32 scale per output channel, dequantised inside
                 the GEMM kernels (half the bytes a step streams; fp8 needs compute capability
