@@ -104,7 +104,6 @@ def main(paths, fmt, portable, max_batch, opset, dtype, weights, rows, sampler, 
                                    + (f" (and {len(existing) - 1} more file(s) this export writes)" if len(existing) > 1 else ""))
     from lasad_engine.checkpoint import file_fingerprint, followed_tokenizer, load_checkpoint, resolve_checkpoint, \
         stored_weights
-    from lasad_engine.quant import weights_format
     from lasad_engine.io import check_writable, remove_stale_temps
     from lasad_engine.params import check_memory, memory_stage
 
@@ -133,13 +132,15 @@ def main(paths, fmt, portable, max_batch, opset, dtype, weights, rows, sampler, 
         remove_stale_temps(folder)
     with memory_stage(f"exporting the step for --max-batch {max_batch}",
                       "free memory, or pass a smaller --max-batch (the trace holds 2 x --max-batch rows of state)"):
-        _export(model, out, fmt, portable, max_batch, opset, meta, tok, dtype, rows, sampler, temperature,
+        _export(model, out, fmt, portable, max_batch, opset, meta, tok, dtype, weights, rows, sampler, temperature,
                 top_k, top_p, onnx_dir, timing_cache, verbose)
 
 
-def _export(model, out, fmt, portable, max_batch, opset, meta, tok, dtype, rows, sampler, temperature,
+def _export(model, out, fmt, portable, max_batch, opset, meta, tok, dtype, weights, rows, sampler, temperature,
             top_k, top_p, onnx_dir, timing_cache, verbose):
     """Write the step (and its sampler graph) as ONNX, or build the plan; print what was written."""
+    from lasad_engine.quant import weights_format
+
     from .onnx_export import export_sampler, export_step
     if fmt == "onnx":
         export_step(model, out, portable=portable, max_batch=max_batch, opset=opset,

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import os
 
-import numpy as np
 import torch
 
 try:
