@@ -66,6 +66,8 @@ for s in "$@"; do
     serving-test) step serving-test 150 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu_serving.py -rs --durations=6 ;;
     serve-B) step serve-B 470 python3 benchmarks/serve_bench.py --out "$W/serve-B" --presets lasad-B --slots 64 --budget 430 ;;
     serve-B-min) step serve-B 280 python3 benchmarks/serve_bench.py --out "$W/serve-B" --presets lasad-B --slots 64 --policies continuous,lock --rates 0.5,0.8,1.25 --baseline-rates 0.05 --duration 4 --lone 8 --budget 230 ;;
+    serve-B-tiny) step serve-B 170 python3 benchmarks/serve_bench.py --out "$W/serve-B" --presets lasad-B --slots 64 --policies continuous --rates 0.5,1.25 --duration 3 --lone 5 --budget 130 ;;
+    serving-test-quick) step serving-test 110 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu_serving.py -rs -x -k "philox or torch_backends or reproducible" ;;
     serve-XL) step serve-XL 330 python3 benchmarks/serve_bench.py --out "$W/serve-XL" --presets lasad-XL --slots 64 --policies continuous,lock --baseline-rates 0.25 --rates 0.5,0.8,1.25 --duration 5 --budget 290 ;;
     int8) step int8 600 python3 benchmarks/int8_gpu_call.py --out "$W/int8" ;;
     tiles) step tiles 240 python3 benchmarks/linear_tile_sweep.py --out "$W/tiles" ;;
