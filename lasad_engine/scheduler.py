@@ -276,6 +276,7 @@ class SlotScheduler:
         self.k_max, self.use_p = 0, False
         self.batch_opened: float | None = None
         self._fns: dict = {}  # (rows, images, k_max, use_p) -> the step's closures
+        self.grow_tokens = 0  # the longest image asked for beyond the token rows (they grow when idle)
 
     # ----------------------------------------------------------------------------- clients
 
@@ -316,7 +317,7 @@ class SlotScheduler:
     def _check_tokens(self, request: Request) -> None:
         N = request.forced.shape[1] if request.forced is not None else request.grid.tokens
         if N > self.tables.n_tokens:
-            self.grow_tokens = max(getattr(self, "grow_tokens", 0), N)
+            self.grow_tokens = max(self.grow_tokens, N)
 
     # ----------------------------------------------------------------------------- the loop
 
@@ -447,7 +448,7 @@ class SlotScheduler:
             for img in [i for i in self.waiting if i.request.cancelled]:
                 _cancel(img.request)
             self.waiting = deque(i for i in self.waiting if not i.request.cancelled)
-        if getattr(self, "grow_tokens", 0) > self.tables.n_tokens and not self.active:
+        if self.grow_tokens > self.tables.n_tokens and not self.active:
             self._grow_tokens(self.grow_tokens)
         lock_request = None
         while self._admissible():

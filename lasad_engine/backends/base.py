@@ -17,8 +17,7 @@ class Backend:
 
     A backend that keeps the state in more than one buffer (onnxruntime alternates between
     `state.ssm` and a buffer of its own, so that no step copies it) says where the latest state
-    is with `current(state)`, and starts over from `state.ssm` at `reset()`, which the engine calls
-    after it zeroed the state for a new request. `cuda_graph` is the engine's `use_cuda_graph`, for
+    is with `current(state)`: the engine zeroes a joining image's slots there. `cuda_graph` is the engine's `use_cuda_graph`, for
     a backend that captures graphs of its own instead of being `capturable`.
     """
 
@@ -32,9 +31,6 @@ class Backend:
 
     def decode(self, rows, state):
         raise NotImplementedError
-
-    def reset(self) -> None:
-        """The engine zeroed `state.ssm` and the position: the next decode starts a request."""
 
     def current(self, state):
         """The LasadState whose `ssm` holds the state after the last decode (default: `state`)."""

@@ -15,10 +15,11 @@ whose bias input is a device copy, two per layer.
 The state is never copied. onnxruntime does not promise that a graph output may share its buffer
 with an input, and on CUDA it runs a step more than once before it captures a graph (warm-up runs),
 which an in-place update would apply twice. So the state alternates between two buffers: the
-engine's `state.ssm` (A) and one the backend allocates once (B). Even steps read A and write B, odd
-steps read B and write A; `current(state)` says which holds the latest state and `reset()` (the
-engine calls it when it zeroes A for a new request) starts over from A. Each direction has its own
-I/O binding, made once per row count onto the engine's fixed buffers.
+engine's `state.ssm` (A) and one the backend allocates once (B), the whole pool flipping at every
+step (every image's rows step together). `current(state)` says which holds the latest state: the
+scheduler zeroes a joining image's slots there. Each direction has its own I/O binding, made once
+per row count onto the engine's fixed buffers. The backend is not indexed: row r of a step is
+state row r (the scheduler lays its rows out so).
 
 On CUDA (docs/design.md, "The step contract"):
 - every input and output is bound to the engine's device buffers (no host copy per step);
@@ -356,9 +357,6 @@ class OnnxRuntimeBackend(Backend):
             torch.cuda.current_stream(self.device).wait_stream(self.stream)
         self.parity ^= 1
         return rows.logits
-
-    def reset(self) -> None:
-        self.parity = 0
 
     def current(self, state: LasadState) -> LasadState:
         if self.parity == 0 or self.other is None:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import io
 import math
 import os
@@ -48,7 +49,6 @@ from ..pipeline import DECODE_BATCH, LasadPipeline, to_uint8
 from .metrics import Metrics
 
 MAX_IMAGES_PER_REQUEST = 16
-FORMATS = ("b64_json", "tokens")
 
 
 class GenerationRequest(BaseModel):
@@ -153,7 +153,7 @@ class Decoder:
     def _decode(self, batch) -> None:
         from PIL import Image
         try:
-            ctx = torch.cuda.stream(self.stream) if self.stream is not None else _nullcontext()
+            ctx = torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext()
             with ctx:
                 tokens = torch.cat([t for t, _, _ in batch])
                 arr = to_uint8(self.pipe.decode(tokens))
@@ -180,14 +180,6 @@ def _set(fut: asyncio.Future, value, err) -> None:
         fut.set_exception(err)
     else:
         fut.set_result(value)
-
-
-class _nullcontext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 class InstanceHeader:
@@ -249,12 +241,10 @@ class ServerState:
 def create_app(pipe: LasadPipeline, *, model_id: str = "default", max_images: int = MAX_IMAGES_PER_REQUEST,
                timeout: float = 600.0, grace: float = 60.0, warmup: bool = True) -> FastAPI:
     """The app for a loaded pipeline (its engine's slots and queue bound as built)."""
-    from contextlib import asynccontextmanager
-
     state = ServerState(pipe, model_id=model_id, max_images=max_images, timeout=timeout, grace=grace,
                         warmup=warmup)
 
-    @asynccontextmanager
+    @contextlib.asynccontextmanager
     async def lifespan(app):
         if state.warmup:
             await asyncio.to_thread(state.engine.warmup)
