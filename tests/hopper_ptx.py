@@ -44,9 +44,10 @@ def ptx_facts() -> dict:
         out[f"linear_pdl={pdl}"] = build(L.fused_linear_kernel, sig, {**cx, "HAS_SCALE": False})
         # int8 weights (lasad_engine/quant.py): the same kernel, the tile streamed as bytes
         out[f"linear_int8_pdl={pdl}"] = build(L.fused_linear_kernel, {**sig, "w": "*i8"}, {**cx, "HAS_SCALE": True})
-        cx = dict(K=64, V=64, BK=64, BV=16, HAS_OVERRIDE=True, FUSED_GATES=True, HAS_LB=True, USE_PDL=pdl)
-        sig = dict(q=p, k=p, v=p, g=p, lb="*fp32", s="*fp32", o=p, start="*i1", override="fp32", scale="fp32",
-                   H="i32", stride_qk="i32", stride_v="i32")
+        cx = dict(K=64, V=64, BK=64, BV=16, HAS_OVERRIDE=True, FUSED_GATES=True, HAS_LB=True, USE_PDL=pdl,
+                  HAS_SLOTS=True)
+        sig = dict(q=p, k=p, v=p, g=p, lb="*fp32", s="*fp32", o=p, start="*i1", slots="*i64", start_stride="i32",
+                   override="fp32", scale="fp32", H="i32", stride_qk="i32", stride_v="i32")
         out[f"step_pdl={pdl}"] = build(S.lasad_step_kernel, sig, cx)
     return out
 
