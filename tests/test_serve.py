@@ -180,6 +180,44 @@ def test_stream_sends_every_row_then_the_images(checkpoint):
             assert torch.equal(torch.tensor(done[i]["tokens"]).flatten(), want[i]) and done[i]["b64_json"]
 
 
+def test_partial_images_are_the_rows_so_far_decoded(checkpoint):
+    """partial_images=P: P events per image, in order, each the VQ decoding of exactly the rows
+    finished so far (compared with the tokenizer run here on the final tokens' first rows), white below."""
+    import numpy as np
+    from PIL import Image
+    from lasad_engine.pipeline import to_uint8
+    from lasad_engine.serve.app import partial_rows
+    for rows in (4, 7, 16):  # the rows at which they come: spread, distinct, never the last
+        for count in range(1, rows):
+            at = sorted(partial_rows(rows, count))
+            assert len(at) == count and at[0] >= 1 and at[-1] <= rows - 1
+    client, pipe = make_client(checkpoint)
+    with client:
+        size, grid = "12x8", (4, 6)  # 4 rows of 6 tokens, 2 px per token
+        with client.stream("POST", "/v1/images/generations",
+                           json=dict(prompt="2", n=2, seed=9, size=size, stream=True, partial_images=2)) as r:
+            assert r.status_code == 200
+            events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: ")]
+        want = engine_tokens(pipe, 2, 2, 9, grid=grid).view(2, *grid)
+        assert all("tokens" not in e for e in events if e["type"] == "image_generation.row")
+        for i in range(2):
+            parts = [e for e in events if e["type"] == "image_generation.partial_image" and e["index"] == i]
+            assert [p["partial_image_index"] for p in parts] == [0, 1] and [p["rows"] for p in parts] == [2, 3]
+            last_row = max(k for k, e in enumerate(events) if e.get("index") == i and e["type"].endswith(".row"))
+            assert all(events.index(p) < last_row for p in parts)  # before the image is finished
+            for p in parts:
+                got = np.asarray(Image.open(io.BytesIO(base64.b64decode(p["b64_json"]))))
+                ref = to_uint8(pipe.decode(want[i:i + 1, :p["rows"]]))[0]
+                assert got.shape == (8, 12, 3)
+                assert np.array_equal(got[:2 * p["rows"]], ref) and (got[2 * p["rows"]:] == 255).all()
+        for body, words in ((dict(partial_images=2), "needs stream"),
+                            (dict(partial_images=4, stream=True), "0..3"),
+                            (dict(partial_images=1, stream=True, response_format="tokens"), "b64_json")):
+            r = post(client, prompt="2", size=size, **body)
+            assert r.status_code == 400 and r.json()["error"]["param"] == "partial_images", r.text
+            assert words in r.json()["error"]["message"]
+
+
 def test_models_health_metrics(checkpoint):
     client, _ = make_client(checkpoint)
     with client:

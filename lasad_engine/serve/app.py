@@ -16,7 +16,9 @@ their own (on a GPU, on a CUDA stream of its own), never on the decode loop or t
   slots are free at the next step.
 - `stream: true`: server-sent events, one `image_generation.row` per finished image row (progress,
   the row's tokens with `return_tokens`), one `image_generation.completed` per image, then
-  `done`.
+  `done`. With `partial_images: P` (as OpenAI's field, 1..rows-1 here), P
+  `image_generation.partial_image` events per image on the way: the rows finished so far
+  VQ-decoded (the decoder's strip of those rows alone), the rest of the picture white.
 - Reproducibility: image i of a request with seed s gets the noise of (s, i) whatever else runs,
   so the same request returns the same images under any load.
 """
@@ -36,6 +38,7 @@ import threading
 import time
 from typing import Literal
 
+import numpy as np
 import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -49,6 +52,7 @@ from ..pipeline import DECODE_BATCH, LasadPipeline, to_uint8
 from .metrics import Metrics
 
 MAX_IMAGES_PER_REQUEST = 16
+MAX_PARTIAL_IMAGES = 64  # the schema's bound; a request's own bound is its grid's rows - 1
 
 
 class GenerationRequest(BaseModel):
@@ -71,6 +75,7 @@ class GenerationRequest(BaseModel):
     top_p: float | None = None
     return_tokens: bool = False
     stream: bool = False
+    partial_images: int = Field(0, ge=0, le=MAX_PARTIAL_IMAGES)
 
 
 FIELDS = [("class" if name == "class_" else name) for name in GenerationRequest.model_fields]
@@ -109,7 +114,9 @@ def _validation_line(exc: RequestValidationError) -> tuple[str, str | None]:
 class Decoder:
     """VQ-decodes finished requests off the decode loop: one thread (with a CUDA stream of its own
     on a GPU) that decodes what has arrived in batches of up to DECODE_BATCH images of one grid,
-    then PNG-encodes them. `submit(tokens, event, loop) -> asyncio future of [b64 PNG]`."""
+    then PNG-encodes them. `submit(tokens, loop, height=None) -> asyncio future of [b64 PNG]`; with
+    `height` (pixels), each picture is padded with white rows below to that height (a partial
+    image: the strip of the rows decoded so far)."""
 
     def __init__(self, pipe: LasadPipeline):
         self.pipe = pipe
@@ -118,9 +125,9 @@ class Decoder:
         self.thread = threading.Thread(target=self._run, name="lasad-vq-decode", daemon=True)
         self.thread.start()
 
-    def submit(self, tokens: torch.Tensor, loop) -> asyncio.Future:
+    def submit(self, tokens: torch.Tensor, loop, height: int | None = None) -> asyncio.Future:
         fut = loop.create_future()
-        self.jobs.put((tokens, loop, fut))
+        self.jobs.put((tokens, loop, fut, height))
         return fut
 
     def close(self) -> None:
@@ -144,7 +151,7 @@ class Decoder:
                     if nxt is None:
                         self.jobs.put(None)
                         break
-                    if nxt[0].shape[1:] != job[0].shape[1:]:
+                    if nxt[0].shape[1:] != job[0].shape[1:] or nxt[3] != job[3]:
                         self.jobs.put(nxt)
                         break
                     batch.append(nxt)
@@ -155,10 +162,13 @@ class Decoder:
         try:
             ctx = torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext()
             with ctx:
-                tokens = torch.cat([t for t, _, _ in batch])
+                tokens = torch.cat([t for t, _, _, _ in batch])
                 arr = to_uint8(self.pipe.decode(tokens))
+            height = batch[0][3]
+            if height is not None and height > arr.shape[1]:
+                arr = np.pad(arr, ((0, 0), (0, height - arr.shape[1]), (0, 0), (0, 0)), constant_values=255)
             out, i = [], 0
-            for t, loop, fut in batch:
+            for t, loop, fut, _ in batch:
                 pngs = []
                 for a in arr[i:i + t.shape[0]]:
                     buf = io.BytesIO()
@@ -169,7 +179,7 @@ class Decoder:
             for loop, fut, pngs in out:
                 loop.call_soon_threadsafe(_set, fut, pngs, None)
         except BaseException as e:  # noqa: BLE001 - the waiting requests fail, the thread goes on
-            for _, loop, fut in batch:
+            for _, loop, fut, _ in batch:
                 loop.call_soon_threadsafe(_set, fut, None, e)
 
 
@@ -311,7 +321,8 @@ def create_app(pipe: LasadPipeline, *, model_id: str = "default", max_images: in
 
         try:
             req = state.engine.submit(job["labels"], grid=job["grid"], params=job["params"], seeds=job["seeds"],
-                                      on_row=on_row, row_tokens=body.stream and job["return_tokens"])
+                                      on_row=on_row,
+                                      row_tokens=body.stream and (job["return_tokens"] or bool(job["partial_rows"])))
         except QueueFull as e:
             state.metrics.rejected.inc()
             raise HTTPError(429, str(e), headers={"Retry-After": str(max(1, math.ceil(e.retry_after)))}) from None
@@ -366,12 +377,27 @@ def _prepare(state: ServerState, body: GenerationRequest) -> dict:
         msg = one_line(e).replace("cfg_scale", "guidance_scale")
         field = next((f for f in ("guidance_scale", "cfg_interval", "temperature", "top_k", "top_p") if f in msg), None)
         raise HTTPError(400, msg, field) from None
+    if body.partial_images and not body.stream:
+        raise HTTPError(400, f"partial_images={body.partial_images} needs stream: true (they come as events)",
+                        "partial_images")
+    if body.partial_images and body.response_format != "b64_json":
+        raise HTTPError(400, "partial_images are pictures: ask for response_format 'b64_json'", "partial_images")
+    if body.partial_images > grid.h - 1:
+        raise HTTPError(400, f"partial_images={body.partial_images}: 0..{grid.h - 1} for a grid of {grid.h} rows",
+                        "partial_images")
     seed = body.seed if body.seed is not None else secrets.randbelow(MAX_SEED + 1)
     seeds = image_seeds(torch.Generator().manual_seed(seed), body.n)
     names = pipe.class_names
     return dict(labels=labels, grid=grid, params=params, seeds=seeds, seed=seed, class_id=class_id,
                 class_name=names[class_id] if names else None, format=body.response_format,
-                return_tokens=body.return_tokens or body.response_format == "tokens", n=body.n)
+                return_tokens=body.return_tokens or body.response_format == "tokens", n=body.n,
+                partial_rows=partial_rows(grid.h, body.partial_images))
+
+
+def partial_rows(rows: int, count: int) -> dict:
+    """{rows finished: partial image index} for `count` partial images spread evenly over `rows`
+    (count < rows: ceil(j * rows / (count + 1)) for j = 1..count, distinct and in 1..rows-1)."""
+    return {-(-j * rows // (count + 1)): j - 1 for j in range(1, count + 1)}
 
 
 async def _await(state: ServerState, req, request: Request):
@@ -432,6 +458,7 @@ async def _events(state: ServerState, job: dict, req, rows: asyncio.Queue, reque
     g = job["grid"]
     total = job["n"] * g.h
     seen = 0
+    strips = [[None] * g.h for _ in range(job["n"])] if job["partial_rows"] else None
     fut = req.wrap()
     loop = asyncio.get_running_loop()
     try:
@@ -453,9 +480,18 @@ async def _events(state: ServerState, job: dict, req, rows: asyncio.Queue, reque
             seen += 1
             data = {"type": "image_generation.row", "index": index, "row": row, "rows": g.h,
                     "progress": round(seen / total, 4)}
-            if tokens is not None:
+            if tokens is not None and job["return_tokens"]:
                 data["tokens"] = tokens.tolist()
             yield _sse("image_generation.row", data)
+            if strips is not None:
+                strips[index][row] = tokens
+                part = job["partial_rows"].get(row + 1)
+                if part is not None:  # rows 0..row are all here: an image's rows finish in order
+                    pngs = await state.decoder.submit(torch.stack(strips[index][:row + 1])[None], loop,
+                                                      height=g.h * (state.factor or 1))
+                    yield _sse("image_generation.partial_image", {
+                        "type": "image_generation.partial_image", "index": index, "partial_image_index": part,
+                        "rows": row + 1, "b64_json": pngs[0]})
         tokens = await _await(state, req, request)
         for item in await _items(state, job, tokens, loop):
             yield _sse("image_generation.completed", {"type": "image_generation.completed", **item})
