@@ -10,7 +10,8 @@
 #        ort-install | ort (install, then the full bench) | ort-quick | ort-fuse | ort-cli | anatomy | engine-lxxl-quick |
 #        persistent-test | persistent (issue 27: the persistent step's GPU tests, then its benchmark) |
 #        serving-test | serve-B | serve-B-min | serve-XL (issue 25: the scheduler's GPU tests; serve_bench.py) |
-#        int8 (issue 29: benchmarks/int8_gpu_call.py)
+#        int8 | int8-bq | int8-tests (issue 29: benchmarks/int8_gpu_call.py, all parts / bench+quality / tests) |
+#        persistent-short
 # The serving steps need the server's wheels in .whl (fastapi, starlette, uvicorn, h11, httpx, httpcore,
 # anyio, sniffio, idna, certifi, prometheus_client, pydantic, pydantic_core, annotated_types,
 # typing_inspection, typing_extensions: pip download ... --python-version 3.12, the device README).
@@ -70,6 +71,9 @@ for s in "$@"; do
     serving-test-quick) step serving-test 110 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu_serving.py -rs -x -k "philox or torch_backends or reproducible" ;;
     serve-XL) step serve-XL 330 python3 benchmarks/serve_bench.py --out "$W/serve-XL" --presets lasad-XL --slots 64 --policies continuous,lock --baseline-rates 0.25 --rates 0.5,0.8,1.25 --duration 5 --budget 290 ;;
     int8) step int8 600 python3 benchmarks/int8_gpu_call.py --out "$W/int8" ;;
+    int8-bq) step int8 420 python3 benchmarks/int8_gpu_call.py --out "$W/int8" --parts bench,quality ;;
+    int8-tests) step int8-tests 200 python3 benchmarks/int8_gpu_call.py --out "$W/int8-tests" --parts tests ;;
+    persistent-short) step persistent 150 python3 benchmarks/persistent_bench.py --out "$W/persistent" --budget 110 ;;
     tiles) step tiles 240 python3 benchmarks/linear_tile_sweep.py --out "$W/tiles" ;;
     tiles-lxxl) step tiles-lxxl 260 python3 benchmarks/linear_tile_sweep.py --out "$W/tiles-lxxl" --presets lasad-L,lasad-XXL --budget 230 ;;
     llamagen) step llamagen 190 python3 benchmarks/llamagen_bench.py --llamagen .carry/llamagen --out "$W/llamagen" ;;
