@@ -93,8 +93,8 @@ class RunFolder:
                                 "leave out --resume to start a new run")
             if self.ckpt_path.is_file():
                 self.checkpoint, self.format = read_training_checkpoint(self.ckpt_path, fmt, max_version), "pt"
-                step = self.checkpoint.get("step")
-                if not sharded or (isinstance(step, int) and (state_step(self.state_dir) or -1) <= step):
+                step, other = self.checkpoint.get("step"), state_step(self.state_dir) if sharded else None
+                if not sharded or (isinstance(step, int) and (other is None or other <= step)):
                     return
             self.checkpoint, self.format = self._read_state(self.state_dir), "shards"
             self.ckpt_path = self.state_dir / INDEX
