@@ -23,7 +23,7 @@ import click
 from lasad_engine import __version__
 from lasad_engine.cli import OneLineCommand, OneLineErrors
 
-from .options import (BATCH, BETA, EVERY, LIMIT_OPTION, NON_NEGATIVE, POSITIVE, SEED, STEPS, Finite,
+from .options import (BATCH, BETA, EVERY, LIMIT_OPTION, NON_NEGATIVE, POSITIVE, SEED, STEPS, ByteSize, Finite,
                       RegistryChoice, lasad_presets, vq_presets)
 
 EXIT_TERMINATED = 128 + signal.SIGTERM
@@ -178,6 +178,10 @@ RUN = "on --resume: the run's"
 @click.option("--batch-size", default=None, type=BATCH, help=f"Global batch [default: 256; {RUN}].")
 @click.option("--lr", default=None, type=POSITIVE, help=f"AdamW learning rate [default: 1e-4; {RUN}].")
 @click.option("--warmup", default=None, type=click.IntRange(0, 10**12), help=f"Linear warm-up steps [default: 0; {RUN}].")
+@click.option("--cooldown", default=None, type=click.IntRange(0, 10**12),
+              help=f"The last N of --steps fall linearly from --lr towards --min-lr [default: 0; {RUN}].")
+@click.option("--min-lr", default=None, type=NON_NEGATIVE,
+              help=f"Where the cool-down ends, at step --steps [default: 0; {RUN}].")
 @click.option("--beta1", default=None, type=BETA, help=f"AdamW beta1 [default: 0.9; {RUN}].")
 @click.option("--beta2", default=None, type=BETA, help=f"AdamW beta2 [default: 0.95; {RUN}].")
 @click.option("--weight-decay", default=None, type=NON_NEGATIVE, help=f"On matrices only [default: 0.05; {RUN}].")
@@ -195,13 +199,27 @@ RUN = "on --resume: the run's"
 @click.option("--save-every", default=500, show_default=True, type=EVERY)
 @click.option("--log-every", default=10, show_default=True, type=EVERY)
 @click.option("--device", default=None)
-@click.option("--resume", is_flag=True, help="Continue the run in OUT/last.pt (its hyper-parameters are kept).")
+@click.option("--resume", is_flag=True,
+              help="Continue the run in OUT (last.pt or state/; its hyper-parameters and optimizer state are kept).")
 @click.option("--overwrite", is_flag=True, help="Start again in an OUT that holds a run (its files are replaced).")
+@click.option("--resume-format", type=click.Choice(["pt", "shards"]), default=None,
+              help="How the resumable state is saved: 'pt' = OUT/last.pt, one file, exact; 'shards' = OUT/state/, "
+                   "safetensors files of at most --shard-size and an index with their sha256 (for machines that "
+                   "return files of bounded size) [default: the form resumed from, else pt].")
+@click.option("--moments", type=click.Choice(["bf16", "fp32"]), default=None,
+              help="shards: AdamW's moments in bf16 (a quarter less state; not bit-exact on resume) or fp32 "
+                   "(exact) [default: the run's, else bf16].")
+@click.option("--shard-size", type=ByteSize(64 << 10, 1 << 40), default=None,
+              help="shards: bytes per file at most, e.g. 16MiB [default: the run's, else 16MiB].")
+@click.option("--kernel-cache", default=None, metavar="DIR",
+              help="On CUDA, Triton's cache of compiled kernels and autotuning results (fla's) [default: "
+                   "$TRITON_CACHE_DIR, else OUT/triton-cache].")
 @click.option("--init", default=None, metavar="CKPT",
               help="Start a new run from these weights ('default', a model folder, ckpt.pt, .safetensors) instead "
                    "of random ones: fine-tuning, or training in pieces where last.pt cannot travel. The model they "
                    "hold must be the one --preset/--set and the code set make; the optimizer starts fresh.")
-@click.option("--no-progress", is_flag=True)
+@click.option("--no-progress", is_flag=True,
+              help="No progress bar: one plain stderr line per logged step instead (loss, lr, tokens/s, elapsed, ETA).")
 @click.option("--time-limit", type=POSITIVE, default=None,
               help="Stop (and save) after the step that crosses this many seconds; --resume continues.")
 @click.option("--no-save", is_flag=True, help="Write the log only, no checkpoints (speed and memory runs).")

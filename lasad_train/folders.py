@@ -128,12 +128,13 @@ def _alive(pid: int | None) -> bool:
     return True
 
 
-def clean_stale_siblings(out: str | os.PathLike) -> None:
+def clean_stale_siblings(out: str | os.PathLike, marker: str = "manifest.json") -> None:
     """The next run's recovery beside `out`: restore the set a killed swap left as a backup when
-    `out` is missing, then remove the staging and backup folders of processes that are gone."""
+    `out` is missing (a backup holding `marker`, the file written last), then remove the staging
+    and backup folders of processes that are gone."""
     out = Path(out)
     backups = [p for p, pid in _siblings(out, "old") if not _alive(pid)]
-    if not out.exists() and backups and (backups[-1] / "manifest.json").is_file():
+    if not out.exists() and backups and (backups[-1] / marker).is_file():
         os.rename(backups.pop(), out)
     for p, pid in _siblings(out, "tmp") + [(b, None) for b in backups]:
         if not _alive(pid):

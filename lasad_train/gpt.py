@@ -5,17 +5,24 @@
     torchrun --nproc_per_node 2 -m lasad_train.cli gpt CODES OUT --preset lasad-XL --fsdp ...
 
 Defaults follow LlamaGen's `train_c2i.py`: AdamW (0.9, 0.95), weight decay 0.05 on tensors with
-≥ 2 dims only, lr 1e-4 constant (optional linear warm-up), grad-norm clip 1.0, bf16 autocast on
-CUDA, class dropout 0.1 (in the model), optional EMA. The batch of step s is drawn from a
-generator seeded with (seed, s) and split across ranks, so a resumed run and a run on any number
-of processes see the same global batches.
+≥ 2 dims only, lr 1e-4 constant (optional linear warm-up, optional linear cool-down over the last
+--cooldown steps to --min-lr: `lr_at`), grad-norm clip 1.0, bf16 autocast on CUDA, class dropout
+0.1 (in the model), optional EMA. The batch of step s is drawn from a generator seeded with
+(seed, s) and split across ranks, so a resumed run and a run on any number of processes see the
+same global batches.
 
-OUT holds `last.pt` (model, optimizer state keyed by parameter name, step, RNG, config, every
-hyper-parameter, EMA weights: resume with --resume, with or without FSDP, on any number of GPUs),
-`model.safetensors` (the deploy checkpoint, EMA weights when EMA is on, derived from last.pt) and
-`log.jsonl` (step, loss, lr, tokens/s, and on CUDA the rank's peak memory). The folder rules
-(refusing to replace a run, resuming as the same run, the save order) are `runs.py`'s.
-`--grad-accum N` splits each process's batch into N micro-batches; `--no-save` writes the log only.
+OUT holds the resumable state (model, optimizer state keyed by parameter name, step, RNG, config,
+every hyper-parameter, EMA weights: resume with --resume, with or without FSDP, on any number of
+GPUs) as `last.pt` (--resume-format pt, the default: everything exact) or as `state/`
+(--resume-format shards: safetensors shards of at most --shard-size bytes and an index, AdamW's
+moments in bf16 unless --moments fp32; `state.py`), `model.safetensors` (the deploy checkpoint,
+EMA weights when EMA is on, derived from the state) and `log.jsonl` (step, loss, lr, tokens/s,
+elapsed seconds over all pieces of the run, the ETA at the recent rate, and on CUDA the rank's
+peak memory). The folder rules (refusing to replace a run, resuming as the same run, the save
+order) are `runs.py`'s. `--grad-accum N` splits each process's batch into N micro-batches;
+`--no-save` writes the log only. On CUDA, Triton's cache (fla's compiled kernels and autotuning
+results) is OUT/triton-cache unless --kernel-cache or $TRITON_CACHE_DIR says otherwise, so a
+resumed run on the same machine does not compile again.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import math
 import os
 import sys
 import time
@@ -40,7 +48,9 @@ from lasad_engine.model import LasadBlock
 from lasad_engine.params import resolve_device
 
 from .formats import DataError
-from .runs import RunFolder, resolve_hyperparameters, rng_state, set_rng_state
+from .runs import CHECKPOINT, RunFolder, check_rng_state, resolve_hyperparameters, rng_state, set_rng_state
+from .state import DEFAULT_SHARD_BYTES, INDEX, MIN_SHARD_BYTES, MOMENT_CHOICES, MOMENT_KEYS, STATE_DIR, \
+    load_state, remove_state, save_state
 
 TRAIN_FORMAT, TRAIN_VERSION = "lasad-train", 1
 DEPLOY = "model.safetensors"
@@ -54,6 +64,8 @@ DEFAULTS = {
     "batch_size": 256,      # global, over all ranks
     "lr": 1e-4,
     "warmup": 0,
+    "cooldown": 0,          # the last N steps of --steps fall linearly to min_lr
+    "min_lr": 0.0,
     "beta1": 0.9,
     "beta2": 0.95,
     "weight_decay": 0.05,
@@ -79,6 +91,8 @@ class GPTTrainArgs:
     batch_size: int | None = None
     lr: float | None = None
     warmup: int | None = None
+    cooldown: int | None = None
+    min_lr: float | None = None
     beta1: float | None = None
     beta2: float | None = None
     weight_decay: float | None = None
@@ -99,6 +113,10 @@ class GPTTrainArgs:
     time_limit: float | None = None  # seconds: stop after the step that crosses it, save, resume later
     save: bool = True              # False: write the log only (benchmark runs)
     memory_check: bool = True      # refuse a run the machine's memory cannot hold (memory.py)
+    resume_format: str | None = None  # "pt" (last.pt) | "shards" (state/); default: the run's form, else pt
+    moments: str | None = None     # shards: AdamW moments "bf16" | "fp32"; default: the run's, else bf16
+    shard_size: int | None = None  # shards: bytes per file at most; default: the run's, else 16 MiB
+    kernel_cache: str | None = None  # Triton's cache on CUDA; default $TRITON_CACHE_DIR, else OUT/triton-cache
 
 
 class Dist:
@@ -189,9 +207,19 @@ def batch_indices(n_items: int, global_batch: int, seed: int, step: int) -> torc
 
 
 def lr_at(step: int, args: GPTTrainArgs) -> float:
+    """The learning rate of step `step` (counted from 0): rising linearly over the first --warmup
+    steps ((step + 1) / warmup of --lr), then --lr, and over the last --cooldown steps of --steps
+    falling linearly towards --min-lr, which it would reach at step --steps (the first cool-down
+    step takes --lr, the last min_lr + (lr - min_lr) / cooldown: no step is spent at the floor).
+    Where warm-up and cool-down overlap, the lower of the two. Linear rather than cosine: a linear
+    fall to the end is as good as cosine in the warm-up/stable/decay studies (Hägele et al. 2024)
+    and a resumed or extended run can read it off the step alone."""
+    lr = args.lr
     if args.warmup and step < args.warmup:
-        return args.lr * (step + 1) / args.warmup
-    return args.lr
+        lr = args.lr * (step + 1) / args.warmup
+    if args.cooldown and step >= args.steps - args.cooldown:
+        lr = min(lr, args.lr - (args.lr - args.min_lr) * (step - (args.steps - args.cooldown)) / args.cooldown)
+    return lr
 
 
 # Parameters the model stores fused (one matrix, rows stacked in this order) that checkpoints
@@ -259,10 +287,11 @@ def _model_config(preset: str, overrides: dict, manifest: dict) -> LasadConfig:
         raise DataError(f"--preset {preset} with --set {overrides}: {one_line(e)}") from None
 
 
-def resolve_args(args: GPTTrainArgs, checkpoint: dict | None, source: Path) -> GPTTrainArgs:
+def resolve_args(args: GPTTrainArgs, checkpoint: dict | None, source: Path, found: str | None = None) -> GPTTrainArgs:
     """`args` with every hyper-parameter filled in: given > last.pt's (on resume) > DEFAULTS; a
     given one that differs from the run's is refused. Overrides are compared by the model they
-    make (`check_same_model`)."""
+    make (`check_same_model`). How the state is saved may change: --resume-format given > the form
+    resumed from (`found`) > pt; --moments and --shard-size given > the run's > bf16, 16 MiB."""
     stored = checkpoint.get("args", {}) if checkpoint is not None else None
     given = {k: getattr(args, k) for k in DEFAULTS if k != "overrides"}
     values = resolve_hyperparameters(given, DEFAULTS, stored, source)
@@ -274,7 +303,18 @@ def resolve_args(args: GPTTrainArgs, checkpoint: dict | None, source: Path) -> G
     if stored is not None and accum != stored.get("grad_accum", 1):
         print(f"lasad-train gpt: --grad-accum {accum} instead of the run's {stored.get('grad_accum', 1)}: "
               "the same update in other micro-batches", file=sys.stderr)
-    return dataclasses.replace(args, **values, grad_accum=accum)
+    if stored is not None and values["cooldown"] and args.steps != stored.get("steps", args.steps):
+        print(f"lasad-train gpt: --steps {args.steps} instead of the run's {stored.get('steps')} moves its "
+              f"cool-down (the last {values['cooldown']} steps)", file=sys.stderr)
+    fmt = args.resume_format or found or "pt"
+    if fmt == "pt" and (args.moments is not None or args.shard_size is not None):
+        raise DataError(f"--{'moments' if args.moments is not None else 'shard-size'} applies to --resume-format "
+                        "shards (last.pt keeps the whole state in its own precision, in one file)")
+    kept = stored or {}
+    moments = args.moments or (kept.get("moments") if kept.get("moments") in MOMENT_CHOICES else "bf16")
+    shard = kept.get("shard_size")
+    shard = args.shard_size or (shard if isinstance(shard, int) and shard >= MIN_SHARD_BYTES else DEFAULT_SHARD_BYTES)
+    return dataclasses.replace(args, **values, grad_accum=accum, resume_format=fmt, moments=moments, shard_size=shard)
 
 
 def check_same_model(args: GPTTrainArgs, given_overrides: dict | None, manifest: dict, codes_count: int,
@@ -421,9 +461,11 @@ def deploy_step(path: Path) -> int | None:
 
 
 def save_training(out: Path, parts: _Parts, step: int, args: GPTTrainArgs, world: Dist, manifest: dict,
-                  codes_count: int) -> None:
-    """last.pt, the commit point, then model.safetensors derived from it (rank 0 writes). A kill
-    between the two leaves a deploy file of an earlier step, which the next --resume rewrites."""
+                  codes_count: int, elapsed: float = 0.0) -> None:
+    """The resumable state (last.pt, or state/ with --resume-format shards), the commit point, then
+    model.safetensors derived from it (rank 0 writes). A kill between the two leaves a deploy file
+    of an earlier step, which the next --resume rewrites. Once one form is written the other goes,
+    so OUT holds one state (a kill in between leaves both, and --resume reads the later)."""
     with _full_state(parts.wrapped, args):
         model_state = parts.wrapped.state_dict()
         if args.fsdp:
@@ -436,23 +478,86 @@ def save_training(out: Path, parts: _Parts, step: int, args: GPTTrainArgs, world
     obj = {"format": TRAIN_FORMAT, "format_version": TRAIN_VERSION, "step": step,
            "config": parts.model.config.to_dict(), "model": clean_state_dict(model_state),
            "optimizer": optim_state, "rng": rng_state(), "args": asdict(args), "world_size": world.world,
-           "codes_count": codes_count, "meta": deploy_meta(step, args, manifest)}
+           "codes_count": codes_count, "meta": deploy_meta(step, args, manifest), "elapsed_s": float(elapsed)}
     if parts.ema is not None:
         obj["ema"] = parts.ema.state_dict()
-    with atomic_path(out / "last.pt") as tmp:
-        torch.save(obj, tmp)
+    if args.resume_format == "shards":
+        save_state(out / STATE_DIR, obj, shard_bytes=args.shard_size, moments=args.moments)
+        (out / CHECKPOINT).unlink(missing_ok=True)
+    else:
+        with atomic_path(out / CHECKPOINT) as tmp:
+            torch.save(obj, tmp)
+        remove_state(out / STATE_DIR)
     write_deploy(out / DEPLOY, obj)
 
 
-def _repair_deploy(out: Path, checkpoint: dict) -> None:
-    """A deploy file of another step than last.pt (a run stopped between its two saves) is
-    derived again from last.pt."""
+def read_state_checked(folder: Path) -> dict:
+    """The checkpoint a state/ folder holds (`state.load_state`), with every field the trainer reads
+    checked: the envelope, step, config, the model's and the EMA's tensors against the model the
+    config makes, the optimizer's moments against their parameters, the RNG state. Anything else
+    is one DataError line naming the index."""
+    obj = load_state(folder)
+    source = folder / INDEX
+
+    def bad(what):
+        return DataError(f"{source}: {what}; resume from a state this version of lasad-train wrote, "
+                         "or start again with --overwrite")
+    version = obj.get("format_version")
+    if obj.get("format") != TRAIN_FORMAT or not isinstance(version, int) or not 1 <= version <= TRAIN_VERSION:
+        raise bad(f"not a {TRAIN_FORMAT} state of format version 1 to {TRAIN_VERSION}")
+    step = obj.get("step")
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        raise bad(f"step {step!r} is not a count of steps")
+    for key in ("args", "config"):
+        if not isinstance(obj.get(key), dict):
+            raise bad(f"'{key}' is not an object")
+    if not isinstance(obj.get("codes_count", 0), int) or not isinstance(obj.get("elapsed_s", 0.0), (int, float)):
+        raise bad("'codes_count' or 'elapsed_s' is not a number")
+    try:
+        config = LasadConfig.from_dict(obj["config"])
+        with torch.device("meta"):  # shapes only: no memory, no RNG
+            expected = {k: tuple(v.shape) for k, v in LasadGen(config).state_dict().items()}
+    except (TypeError, ValueError, KeyError) as e:
+        raise bad(f"its config does not make a model ({one_line(e, 100)})") from None
+    for key in ("model", "ema") if "ema" in obj else ("model",):
+        state = obj[key]
+        if not isinstance(state, dict) or set(state) != set(expected):
+            found = set(state) if isinstance(state, dict) else set()
+            raise bad(f"'{key}' does not hold the tensors of its config's model ({len(expected - found)} missing, "
+                      f"{len(found - set(expected))} unexpected)")
+        for name, shape in expected.items():
+            t = state[name]
+            if not isinstance(t, torch.Tensor) or tuple(t.shape) != shape or not t.is_floating_point():
+                got = list(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+                raise bad(f"{key}/{name} is {got}, its config's model has {list(shape)}")
+    optim = obj.get("optimizer")
+    if not (isinstance(optim, dict) and isinstance(optim.get("state"), dict)
+            and isinstance(optim.get("param_groups"), list)
+            and all(isinstance(g, dict) and isinstance(g.get("params"), list) for g in optim["param_groups"])):
+        raise bad("'optimizer' is not {state, param_groups: [{params, ...}]}")
+    for name, entry in optim["state"].items():
+        if name not in expected or not isinstance(entry, dict):
+            raise bad(f"optimizer state for {name!r}, which its config's model has no parameter of")
+        for key in MOMENT_KEYS:
+            t = entry.get(key)
+            if not isinstance(t, torch.Tensor) or tuple(t.shape) != expected[name]:
+                got = list(t.shape) if isinstance(t, torch.Tensor) else "missing"
+                raise bad(f"optimizer/state/{name}/{key} is {got}, the parameter {list(expected[name])}")
+        if not isinstance(entry.get("step"), (torch.Tensor, int, float)):
+            raise bad(f"optimizer/state/{name}/step is missing")
+    check_rng_state(obj.get("rng"), source)
+    return obj
+
+
+def _repair_deploy(out: Path, checkpoint: dict, source: Path) -> None:
+    """A deploy file of another step than the state's (a run stopped between its two saves) is
+    derived again from the state (`source`: last.pt or state/index.json)."""
     path, step = out / DEPLOY, int(checkpoint["step"])
     found = deploy_step(path)
     if found != step:
         write_deploy(path, checkpoint)
         print(f"lasad-train gpt: {path} was {'from step ' + str(found) if found is not None else 'missing'}; "
-              f"written again from last.pt (step {step})", file=sys.stderr)
+              f"written again from {source.relative_to(out)} (step {step})", file=sys.stderr)
 
 
 def _train_step(parts: _Parts, args: GPTTrainArgs, step: int, x: torch.Tensor, y: torch.Tensor, world: Dist,
@@ -489,33 +594,53 @@ def _train_step(parts: _Parts, args: GPTTrainArgs, step: int, x: torch.Tensor, y
     return loss
 
 
+def _clock(seconds: float) -> str:
+    """1:02:03 / 2:03 for a progress line."""
+    m, s = divmod(int(round(seconds)), 60)
+    h, m = divmod(m, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
 class _Progress:
-    """The main rank's log.jsonl rows and progress bar."""
+    """The main rank's log.jsonl rows and progress: a tqdm bar, or with --no-progress one plain
+    stderr line per logged step. `elapsed()` counts the run's training seconds over all its
+    pieces (`elapsed` is what the checkpoint resumed from recorded)."""
 
     def __init__(self, args: GPTTrainArgs, world: Dist, device: torch.device, start: int, tokens_per_step: int,
-                 path: Path):
+                 path: Path, elapsed: float = 0.0):
         self.args, self.world, self.device, self.path = args, world, device, path
         self.tokens_per_step, self.t_last, self.step_last = tokens_per_step, time.perf_counter(), start
+        self.t_start, self.elapsed_before = self.t_last, elapsed
         self.bar = None
         if args.progress and world.main:
             from tqdm import tqdm
             self.bar = tqdm(total=args.steps, initial=start, unit="step", desc="gpt", file=sys.stderr)
 
+    def elapsed(self) -> float:
+        return self.elapsed_before + time.perf_counter() - self.t_start
+
     def log(self, done: int, step: int, loss: torch.Tensor) -> float:
-        """Append the row of step `done` (all ranks take part in the mean); returns the loss."""
+        """Append the row of step `done` (all ranks take part in the mean); returns the loss. The
+        ETA is the steps left to --steps at the rate since the previous row."""
         value = self.world.mean(loss).item()
         now = time.perf_counter()
-        rate = self.tokens_per_step * (done - self.step_last) / max(now - self.t_last, 1e-9)
+        seconds = max(now - self.t_last, 1e-9)
+        rate = self.tokens_per_step * (done - self.step_last) / seconds
+        eta = (self.args.steps - done) * seconds / max(done - self.step_last, 1)
         self.t_last, self.step_last = now, done
         if self.world.main:
-            row = {"step": done, "loss": value, "lr": lr_at(step, self.args), "tokens_per_s": rate,
-                   "world_size": self.world.world}
+            lr, elapsed = lr_at(step, self.args), self.elapsed()
+            row = {"step": done, "loss": value, "lr": lr, "tokens_per_s": rate, "world_size": self.world.world,
+                   "elapsed_s": round(elapsed, 3), "eta_s": round(eta, 1)}
             if self.device.type == "cuda":  # this rank's peak so far (FSDP vs DDP memory)
                 row["max_memory_allocated_MiB"] = torch.cuda.max_memory_allocated(self.device) / 2**20
             with open(self.path, "a") as f:
                 f.write(json.dumps(row) + "\n")
             if self.bar is not None:
-                self.bar.set_postfix(loss=f"{value:.4f}", tok_s=f"{rate:,.0f}")
+                self.bar.set_postfix(loss=f"{value:.4f}", lr=f"{lr:.3g}", tok_s=f"{rate:,.0f}")
+            else:
+                print(f"step {done}/{self.args.steps}: loss {value:.4f}, lr {lr:.3g}, {rate:,.0f} tokens/s, "
+                      f"elapsed {_clock(elapsed)}, eta {_clock(eta)}", file=sys.stderr, flush=True)
         return value
 
     def tick(self) -> None:
@@ -535,10 +660,10 @@ def _out_of_time(args: GPTTrainArgs, t_start: float, world: Dist, device: torch.
 
 
 def _loop(args: GPTTrainArgs, parts: _Parts, codes: torch.Tensor, labels: torch.Tensor, start: int,
-          world: Dist, device: torch.device, out: Path, manifest: dict) -> tuple[int, float]:
+          world: Dist, device: torch.device, out: Path, manifest: dict, elapsed: float = 0.0) -> tuple[int, float]:
     """Steps start .. args.steps (or until --time-limit): returns (last step done, last logged loss)."""
     local = args.batch_size // world.world
-    progress = _Progress(args, world, device, start, args.batch_size * codes.shape[1], out / "log.jsonl")
+    progress = _Progress(args, world, device, start, args.batch_size * codes.shape[1], out / "log.jsonl", elapsed)
     t_start, done, last_loss = time.perf_counter(), start, float("nan")
     try:
         for step in range(start, args.steps):
@@ -556,7 +681,7 @@ def _loop(args: GPTTrainArgs, parts: _Parts, codes: torch.Tensor, labels: torch.
             progress.tick()
             out_of_time = _out_of_time(args, t_start, world, device)
             if args.save and (done % args.save_every == 0 or done == args.steps or out_of_time):
-                save_training(out, parts, done, args, world, manifest, len(codes))
+                save_training(out, parts, done, args, world, manifest, len(codes), progress.elapsed())
                 world.barrier()
             if out_of_time and done < args.steps:
                 break
@@ -573,6 +698,32 @@ def _check_options(args: GPTTrainArgs, world: Dist) -> None:
     if args.grad_accum < 1 or (args.batch_size // world.world) % args.grad_accum:
         raise DataError(f"--grad-accum {args.grad_accum}: the batch per process ({args.batch_size // world.world}) "
                         "must be a multiple of it")
+    if args.cooldown > args.steps:
+        raise DataError(f"--cooldown {args.cooldown} is longer than --steps {args.steps}: the cool-down is the last "
+                        "steps of the run (0 to --steps)")
+    if args.min_lr > args.lr:
+        raise DataError(f"--min-lr {args.min_lr} is above --lr {args.lr}: the cool-down falls from --lr to --min-lr")
+
+
+def kernel_cache(args: GPTTrainArgs, out: Path, environ=os.environ) -> Path:
+    """Where Triton keeps its compiled kernels and autotuning results: --kernel-cache, else
+    $TRITON_CACHE_DIR, else OUT/triton-cache (beside the state, so a resumed run on the same
+    machine finds its kernels, and the folder can travel with the run)."""
+    if args.kernel_cache is not None:
+        return Path(args.kernel_cache).absolute()
+    if environ.get("TRITON_CACHE_DIR"):
+        return Path(environ["TRITON_CACHE_DIR"])
+    return (out / "triton-cache").absolute()
+
+
+def use_kernel_cache(path: Path, environ=os.environ) -> None:
+    """Point Triton at `path` (read when a kernel is compiled or tuned, so before the first
+    training step is early enough) and keep autotuning results there too: Triton's
+    TRITON_CACHE_AUTOTUNING and fla's FLA_CACHE_RESULTS (on by default in fla-core 0.6; both are
+    read when fla is imported, so a value already set is left as it is)."""
+    environ["TRITON_CACHE_DIR"] = str(path)
+    environ.setdefault("TRITON_CACHE_AUTOTUNING", "1")
+    environ.setdefault("FLA_CACHE_RESULTS", "1")
 
 
 def train_gpt(args: GPTTrainArgs) -> dict:
@@ -600,10 +751,10 @@ def _train(args: GPTTrainArgs, world: Dist, device: torch.device) -> dict:
     codes = torch.as_tensor(np.asarray(codes), dtype=torch.int64).flatten(1)
     labels = torch.as_tensor(np.asarray(labels), dtype=torch.int64)
     with RunFolder(args.out, fmt=TRAIN_FORMAT, max_version=TRAIN_VERSION, deploy=DEPLOY, resume=args.resume,
-                   overwrite=args.overwrite, main=world.main) as run:
+                   overwrite=args.overwrite, main=world.main, state=(STATE_DIR, read_state_checked)) as run:
         checkpoint, run.checkpoint = run.checkpoint, None
         given_overrides = args.overrides
-        args = resolve_args(args, checkpoint, run.ckpt_path)
+        args = resolve_args(args, checkpoint, run.ckpt_path, run.format)
         _check_options(args, world)
         config = _model_config(args.preset, args.overrides, manifest)
         start, init = 0, None
@@ -619,13 +770,18 @@ def _train(args: GPTTrainArgs, world: Dist, device: torch.device) -> dict:
         if args.memory_check:
             check_training_memory(config, preset=args.preset, batch_size=args.batch_size, grad_accum=args.grad_accum,
                                   world=world.world, device=device, ema=bool(args.ema), fsdp=args.fsdp)
+        if device.type == "cuda":
+            use_kernel_cache(kernel_cache(args, run.out))
         parts = _build(args, config, device, world, checkpoint, init)
         del init
         run.start(start)
         if checkpoint is not None and args.save and world.main:
-            _repair_deploy(run.out, checkpoint)
+            _repair_deploy(run.out, checkpoint, run.ckpt_path)
+        elapsed = checkpoint.get("elapsed_s", 0.0) if checkpoint is not None else 0.0
+        elapsed = float(elapsed) if isinstance(elapsed, (int, float)) and math.isfinite(elapsed) and elapsed >= 0 \
+            else 0.0  # an older or damaged record counts from this piece
         del checkpoint
-        done, last_loss = _loop(args, parts, codes, labels, start, world, device, run.out, manifest)
+        done, last_loss = _loop(args, parts, codes, labels, start, world, device, run.out, manifest, elapsed)
     return {"steps": done, "complete": done == args.steps, "final_loss": last_loss, "world_size": world.world,
             "out": str(run.out), "resumed_from": start if args.resume else None,
             "parameters": parts.model.num_parameters() if not args.fsdp else None}

@@ -47,6 +47,36 @@ def vq_presets():
     return sorted(VQ_PRESETS)
 
 
+class ByteSize(click.ParamType):
+    """A number of bytes: an integer, or a number with KiB, MiB or GiB (16MiB, 1.5GiB), within
+    [low, high]."""
+
+    name = "size"
+    UNITS = {"": 1, "b": 1, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30}
+
+    def __init__(self, low: int, high: int):
+        self.low, self.high = low, high
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, int):
+            n = value
+        else:
+            text = str(value).strip()
+            number = text.rstrip("KMGiBkmgib ")
+            unit = text[len(number):].strip().lower()
+            try:
+                n = float(number) * self.UNITS[unit]
+            except (KeyError, ValueError):
+                self.fail(f"{value!r} is not a size: give bytes, or a number with KiB, MiB or GiB (e.g. 16MiB)",
+                          param, ctx)
+            if not math.isfinite(n) or n != int(n):
+                self.fail(f"{value!r} is not a whole number of bytes", param, ctx)
+        n = int(n)
+        if not self.low <= n <= self.high:
+            self.fail(f"{value!r} is not in the range {self.low >> 10}KiB to {self.high >> 20}MiB", param, ctx)
+        return n
+
+
 SEED = click.IntRange(0, 2**32 - 1)
 BATCH = click.IntRange(1, 1 << 20)
 STEPS = click.IntRange(1, 10**12)

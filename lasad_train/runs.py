@@ -2,9 +2,12 @@
 `lasad-train gpt`.
 
 OUT holds `last.pt` (the resumable state, the commit point: written first), a deploy file derived
-from it (`vq.safetensors` / `model.safetensors`, written second) and `log.jsonl`. Both trainers:
+from it (`vq.safetensors` / `model.safetensors`, written second) and `log.jsonl`; `lasad-train gpt`
+may keep the resumable state as `state/` instead (`state.py`: bounded safetensors shards and an
+index; the trainer removes the other form once one is written). Both trainers:
 - refuse an OUT that holds a run unless `--resume` (continue it) or `--overwrite` (start again);
-  `--resume` refuses a missing or foreign `last.pt`;
+  `--resume` refuses a missing or foreign `last.pt` (or `state/`; where both are, a kill came
+  between writing one and removing the other, and the later step is read);
 - restore the run's hyper-parameters from `last.pt` (`resolve_hyperparameters`): an option left out
   takes the stored value; a given one that differs is refused, since the run would change;
 - drop log lines written after the step they resume from;
@@ -25,8 +28,9 @@ import torch
 from lasad_engine.checkpoint import read_envelope
 from lasad_engine.io import atomic_write_text
 
-from .folders import FolderLock, clean_stale_files
+from .folders import FolderLock, clean_stale_files, clean_stale_siblings
 from .formats import DataError
+from .state import INDEX, remove_state, state_step
 
 LOCK_NAME, CHECKPOINT, LOG = ".lock", "last.pt", "log.jsonl"
 
@@ -47,15 +51,19 @@ class RunFolder:
         resume: continue the run in OUT (its last.pt must exist).
         overwrite: start again in a folder that holds a run (its files go at `start()`).
         main: whether this process writes (rank 0); the others only read.
-    After construction `checkpoint` is last.pt's content (resume) or None (the trainer may drop
-    the reference once it has restored from it) and `resumed` says which.
+        state: (folder name, reader) of the sharded form of the resumable state (`state.py`),
+            for a trainer that writes it; the reader returns the checkpoint dict, checked.
+    After construction `checkpoint` is the resumed state's content or None (the trainer may drop
+    the reference once it has restored from it), `resumed` says which, `ckpt_path` is the file
+    it came from (last.pt or state/index.json) and `format` its form ("pt" or "shards").
     """
 
     def __init__(self, out: str | Path, *, fmt: str, max_version: int, deploy: str, resume: bool,
-                 overwrite: bool = False, main: bool = True):
+                 overwrite: bool = False, main: bool = True, state: tuple | None = None):
         self.out, self.deploy, self.main = Path(out), deploy, main
         self.ckpt_path, self.log_path = self.out / CHECKPOINT, self.out / LOG
-        self.checkpoint, self.resumed, self._lock = None, bool(resume), None
+        self.state_dir, self._read_state = (self.out / state[0], state[1]) if state else (None, None)
+        self.checkpoint, self.resumed, self._lock, self.format = None, bool(resume), None, None
         if resume and overwrite:
             raise DataError("--resume continues the run in OUT and --overwrite starts it again: pass one")
         if self.out.exists() and not self.out.is_dir():
@@ -65,6 +73,8 @@ class RunFolder:
             self.out.mkdir(parents=True, exist_ok=True)
             self._lock = FolderLock(self.out / LOCK_NAME, str(self.out))
             clean_stale_files(self.out, (CHECKPOINT, deploy, LOG))
+            if self.state_dir is not None:
+                clean_stale_siblings(self.state_dir, marker=INDEX)
         try:
             self._check(fmt, max_version, resume, overwrite)
         except BaseException:
@@ -72,13 +82,22 @@ class RunFolder:
             raise
 
     def _check(self, fmt, max_version, resume, overwrite):
-        held = [n for n in (CHECKPOINT, self.deploy) if (self.out / n).exists()]
+        sharded = self.state_dir is not None and self.state_dir.is_dir()
+        held = [n for n in (CHECKPOINT, self.deploy) if (self.out / n).exists()] + \
+            ([self.state_dir.name + "/"] if sharded else [])
         if resume:
-            if not self.ckpt_path.is_file():
+            if not self.ckpt_path.is_file() and not sharded:
                 also = f" ({self.out} holds {self.deploy} only, which cannot be resumed)" if held else ""
-                raise DataError(f"{self.ckpt_path}: nothing to resume (no such file){also}; "
+                none = f", no {self.state_dir.name}/ folder" if self.state_dir is not None else ""
+                raise DataError(f"{self.ckpt_path}: nothing to resume (no such file{none}){also}; "
                                 "leave out --resume to start a new run")
-            self.checkpoint = read_training_checkpoint(self.ckpt_path, fmt, max_version)
+            if self.ckpt_path.is_file():
+                self.checkpoint, self.format = read_training_checkpoint(self.ckpt_path, fmt, max_version), "pt"
+                step, other = self.checkpoint.get("step"), state_step(self.state_dir) if sharded else None
+                if not sharded or (isinstance(step, int) and (other is None or other <= step)):
+                    return
+            self.checkpoint, self.format = self._read_state(self.state_dir), "shards"
+            self.ckpt_path = self.state_dir / INDEX
         elif held and not overwrite:
             raise DataError(f"{self.out} already holds a run ({', '.join(held)}): pass --resume to continue it, "
                             "--overwrite to start again, or choose another OUT")
@@ -91,6 +110,8 @@ class RunFolder:
         if not self.resumed:
             for name in (CHECKPOINT, self.deploy, LOG):
                 (self.out / name).unlink(missing_ok=True)
+            if self.state_dir is not None:
+                remove_state(self.state_dir)
         else:
             truncate_log(self.log_path, step)
 
@@ -158,6 +179,29 @@ def rng_state() -> dict:
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
+
+
+def check_rng_state(state, source) -> None:
+    """One DataError line naming `source` unless `state` has the form `rng_state` returns."""
+    def bad(what):
+        return DataError(f"{source}: damaged RNG state ({what}); resume from an undamaged copy of the run")
+    if not isinstance(state, dict):
+        raise bad("not an object")
+    t = state.get("torch")
+    if not isinstance(t, torch.Tensor) or t.dtype != torch.uint8 or t.dim() != 1:
+        raise bad("'torch' is not a uint8 vector")
+    n, p = state.get("numpy"), state.get("python")
+    if not (isinstance(n, dict) and isinstance(n.get("name"), str) and isinstance(n.get("keys"), torch.Tensor)
+            and n["keys"].shape == (624,) and isinstance(n.get("pos"), int) and isinstance(n.get("has_gauss"), int)
+            and isinstance(n.get("cached_gaussian"), (int, float))):
+        raise bad("'numpy' is not {name, keys [624], pos, has_gauss, cached_gaussian}")
+    if not (isinstance(p, dict) and isinstance(p.get("version"), int) and isinstance(p.get("state"), list)
+            and len(p["state"]) == 625 and all(isinstance(w, int) for w in p["state"])
+            and (p.get("gauss_next") is None or isinstance(p.get("gauss_next"), float))):
+        raise bad("'python' is not {version, state [625 ints], gauss_next}")
+    cuda = state.get("cuda", [])
+    if not isinstance(cuda, list) or not all(isinstance(c, torch.Tensor) and c.dtype == torch.uint8 for c in cuda):
+        raise bad("'cuda' is not a list of uint8 tensors")
 
 
 def set_rng_state(state: dict) -> None:

@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -54,8 +55,10 @@ def snapshot(folder: Path) -> dict:
 
 
 def error_lines(text: str) -> list[str]:
-    """The lines a failed command printed, without the informational ones and blank lines."""
-    return [ln for ln in text.splitlines() if ln.strip() and not ln.startswith(("seed:", "note:", "removed "))]
+    """The lines a failed command printed, without the informational ones (and `lasad-train gpt
+    --no-progress`'s "step K/N: loss ..." lines) and blank lines."""
+    return [ln for ln in text.splitlines() if ln.strip() and not ln.startswith(("seed:", "note:", "removed "))
+            and not re.match(r"step \d+/\d+: ", ln)]
 
 
 def assert_one_line(result, code=None):

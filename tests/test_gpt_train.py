@@ -346,11 +346,14 @@ def test_optimizer_state_of_separate_projections_converts_to_the_fused_names():
 
 
 def cli_fails(args, *texts, code=None):
-    """Run `lasad-train gpt ARGS`, expect a non-zero exit with one line on stderr holding `texts`."""
+    """Run `lasad-train gpt ARGS`, expect a non-zero exit with one line on stderr holding `texts`
+    (beside the progress lines of the steps taken before it)."""
+    from test_faults import error_lines
     r = CliRunner().invoke(main, ["gpt"] + [str(a) for a in args])
-    err = r.stderr.strip()
     assert r.exit_code != 0 and (code is None or r.exit_code == code), (r.exit_code, r.output)
-    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    lines = error_lines(r.stderr)
+    assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
+    err = lines[0]
     for text in texts:
         assert text in err, (text, err)
     return err

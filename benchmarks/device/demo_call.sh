@@ -1,21 +1,32 @@
 #!/usr/bin/env bash
 # One device call of the demo model's GPT training (docs/demo-model.md, "How it was run"): train
-# for SECONDS (a new run, or one that starts from INIT's weights: last.pt, with its optimizer
-# state, is too large to come back), then draw the sampling sweep's tokens, and return
+# for SECONDS, then draw the sampling sweep's tokens, and return
 #   default.safetensors.part00N  the EMA weights in fp16 as lasad ships them (join_files)
 #   sweep.npz                    tokens of benchmarks/demo_model.py's SWEEP (scored on the CPU)
-#   tcache.txz                   Triton's cache (fla's kernels compiled and tuned): the next call
-#                                restores it instead of spending minutes compiling
+#   tcache.txz                   Triton's cache (fla's kernels compiled and tuned): the next call on
+#                                a fresh machine restores it instead of spending minutes compiling
 #   results.tgz                  log.jsonl, the logs
 #
-#   [DEMO_TCACHE=0] bash benchmarks/device/demo_call.sh SECONDS [INIT [LR]]
-# Carried (git-ignored): .whl/ (fla-core), .carry/demo/{codes/, labels.npy, tcache.tgz},
+#   [DEMO_STEPS=N DEMO_COOLDOWN=M] [DEMO_TCACHE=0] bash benchmarks/device/demo_call.sh SECONDS [INIT [LR]]
+#
+# The run lives in runs/demo-gpt (git-ignored, so the device machine keeps it between calls while
+# the session holds that machine: the next call must come within the seconds it stays warm). A
+# call that finds it there continues it (--resume: weights, AdamW state, EMA, RNG, schedule, and
+# the compiled kernels in runs/demo-gpt/triton-cache); otherwise it starts the run: DEMO_STEPS
+# steps in all (default: open-ended, 1000000) with the rate falling over the last DEMO_COOLDOWN
+# (default 0), or, given INIT, from those weights with a fresh optimizer (what had to be done
+# while the state could not be kept). The state is saved as bounded shards (--resume-format
+# shards) but does not come back: for the demo model it is 153 MB in 11 files, over the 8 files
+# and 64 MiB a call returns (and the 64 MiB a call takes).
+# Carried (git-ignored): .whl/ (fla-core), .carry/demo/{codes/, labels.npy, tcache.txz},
 # .carry/commit.txt.
 set -u -o pipefail
 TRAIN_SECONDS=${1:-420}
 INIT=${2:-}
 LR=${3:-1e-3}
-export PYTHONUNBUFFERED=1 TRITON_CACHE_DIR=/tmp/tcache
+RUN=runs/demo-gpt
+# Triton keeps only the compiled binaries in its cache (no IR text): less to carry back
+export PYTHONUNBUFFERED=1 TRITON_STORE_BINARY_ONLY=1
 T0=$(date +%s)
 log() { echo "[$(( $(date +%s) - T0 )) s] $*"; }
 W=/tmp/w
@@ -23,20 +34,27 @@ mkdir -p "$W" "$OUT" /tmp/site
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
   || log "wheel install failed"
 export PYTHONPATH=/tmp/site:$PWD
-if [ -f .carry/demo/tcache.txz ]; then mkdir -p /tmp/tcache && tar xJf .carry/demo/tcache.txz -C /tmp/tcache && log "triton cache restored"; fi
-ARGS=(--preset lasad-S --set n_layer=5 --steps 1000000 --batch-size 512 --lr "$LR" --warmup 200 --ema 0.9995
-      --save-every 1000000 --log-every 50 --no-progress --time-limit "$TRAIN_SECONDS")
-[ -n "$INIT" ] && ARGS+=(--init "$INIT")
+if [ ! -d "$RUN/triton-cache" ] && [ -f .carry/demo/tcache.txz ]; then
+  mkdir -p "$RUN/triton-cache" && tar xJf .carry/demo/tcache.txz -C "$RUN/triton-cache" && log "triton cache restored"
+fi
+ARGS=(--steps "${DEMO_STEPS:-1000000}" --save-every 1000000 --log-every 50 --no-progress --time-limit "$TRAIN_SECONDS")
+if [ -f "$RUN/state/index.json" ] || [ -f "$RUN/last.pt" ]; then
+  ARGS+=(--resume)
+else
+  ARGS+=(--preset lasad-S --set n_layer=5 --batch-size 512 --lr "$LR" --warmup 200 --ema 0.9995
+         --cooldown "${DEMO_COOLDOWN:-0}" --resume-format shards --overwrite)
+  [ -n "$INIT" ] && ARGS+=(--init "$INIT")
+fi
 log "train ${ARGS[*]}"
-python3 -m lasad_train.cli gpt .carry/demo/codes /tmp/run "${ARGS[@]}" > "$W/train.log" 2>&1
-log "train rc=$?"; tail -3 "$W/train.log"; tail -2 /tmp/run/log.jsonl
-cp /tmp/run/log.jsonl "$W/" 2>/dev/null
+python3 -m lasad_train.cli gpt .carry/demo/codes "$RUN" "${ARGS[@]}" > "$W/train.log" 2>&1
+log "train rc=$?"; tail -3 "$W/train.log"; tail -2 "$RUN/log.jsonl"
+cp "$RUN/log.jsonl" "$W/" 2>/dev/null
 mkdir -p /tmp/d && cp lasad_engine/assets/default-vq.safetensors /tmp/d/
-python3 - <<'PY' >> "$W/train.log" 2>&1
+RUN=$RUN python3 - <<'PY' >> "$W/train.log" 2>&1
 import os
 from lasad_engine import load_checkpoint, save_checkpoint
 from lasad_train.formats import split_file
-m = load_checkpoint("/tmp/run/model.safetensors")
+m = load_checkpoint(os.path.join(os.environ["RUN"], "model.safetensors"))
 meta = {**m.checkpoint_meta, "tokenizer": "default-vq.safetensors"}
 save_checkpoint("/tmp/d/default.safetensors", m.half(), meta=meta)
 print([str(p) for p in split_file("/tmp/d/default.safetensors", os.environ["OUT"])])
@@ -46,7 +64,8 @@ timeout 100 python3 benchmarks/demo_model.py sample --checkpoint /tmp/d/default.
   --out "$OUT/sweep.npz" > "$W/sample.log" 2>&1
 log "sweep rc=$?"; cat "$W/sample.log" | tail -12
 # Triton's cache, xz-compressed (gzip: 18 MB, over the 16 MB a returned file may have)
-[ "${DEMO_TCACHE:-1}" = 1 ] && (cd /tmp/tcache && tar cJf "$OUT/tcache.txz" .) && log "tcache $(du -h "$OUT/tcache.txz" | cut -f1)"
+[ "${DEMO_TCACHE:-1}" = 1 ] && (cd "$RUN/triton-cache" && tar cJf "$OUT/tcache.txz" .) && log "tcache $(du -h "$OUT/tcache.txz" | cut -f1)"
+du -sb "$RUN/state" 2>/dev/null
 (cd "$W" && tar czf "$OUT/results.tgz" ./*)
 ls -la "$OUT"
 log end
