@@ -12,6 +12,9 @@ machine with `lasad-eval fetch-inception`'s file, with exactly what `lasad-eval 
         --labels .carry/demo/labels.npy --out sweep.npz                      # on the GPU
     python benchmarks/demo_model.py score --tokens sweep.npz --ref data/emoji5 --out sweep.json
 
+A model trained at several sizes (docs/demo-model.md, "mixed resolution") is swept at one grid a
+time: `sample --grid 24x24`, then `score --ref` the image set of that size (96 px with f = 4).
+
 Sampling on the GPU is in fp32 with a generator on the GPU seeded as `lasad-eval fid` seeds its
 own there (a CPU generator makes 1,000 images' noise on the host: 30 s a setting instead of
 seconds); the sweep ranks settings, and the shipped one is then scored by `lasad-eval fid` itself.
@@ -62,7 +65,7 @@ def sample_cmd(a):
             gen = torch.Generator(pipe.device).manual_seed(SEED)
             t0 = time.perf_counter()
             tokens = pipe(labels, cfg_scale=cfg, top_k=int(top_k), temperature=temperature, cfg_interval=-1, top_p=1.0,
-                          generator=gen, output_type="tokens").tokens
+                          generator=gen, output_type="tokens", grid=a.grid).tokens
             out[name] = tokens.cpu().numpy().astype(np.int16)
             print(f"{name}: {time.perf_counter() - t0:.1f} s", flush=True)
             # after every setting: a call cut short still returns what it drew
@@ -119,6 +122,8 @@ def main():
     p.add_argument("--device", default="cuda")
     p.add_argument("--batch", type=int, default=1000)
     p.add_argument("--settings", nargs="*", default=None, metavar="CFG,TOPK,TEMP")
+    p.add_argument("--grid", default=None, metavar="HxW",
+                   help="Token grid to draw, e.g. 24x24 (default: the model's); score against --ref of that size")
     p = sub.add_parser("score")
     p.add_argument("--tokens", type=Path, required=True)
     p.add_argument("--ref", type=Path, required=True)

@@ -32,6 +32,7 @@ from .io import UserError, atomic_path, clean_state_dict, key_diff, loads_strict
 from . import quant
 from .model import LasadGen, upgrade_state_dict
 from .ops.linear import QUANT_DTYPES
+from .params import MAX_GRID_SIDE
 
 FORMAT = "lasad"
 FORMAT_VERSION = 1
@@ -390,3 +391,21 @@ def file_fingerprint(path: str | os.PathLike, length: int = 16) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()[:length]
+
+
+def trained_grids(config: LasadConfig, meta: dict | None) -> list[tuple[int, int]]:
+    """The token grids (h, w) a model was trained at: its meta's "trained_grids" (`lasad-train
+    gpt` writes it; a run on code sets of several sizes lists each, the config's grid first), else
+    the config's grid alone. The meta is untrusted: an entry that is not a list of [h, w] sides in
+    1..MAX_GRID_SIDE is ignored and the config's grid stands."""
+    own = (config.grid_height, config.grid_width)
+    listed = (meta or {}).get("trained_grids")
+    if not isinstance(listed, list) or not listed or len(listed) > 64:
+        return [own]
+    grids = []
+    for g in listed:
+        if not (isinstance(g, (list, tuple)) and len(g) == 2 and all(
+                isinstance(s, int) and not isinstance(s, bool) and 1 <= s <= MAX_GRID_SIDE for s in g)):
+            return [own]
+        grids.append((g[0], g[1]))
+    return grids if own in grids else [own]

@@ -24,7 +24,8 @@ import numpy as np
 import torch
 
 from .backends import ARTIFACT_BACKENDS
-from .checkpoint import CheckpointError, file_fingerprint, followed_tokenizer, load_checkpoint, resolve_checkpoint
+from .checkpoint import CheckpointError, file_fingerprint, followed_tokenizer, load_checkpoint, resolve_checkpoint, \
+    trained_grids
 from .engine import LasadEngine
 from .io import safe_text
 from .params import MAX_IMAGES, WEIGHT_CHOICES, ClassLabels, EngineError, Grid, OutOfRange, SamplingParams, check_memory, \
@@ -296,14 +297,16 @@ class LasadPipeline:
 
     def grid_note(self, grid) -> str | None:
         """One line for a grid the model was not trained at (lasad-run prints it on stderr);
-        None at the trained grid. Generation itself does not change: any grid runs with the same
-        memory per image (docs/model.md), but only the trained one was ever learned."""
+        None at a trained grid (the config's, or each of meta["trained_grids"] of a model trained
+        at several sizes). Generation itself does not change: any grid runs with the same memory
+        per image (docs/model.md), but only the trained ones were ever learned."""
         cfg = self.model.config
-        trained = (cfg.grid_height, cfg.grid_width)
-        g = parse_grid(grid, trained)
-        if tuple(g) == trained:
+        trained = trained_grids(cfg, getattr(self.model, "checkpoint_meta", None))
+        g = parse_grid(grid, (cfg.grid_height, cfg.grid_width))
+        if tuple(g) in trained:
             return None
-        return (f"note: this model was trained at {trained[0]}x{trained[1]} tokens; {g.h}x{g.w} runs "
+        sizes = " and ".join(f"{h}x{w}" for h, w in trained)
+        return (f"note: this model was trained at {sizes} tokens; {g.h}x{g.w} runs "
                 "(constant memory) but was never trained, so do not expect usable pictures")
 
     @property

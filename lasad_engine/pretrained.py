@@ -23,7 +23,7 @@ from pathlib import Path
 
 from . import __version__
 from .checkpoint import (CARD_FILE, CONFIG_FILE, FORMAT, FORMAT_VERSION, TOKENIZER_FILE, WEIGHTS_FILE,
-                         save_checkpoint)
+                         save_checkpoint, trained_grids)
 from .io import UserError, atomic_write_text
 
 # meta["card"]: what a model card says beyond the config. Every key is optional.
@@ -127,6 +127,7 @@ def model_card(config, meta: dict, *, folder: str, n_params: int, dtype: str) ->
     cfg = config
     licence = card.get("license") or "other"
     example = (cfg.class_names[0] if cfg.class_names else "0")
+    grids = [f"{h}x{w}" for h, w in trained_grids(cfg, meta)]
     lines = [
         "---",
         f"license: {licence}",
@@ -144,7 +145,7 @@ def model_card(config, meta: dict, *, folder: str, n_params: int, dtype: str) ->
         "|---|---|",
         f"| parameters | {_params(n_params)} ({dtype} weights) |",
         f"| layers / width / heads | {cfg.n_layer} / {cfg.dim} / {cfg.n_head} (d_k {cfg.head_k_dim}) |",
-        f"| trained token grid | {cfg.grid_height}x{cfg.grid_width} |",
+        f"| trained token grid{'s' if len(grids) > 1 else ''} | {', '.join(grids)} |",
         f"| VQ codebook | {cfg.vocab_size} entries |",
         f"| classes | {cfg.num_classes}{' (names in config.json)' if cfg.class_names else ''} |",
         f"| row start | {cfg.row_start}{'' if cfg.decay else ' (no decay: plain linear attention)'} |",
@@ -194,7 +195,7 @@ def model_card(config, meta: dict, *, folder: str, n_params: int, dtype: str) ->
     else:
         lines.append("No measurements recorded in the checkpoint's meta.")
     lines += ["", "## Limits", "",
-              f"- Trained at {cfg.grid_height}x{cfg.grid_width} tokens. Other grids run with the same memory per "
+              f"- Trained at {' and '.join(grids)} tokens. Other grids run with the same memory per "
               "image, but were never trained: do not expect usable pictures from them."]
     lines += [f"- {line}" for line in card.get("limits") or []]
     lines += ["", "## Licence", "", card.get("license_note") or (

@@ -24,7 +24,7 @@ from lasad_engine import __version__
 from lasad_engine.cli import OneLineCommand, OneLineErrors
 
 from .options import (BATCH, BETA, EVERY, LIMIT_OPTION, NON_NEGATIVE, POSITIVE, SEED, STEPS, ByteSize, Finite,
-                      RegistryChoice, lasad_presets, vq_presets)
+                      RegistryChoice, Weights, lasad_presets, vq_presets)
 
 EXIT_TERMINATED = 128 + signal.SIGTERM
 
@@ -167,7 +167,7 @@ RUN = "on --resume: the run's"
 
 
 @click.command("gpt", cls=OneLineCommand, context_settings={"help_option_names": ["-h", "--help"]})
-@click.argument("codes", type=click.Path(path_type=Path))
+@click.argument("codes", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.argument("out", type=click.Path(path_type=Path))
 @click.option("--preset", default=None, type=RegistryChoice(lasad_presets, case_sensitive=False),
               help=f"Model size [default: lasad-B; {RUN}].")
@@ -175,7 +175,12 @@ RUN = "on --resume: the run's"
 @click.option("--no-decay", is_flag=True, help="Ablation: linear attention without decay (log-decay 0 everywhere).")
 @click.option("--set", "sets", multiple=True, metavar="FIELD=VALUE", help="Override any LasadConfig field (JSON value).")
 @click.option("--steps", default=1000, show_default=True, type=STEPS, help="Total steps (a resumed run continues up to this).")
-@click.option("--batch-size", default=None, type=BATCH, help=f"Global batch [default: 256; {RUN}].")
+@click.option("--batch-size", default=None, type=BATCH,
+              help=f"Global batch, in sequences of the smallest grid; steps at larger grids take about as many "
+                   f"tokens [default: 256; {RUN}].")
+@click.option("--mix", default=None, type=Weights(),
+              help=f"With several CODES: the weight of each code set's grid in the choice of a step's grid, in their "
+                   f"order, e.g. 1,1 [default: their token counts, so every code grid is drawn alike; {RUN}].")
 @click.option("--lr", default=None, type=POSITIVE, help=f"AdamW learning rate [default: 1e-4; {RUN}].")
 @click.option("--warmup", default=None, type=click.IntRange(0, 10**12), help=f"Linear warm-up steps [default: 0; {RUN}].")
 @click.option("--cooldown", default=None, type=click.IntRange(0, 10**12),
@@ -225,10 +230,14 @@ RUN = "on --resume: the run's"
 @click.option("--no-save", is_flag=True, help="Write the log only, no checkpoints (speed and memory runs).")
 @click.option("--no-memory-check", is_flag=True, help="Start even where the memory estimate says the run cannot fit.")
 def gpt_cmd(codes, out, row_start, no_decay, sets, no_progress, no_save, no_memory_check, **options):
-    """Train LASADGen on a code set (from lasad-train codes)."""
+    """Train LASADGen on code sets (from lasad-train codes) into OUT. Several CODES of different grid
+    sizes (one tokenizer, one label set, e.g. the same images at 64 and 96 px) train one model at
+    every size: each step's batch comes from one grid, chosen by the seed and the step; the first
+    CODES' grid is the model's default."""
     from .gpt import GPTTrainArgs, train_gpt
 
-    args = GPTTrainArgs(codes=str(codes), out=str(out), overrides=parse_sets(sets, row_start, no_decay),
+    folders = str(codes[0]) if len(codes) == 1 else [str(c) for c in codes]
+    args = GPTTrainArgs(codes=folders, out=str(out), overrides=parse_sets(sets, row_start, no_decay),
                         progress=not no_progress, save=not no_save, memory_check=not no_memory_check, **options)
     summary = train_gpt(args)
     if int(os.environ.get("RANK", "0")) == 0:

@@ -14,6 +14,7 @@ Dataset over memory-mapped shards returning ``(codes int64 [h*w], label int64)``
 from __future__ import annotations
 
 import bisect
+import hashlib
 import json
 import shutil
 import sys
@@ -23,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from lasad_engine.checkpoint import file_fingerprint
 from lasad_engine.io import one_line
 from lasad_engine.params import resolve_device
 
@@ -71,6 +73,21 @@ class _Selection:
     considered: int
     dropped: int
     source: dict
+    split_digest: str | None
+
+
+def _split_digest(images_dir: Path, labels: np.ndarray | None) -> str | None:
+    """SHA-256 prefix of the image set's split.npy and its labels of the chosen label set (all
+    images, before any selection), None without a split file. The same images built at another
+    --size give the same digest, so code sets of several sizes can be checked to share one
+    train / held-out split (`load_code_sets`)."""
+    path = images_dir / "split.npy"
+    if not path.is_file():
+        return None
+    h = hashlib.sha256(np.ascontiguousarray(load_npy(path), dtype=np.uint8).tobytes())
+    if labels is not None:
+        h.update(np.ascontiguousarray(labels, dtype=np.int64).tobytes())
+    return h.hexdigest()[:16]
 
 
 def _select(images_dir: Path, label_set: str | None, split: str, limit: int | None) -> _Selection:
@@ -78,6 +95,8 @@ def _select(images_dir: Path, label_set: str | None, split: str, limit: int | No
     img_manifest = read_manifest(images_dir, IMAGES_FORMAT)
     if label_set is None:
         label_set = _default_label_set(list(img_manifest.get("label_sets", [])))
+    all_labels = load_images(images_dir, label_set)[1]
+    digest = _split_digest(images_dir, all_labels)
     images, labels, names, _ = load_images(images_dir, label_set, SPLITS[split])
     if labels is None:  # no label sets at all: one class
         labels, names = np.zeros(len(images), dtype=np.int64), ["all"]
@@ -91,7 +110,7 @@ def _select(images_dir: Path, label_set: str | None, split: str, limit: int | No
         images, labels = images[labelled], labels[labelled]
     if len(images) == 0:
         raise DataError(f"{images_dir}: no labelled images in split {split!r} of label set {label_set!r}")
-    return _Selection(images, labels, list(names), label_set, considered, dropped, img_manifest)
+    return _Selection(images, labels, list(names), label_set, considered, dropped, img_manifest, digest)
 
 
 def _load_vq(vq_path: Path, dev):
@@ -196,8 +215,9 @@ def extract_codes(images_dir, vq_path, out_dir, *, label_set: str | None = None,
             "images_encoded": len(sel.images), "images_considered": sel.considered,
             "dropped_unlabelled": sel.dropped, "split": split, "limit": limit, "image_size": [int(H), int(W)],
             "downsample_factor": int(f), "tokenizer": str(vq_path.resolve()),
-            "tokenizer_config": model.config.to_dict(), "images": str(images_dir.resolve()),
-            "images_source": sel.source.get("source"),
+            "tokenizer_sha256": file_fingerprint(vq_path), "tokenizer_config": model.config.to_dict(),
+            "images": str(images_dir.resolve()), "images_source": sel.source.get("source"),
+            "split_digest": sel.split_digest,
         }
         write_manifest(staging, manifest)  # last: a folder without it is not a code set
         replace_folder(staging, out_dir)
@@ -251,6 +271,52 @@ def load_codes(folder) -> tuple[np.ndarray, np.ndarray, dict]:
     if labels.size and (labels.min() < 0 or labels.max() >= manifest["num_classes"]):
         raise DataError(f"{folder}: labels outside [0, {manifest['num_classes'] - 1}]")
     return codes, labels, manifest
+
+
+def load_code_sets(folders) -> list[tuple[np.ndarray, np.ndarray, dict]]:
+    """`load_codes` of each folder, for one GPT trained at several grid sizes (one code set per
+    grid, e.g. the same images encoded at 64 and 96 px). The sets must share what the GPT's
+    config takes from them: the tokenizer (vocab_size; the tokenizer file's SHA-256 and its
+    config where both manifests record them) and the label set (the class names in the same
+    order), and, where both record it, the image set's train / held-out split (`split_digest`:
+    a held-out image of one size must not be a training image of another). Each is one
+    DataError line naming the two folders and the first difference."""
+    folders = [Path(f) for f in folders]
+    sets = [load_codes(f) for f in folders]
+    first, m0 = folders[0], sets[0][2]
+    seen = {tuple(m0["grid"]): first}
+    for folder, (_, _, m) in zip(folders[1:], sets[1:]):
+        grid = tuple(m["grid"])
+        if grid in seen:
+            raise DataError(f"{seen[grid]} and {folder} both hold {grid[0]}x{grid[1]} code grids: "
+                            "pass one code set per grid size")
+        seen[grid] = folder
+        _require_same_source(first, m0, folder, m)
+    return sets
+
+
+def _require_same_source(first: Path, m0: dict, folder: Path, m: dict) -> None:
+    """One DataError line when two code sets' tokenizer, classes or split differ (see load_code_sets)."""
+    def differ(what: str, a, b, advice: str):
+        raise DataError(f"{folder} has {what} {one_line(repr(b), 80)}, {first} has {one_line(repr(a), 80)}: "
+                        f"{advice}")
+
+    tokenizer = "encode every size with one tokenizer (lasad-train codes ... VQ ...)"
+    if m["vocab_size"] != m0["vocab_size"]:
+        differ("vocab_size", m0["vocab_size"], m["vocab_size"], tokenizer)
+    for key in ("tokenizer_sha256", "tokenizer_config"):
+        if m0.get(key) is not None and m.get(key) is not None and m0[key] != m[key]:
+            differ(f"another tokenizer ({key})", m0[key], m[key], tokenizer)
+    names0 = m0.get("class_names") or [str(i) for i in range(m0["num_classes"])]
+    names = m.get("class_names") or [str(i) for i in range(m["num_classes"])]
+    if names != names0:
+        if len(names) != len(names0):
+            differ("num_classes", len(names0), len(names), "encode every size with the same --label-set")
+        k = next(i for i, (a, b) in enumerate(zip(names0, names)) if a != b)
+        differ(f"class {k}", names0[k], names[k], "encode every size with the same --label-set of the same image set")
+    if m0.get("split_digest") and m.get("split_digest") and m0["split_digest"] != m["split_digest"]:
+        differ("another train / held-out split (split_digest)", m0["split_digest"], m["split_digest"],
+               "build every size from the same source with the same --holdout and --seed")
 
 
 class CodeDataset(torch.utils.data.Dataset):

@@ -2,6 +2,7 @@
 `torchrun` (DDP; FSDP for the large presets), resumable from its own checkpoints.
 
     lasad-train gpt CODES OUT --preset lasad-B --steps 1000 --batch-size 256
+    lasad-train gpt CODES64 CODES96 OUT ...          # one model at two grid sizes (16x16, 24x24)
     torchrun --nproc_per_node 2 -m lasad_train.cli gpt CODES OUT --preset lasad-XL --fsdp ...
 
 Defaults follow LlamaGen's `train_c2i.py`: AdamW (0.9, 0.95), weight decay 0.05 on tensors with
@@ -9,7 +10,11 @@ Defaults follow LlamaGen's `train_c2i.py`: AdamW (0.9, 0.95), weight decay 0.05 
 --cooldown steps to --min-lr: `lr_at`), grad-norm clip 1.0, bf16 autocast on CUDA, class dropout
 0.1 (in the model), optional EMA. The batch of step s is drawn from a generator seeded with
 (seed, s) and split across ranks, so a resumed run and a run on any number of processes see the
-same global batches.
+same global batches. With several code sets (one per grid size) the grid of step s is drawn from
+(seed, s) too (weights: --mix, else each code grid alike), the whole batch comes from that grid's
+set, about as many tokens as --batch-size sequences of the smallest grid (`bucket_batch_sizes`),
+and the forward gets its width; the deploy meta lists the grids (`trained_grids`, read by
+lasad-run's untrained-grid note).
 
 OUT holds the resumable state (model, optimizer state keyed by parameter name, step, RNG, config,
 every hyper-parameter, EMA weights: resume with --resume, with or without FSDP, on any number of
@@ -61,7 +66,8 @@ DEPLOY = "model.safetensors"
 DEFAULTS = {
     "preset": "lasad-B",
     "overrides": {},        # LasadConfig fields (row_start, dropouts, ...)
-    "batch_size": 256,      # global, over all ranks
+    "batch_size": 256,      # global, over all ranks (at the smallest grid: see bucket_batch_sizes)
+    "mix": None,            # per code set, the weight of its grid in the steps (None: each code grid alike)
     "lr": 1e-4,
     "warmup": 0,
     "cooldown": 0,          # the last N steps of --steps fall linearly to min_lr
@@ -83,12 +89,13 @@ class GPTTrainArgs:
     """One `lasad-train gpt` run. The hyper-parameters of DEFAULTS are None when not given: a new
     run then takes DEFAULTS, a resumed one the values stored in last.pt."""
 
-    codes: str
+    codes: str | list[str]  # one code set, or several of different grid sizes (bucketed steps)
     out: str
     preset: str | None = None
     overrides: dict | None = None
     steps: int = 1000
     batch_size: int | None = None
+    mix: list[float] | None = None  # one weight per code set: how often a step draws from its grid
     lr: float | None = None
     warmup: int | None = None
     cooldown: int | None = None
@@ -198,6 +205,40 @@ def optim_state_by_index(state: dict, names: list[list[str]]) -> dict:
     return {"state": {index[k]: v for k, v in state["state"].items()},
             "param_groups": [{**g, "params": [index[n] for n in group]} for g, group in
                              zip(state["param_groups"], names)]}
+
+
+BUCKET_STREAM = 0x6275636B  # the numpy seed-sequence key of the grid choice, apart from the batch draws
+
+
+def bucket_batch_sizes(grids: list[tuple[int, int]], batch_size: int) -> list[int]:
+    """The global batch of a step at each grid: `batch_size` sequences at the smallest grid, about
+    as many tokens at the others (batch_size·T_min/T rounded to a multiple of q = gcd(batch_size,
+    8), at least q), so a step costs about the same time and memory whatever its grid and one
+    --batch-size, --grad-accum and memory check hold for all. Independent of the process count,
+    as the batches are."""
+    q = math.gcd(batch_size, 8)
+    t_min = min(h * w for h, w in grids)
+    return [max(q, (2 * batch_size * t_min + h * w * q) // (2 * h * w * q) * q) for h, w in grids]
+
+
+def bucket_of_step(weights: list[float], seed: int, step: int) -> int:
+    """The grid (index into `weights`) whose code set gives the whole global batch of `step`:
+    k with probability weights[k] / sum, a pure function of (weights, seed, step) as
+    `batch_indices` is, so a resumed run and every rank draw the same grid. One grid: 0."""
+    if len(weights) == 1:
+        return 0
+    u = np.random.default_rng([BUCKET_STREAM, seed, step]).random()
+    edges = np.cumsum(np.asarray(weights, dtype=np.float64))
+    return min(int(np.searchsorted(edges / edges[-1], u, side="right")), len(weights) - 1)
+
+
+def step_batch(sizes: list[int], batches: list[int], weights: list[float], seed: int,
+               step: int) -> tuple[int, torch.Tensor]:
+    """(grid k, the global batch's indices into code set k) of `step`, for code sets of `sizes`
+    grids with global batches `batches` (`bucket_batch_sizes`). With one code set this is
+    `batch_indices` alone, as before there were several."""
+    k = bucket_of_step(weights, seed, step)
+    return k, batch_indices(sizes[k], batches[k], seed, step)
 
 
 def batch_indices(n_items: int, global_batch: int, seed: int, step: int) -> torch.Tensor:
@@ -319,9 +360,9 @@ def resolve_args(args: GPTTrainArgs, checkpoint: dict | None, source: Path, foun
 
 def check_same_model(args: GPTTrainArgs, given_overrides: dict | None, manifest: dict, codes_count: int,
                      checkpoint: dict, source: Path) -> None:
-    """On resume: the model that --preset/--set and the code set make must be the run's (one line
-    naming the first difference), and the code set must hold as many grids (the batches are drawn
-    by index)."""
+    """On resume: the model that --preset/--set and the code sets make must be the run's (one line
+    naming the first difference), and the code sets must hold as many grids (the batches are drawn
+    by index), of the same sizes in the same order (the steps choose a grid by index)."""
     overrides = args.overrides if given_overrides is None else given_overrides
     built = _model_config(args.preset, overrides, manifest)
     _require_same_config(built, LasadConfig.from_dict(checkpoint["config"]), args, overrides, source,
@@ -330,6 +371,14 @@ def check_same_model(args: GPTTrainArgs, given_overrides: dict | None, manifest:
     if count is not None and count != codes_count:
         raise DataError(f"{source} was trained on {count} code grids, {args.codes} holds {codes_count}: "
                         "resuming would not continue the same run")
+    grids = (checkpoint.get("meta") or {}).get("trained_grids") or [[built.grid_height, built.grid_width]]
+    if grids != manifest["trained_grids"]:
+        raise DataError(f"{source} was trained on code sets of {_sizes(grids)} grids, {args.codes} hold "
+                        f"{_sizes(manifest['trained_grids'])}: resuming would not continue the same run")
+
+
+def _sizes(grids) -> str:
+    return ", ".join(f"{h}x{w}" for h, w in grids)
 
 
 def _require_same_config(built: LasadConfig, stored: LasadConfig, args: GPTTrainArgs, overrides: dict | None,
@@ -435,7 +484,10 @@ def _build(args: GPTTrainArgs, config: LasadConfig, device: torch.device, world:
 
 
 def deploy_meta(step: int, args: GPTTrainArgs, manifest: dict) -> dict:
-    meta = {"step": step, "tokenizer": manifest.get("tokenizer"), "codes": str(args.codes), "ema": bool(args.ema)}
+    meta = {"step": step, "tokenizer": manifest.get("tokenizer"), "ema": bool(args.ema),
+            "codes": str(args.codes) if isinstance(args.codes, (str, Path)) else [str(c) for c in args.codes]}
+    if manifest.get("trained_grids"):  # each grid the steps drew from, the config's first (lasad-run --grid)
+        meta["trained_grids"] = manifest["trained_grids"]
     if args.init is not None:
         meta["init"] = str(args.init)  # steps count from these weights
     return meta
@@ -561,10 +613,11 @@ def _repair_deploy(out: Path, checkpoint: dict, source: Path) -> None:
 
 
 def _train_step(parts: _Parts, args: GPTTrainArgs, step: int, x: torch.Tensor, y: torch.Tensor, world: Dist,
-                device: torch.device) -> torch.Tensor:
-    """One optimizer step on this process's part of the batch, x int64 `[b, T]`, y int64 `[b]`:
-    gradients summed over --grad-accum micro-batches (synced after the last), clipped, AdamW, EMA.
-    Returns the batch's mean loss (a detached scalar)."""
+                device: torch.device, width: int | None = None) -> torch.Tensor:
+    """One optimizer step on this process's part of the batch, x int64 `[b, T]` of grids `width`
+    tokens wide (the row-start rule; None: the config's), y int64 `[b]`: gradients summed over
+    --grad-accum micro-batches (synced after the last), clipped, AdamW, EMA. Returns the batch's
+    mean loss (a detached scalar)."""
     for group in parts.optimizer.param_groups:
         group["lr"] = lr_at(step, args)
     parts.optimizer.zero_grad(set_to_none=True)
@@ -577,7 +630,7 @@ def _train_step(parts: _Parts, args: GPTTrainArgs, step: int, x: torch.Tensor, y
         xs, ys = x[k * micro:(k + 1) * micro], y[k * micro:(k + 1) * micro]
         with sync:
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-                logits = parts.wrapped(xs, ys, backend=args.chunk_backend)
+                logits = parts.wrapped(xs, ys, width=width, backend=args.chunk_backend)
             part = F.cross_entropy(logits.float().flatten(0, 1), xs.flatten()) / args.grad_accum
             part.backward()
         loss += part.detach()
@@ -659,18 +712,59 @@ def _out_of_time(args: GPTTrainArgs, t_start: float, world: Dist, device: torch.
     return out
 
 
-def _loop(args: GPTTrainArgs, parts: _Parts, codes: torch.Tensor, labels: torch.Tensor, start: int,
+@dataclass
+class _Bucket:
+    """The code grids of one size: codes int64 `[n, h·w]`, labels int64 `[n]`, the global batch a
+    step at this grid takes (`bucket_batch_sizes`) and the grid's weight in the choice of a step's
+    grid (`bucket_of_step`)."""
+
+    grid: tuple[int, int]
+    codes: torch.Tensor
+    labels: torch.Tensor
+    batch: int
+    weight: float
+
+
+def _buckets(args: GPTTrainArgs, sets: list, world: Dist) -> list[_Bucket]:
+    """The code sets of `load_code_sets` as buckets, checked against --mix, the processes and
+    --grad-accum. Default weights: each set's token count, so that every code grid, whatever its
+    size, is drawn about equally often (as if the sets were one)."""
+    grids = [tuple(int(s) for s in m["grid"]) for _, _, m in sets]
+    if args.mix is not None and len(args.mix) != len(sets):
+        raise DataError(f"--mix {','.join(f'{w:g}' for w in args.mix)}: {len(args.mix)} weight(s) for "
+                        f"{len(sets)} code set(s); give one weight per code set, in their order")
+    weights = args.mix or [float(len(c) * h * w) for (c, _, _), (h, w) in zip(sets, grids)]
+    batches = bucket_batch_sizes(grids, args.batch_size)
+    unit = world.world * args.grad_accum
+    for (h, w), b in zip(grids, batches):
+        if b % unit:
+            raise DataError(f"--batch-size {args.batch_size} gives {b} sequences per step at {h}x{w} (about as many "
+                            f"tokens as at the smallest grid), not a multiple of the {world.world} process(es) x "
+                            f"--grad-accum {args.grad_accum}: code sets of several grid sizes need a --batch-size "
+                            "that is a multiple of 8 and processes x --grad-accum dividing 8")
+    return [_Bucket(g, torch.as_tensor(np.asarray(c), dtype=torch.int64).flatten(1),
+                    torch.as_tensor(np.asarray(l), dtype=torch.int64), b, float(wt))
+            for (c, l, _), g, b, wt in zip(sets, grids, batches, weights)]
+
+
+def _loop(args: GPTTrainArgs, parts: _Parts, buckets: list[_Bucket], start: int,
           world: Dist, device: torch.device, out: Path, manifest: dict, elapsed: float = 0.0) -> tuple[int, float]:
-    """Steps start .. args.steps (or until --time-limit): returns (last step done, last logged loss)."""
-    local = args.batch_size // world.world
-    progress = _Progress(args, world, device, start, args.batch_size * codes.shape[1], out / "log.jsonl", elapsed)
+    """Steps start .. args.steps (or until --time-limit): returns (last step done, last logged loss).
+    Each step's whole global batch comes from one grid's code set (`step_batch`) and the forward
+    gets that grid's width."""
+    sizes, batches, weights = ([len(b.codes) for b in buckets], [b.batch for b in buckets],
+                               [b.weight for b in buckets])
+    tokens = sum(b.weight * b.batch * b.codes.shape[1] for b in buckets) / sum(weights)  # per step, expected
+    progress = _Progress(args, world, device, start, round(tokens), out / "log.jsonl", elapsed)
     t_start, done, last_loss = time.perf_counter(), start, float("nan")
     try:
         for step in range(start, args.steps):
-            idx = batch_indices(len(codes), args.batch_size, args.seed, step)[world.rank * local:(world.rank + 1) * local]
-            x, y = codes[idx].to(device, non_blocking=True), labels[idx].to(device, non_blocking=True)
+            k, idx = step_batch(sizes, batches, weights, args.seed, step)
+            b, local = buckets[k], batches[k] // world.world
+            idx = idx[world.rank * local:(world.rank + 1) * local]
+            x, y = b.codes[idx].to(device, non_blocking=True), b.labels[idx].to(device, non_blocking=True)
             try:
-                loss = _train_step(parts, args, step, x, y, world, device)
+                loss = _train_step(parts, args, step, x, y, world, device, width=b.grid[1])
             except torch.cuda.OutOfMemoryError:
                 raise DataError(f"out of GPU memory at step {step + 1} with micro-batches of "
                                 f"{local // args.grad_accum} sequences ({args.preset}): pass a larger --grad-accum "
@@ -681,7 +775,7 @@ def _loop(args: GPTTrainArgs, parts: _Parts, codes: torch.Tensor, labels: torch.
             progress.tick()
             out_of_time = _out_of_time(args, t_start, world, device)
             if args.save and (done % args.save_every == 0 or done == args.steps or out_of_time):
-                save_training(out, parts, done, args, world, manifest, len(codes), progress.elapsed())
+                save_training(out, parts, done, args, world, manifest, sum(sizes), progress.elapsed())
                 world.barrier()
             if out_of_time and done < args.steps:
                 break
@@ -741,21 +835,23 @@ def train_gpt(args: GPTTrainArgs) -> dict:
 
 def _train(args: GPTTrainArgs, world: Dist, device: torch.device) -> dict:
     """train_gpt inside its process group: data, run folder, hyper-parameters, memory, model, loop."""
-    from .codes import load_codes
+    from .codes import load_code_sets
     from .memory import check_training_memory
 
     if device.type == "cuda" and world.world > 1:
         device = torch.device("cuda", world.local_rank)
         torch.cuda.set_device(device)
-    codes, labels, manifest = load_codes(args.codes)
-    codes = torch.as_tensor(np.asarray(codes), dtype=torch.int64).flatten(1)
-    labels = torch.as_tensor(np.asarray(labels), dtype=torch.int64)
+    sets = load_code_sets([args.codes] if isinstance(args.codes, (str, Path)) else args.codes)
+    # the first code set's grid is the model's (its default grid); every set's is a trained one
+    manifest = {**sets[0][2], "trained_grids": [[int(s) for s in m["grid"]] for _, _, m in sets]}
     with RunFolder(args.out, fmt=TRAIN_FORMAT, max_version=TRAIN_VERSION, deploy=DEPLOY, resume=args.resume,
                    overwrite=args.overwrite, main=world.main, state=(STATE_DIR, read_state_checked)) as run:
         checkpoint, run.checkpoint = run.checkpoint, None
         given_overrides = args.overrides
         args = resolve_args(args, checkpoint, run.ckpt_path, run.format)
         _check_options(args, world)
+        buckets = _buckets(args, sets, world)
+        del sets
         config = _model_config(args.preset, args.overrides, manifest)
         start, init = 0, None
         if args.init is not None and checkpoint is not None:
@@ -763,12 +859,15 @@ def _train(args: GPTTrainArgs, world: Dist, device: torch.device) -> dict:
         if args.init is not None:
             init = init_weights(args, config)
         if checkpoint is not None:
-            check_same_model(args, given_overrides, manifest, len(codes), checkpoint, run.ckpt_path)
+            check_same_model(args, given_overrides, manifest, sum(len(b.codes) for b in buckets), checkpoint,
+                             run.ckpt_path)
             start = int(checkpoint["step"])
             if start > args.steps:
                 raise DataError(f"{run.ckpt_path} is at step {start}, past --steps {args.steps}")
-        if args.memory_check:
-            check_training_memory(config, preset=args.preset, batch_size=args.batch_size, grad_accum=args.grad_accum,
+        if args.memory_check:  # at the grid whose steps hold the most tokens (all hold about as many)
+            heavy = max(buckets, key=lambda b: b.batch * b.codes.shape[1])
+            check_training_memory(dataclasses.replace(config, grid_height=heavy.grid[0], grid_width=heavy.grid[1]),
+                                  preset=args.preset, batch_size=heavy.batch, grad_accum=args.grad_accum,
                                   world=world.world, device=device, ema=bool(args.ema), fsdp=args.fsdp)
         if device.type == "cuda":
             use_kernel_cache(kernel_cache(args, run.out))
@@ -781,7 +880,7 @@ def _train(args: GPTTrainArgs, world: Dist, device: torch.device) -> dict:
         elapsed = float(elapsed) if isinstance(elapsed, (int, float)) and math.isfinite(elapsed) and elapsed >= 0 \
             else 0.0  # an older or damaged record counts from this piece
         del checkpoint
-        done, last_loss = _loop(args, parts, codes, labels, start, world, device, run.out, manifest, elapsed)
+        done, last_loss = _loop(args, parts, buckets, start, world, device, run.out, manifest, elapsed)
     return {"steps": done, "complete": done == args.steps, "final_loss": last_loss, "world_size": world.world,
             "out": str(run.out), "resumed_from": start if args.resume else None,
             "parameters": parts.model.num_parameters() if not args.fsdp else None}

