@@ -9,7 +9,7 @@
 #        pytest-train | pytest-a | pytest-b | pytest-ort | tiles | tiles-lxxl | llamagen | ort-part N |
 #        ort-install | ort (install, then the full bench) | ort-quick | ort-fuse | ort-cli | anatomy | engine-lxxl-quick |
 #        persistent-test | persistent (issue 27: the persistent step's GPU tests, then its benchmark) |
-#        serving-test | serve-B | serve-B-min | serve-XL | serve-both | serve-both-short (issue 25: the scheduler's GPU tests; serve_bench.py) |
+#        serving-test | serve-B | serve-B-min | serve-XL | serve-both | serve-both-short | serve-lean (issue 25: the scheduler's GPU tests; serve_bench.py) |
 #        int8 | int8-bq | int8-tests (issue 29: benchmarks/int8_gpu_call.py, all parts / bench+quality / tests) |
 #        persistent-short
 # The serving steps need the server's wheels in .whl (fastapi, starlette, uvicorn, h11, httpx, httpcore,
@@ -71,6 +71,7 @@ for s in "$@"; do
     serving-test-quick) step serving-test 110 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu_serving.py -rs -x -k "philox or torch_backends or reproducible" ;;
     serve-both) step serve-both 470 python3 benchmarks/serve_bench.py --out "$W/serve-both" --presets lasad-B,lasad-XL --slots 64 --policies continuous,lock --rates 0.5,0.8,1.25 --baseline-rates 0.05 --duration 4 --lone 8 --budget 430 ;;
     serve-both-short) step serve-both 360 python3 benchmarks/serve_bench.py --out "$W/serve-both" --presets lasad-B,lasad-XL --slots 64 --policies continuous,lock --rates 0.8,1.25 --baseline-rates 0.05 --duration 4 --lone 6 --budget 300 ;;
+    serve-lean) step serve-both 290 python3 benchmarks/serve_bench.py --out "$W/serve-both" --presets lasad-B,lasad-XL --slots 64 --policies continuous,lock --rates 0.8,1.25 --baseline-rates 0.05 --duration 3 --lone 5 --budget 230 ;;
     serve-XL) step serve-XL 330 python3 benchmarks/serve_bench.py --out "$W/serve-XL" --presets lasad-XL --slots 64 --policies continuous,lock --baseline-rates 0.25 --rates 0.5,0.8,1.25 --duration 5 --budget 290 ;;
     int8) step int8 600 python3 benchmarks/int8_gpu_call.py --out "$W/int8" ;;
     int8-bq) step int8 420 python3 benchmarks/int8_gpu_call.py --out "$W/int8" --parts bench,quality ;;
