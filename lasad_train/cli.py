@@ -101,6 +101,9 @@ def main():
 @click.option("--eval-limit", type=click.IntRange(0, 1 << 40), default=1000, show_default=True,
               help="Held-out images evaluated after training, spread evenly over the split (0 = none).")
 @click.option("--resume", is_flag=True, help="Continue the run in OUT_DIR/last.pt (its hyper-parameters are kept).")
+@click.option("--init", default=None, type=click.Path(path_type=Path), metavar="TOKENIZER",
+              help="Start a new run from this tokenizer's weights (its size; e.g. the bundled one, to "
+                   "fine-tune it at another image size) instead of a seeded initialisation.")
 @click.option("--overwrite", is_flag=True, help="Start again in an OUT_DIR that holds a run (its files are replaced).")
 @click.option("--save-every", type=EVERY, default=1000, show_default=True, help="Write last.pt every N steps.")
 @click.option("--log-every", type=EVERY, default=50, show_default=True, help="Append to log.jsonl every N steps.")

@@ -41,9 +41,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lasad_engine.io import atomic_path
+from lasad_engine.io import atomic_path, one_line
 from lasad_engine.params import resolve_device
-from lasad_engine.tokenizer import VQ_PRESETS, VQConfig, VQModel, save_tokenizer
+from lasad_engine.tokenizer import VQ_PRESETS, VQConfig, VQModel, load_tokenizer, save_tokenizer
 
 from .formats import DataError, load_images, spread
 from .runs import RunFolder, resolve_hyperparameters, rng_state, set_rng_state
@@ -273,6 +273,37 @@ def _hyperparameters(given: dict, ckpt: dict | None, ckpt_path: Path, steps: int
     return hp
 
 
+@dataclass
+class _Init:
+    preset: str
+    state: dict
+
+
+def _init_tokenizer(path, preset: str | None, ckpt: dict | None) -> _Init | None:
+    """The weights of --init and the preset whose config they have (one line if it is none, or not
+    the --preset given, or the run resumes)."""
+    if path is None:
+        return None
+    if ckpt is not None:
+        raise DataError("--init starts a new run from a tokenizer's weights, --resume continues OUT_DIR's run: "
+                        "pass one")
+    try:
+        model = load_tokenizer(path)
+    except FileNotFoundError:
+        raise DataError(f"--init {path}: no such file") from None
+    except (ValueError, OSError, RuntimeError) as e:
+        raise DataError(f"--init {path}: not a tokenizer ({one_line(e)})") from None
+    names = [n for n, c in VQ_PRESETS.items() if c == model.config]
+    if not names:
+        raise DataError(f"--init {path}: its config is none of the presets ({', '.join(sorted(VQ_PRESETS))}); "
+                        "the trainer builds presets only")
+    if preset is not None and preset not in names:
+        raise DataError(f"--init {path} is a {names[0]} tokenizer, not --preset {preset}: leave --preset out "
+                        "or pass that one")
+    return _Init(preset if preset is not None else names[0],
+                 {k: v.detach().float().clone() for k, v in model.state_dict().items()})
+
+
 def _load_data(images_dir: Path, hp: dict, config: VQConfig, ckpt: dict | None, ckpt_path: Path,
                dev: torch.device) -> _Data:
     """The train split (`--limit`: spread over it), the held-out split, checked against the
@@ -430,7 +461,8 @@ def train_tokenizer(images_dir, out_dir, *, preset: str | None = None, steps: in
                     disc_start: int | None = None, disc_weight: float | None = None,
                     seed: int | None = None, limit: int | None = None, device=None, resume: bool = False,
                     overwrite: bool = False, eval_limit: int = 1000, save_every: int = 1000,
-                    log_every: int = 50, progress: bool = True, time_limit: float | None = None) -> dict:
+                    log_every: int = 50, progress: bool = True, time_limit: float | None = None,
+                    init=None) -> dict:
     """Train a VQ tokenizer on the train split of the image set ``images_dir``; returns a summary.
 
     Hyper-parameters left as ``None`` take ``DEFAULTS`` (or, with ``resume``, the values stored in
@@ -438,8 +470,10 @@ def train_tokenizer(images_dir, out_dir, *, preset: str | None = None, steps: in
     number of optimiser steps (a resumed run continues up to it). ``limit``: train on that many
     images spread over the train split. With ``time_limit`` (seconds) the run stops after the step
     that crosses it, saves, and can be resumed: training in pieces. After training, at most
-    ``eval_limit`` held-out images (spread over the split) are encoded and decoded. Bad data or
-    arguments raise ``DataError`` with a one-line message.
+    ``eval_limit`` held-out images (spread over the split) are encoded and decoded. ``init``: a
+    tokenizer file whose weights start a new run (its config is the run's; a ``preset`` must match
+    it), e.g. to fine-tune the bundled tokenizer at another image size. Bad data or arguments raise
+    ``DataError`` with a one-line message.
     """
     t_start = time.perf_counter()
     given = {"preset": preset, "batch_size": batch_size, "lr": lr, "beta1": beta1, "beta2": beta2,
@@ -453,11 +487,21 @@ def train_tokenizer(images_dir, out_dir, *, preset: str | None = None, steps: in
     with RunFolder(out_dir, fmt=CKPT_FORMAT, max_version=CKPT_VERSION, deploy=DEPLOY, resume=resume,
                    overwrite=overwrite) as run:
         ckpt, run.checkpoint = run.checkpoint, None
+        start_from = _init_tokenizer(init, preset, ckpt)
+        if start_from is not None:
+            given["preset"] = start_from.preset
         hp = _hyperparameters(given, ckpt, run.ckpt_path, steps)
         config = VQConfig.from_dict(ckpt["config"]) if ckpt is not None else VQ_PRESETS[hp["preset"]]
+        if start_from is not None:
+            hp["init"] = str(init)
+        elif ckpt is not None and "init" in ckpt["train"]:
+            hp["init"] = ckpt["train"]["init"]  # a resumed run still says where it started
         data = _load_data(Path(images_dir), hp, config, ckpt, run.ckpt_path, dev)
         hp.update(data.key, images=str(images_dir))
         nets = _build(config, hp, min(data.key["image_size"]), dev, ckpt)
+        if start_from is not None:
+            nets.model.load_state_dict(start_from.state)
+            del start_from
         start = int(ckpt["step"]) if ckpt is not None else 0
         del ckpt
         run.start(start)

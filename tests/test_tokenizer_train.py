@@ -260,3 +260,45 @@ def test_cli_numbers_are_bounded(images, tmp_path, flag, value):
     r = cli("tokenizer", images, tmp_path / "o", flag, value, "--device", "cpu", "--no-progress")
     assert r.exit_code == 2 and flag in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "o").exists()
+
+
+def test_init_starts_from_a_tokenizer_at_another_size(images, tmp_path):
+    """--init: a new run whose weights at step 0 are the given tokenizer's (with a learning rate
+    too small to move them, the result equals it; a seeded run lands far away), at another image
+    size (here 24 px for a tokenizer trained at 16, as the bundled one at 96 for 64 px); the preset
+    comes from the file, and the run records where it started."""
+    train_tokenizer(images, tmp_path / "a", steps=6, **FAST)
+    start = load_tokenizer(tmp_path / "a" / "vq.safetensors").state_dict()
+    bigger = make_image_set(tmp_path / "img24", n=16, size=24, holdout_every=8)
+    still = dict(FAST, lr=1e-12, preset=None)
+    s = train_tokenizer(bigger, tmp_path / "b", steps=2, init=tmp_path / "a" / "vq.safetensors", **still)
+    assert s["preset"] == "vq-tiny" and s["grid"] == [12, 12]
+    got = load_tokenizer(tmp_path / "b" / "vq.safetensors").state_dict()
+    seeded = load_tokenizer(train_tokenizer(bigger, tmp_path / "c", steps=2, **dict(still, preset="vq-tiny"))
+                            ["tokenizer"]).state_dict()
+    moved = [k for k, _ in load_tokenizer(tmp_path / "a" / "vq.safetensors").named_parameters()]  # not usage counts
+    assert all(torch.allclose(got[k], start[k], atol=1e-8, rtol=0) for k in moved)
+    assert not all(torch.allclose(seeded[k], start[k], atol=1e-3) for k in moved)
+    assert torch.load(tmp_path / "b" / "last.pt", weights_only=True)["train"]["init"].endswith("vq.safetensors")
+    # it goes on as a run of its own: resumable, and it still says where it started
+    train_tokenizer(bigger, tmp_path / "b", steps=3, resume=True, progress=False, device="cpu")
+    assert torch.load(tmp_path / "b" / "last.pt", weights_only=True)["train"]["init"].endswith("vq.safetensors")
+
+
+@pytest.mark.parametrize("extra,text", [
+    (["--init", "{tmp}/none.safetensors"], "--init {tmp}/none.safetensors: no such file"),
+    (["--init", "{tmp}/junk.safetensors"], "not a tokenizer"),
+    (["--init", "{tmp}/a/vq.safetensors", "--preset", "vq-f4-demo"], "is a vq-tiny tokenizer, not --preset vq-f4-demo"),
+])
+def test_init_errors_are_one_line(images, tmp_path, extra, text):
+    train_tokenizer(images, tmp_path / "a", steps=1, **FAST)
+    (tmp_path / "junk.safetensors").write_bytes(np.random.default_rng(0).bytes(300))
+    r = cli("tokenizer", images, tmp_path / "o", *[a.format(tmp=tmp_path) for a in extra], "--steps", "1",
+            "--device", "cpu", "--no-progress")
+    err = r.stderr.strip()
+    assert r.exit_code == 1 and len(err.splitlines()) == 1 and "Traceback" not in err, r.output + r.stderr
+    assert text.format(tmp=tmp_path) in err
+    assert not (tmp_path / "o" / "last.pt").exists()
+    with pytest.raises(DataError, match="pass one"):
+        train_tokenizer(images, tmp_path / "a", steps=2, resume=True, init=tmp_path / "a" / "vq.safetensors",
+                        progress=False, device="cpu")
