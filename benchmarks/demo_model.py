@@ -80,16 +80,11 @@ def score_cmd(a):
     from lasad_engine.tokenizer import load_tokenizer
     from lasad_train.formats import load_images
     from lasad_tools.evaluate import DEFAULT_CACHE
-    from lasad_tools.fid import InceptionFeatures, score
+    from lasad_tools.fid import InceptionFeatures, cached_features, score
     torch.set_num_threads(a.threads)
     data = np.load(a.tokens)
     feats = InceptionFeatures(a.inception or DEFAULT_CACHE / "default_1.pt", "cpu", 50)
-    if a.ref_features and Path(a.ref_features).is_file():
-        f_ref = np.load(a.ref_features)
-    else:
-        f_ref = feats(load_images(a.ref, None, 1)[0])
-        if a.ref_features:
-            np.save(a.ref_features, f_ref)
+    f_ref = cached_features(feats, load_images(a.ref, None, 1)[0], a.ref_features or None)
     vq = load_tokenizer(a.tokenizer, device="cpu").float().eval()
     rows = {}
     if a.out.is_file():

@@ -31,7 +31,7 @@ import _repo  # noqa: E402,F401  (the checkout importable as installed)
 from lasad_engine.io import atomic_write_text  # noqa: E402
 from lasad_engine.pipeline import decode_codes, to_uint8  # noqa: E402
 from lasad_engine.tokenizer import load_tokenizer  # noqa: E402
-from lasad_tools.fid import InceptionFeatures, score  # noqa: E402
+from lasad_tools.fid import InceptionFeatures, cached_features, score  # noqa: E402
 from lasad_tools.profiling import environment  # noqa: E402
 from lasad_train.formats import load_images  # noqa: E402
 from lasad_train.tokenizer_train import evaluate, to_model_input  # noqa: E402
@@ -58,12 +58,7 @@ def main():
     pick = np.sort(np.random.default_rng(a.seed).choice(len(train), min(a.num, len(train)), replace=False))
     train = train[pick]
     feats = InceptionFeatures(a.inception, device, a.batch)
-    if a.ref_features is not None and a.ref_features.is_file():
-        f_ref = np.load(a.ref_features)
-    else:
-        f_ref = feats(ref)
-        if a.ref_features is not None:
-            np.save(a.ref_features, f_ref)
+    f_ref = cached_features(feats, ref, a.ref_features)
     rows = {"real_train": score(f_ref, feats(train))}
     vq = load_tokenizer(a.tokenizer, device).eval()
     with torch.no_grad():

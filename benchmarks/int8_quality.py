@@ -69,7 +69,7 @@ def main():
     from lasad_engine.pipeline import LasadPipeline, decode_codes, to_uint8
     from lasad_train.formats import load_images
     from lasad_tools.evaluate import DEFAULT_CACHE
-    from lasad_tools.fid import InceptionFeatures, generation_labels, score
+    from lasad_tools.fid import InceptionFeatures, cached_features, generation_labels, score
 
     torch.set_num_threads(a.threads)
     tokens_path = a.tokens or a.out.with_suffix(".tokens.npz")
@@ -138,14 +138,9 @@ def main():
         raise SystemExit("scoring needs --ref (Emoji-5)")
     ref = load_images(a.ref, LABEL_SET, 1)[0]
     feats = InceptionFeatures(a.inception or DEFAULT_CACHE / "default_1.pt", "cpu", 50)
-    if a.ref_features and a.ref_features.is_file():
-        f_ref = np.load(a.ref_features)
-    else:
-        t0 = time.perf_counter()
-        f_ref = feats(ref)
-        print(f"reference features: {time.perf_counter() - t0:.0f} s", flush=True)
-        if a.ref_features:
-            np.save(a.ref_features, f_ref)
+    t0 = time.perf_counter()
+    f_ref = cached_features(feats, ref, a.ref_features or None)
+    print(f"reference features: {time.perf_counter() - t0:.0f} s", flush=True)
     from lasad_engine.tokenizer import load_tokenizer
     from lasad_engine.checkpoint import ASSETS
     vq = load_tokenizer(ASSETS / "default-vq.safetensors", device="cpu").float().eval()

@@ -96,7 +96,7 @@ def fid_cmd(ref_dir, ref_split, checkpoint, tokenizer, gen_dir, label_set, num_r
     from lasad_engine.params import parse_grid, resolve_device
     from lasad_train.formats import load_images
 
-    from .fid import InceptionFeatures, generation_labels, score
+    from .fid import InceptionFeatures, cached_features, generation_labels, score
     if (checkpoint is None) == (gen_dir is None):
         raise click.UsageError("pass exactly one of --checkpoint and --images")
     if grid is not None:
@@ -122,13 +122,7 @@ def fid_cmd(ref_dir, ref_split, checkpoint, tokenizer, gen_dir, label_set, num_r
                        f"{ref.shape[1]}x{ref.shape[2]} references (--grid chooses the size generated)", err=True)
     else:
         generated = load_images(gen_dir)[0][:num]
-    if ref_features is not None and ref_features.is_file():
-        f_ref = np.load(ref_features)
-    else:
-        f_ref = feats(ref)
-        if ref_features is not None:
-            from lasad_train.formats import save_npy
-            save_npy(ref_features, f_ref)
+    f_ref = cached_features(feats, ref, ref_features)
     f_gen = feats(generated)
     scores = {k: (v if not isinstance(v, float) or math.isfinite(v) else None)  # JSON has no NaN
               for k, v in score(f_ref, f_gen).items()}

@@ -96,6 +96,18 @@ def score(f_ref: np.ndarray, f_gen: np.ndarray) -> dict:
             "num_ref": len(f_ref), "num_gen": len(f_gen)}
 
 
+def cached_features(feats: InceptionFeatures, images: np.ndarray, cache: str | os.PathLike | None) -> np.ndarray:
+    """`feats(images)`, read from the `.npy` file `cache` when it exists, else computed and (with a
+    `cache`) written there atomically: the reference's features, computed once for many scorings."""
+    if cache is not None and Path(cache).is_file():
+        return np.load(cache)
+    f = feats(images)
+    if cache is not None:
+        from lasad_train.formats import save_npy
+        save_npy(Path(cache), f)
+    return f
+
+
 def generation_labels(ref_labels: np.ndarray | None, num: int, seed: int) -> list[int]:
     """`num` class labels drawn (seeded) from the reference's class mix, so FID compares like
     with like; ten classes in turn when the reference has no labels."""
