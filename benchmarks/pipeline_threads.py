@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import threading
 import time
@@ -24,7 +23,9 @@ import _repo  # noqa: E402,F401  (the checkout importable as installed)
 
 import torch  # noqa: E402
 
+from lasad_engine.io import atomic_write_text  # noqa: E402
 from lasad_engine.pipeline import LasadPipeline  # noqa: E402
+from lasad_tools.profiling import environment  # noqa: E402
 
 
 def threads_run(pipe, n: int) -> tuple[float, list, list]:
@@ -52,14 +53,8 @@ def main():
     ap.add_argument("--checkpoint", default="default")
     args = ap.parse_args()
     n = args.threads
-    out = {"benchmark": "pipeline_threads", "date": time.strftime("%Y-%m-%d"), "command": "python " + " ".join(sys.argv),
-           "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
-           "torch": torch.__version__, "threads": n}
-    try:
-        out["commit"] = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                                       cwd=_repo.ROOT).stdout.strip()
-    except OSError:
-        out["commit"] = ""
+    out = {"benchmark": "pipeline_threads", **environment(torch.device(args.device), "python benchmarks/pipeline_threads.py"),
+           "threads": n}
     with LasadPipeline.from_checkpoint(args.checkpoint, device=args.device, max_batch=n) as pipe:
         pipe([0], generator=torch.Generator().manual_seed(0), output_type="tokens")  # warm-up
         t = time.perf_counter()
@@ -78,7 +73,7 @@ def main():
         out["threads_lock"] = {"seconds": secs, "median_wait_s": statistics.median(waits), "max_wait_s": max(waits),
                                "tokens_equal_alone": all(torch.equal(a, b) for a, b in zip(toks, ref))}
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "pipeline_threads.json").write_text(json.dumps(out, indent=1))
+    atomic_write_text(args.out / "pipeline_threads.json", json.dumps(out, indent=1))
     print(json.dumps(out, indent=1))
 
 
