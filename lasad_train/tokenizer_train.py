@@ -69,6 +69,7 @@ DEFAULTS = {
     "disc_weight": 0.5,     # LlamaGen --disc-weight
     "seed": 0,
     "limit": None,          # train on this many images, spread over the train split (None: all)
+    "init": None,           # the tokenizer file whose weights started the run (--init; None: seeded)
 }
 
 
@@ -300,8 +301,7 @@ def _init_tokenizer(path, preset: str | None, ckpt: dict | None) -> _Init | None
     if preset is not None and preset not in names:
         raise DataError(f"--init {path} is a {names[0]} tokenizer, not --preset {preset}: leave --preset out "
                         "or pass that one")
-    return _Init(preset if preset is not None else names[0],
-                 {k: v.detach().float().clone() for k, v in model.state_dict().items()})
+    return _Init(preset if preset is not None else names[0], model.state_dict())  # loading casts and copies
 
 
 def _load_data(images_dir: Path, hp: dict, config: VQConfig, ckpt: dict | None, ckpt_path: Path,
@@ -479,7 +479,7 @@ def train_tokenizer(images_dir, out_dir, *, preset: str | None = None, steps: in
     given = {"preset": preset, "batch_size": batch_size, "lr": lr, "beta1": beta1, "beta2": beta2,
              "max_grad_norm": max_grad_norm, "rec_weight": rec_weight, "l1_weight": l1_weight,
              "codebook_weight": codebook_weight, "gan": gan, "disc_start": disc_start,
-             "disc_weight": disc_weight, "seed": seed, "limit": limit}
+             "disc_weight": disc_weight, "seed": seed, "limit": limit, "init": None}
     if int(steps) < 1 or int(save_every) < 1 or int(log_every) < 1 or int(eval_limit) < 0:
         raise DataError(f"steps, save_every and log_every must be >= 1 and eval_limit >= 0 (got {steps}, "
                         f"{save_every}, {log_every}, {eval_limit})")
@@ -489,13 +489,9 @@ def train_tokenizer(images_dir, out_dir, *, preset: str | None = None, steps: in
         ckpt, run.checkpoint = run.checkpoint, None
         start_from = _init_tokenizer(init, preset, ckpt)
         if start_from is not None:
-            given["preset"] = start_from.preset
+            given.update(preset=start_from.preset, init=str(init))
         hp = _hyperparameters(given, ckpt, run.ckpt_path, steps)
         config = VQConfig.from_dict(ckpt["config"]) if ckpt is not None else VQ_PRESETS[hp["preset"]]
-        if start_from is not None:
-            hp["init"] = str(init)
-        elif ckpt is not None and "init" in ckpt["train"]:
-            hp["init"] = ckpt["train"]["init"]  # a resumed run still says where it started
         data = _load_data(Path(images_dir), hp, config, ckpt, run.ckpt_path, dev)
         hp.update(data.key, images=str(images_dir))
         nets = _build(config, hp, min(data.key["image_size"]), dev, ckpt)
