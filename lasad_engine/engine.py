@@ -23,7 +23,7 @@ import torch
 
 from .backends import Backend, make_backend
 from .model import LasadState
-from .params import MAX_BATCH, ClassLabels, EngineError, Grid, SamplingParams, check_memory, parse_grid
+from .params import MAX_BATCH, ClassLabels, EngineError, Grid, SamplingParams, check_memory, parse_grid, with_index
 from .scheduler import POLICIES, QueueFull, Request, RequestFailed, SlotScheduler
 
 __all__ = ["LasadEngine", "SamplingParams", "EngineError", "QueueFull", "RequestFailed", "parse_grid",
@@ -83,7 +83,7 @@ class LasadEngine:
         if max_queue is not None and (isinstance(max_queue, bool) or not isinstance(max_queue, int) or max_queue < 0):
             raise EngineError(f"max_queue={max_queue!r} must be a non-negative integer (or None: no bound)")
         self.model = model.eval()
-        self.device = torch.device(device) if device is not None else model.output.weight.device
+        self.device = with_index(torch.device(device) if device is not None else model.output.weight.device)
         check_memory(estimate_buffer_bytes(model, max_batch, model.config.seq_len), self.device,
                      f"max_batch={max_batch}")
         self.backend: Backend = make_backend(backend, model, self.device, artifact)

@@ -268,8 +268,19 @@ def _release_cuda_cache() -> None:
         torch.cuda.empty_cache()
 
 
+def with_index(device):
+    """`device` with its CUDA index filled in (cuda -> cuda:N of the current device): a thread of its own
+    starts on device 0 whatever the caller's current device, and torch.cuda.set_device refuses a bare "cuda"."""
+    import torch
+
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
 def resolve_device(device=None):
-    """A torch device from a user's choice (None: cuda if available, else cpu); one-line errors."""
+    """A torch device from a user's choice (None: cuda if available, else cpu), a CUDA one with its
+    index; one-line errors."""
     import torch
 
     if isinstance(device, torch.device):
@@ -277,7 +288,7 @@ def resolve_device(device=None):
     else:
         device_in = None
     if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return with_index(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     try:
         device = device_in or torch.device(device)
     except (RuntimeError, TypeError):
@@ -291,4 +302,4 @@ def resolve_device(device=None):
         raise OutOfRange(f"device={device}: lasad runs on cpu or cuda (e.g. cpu, cuda, cuda:1)")
     elif device.index not in (None, 0):
         raise OutOfRange(f"device={device}: there is one cpu device (cpu or cpu:0)")
-    return device
+    return with_index(device)

@@ -44,7 +44,7 @@ import torch
 from .backends import Backend
 from .graphs import CudaGraphRunner
 from .model import LasadState
-from .params import EngineError, Grid, SamplingParams
+from .params import EngineError, Grid, SamplingParams, with_index
 from .sampling import SamplerTable, sample_images
 
 POLICIES = ("continuous", "static", "lock")
@@ -232,6 +232,7 @@ class SlotScheduler:
         if policy not in POLICIES:
             raise EngineError(f"policy={policy!r} is not one of {', '.join(POLICIES)}")
         cfg = model.config
+        device = with_index(device)   # the decode thread selects it: it starts on device 0, not the caller's
         self.model, self.backend, self.device = model, backend, device
         self.max_images, self.policy, self.batch_wait, self.threads = max_images, policy, batch_wait, threads
         self.max_queue = max_queue

@@ -200,3 +200,17 @@ def test_baseline_policies_give_the_same_tokens(policy):
     if policy == "lock":  # one request at a time: the loop steps of two requests never overlap
         assert all(end <= start for (_, end), (start, _) in zip(spans, spans[1:]))
     engine.close()
+
+
+def test_a_bare_cuda_device_gets_the_callers_index(monkeypatch):
+    """A bare "cuda" becomes cuda:N of the caller's current device (the decode thread selects it with
+    torch.cuda.set_device, which refuses a bare "cuda", and a new thread starts on device 0); an
+    indexed device and the cpu stay as given. Found on an H100: lasad-serve's decode loop failed
+    with set_device("cuda"). The current device is faked, so this runs without a GPU."""
+    from lasad_engine.params import with_index
+
+    current = random.Random().randrange(1, 8)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: current)
+    assert with_index(torch.device("cuda")) == torch.device("cuda", current)
+    assert with_index(torch.device("cuda", 0)) == torch.device("cuda", 0)
+    assert with_index(torch.device("cpu")) == torch.device("cpu")
