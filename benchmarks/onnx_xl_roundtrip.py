@@ -57,7 +57,7 @@ def ort_model_path(path: Path) -> Path:
     extensions' domain, written beside `path` so that it finds the same external data."""
     import onnx
 
-    from lasad_engine.ort import _register_custom_op
+    from lasad_engine.backends.ort import _register_custom_op
     from lasad_plugins import contract as C
     from onnxruntime_extensions import _ocos
     _register_custom_op()
@@ -113,7 +113,7 @@ def run_form(form: str, preset: str, workdir: Path, rows: int, seed: int) -> dic
     opts = ort.SessionOptions()
     model_path = path
     if form == "custom":
-        from lasad_engine.ort import _register_custom_op
+        from lasad_engine.backends.ort import _register_custom_op
         opts.register_custom_ops_library(_register_custom_op())
         model_path = ort_model_path(path)
     sess = ort.InferenceSession(str(model_path), opts, providers=["CPUExecutionProvider"])

@@ -163,16 +163,19 @@ class LasadEngine:
         return self.scheduler.submit(req)
 
     def _step_hook(self, callback, on_step, N: int):
-        tables = self.scheduler.tables
+        scheduler, cached = self.scheduler, {}
 
         def hook(req, images):
             if on_step is not None:
                 on_step(req, images)
             if callback is not None:  # images not (or no longer) in a slot: the dummy token row
+                tables = scheduler.tables   # at this step: the token rows may have grown since submit
                 rows = tables.tokens.view(-1, tables.n_tokens)
                 dummy = rows.shape[0] - 1
-                slots = torch.tensor([img.slot if img.slot >= 0 else dummy for img in req.images], device=rows.device)
-                callback(req.steps_done - 1, rows.index_select(0, slots)[:, :N])
+                key = (id(tables), tuple(img.slot if img.slot >= 0 else dummy for img in req.images))
+                if cached.get("key") != key:   # a host-to-device copy (a sync) only when the slots change
+                    cached["key"], cached["slots"] = key, torch.tensor(key[1], device=rows.device)
+                callback(req.steps_done - 1, rows.index_select(0, cached["slots"])[:, :N])
         return hook
 
     def wait(self, req: Request, timeout: float | None = None) -> torch.Tensor:

@@ -39,7 +39,10 @@ class CudaGraphRunner:
         if self.pool is None:
             self.pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool, stream=self.stream):
+        # thread_local: the capture fails only on this thread's unsafe calls. With "global" (torch's
+        # default) another thread's allocation, sync or VQ decode during a capture (a bucket captured
+        # while other requests are served) would invalidate it and fail the decode loop.
+        with torch.cuda.graph(graph, pool=self.pool, stream=self.stream, capture_error_mode="thread_local"):
             fn()
         self.graphs[key] = graph
 

@@ -460,3 +460,22 @@ def test_lasad_check_compares_an_int8_export_with_the_same_quantisation(tmp_path
     r = CliRunner().invoke(check_main, [str(step), str(ckpt), "--images", "2"])
     assert r.exit_code == 0, r.output
     assert json.loads(r.stdout.strip().splitlines()[-1])["rel_err"] < 1e-4
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_the_persistent_step_kernel_refuses_quantised_weights_in_one_line(fmt):
+    """The persistent step reads float weights only: asking for it with int8/fp8 weights is a one-line
+    EngineError when it is chosen, not a ValueError from inside the decode loop at the first small
+    bucket; float weights are accepted. (The backend's setter alone: its constructor needs a GPU.)"""
+    from lasad_engine.backends.cuda import CudaBackend
+
+    for model, ok in ((_tiny(), True), (quant.quantize_(_tiny(), fmt), False)):
+        backend = CudaBackend.__new__(CudaBackend)
+        backend.model, backend._step_kernel = model, "ops"
+        if ok:
+            backend.step_kernel = "persistent"
+            assert backend.step_kernel == "persistent"
+        else:
+            with pytest.raises(EngineError, match=f"float weights .*not {fmt}") as e:
+                backend.step_kernel = "persistent"
+            assert "\n" not in str(e.value) and backend.step_kernel == "ops"

@@ -34,6 +34,12 @@ class CudaBackend(ModelBackend):
     def step_kernel(self, value: str) -> None:
         if value not in STEP_KERNELS:
             raise EngineError(f"step_kernel={value!r} is not one of {', '.join(STEP_KERNELS)}")
+        if value == "persistent":
+            from ..quant import weights_format
+            fmt = weights_format(self.model)
+            if fmt != "float":
+                raise EngineError(f"step_kernel='persistent' runs float weights (fp32, bf16, fp16), not {fmt}; "
+                                  "use step_kernel='ops' with quantised weights")
         self._step_kernel = value
 
     def decode(self, rows, state):

@@ -127,7 +127,11 @@ class Decoder:
 
     def submit(self, tokens: torch.Tensor, loop, height: int | None = None) -> asyncio.Future:
         fut = loop.create_future()
-        self.jobs.put((tokens, loop, fut, height))
+        ready = None   # the tokens as the caller's stream has them: the decode stream waits for that
+        if self.stream is not None and tokens.is_cuda:
+            ready = torch.cuda.Event()
+            ready.record(torch.cuda.current_stream(tokens.device))
+        self.jobs.put((tokens, loop, fut, height, ready))
         return fut
 
     def close(self) -> None:
@@ -162,13 +166,16 @@ class Decoder:
         try:
             ctx = torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext()
             with ctx:
-                tokens = torch.cat([t for t, _, _, _ in batch])
+                for job in batch:
+                    if job[4] is not None:
+                        self.stream.wait_event(job[4])
+                tokens = torch.cat([job[0] for job in batch])
                 arr = to_uint8(self.pipe.decode(tokens))
             height = batch[0][3]
             if height is not None and height > arr.shape[1]:
                 arr = np.pad(arr, ((0, 0), (0, height - arr.shape[1]), (0, 0), (0, 0)), constant_values=255)
             out, i = [], 0
-            for t, loop, fut, _ in batch:
+            for t, loop, fut, _, _ in batch:
                 pngs = []
                 for a in arr[i:i + t.shape[0]]:
                     buf = io.BytesIO()
@@ -179,7 +186,7 @@ class Decoder:
             for loop, fut, pngs in out:
                 loop.call_soon_threadsafe(_set, fut, pngs, None)
         except BaseException as e:  # noqa: BLE001 - the waiting requests fail, the thread goes on
-            for _, loop, fut, _ in batch:
+            for _, loop, fut, _, _ in batch:
                 loop.call_soon_threadsafe(_set, fut, None, e)
 
 
