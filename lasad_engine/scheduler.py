@@ -44,7 +44,7 @@ import torch
 from .backends import Backend
 from .graphs import CudaGraphRunner
 from .model import LasadState
-from .params import EngineError, Grid, SamplingParams, with_index
+from .params import EngineError, Grid, SamplingParams, is_out_of_memory, with_index
 from .sampling import SamplerTable, sample_images
 
 POLICIES = ("continuous", "static", "lock")
@@ -752,7 +752,8 @@ def _fail(req: Request, err) -> None:
         return
     if req.progress is not None:
         req.progress.close()
-    if isinstance(err, (EngineError, KeyboardInterrupt)):  # an interrupt reaches the waiter as one
+    # an interrupt reaches the waiter as one; out of memory too, for the caller's memory_stage to name
+    if isinstance(err, (EngineError, KeyboardInterrupt)) or is_out_of_memory(err):
         req.future.set_exception(err)
     else:
         req.future.set_exception(EngineError(f"the decode loop failed: {type(err).__name__}: {err}"))

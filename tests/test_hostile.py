@@ -567,6 +567,20 @@ def test_out_of_memory_at_start_up_and_in_the_vq_decode(ckpt, tmp_path, monkeypa
     assert not list(tmp_path.glob("*.png")) and not list(tmp_path.glob("*.json"))
 
 
+def test_out_of_memory_in_the_decode_loop(ckpt, tmp_path, monkeypatch):
+    """torch running out of memory inside a decode step (on the scheduler's thread) reaches lasad-run
+    as what it is: one line naming the generation and what to change, exit 1, not a generic
+    "the decode loop failed"."""
+    from lasad_engine.backends.base import ModelBackend
+    monkeypatch.setattr(ModelBackend, "decode", _oom)
+    r = invoke(run_main, ["--checkpoint", ckpt, "-c", "1", "-n", "2", "--no-progress"], tmp_path)
+    assert r.exit_code == 1
+    line = assert_one_line(r)
+    assert "out of memory while generating 2 image(s)" in line and "smaller --max-batch" in line
+    assert "decode loop failed" not in line
+    assert not list(tmp_path.glob("*.png")) and not list(tmp_path.glob("*.json"))
+
+
 def test_out_of_memory_during_export(ckpt, tmp_path, monkeypatch):
     pytest.importorskip("onnx")
     from lasad_tools import onnx_export
