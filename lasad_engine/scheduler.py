@@ -125,6 +125,8 @@ class Request:
     cancelled: bool = False
     steps_done: int = 0
     finished_step: int = -1      # the loop step after which its last image left
+    ready: object = None         # CUDA: an event on the submitting stream; the loop waits for it before
+                                 # its first use of the caller's tensors (forced tokens, an on_step's outputs)
 
     @property
     def n(self) -> int:
@@ -294,6 +296,9 @@ class SlotScheduler:
                 raise QueueFull(f"the queue is full ({len(self.waiting)} images wait, {len(self.active)} run); "
                                 f"retry in {self.retry_after():.1f} s", self.retry_after())
             self._check_tokens(request)
+            if self.device.type == "cuda":
+                request.ready = torch.cuda.Event()
+                request.ready.record(torch.cuda.current_stream(self.device))
             N = request.forced.shape[1] if request.forced is not None else request.grid.tokens
             for i, (label, seed) in enumerate(zip(request.labels, request.seeds)):
                 img = Image(request, i, label, seed, N)
@@ -645,6 +650,8 @@ class SlotScheduler:
             p = img.pos
             if req.first_step is None:
                 req.first_step = now
+                if req.ready is not None:
+                    torch.cuda.current_stream(self.device).wait_event(req.ready)
             if req.forced is not None:
                 f = req.forced[img.index, p].to(self.device)
                 for row in self._rows_of(img):

@@ -51,6 +51,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from . import stream_key
 from .norms import _pick, rms_norm, silu_mul
 from .norms import swiglu as swiglu_op
 
@@ -295,9 +296,10 @@ def _counters(device: torch.device, n: int) -> torch.Tensor:
     """Split-K arrival counters, one int32 per column block, allocated zeroed once per device; the
     last program of each block resets its counter, so they are zero between launches. Launches
     that use them run one after another in a stream (a launch waits for the previous kernel
-    before it counts), so one array serves every call; not two streams at once. A grown array
-    keeps the old ones alive: captured CUDA graphs still point at them."""
-    bufs = _COUNTERS.setdefault((device.type, device.index), [])
+    before it counts), so one array serves every call on a stream; each stream has its own (two
+    engines in one process). A grown array keeps the old ones alive: captured CUDA graphs still
+    point at them."""
+    bufs = _COUNTERS.setdefault((device.type, device.index, stream_key(device)), [])
     if not bufs or bufs[-1].numel() < n:
         bufs.append(torch.zeros(max(n, 4096), dtype=torch.int32, device=device))
     return bufs[-1]

@@ -34,6 +34,8 @@ import os
 
 import torch
 
+from . import stream_key
+
 try:
     import triton
     import triton.language as tl
@@ -84,8 +86,9 @@ def default_split(rows: int, vocab: int, device: torch.device) -> int:
 
 def _workspace(device: torch.device, rows: int, split: int, nb: int):
     """Partial results (int32) and one arrival counter per row, allocated once and reused. The
-    counters return to 0 at the end of every launch, so launches on one stream can share them."""
-    key = (device, rows, split, nb)
+    counters return to 0 at the end of every launch, so launches on one stream share them (each
+    stream has its own: two engines in one process)."""
+    key = (device, stream_key(device), rows, split, nb)
     ws = _workspaces.get(key)
     if ws is None:
         hist = torch.empty(rows * MAX_ROUNDS * split * nb, dtype=torch.int32, device=device)
