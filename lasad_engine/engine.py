@@ -172,9 +172,9 @@ class LasadEngine:
                 tables = scheduler.tables   # at this step: the token rows may have grown since submit
                 rows = tables.tokens.view(-1, tables.n_tokens)
                 dummy = rows.shape[0] - 1
-                key = (id(tables), tuple(img.slot if img.slot >= 0 else dummy for img in req.images))
+                key = tuple(img.slot if img.slot >= 0 else dummy for img in req.images)
                 if cached.get("key") != key:   # a host-to-device copy (a sync) only when the slots change
-                    cached["key"], cached["slots"] = key, torch.tensor(key[1], device=rows.device)
+                    cached["key"], cached["slots"] = key, torch.tensor(key, device=rows.device)
                 callback(req.steps_done - 1, rows.index_select(0, cached["slots"])[:, :N])
         return hook
 

@@ -44,7 +44,7 @@ import torch
 from .backends import Backend
 from .graphs import CudaGraphRunner
 from .model import LasadState
-from .params import EngineError, Grid, SamplingParams, is_out_of_memory, with_index
+from .params import EngineError, Grid, SamplingParams, is_out_of_memory
 from .sampling import SamplerTable, sample_images
 
 POLICIES = ("continuous", "static", "lock")
@@ -234,7 +234,6 @@ class SlotScheduler:
         if policy not in POLICIES:
             raise EngineError(f"policy={policy!r} is not one of {', '.join(POLICIES)}")
         cfg = model.config
-        device = with_index(device)   # the decode thread selects it: it starts on device 0, not the caller's
         self.model, self.backend, self.device = model, backend, device
         self.max_images, self.policy, self.batch_wait, self.threads = max_images, policy, batch_wait, threads
         self.max_queue = max_queue
@@ -362,7 +361,7 @@ class SlotScheduler:
     def _run(self) -> None:
         left_idle = False
         try:
-            if self.device.type == "cuda":
+            if self.device.type == "cuda":   # with its index (the engine's): this thread starts on device 0
                 torch.cuda.set_device(self.device)
             with torch.inference_mode(), self._stream_ctx():
                 while True:

@@ -205,7 +205,7 @@ def test_baseline_policies_give_the_same_tokens(policy):
 def test_a_bare_cuda_device_gets_the_callers_index(monkeypatch):
     """A bare "cuda" becomes cuda:N of the caller's current device (the decode thread selects it with
     torch.cuda.set_device, which refuses a bare "cuda", and a new thread starts on device 0); an
-    indexed device and the cpu stay as given. Found on an H100: lasad-serve's decode loop failed
+    indexed device and the cpu stay as given. Found on an H100: the engine's decode thread failed
     with set_device("cuda"). The current device is faked, so this runs without a GPU."""
     from lasad_engine.params import with_index
 

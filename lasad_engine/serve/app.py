@@ -47,7 +47,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ..engine import QueueFull, RequestFailed, image_seeds
 from ..io import UserError, one_line, safe_text
-from ..params import MAX_SEED, Grid, with_index
+from ..params import MAX_SEED, Grid
 from ..pipeline import DECODE_BATCH, LasadPipeline, to_uint8
 from .metrics import Metrics
 
@@ -140,7 +140,7 @@ class Decoder:
 
     def _run(self) -> None:
         if self.stream is not None:
-            torch.cuda.set_device(with_index(self.pipe.device))
+            torch.cuda.set_device(self.pipe.device)   # resolve_device gave it its index
         with torch.inference_mode():
             while True:
                 job = self.jobs.get()
