@@ -31,13 +31,16 @@ import json
 import math
 import os
 import random
+import shutil
 import signal
 import socket
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -82,7 +85,7 @@ def offline(model, device, slots: int, grid) -> dict:
     def timed(n):
         sync()
         t = time.perf_counter()
-        engine.generate(list(range(n)), grid=grid, params=params, generator=torch.Generator().manual_seed(n))
+        engine.generate([i % model.config.num_classes for i in range(n)], grid=grid, params=params, generator=torch.Generator().manual_seed(n))
         sync()
         return time.perf_counter() - t
 
@@ -163,10 +166,12 @@ async def one_request(client, url, body, stream: bool) -> dict:
     return rec
 
 
-async def open_loop(httpx, url, rate: float, duration: float, n_classes: int, grids, fmt: str,
-                    stream_fraction: float, seed: int, timeout: float, max_requests: int) -> dict:
-    """Poisson arrivals at `rate` requests/s for `duration` s; every request awaited (bounded by
-    `timeout`). Occupancy sampled every 0.2 s."""
+async def open_loop(url: str, rate: float, duration: float, n_classes: int, grids, fmt: str,
+                    stream_fraction: float, seed: int, timeout: float, max_requests: int, t_start: float,
+                    sample_occupancy: bool) -> dict:
+    """Poisson arrivals at `rate` requests/s from `t_start` (a perf_counter time, one clock for
+    every process) for `duration` s; every request awaited (bounded by `timeout`); raw records."""
+    import httpx
     rng = random.Random(seed)
     limits = httpx.Limits(max_connections=4096, max_keepalive_connections=4096)
     occupancy, tasks = [], []
@@ -180,18 +185,41 @@ async def open_loop(httpx, url, rate: float, duration: float, n_classes: int, gr
                     pass
                 await asyncio.sleep(0.2)
 
-        sampler = asyncio.create_task(sample())
-        t0 = time.perf_counter()
-        t_next = t0
-        while t_next - t0 < duration and len(tasks) < max_requests:
+        await asyncio.sleep(max(0.0, t_start - time.perf_counter()))
+        sampler = asyncio.create_task(sample()) if sample_occupancy else None
+        t_next = t_start + rng.expovariate(rate)
+        late = []  # how far behind its schedule each request was sent: the client's own lag
+        while t_next - t_start < duration and len(tasks) < max_requests:
             await asyncio.sleep(max(0.0, t_next - time.perf_counter()))
+            late.append(time.perf_counter() - t_next)
             body = {"prompt": str(rng.randrange(n_classes)), "seed": rng.randrange(1 << 31), "response_format": fmt,
                     "size": rng.choice(grids)}
             tasks.append(asyncio.create_task(one_request(client, url, body, rng.random() < stream_fraction)))
             t_next += rng.expovariate(rate)
-        sent_s = time.perf_counter() - t0
+        t_sent = time.perf_counter()
         recs = await asyncio.gather(*tasks)
-        sampler.cancel()
+        if sampler is not None:
+            sampler.cancel()
+    return {"recs": recs, "occupancy": occupancy, "t_sent": t_sent, "late": late}
+
+
+def client_process(kw: dict) -> dict:
+    """One load-generating process (its own event loop and connection pool)."""
+    return asyncio.run(open_loop(**kw))
+
+
+def load(pool, n_clients: int, url: str, rate: float, duration: float, seed: int, **kw) -> dict:
+    """Open-loop Poisson load at `rate` from `n_clients` processes at rate/n each (their sum is a
+    Poisson process at `rate`): one Python client tops out near a hundred requests/s, well below
+    what the server takes, and would measure itself."""
+    t0 = time.perf_counter() + 1.0  # every client started before the first arrival
+    jobs = [dict(url=url, rate=rate / n_clients, duration=duration, seed=1000 * seed + c, t_start=t0,
+                 sample_occupancy=c == 0, **kw) for c in range(n_clients)]
+    parts = list(pool.map(client_process, jobs))
+    recs = [r for p in parts for r in p["recs"]]
+    occupancy = parts[0]["occupancy"]
+    late = [x for p in parts for x in p["late"]]
+    sent_s = max(p["t_sent"] for p in parts) - t0
     t_end = max((r["t_send"] + r["latency"] for r in recs), default=t0)
     ok = [r for r in recs if r["status"] == 200]
     # steady state: completions while load was offered, after the first second (the ramp-up)
@@ -200,14 +228,57 @@ async def open_loop(httpx, url, rate: float, duration: float, n_classes: int, gr
     lat = [r["latency"] for r in ok]
     ttfr = [r["ttfr"] for r in ok if "ttfr" in r]
     occ = [a for t, a, w in occupancy if t0 + 1 <= t <= t0 + sent_s]
-    return {"offered_rps": len(recs) / sent_s if sent_s else 0.0, "sent": len(recs), "ok": len(ok),
-            "rejected_429": sum(r["status"] == 429 for r in recs),
-            "errors": sum(r["status"] not in (200, 429) for r in recs),
+    errors = [r["status"] for r in recs if r["status"] not in (200, 429)]
+    return {"offered_rps": len(recs) / sent_s if sent_s else 0.0, "target_rps": rate, "clients": n_clients,
+            "sent": len(recs), "ok": len(ok), "rejected_429": sum(r["status"] == 429 for r in recs),
+            "errors": len(errors), "error_kinds": sorted({str(e) for e in errors}),
+            "client_lag_ms": {q: 1e3 * pct(late, q) for q in (50, 99)} if late else None,
             "throughput_images_per_s": len(window) / (w1 - w0) if w1 > w0 else 0.0,
             "completed_per_s_overall": len(ok) / (t_end - t0) if t_end > t0 else 0.0,
             "latency_ms": {q: (1e3 * pct(lat, q) if lat else None) for q in (50, 90, 99)},
             "ttfr_ms": {q: (1e3 * pct(ttfr, q) if ttfr else None) for q in (50, 99)},
             "mean_active_images": statistics.mean(occ) if occ else None, "seconds": sent_s}
+
+
+def server_window(before: dict, after: dict) -> dict:
+    """The server's own view of a window between two /metrics scrapes: where a request's time
+    went (its queue wait, its whole stay) and what the decode loop did (steps/s, images per
+    step, wall and host time per step)."""
+    def d(name):
+        return after.get(name, 0.0) - before.get(name, 0.0)
+
+    def mean(hist):
+        n = d(hist + "_count")
+        return 1e3 * d(hist + "_sum") / n if n else None
+
+    steps = d("lasad_steps_total")
+    return {"steps": steps, "request_ms_mean": mean("lasad_request_latency_seconds"),
+            "queue_wait_ms_mean": mean("lasad_queue_wait_seconds"),
+            "images_per_step": d("lasad_images_stepped_total") / steps if steps else None,
+            "rows_per_step": d("lasad_rows_stepped_total") / steps if steps else None,
+            "step_us": 1e6 * d("lasad_step_seconds_total") / steps if steps else None,
+            "host_us_per_step": 1e6 * d("lasad_host_seconds_total") / steps if steps else None}
+
+
+def profile(pid: int, seconds: float, out: Path) -> dict | None:
+    """py-spy (when installed) on the server for `seconds`: each thread's share of the samples,
+    idle included, and the functions with the most samples; the raw stacks go to `out`."""
+    spy = shutil.which("py-spy")
+    if spy is None:
+        return None
+    r = subprocess.run([spy, "record", "--pid", str(pid), "--duration", str(max(1, round(seconds))), "--rate", "250",
+                        "--threads", "--idle", "--nonblocking", "--format", "raw", "--output", str(out)],
+                       capture_output=True, text=True)
+    if r.returncode != 0 or not out.exists():
+        return {"error": (r.stderr or r.stdout)[-500:]}
+    threads, frames = {}, {}
+    for line in out.read_text().splitlines():
+        stack, _, n = line.rpartition(" ")
+        names = stack.split(";")
+        threads[names[0]] = threads.get(names[0], 0) + int(n)
+        for f in set(names[1:]):
+            frames[f] = frames.get(f, 0) + int(n)
+    return {"threads": threads, "top": sorted(frames.items(), key=lambda kv: -kv[1])[:40], "raw": out.name}
 
 
 async def lone(httpx, url, n: int, n_classes: int, grid: str, fmt: str) -> list:
@@ -221,7 +292,7 @@ async def lone(httpx, url, n: int, n_classes: int, grid: str, fmt: str) -> list:
         return out
 
 
-def run_preset(args, preset, device, env, results) -> None:
+def run_preset(args, preset, device, env, results, pool) -> None:
     import httpx
     t_preset = time.perf_counter()
     if args.checkpoint:
@@ -266,17 +337,34 @@ def run_preset(args, preset, device, env, results) -> None:
             lat = asyncio.run(lone(httpx, server.url, args.lone, cfg.num_classes, grid_px, fmt))
             pr["lone_ms"] = {"median": 1e3 * statistics.median(lat), "min": 1e3 * min(lat)} if lat else None
             before = scrape(httpx, server.url)
-            rates = args.rates if policy == "continuous" else args.baseline_rates
-            for k, frac in enumerate(float(x) for x in rates.split(",")):
+            rates = [float(x) for x in (args.rates if policy == "continuous" else args.baseline_rates).split(",")]
+            for k, frac in enumerate(rates):
                 if time.perf_counter() - T0 > args.budget:
                     pr["rates"].append({"fraction": frac, "skipped": "over the time budget"})
                     continue
-                r = asyncio.run(open_loop(httpx, server.url, frac * sat, args.duration, cfg.num_classes,
-                                          grids if policy == "continuous" else [grid_px], fmt, args.stream_fraction,
-                                          seed=k, timeout=args.timeout, max_requests=args.max_requests))
+                spied, spy_thread = {}, None
+                if args.profile and policy == "continuous" and k == len(rates) - 1:  # the heaviest load
+                    def spy(name=f"{preset}-{policy}-x{frac}.pyspy.txt"):
+                        time.sleep(2.0)
+                        spied["server"] = profile(server.proc.pid, min(args.profile, args.duration - 2.5),
+                                                  args.out / name)
+                    spy_thread = threading.Thread(target=spy)
+                    spy_thread.start()
+                w0 = scrape(httpx, server.url)
+                r = load(pool, args.clients, server.url, frac * sat, args.duration, seed=k, n_classes=cfg.num_classes,
+                         grids=grids if policy == "continuous" else [grid_px], fmt=fmt,
+                         stream_fraction=args.stream_fraction, timeout=args.timeout,
+                         max_requests=args.max_requests // args.clients)
+                r["server"] = server_window(w0, scrape(httpx, server.url))
                 r["fraction_of_offline"] = frac
+                if spy_thread is not None:
+                    spy_thread.join()
+                    r["profile"] = spied.get("server")
                 pr["rates"].append(r)
-                print(f"[{preset}/{policy}] x{frac}: {json.dumps(r)}", flush=True)
+                print(f"[{preset}/{policy}] x{frac}: {json.dumps({k: v for k, v in r.items() if k != 'profile'})}",
+                      flush=True)
+                if r.get("profile"):
+                    print(f"[{preset}/{policy}] profile: {json.dumps(r['profile'])[:3000]}", flush=True)
             after = scrape(httpx, server.url)
             steps = after.get("lasad_steps_total", 0) - before.get("lasad_steps_total", 0)
             pr["steps"] = steps
@@ -333,6 +421,10 @@ def main():
     ap.add_argument("--format", default="tokens", choices=["tokens", "b64_json"])
     ap.add_argument("--device", default=None)
     ap.add_argument("--budget", type=float, default=1e9, help="seconds after which remaining runs are skipped")
+    ap.add_argument("--clients", type=int, default=max(1, min(8, (os.cpu_count() or 2) // 2)),
+                    help="load-generating processes (default: half the cores, at most 8)")
+    ap.add_argument("--profile", type=float, default=0.0,
+                    help="seconds of py-spy (if installed) on the server during the heaviest continuous load")
     args = ap.parse_args()
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     args.out.mkdir(parents=True, exist_ok=True)
@@ -340,17 +432,20 @@ def main():
     results = {"benchmark": "serve_bench", "date": time.strftime("%Y-%m-%d"), "commit": commit(),
                "command": "python " + " ".join(sys.argv), "torch": torch.__version__,
                "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", "presets": []}
+    # spawned, not forked: this process has CUDA and torch's threads
+    pool = ProcessPoolExecutor(args.clients, mp_context=__import__("multiprocessing").get_context("spawn"))
     try:
         for preset in args.presets.split(","):
             if time.perf_counter() - T0 > args.budget:
                 results["presets"].append({"preset": preset, "skipped": "over the time budget"})
                 continue
             try:
-                run_preset(args, preset, device, env, results)
+                run_preset(args, preset, device, env, results, pool)
             except Exception as e:  # noqa: BLE001
                 results["presets"].append({"preset": preset, "error": f"{type(e).__name__}: {e}"[:2000]})
             (args.out / "serve_bench.json").write_text(json.dumps(results, indent=1))
     finally:
+        pool.shutdown(cancel_futures=True)
         (args.out / "serve_bench.json").write_text(json.dumps(results, indent=1))
         plot(results, args.out / "serve_latency.png")
     for p in results["presets"]:

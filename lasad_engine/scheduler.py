@@ -604,13 +604,14 @@ class SlotScheduler:
             model_step()
             self.graphs.replay(key)
         self.step_count += 1
+        n_images = len(self.active)  # before the finished images leave
         self._after_step()
         dt = time.perf_counter() - t0
         self.stats["steps"] += 1
         self.stats["step_seconds"] += dt
         self.stats["host_seconds"] += dt - self.tables.waited
         self.stats["rows"] += R
-        self.stats["images_stepped"] += len(self.active)
+        self.stats["images_stepped"] += n_images
 
     def _capture(self, key, fn) -> None:
         """Capture `fn` for a new bucket without touching the images in flight: warm-up and

@@ -230,6 +230,12 @@ def test_models_health_metrics(checkpoint):
                      "lasad_request_latency_seconds_bucket", "lasad_time_to_first_row_seconds_count",
                      "lasad_host_us_per_step", 'lasad_requests_total{status="200"}'):
             assert name in text, name
+        # the running totals: one image alone was in every step, with its CFG pair of rows
+        val = {ln.split()[0]: float(ln.split()[1]) for ln in text.splitlines() if ln and not ln.startswith("#")}
+        steps = val["lasad_steps_total"]
+        assert steps > 0 and val["lasad_images_stepped_total"] == steps
+        assert val["lasad_rows_stepped_total"] >= 2 * steps
+        assert 0 < val["lasad_host_seconds_total"] <= val["lasad_step_seconds_total"]
 
 
 def test_the_official_openai_client_works_unchanged(checkpoint):

@@ -32,7 +32,7 @@ if ls .whl/*.whl >/dev/null 2>&1; then
 fi
 # the checkout importable as installed (pytest too): tools/ and plugins/ under their installed names
 mkdir -p /tmp/site && ln -sfn "$PWD/tools" /tmp/site/lasad_tools && ln -sfn "$PWD/plugins" /tmp/site/lasad_plugins
-export PYTHONPATH=/tmp/site:/tmp/ortsite:$PWD TRITON_CACHE_DIR=/tmp/tcache LASAD_COMMIT=$(cat .carry/commit.txt 2>/dev/null)
+export PATH=/tmp/site/bin:$PATH PYTHONPATH=/tmp/site:/tmp/ortsite:$PWD TRITON_CACHE_DIR=/tmp/tcache LASAD_COMMIT=$(cat .carry/commit.txt 2>/dev/null)
 pack() { (cd "$W" && tar czf "$OUT/results.tgz" --ignore-failed-read ./* 2>/dev/null); }
 step() {  # step NAME SECONDS CMD...: run, log its end and rc, pack
   local name=$1 secs=$2; shift 2
@@ -71,6 +71,7 @@ for s in "$@"; do
     serving-test-quick) step serving-test 110 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu_serving.py -rs -x -k "philox or torch_backends or reproducible" ;;
     serve-both) step serve-both 470 python3 benchmarks/serve_bench.py --out "$W/serve-both" --presets lasad-B,lasad-XL --slots 64 --policies continuous,lock --rates 0.5,0.8,1.25 --baseline-rates 0.05 --duration 4 --lone 8 --budget 430 ;;
     serve-both-short) step serve-both 360 python3 benchmarks/serve_bench.py --out "$W/serve-both" --presets lasad-B,lasad-XL --slots 64 --policies continuous,lock --rates 0.8,1.25 --baseline-rates 0.05 --duration 4 --lone 6 --budget 300 ;;
+    serve-diag) step serve-B 250 python3 benchmarks/serve_bench.py --out "$W/serve-B" --presets lasad-B --slots 64 --policies continuous --rates 0.5,1.25 --duration 6 --lone 5 --profile 4 --budget 220 ;;
     serve-lean) step serve-both 290 python3 benchmarks/serve_bench.py --out "$W/serve-both" --presets lasad-B,lasad-XL --slots 64 --policies continuous,lock --rates 0.8,1.25 --baseline-rates 0.05 --duration 3 --lone 5 --budget 230 ;;
     serve-XL) step serve-XL 330 python3 benchmarks/serve_bench.py --out "$W/serve-XL" --presets lasad-XL --slots 64 --policies continuous,lock --baseline-rates 0.25 --rates 0.5,0.8,1.25 --duration 5 --budget 290 ;;
     int8) step int8 600 python3 benchmarks/int8_gpu_call.py --out "$W/int8" ;;

@@ -79,8 +79,10 @@ def serve_main(checkpoint, tokenizer, host, port, slots, max_queue, max_images, 
                                          step_kernel=step_kernel)
     app = create_app(pipe, model_id=model_id, max_images=max_images, timeout=timeout, grace=grace,
                      warmup=not no_warmup)
+    # keep-alive longer than clients' pools keep idle connections (httpx: 5 s, uvicorn's default too):
+    # with equal timeouts a client reuses a connection the server is closing, and the request fails
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=grace,
-                            lifespan="on")
+                            lifespan="on", timeout_keep_alive=75)
     server = uvicorn.Server(config)
     click.echo(f"{NAME}: {pipe.checkpoint_path} on {pipe.device} ({pipe.backend}), {slots} slots, policy {policy}; "
                f"http://{host}:{port}/v1/images/generations", err=True)

@@ -35,6 +35,14 @@ class Metrics:
         self.images_rate = Gauge("lasad_images_per_second", "Images per second since the last scrape", registry=r)
         self.host_us = Gauge("lasad_host_us_per_step", "Host time of the loop per step (scheduling, bookkeeping), µs",
                              registry=r)
+        # running totals, so a client can difference two scrapes: mean images per step, step time
+        self.images_stepped = Gauge("lasad_images_stepped_total", "Sum over steps of the images in the step",
+                                    registry=r)
+        self.rows_stepped = Gauge("lasad_rows_stepped_total", "Sum over steps of the state rows in the step",
+                                  registry=r)
+        self.step_seconds = Gauge("lasad_step_seconds_total", "Wall time of the decode loop in steps", registry=r)
+        self.host_seconds = Gauge("lasad_host_seconds_total", "Host time of the decode loop in steps (not waiting "
+                                  "for the device)", registry=r)
         self._last = (time.perf_counter(), 0, 0)
 
     def scrape(self) -> bytes:
@@ -50,5 +58,9 @@ class Metrics:
         self.steps_rate.set((s["steps"] - steps0) / dt)
         self.images_rate.set((s["images"] - images0) / dt)
         self.host_us.set(1e6 * s["host_seconds"] / s["steps"] if s["steps"] else 0.0)
+        self.images_stepped.set(s["images_stepped"])
+        self.rows_stepped.set(s["rows"])
+        self.step_seconds.set(s["step_seconds"])
+        self.host_seconds.set(s["host_seconds"])
         self._last = (now, s["steps"], s["images"])
         return generate_latest(self.registry)
