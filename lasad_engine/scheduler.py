@@ -49,6 +49,7 @@ from .sampling import SamplerTable, sample_images
 
 POLICIES = ("continuous", "static", "lock")
 IDLE_EXIT_S = 2.0  # an idle loop thread leaves after this long (a new request starts another)
+MAX_AHEAD = 3  # CUDA: steps the loop may have queued on the device beyond the one running
 CPU_MIN_ROWS = 4  # MKL rounds a row of a GEMM with fewer rows differently (measured, torch 2.13)
 
 
@@ -84,6 +85,16 @@ def _pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
+class _Clock:
+    """The decode loop's step counter, shared with its images (an image's position is the
+    steps run since it joined: no per-image work on a step where nothing happens to it)."""
+
+    __slots__ = ("step",)
+
+    def __init__(self):
+        self.step = 0
+
+
 @dataclass(eq=False)
 class Image:
     """One image of a request: its slots, its position, where its tokens go."""
@@ -95,8 +106,23 @@ class Image:
     steps: int                 # positions to run (N = h·w, or the forced tokens' length)
     rows: tuple = ()           # its state slots (cond, uncond) or (cond,)
     slot: int = -1             # its token row
-    pos: int = 0               # the position of its next step
     started: int = -1          # the loop step it joined at
+    left: int = -1             # the loop step it left at (finished or cancelled)
+    clock: _Clock | None = None
+
+    @property
+    def pos(self) -> int:
+        """The position of its next step (0 before it joins; where it stopped once it left)."""
+        if self.started < 0:
+            return 0
+        return (self.left if self.left >= 0 else self.clock.step) - self.started
+
+    @property
+    def watched(self) -> bool:
+        """Whether its request needs the loop every step: forced tokens, rows streamed, a
+        per-step hook or progress bar."""
+        r = self.request
+        return r.forced is not None or r.on_row is not None or r.on_step is not None or r.progress is not None
 
 
 @dataclass(eq=False)
@@ -272,7 +298,13 @@ class SlotScheduler:
         self.stopping = False
         self.draining = False
         self.error: BaseException | None = None
-        self.step_count = 0
+        self.clock = _Clock()
+        self.joined: list[Image] = []     # admitted since the last step: their requests' first step
+        self.watched: list[Image] = []    # active images with per-step work (Image.watched)
+        self.ends: dict[int, list[Image]] = {}  # loop step -> the images that finish with it
+        # the steps issued but not yet run by the device: the loop runs at most MAX_AHEAD steps
+        # ahead of the GPU and waits (without the GIL) on the oldest one's event
+        self.ahead: deque = deque()
         self.stats = {"steps": 0, "images": 0, "rejected": 0, "step_seconds": 0.0, "host_seconds": 0.0,
                       "rows": 0, "images_stepped": 0}
         self.k_max, self.use_p = 0, False
@@ -307,6 +339,10 @@ class SlotScheduler:
             self._ensure_thread()
             self.cv.notify_all()
         return request
+
+    @property
+    def step_count(self) -> int:
+        return self.clock.step
 
     def _free_images(self) -> int:
         return len(self.free_slots)
@@ -391,6 +427,7 @@ class SlotScheduler:
                     for img in list(self.active) + list(self.waiting):
                         _fail(img.request, err)
                     self.active, self.waiting = [], deque()
+                    self.joined, self.watched, self.ends = [], [], {}
                 self.cv.notify_all()
 
     def _idle_wait(self) -> str:
@@ -470,15 +507,21 @@ class SlotScheduler:
             img.rows = tuple(self.free_rows[:need])
             del self.free_rows[:need]
             img.slot = self.free_slots.pop(0)
-            img.pos, img.started = 0, self.step_count
+            img.clock, img.started = self.clock, self.step_count
             self.active.append(img)
+            self.joined.append(img)
+            self.ends.setdefault(img.started + img.steps, []).append(img)
+            if img.watched:
+                self.watched.append(img)
             self.changed = True
         self.batch_opened = None if not self.waiting else self.batch_opened
 
     def _release(self, img: Image) -> None:
         self.free_rows = sorted(self.free_rows + list(img.rows))
         self.free_slots = sorted(self.free_slots + [img.slot])
-        img.rows, img.slot = (), -1
+        img.rows, img.slot, img.left = (), -1, self.step_count
+        if img.watched:
+            self.watched.remove(img)
 
     def _grow_tokens(self, n_tokens: int) -> None:
         """(no image active) Token rows for longer images: new buffer, graphs captured again."""
@@ -603,7 +646,8 @@ class SlotScheduler:
                 self._capture(key, rest)
             model_step()
             self.graphs.replay(key)
-        self.step_count += 1
+        self.clock.step += 1
+        self._bound_ahead()
         n_images = len(self.active)  # before the finished images leave
         self._after_step()
         dt = time.perf_counter() - t0
@@ -639,33 +683,52 @@ class SlotScheduler:
         t.img_int[0, :B].copy_(saved_cond)
         t.ids[:R].copy_(saved_ids)
 
+    def _bound_ahead(self) -> None:
+        """(CUDA) Keep at most MAX_AHEAD steps queued on the device: wait for the oldest one's
+        event. The wait releases the GIL (the server's event loop runs meanwhile); without it the
+        loop fills the launch queue and then blocks inside a launch with the GIL held, and what it
+        reports as finished lags what the device has done by the queue's depth."""
+        if self.device.type != "cuda":
+            return
+        ev = self.ahead.popleft() if len(self.ahead) >= MAX_AHEAD else torch.cuda.Event()
+        if ev.query() is False:
+            t0 = time.perf_counter()
+            ev.synchronize()
+            self.tables.waited += time.perf_counter() - t0
+        ev.record()
+        self.ahead.append(ev)
+
     def _after_step(self) -> None:
-        """Host bookkeeping of the step that was just issued: positions, forced tokens, hooks,
-        finished rows and images."""
+        """Host bookkeeping of the step that was just issued: the joining requests' first step,
+        per-step work of watched images (forced tokens, rows, hooks), finished images. An image
+        nobody watches costs nothing here until its last step."""
         t = self.tables
-        done, advanced = [], {}
-        now = time.perf_counter()
-        for img in self.active:
+        step = self.step_count
+        if self.joined:
+            now = time.perf_counter()
+            for img in self.joined:
+                req = img.request
+                if req.first_step is None and img.left < 0:
+                    req.first_step = now
+                    if req.ready is not None:  # its tensors as the submitting stream has them
+                        torch.cuda.current_stream(self.device).wait_event(req.ready)
+            self.joined = []
+        advanced = {}
+        for img in self.watched:
             req = img.request
-            p = img.pos
-            if req.first_step is None:
-                req.first_step = now
-                if req.ready is not None:
-                    torch.cuda.current_stream(self.device).wait_event(req.ready)
+            pos = img.pos  # the position after this step
             if req.forced is not None:
-                f = req.forced[img.index, p].to(self.device)
+                f = req.forced[img.index, pos - 1].to(self.device)
                 for row in self._rows_of(img):
                     t.ids[row].copy_(f)
-                t.tokens[img.slot * t.n_tokens + p].copy_(f)
-            img.pos += 1
-            advanced.setdefault(id(req), (req, []))[1].append(img)
+                t.tokens[img.slot * t.n_tokens + pos - 1].copy_(f)
             w = req.grid.w
-            if req.on_row is not None and img.pos % w == 0:
-                start = img.slot * t.n_tokens + img.pos - w
+            if req.on_row is not None and pos % w == 0:
+                start = img.slot * t.n_tokens + pos - w
                 row_tokens = t.tokens[start:start + w].clone() if req.row_tokens else None
-                req.on_row(img.index, img.pos // w - 1, row_tokens, _event(self.device) if req.row_tokens else None)
-            if img.pos >= img.steps:
-                done.append(img)
+                req.on_row(img.index, pos // w - 1, row_tokens, _event(self.device) if req.row_tokens else None)
+            if req.on_step is not None or req.progress is not None:
+                advanced.setdefault(id(req), (req, []))[1].append(img)
         for req, imgs in advanced.values():
             req.steps_done += 1
             if req.progress is not None:
@@ -676,6 +739,7 @@ class SlotScheduler:
                 except BaseException as e:  # noqa: BLE001 - a client's hook fails its request only
                     req.cancelled = True
                     _fail(req, e)
+        done = [img for img in self.ends.pop(step, ()) if img.left < 0]  # not cancelled before
         if not done:
             return
         with self.cv:
