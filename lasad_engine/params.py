@@ -211,7 +211,11 @@ def available_bytes(device) -> int | None:
 
 
 def check_memory(nbytes: int, device, what: str, hint: str = "use a smaller --max-batch or grid") -> None:
-    """Refuse, in one line, an allocation the device cannot hold (before it is tried)."""
+    """Refuse, in one line, an allocation the device cannot hold (before it is tried). Under
+    1 MiB nothing is asked of the device (a server checks every request: the driver's count of
+    free memory costs tens of µs, and no allocation that small is what runs a device out)."""
+    if nbytes < 1 << 20:
+        return
     free = available_bytes(device)
     if free is not None and nbytes > free:
         raise EngineError(f"{what} needs {nbytes / 2**30:.1f} GiB but {device} has {free / 2**30:.1f} GiB free; {hint}")

@@ -119,10 +119,10 @@ class Image:
 
     @property
     def watched(self) -> bool:
-        """Whether its request needs the loop every step: forced tokens, rows streamed, a
-        per-step hook or progress bar."""
+        """Whether its request needs the loop every step: forced tokens, a per-step hook or a
+        progress bar (rows streamed alone need it once per image row)."""
         r = self.request
-        return r.forced is not None or r.on_row is not None or r.on_step is not None or r.progress is not None
+        return r.forced is not None or r.on_step is not None or r.progress is not None
 
 
 @dataclass(eq=False)
@@ -302,6 +302,7 @@ class SlotScheduler:
         self.joined: list[Image] = []     # admitted since the last step: their requests' first step
         self.watched: list[Image] = []    # active images with per-step work (Image.watched)
         self.ends: dict[int, list[Image]] = {}  # loop step -> the images that finish with it
+        self.row_ends: dict[int, list[Image]] = {}  # loop step -> unwatched images that finish a row
         # the steps issued but not yet run by the device: the loop runs at most MAX_AHEAD steps
         # ahead of the GPU and waits (without the GIL) on the oldest one's event
         self.ahead: deque = deque()
@@ -427,7 +428,7 @@ class SlotScheduler:
                     for img in list(self.active) + list(self.waiting):
                         _fail(img.request, err)
                     self.active, self.waiting = [], deque()
-                    self.joined, self.watched, self.ends = [], [], {}
+                    self.joined, self.watched, self.ends, self.row_ends = [], [], {}, {}
                 self.cv.notify_all()
 
     def _idle_wait(self) -> str:
@@ -513,6 +514,8 @@ class SlotScheduler:
             self.ends.setdefault(img.started + img.steps, []).append(img)
             if img.watched:
                 self.watched.append(img)
+            elif img.request.on_row is not None:
+                self.row_ends.setdefault(img.started + img.request.grid.w, []).append(img)
             self.changed = True
         self.batch_opened = None if not self.waiting else self.batch_opened
 
@@ -722,13 +725,16 @@ class SlotScheduler:
                 for row in self._rows_of(img):
                     t.ids[row].copy_(f)
                 t.tokens[img.slot * t.n_tokens + pos - 1].copy_(f)
-            w = req.grid.w
-            if req.on_row is not None and pos % w == 0:
-                start = img.slot * t.n_tokens + pos - w
-                row_tokens = t.tokens[start:start + w].clone() if req.row_tokens else None
-                req.on_row(img.index, pos // w - 1, row_tokens, _event(self.device) if req.row_tokens else None)
+            if req.on_row is not None and pos % req.grid.w == 0:
+                self._row_done(img, pos)
             if req.on_step is not None or req.progress is not None:
                 advanced.setdefault(id(req), (req, []))[1].append(img)
+        for img in self.row_ends.pop(step, ()):
+            if img.left < 0:  # not cancelled since
+                pos = img.pos
+                self._row_done(img, pos)
+                if pos < img.steps:
+                    self.row_ends.setdefault(step + img.request.grid.w, []).append(img)
         for req, imgs in advanced.values():
             req.steps_done += 1
             if req.progress is not None:
@@ -754,6 +760,13 @@ class SlotScheduler:
                     req.finished_step = self.step_count
                     _finish(req, self.device)
             self.changed = True
+
+    def _row_done(self, img: Image, pos: int) -> None:
+        """An image row finished with this step: its request's on_row (with the row's tokens)."""
+        req, t, w = img.request, self.tables, img.request.grid.w
+        start = img.slot * t.n_tokens + pos - w
+        row_tokens = t.tokens[start:start + w].clone() if req.row_tokens else None
+        req.on_row(img.index, pos // w - 1, row_tokens, _event(self.device) if req.row_tokens else None)
 
     def _rows_of(self, img: Image) -> list:
         """The image's rows in the current table: [conditional, unconditional] (or [conditional])."""

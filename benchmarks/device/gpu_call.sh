@@ -72,6 +72,8 @@ for s in "$@"; do
     serve-both) step serve-both 470 python3 benchmarks/serve_bench.py --out "$W/serve-both" --presets lasad-B,lasad-XL --slots 64 --policies continuous,lock --rates 0.5,0.8,1.25 --baseline-rates 0.05 --duration 4 --lone 8 --budget 430 ;;
     serve-both-short) step serve-both 360 python3 benchmarks/serve_bench.py --out "$W/serve-both" --presets lasad-B,lasad-XL --slots 64 --policies continuous,lock --rates 0.8,1.25 --baseline-rates 0.05 --duration 4 --lone 6 --budget 300 ;;
     serve-diag) step serve-B 250 python3 benchmarks/serve_bench.py --out "$W/serve-B" --presets lasad-B --slots 64 --policies continuous --rates 0.5,1.25 --duration 6 --lone 5 --profile 4 --budget 220 ;;
+    serve-final-B) step serve-final-B 125 python3 benchmarks/serve_bench.py --out "$W/serve-final-B" --presets lasad-B --slots 64 --policies continuous,lock --rates 0.8,1.25 --baseline-rates 0.05 --duration 4 --lone 5 --profile 2 --budget 110 ;;
+    serve-final-XL) step serve-final-XL 125 python3 benchmarks/serve_bench.py --out "$W/serve-final-XL" --presets lasad-XL --slots 64 --policies continuous,lock --rates 0.8,1.25 --baseline-rates 0.05 --duration 4 --lone 5 --budget 110 ;;
     serve-lean) step serve-both 290 python3 benchmarks/serve_bench.py --out "$W/serve-both" --presets lasad-B,lasad-XL --slots 64 --policies continuous,lock --rates 0.8,1.25 --baseline-rates 0.05 --duration 3 --lone 5 --budget 230 ;;
     serve-XL) step serve-XL 330 python3 benchmarks/serve_bench.py --out "$W/serve-XL" --presets lasad-XL --slots 64 --policies continuous,lock --baseline-rates 0.25 --rates 0.5,0.8,1.25 --duration 5 --budget 290 ;;
     int8) step int8 600 python3 benchmarks/int8_gpu_call.py --out "$W/int8" ;;

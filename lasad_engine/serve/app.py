@@ -327,8 +327,9 @@ def create_app(pipe: LasadPipeline, *, model_id: str = "default", max_images: in
                 loop.call_soon_threadsafe(rows.put_nowait, (index, row, tokens, event))
 
         try:
+            # on_row for a stream only: a non-streamed image costs the decode loop nothing until its last step
             req = state.engine.submit(job["labels"], grid=job["grid"], params=job["params"], seeds=job["seeds"],
-                                      on_row=on_row,
+                                      on_row=on_row if body.stream else None,
                                       row_tokens=body.stream and (job["return_tokens"] or bool(job["partial_rows"])))
         except QueueFull as e:
             state.metrics.rejected.inc()
