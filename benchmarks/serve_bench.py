@@ -208,6 +208,13 @@ def client_process(kw: dict) -> dict:
     return asyncio.run(open_loop(**kw))
 
 
+def client_ready(_) -> int:
+    """A spawned client has imported what it needs (run once per process before any load: on
+    the H100 the first rate's clients were still importing when their first arrivals were due)."""
+    import httpx  # noqa: F401
+    return os.getpid()
+
+
 def load(pool, n_clients: int, url: str, rate: float, duration: float, seed: int, **kw) -> dict:
     """Open-loop Poisson load at `rate` from `n_clients` processes at rate/n each (their sum is a
     Poisson process at `rate`): one Python client tops out near a hundred requests/s, well below
@@ -434,6 +441,11 @@ def main():
                "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", "presets": []}
     # spawned, not forked: this process has CUDA and torch's threads
     pool = ProcessPoolExecutor(args.clients, mp_context=__import__("multiprocessing").get_context("spawn"))
+    pids = set()
+    for _ in range(10):  # every process started and ready (the pool spawns them on demand)
+        pids |= set(pool.map(client_ready, range(4 * args.clients)))
+        if len(pids) >= args.clients:
+            break
     try:
         for preset in args.presets.split(","):
             if time.perf_counter() - T0 > args.budget:
