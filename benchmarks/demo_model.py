@@ -84,7 +84,7 @@ def score_cmd(a):
     torch.set_num_threads(a.threads)
     data = np.load(a.tokens)
     feats = InceptionFeatures(a.inception or DEFAULT_CACHE / "default_1.pt", "cpu", 50)
-    f_ref = cached_features(feats, load_images(a.ref, None, 1)[0], a.ref_features or None)
+    f_ref = cached_features(feats, lambda: load_images(a.ref, None, 1)[0], a.ref_features or None)
     vq = load_tokenizer(a.tokenizer, device="cpu").float().eval()
     rows = {}
     if a.out.is_file():

@@ -136,10 +136,9 @@ def main():
         return
     if a.ref is None:
         raise SystemExit("scoring needs --ref (Emoji-5)")
-    ref = load_images(a.ref, LABEL_SET, 1)[0]
     feats = InceptionFeatures(a.inception or DEFAULT_CACHE / "default_1.pt", "cpu", 50)
     t0 = time.perf_counter()
-    f_ref = cached_features(feats, ref, a.ref_features or None)
+    f_ref = cached_features(feats, lambda: load_images(a.ref, LABEL_SET, 1)[0], a.ref_features or None)
     print(f"reference features: {time.perf_counter() - t0:.0f} s", flush=True)
     from lasad_engine.tokenizer import load_tokenizer
     from lasad_engine.checkpoint import ASSETS

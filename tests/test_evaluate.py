@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from lasad_tools.evaluate import main
-from lasad_tools.fid import InceptionFeatures, fid_from_stats, kid, statistics
+from lasad_tools.fid import InceptionFeatures, cached_features, fid_from_stats, kid, statistics
 
 
 def test_fid_against_an_independent_formula():
@@ -45,6 +45,25 @@ def test_kid_against_a_loop():
 class PoolNet(torch.nn.Module):
     def forward(self, x):
         return torch.stack([x.mean((2, 3)), x.amin((2, 3)), x.amax((2, 3))], 1).flatten(1)[:, :, None, None]
+
+
+def test_cached_features_computes_once_and_loads_nothing_after(tmp_path):
+    """The first call computes the features (of images given lazily) and writes the cache; the
+    second reads them back equal without asking for the images at all; an array works too."""
+    rng = np.random.default_rng(3)
+    images = rng.integers(0, 256, (6, 8, 8, 3), dtype=np.uint8)
+    w = rng.standard_normal((8 * 8 * 3, 4))
+    feats = lambda x: x.reshape(len(x), -1).astype(np.float64) @ w  # noqa: E731
+    want = images.reshape(6, -1).astype(np.float64) @ w
+    calls = []
+
+    def load():
+        calls.append(1)
+        return images
+    cache = tmp_path / "ref.npy"
+    assert np.allclose(cached_features(feats, load, cache), want) and calls == [1] and cache.is_file()
+    assert np.allclose(cached_features(feats, load, cache), want) and calls == [1]
+    assert np.allclose(cached_features(feats, images, None), want)
 
 
 def test_feature_extractor_input_path(tmp_path):

@@ -71,6 +71,65 @@ def test_byte_identical_alone_and_among_requests_that_join_and_leave():
     assert stats["images_stepped"] > stats["steps"]
 
 
+def test_rows_are_reported_once_each_in_order_with_their_tokens():
+    """on_row under load: requests of mixed grids join at random moments, some with a per-step
+    hook (visited every step) and some without (their rows kept by the step they finish at); every
+    image reports each of its rows exactly once, in order, with the tokens its final result has
+    there; a request cancelled on the way reports a prefix of its rows and nothing after."""
+    model = tiny(2)
+    reqs = random_requests(10, seed=11)
+    engine = LasadEngine(model, max_batch=3)
+    rows = [[] for _ in reqs]
+    lock = threading.Lock()
+    rng = random.Random(5)
+    delays = [rng.uniform(0, 0.3) for _ in reqs]
+    hooked = [i % 3 == 0 for i in range(len(reqs))]
+    results = [None] * len(reqs)
+    victim = 4
+
+    def client(i):
+        r = reqs[i]
+        time.sleep(delays[i])
+
+        second_row = threading.Event()
+
+        def on_row(index, row, tokens, event):
+            with lock:
+                rows[i].append((index, row, tokens.clone()))
+            if row == 1:
+                second_row.set()
+        seeds = [rng.randrange(1 << 30) for _ in r["labels"]]
+        req = engine.submit(r["labels"], grid=r["grid"], params=r["params"], seeds=seeds, on_row=on_row,
+                            row_tokens=True, on_step=(lambda q, imgs: None) if hooked[i] else None)
+        if i == victim and second_row.wait(30):
+            req.cancel()
+        try:
+            results[i] = engine.wait(req)
+        except CancelledError:
+            results[i] = "cancelled"
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(len(reqs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    engine.close()
+    for i, r in enumerate(reqs):
+        h, w = (int(x) for x in r["grid"].split("x"))
+        n = len(r["labels"])
+        if results[i] == "cancelled":
+            for k in range(n):
+                got = [row for index, row, _ in rows[i] if index == k]
+                assert got == list(range(len(got))) and len(got) <= h
+            continue
+        tokens = results[i].view(n, h, w)
+        for k in range(n):
+            got = [(row, tok) for index, row, tok in rows[i] if index == k]
+            assert [row for row, _ in got] == list(range(h)), (i, k, [row for row, _ in got])
+            for row, tok in got:
+                assert torch.equal(tok, tokens[k, row]), (i, k, row)
+
+
 def test_tokens_do_not_depend_on_the_order_of_images_in_the_step():
     """The same images admitted in two orders (rows laid out differently) give the same tokens."""
     model = tiny(1)

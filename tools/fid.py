@@ -96,12 +96,13 @@ def score(f_ref: np.ndarray, f_gen: np.ndarray) -> dict:
             "num_ref": len(f_ref), "num_gen": len(f_gen)}
 
 
-def cached_features(feats: InceptionFeatures, images: np.ndarray, cache: str | os.PathLike | None) -> np.ndarray:
+def cached_features(feats: InceptionFeatures, images, cache: str | os.PathLike | None) -> np.ndarray:
     """`feats(images)`, read from the `.npy` file `cache` when it exists, else computed and (with a
-    `cache`) written there atomically: the reference's features, computed once for many scorings."""
+    `cache`) written there atomically: the reference's features, computed once for many scorings.
+    `images`: an array, or a function giving it (then not called when the cache is there)."""
     if cache is not None and Path(cache).is_file():
         return np.load(cache)
-    f = feats(images)
+    f = feats(images() if callable(images) else images)
     if cache is not None:
         from lasad_train.formats import save_npy
         save_npy(Path(cache), f)

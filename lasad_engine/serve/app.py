@@ -485,6 +485,9 @@ async def _events(state: ServerState, job: dict, req, rows: asyncio.Queue, reque
             index, row, tokens, event = getter.result()
             if event is not None:
                 await asyncio.to_thread(event.synchronize)
+                # made on the decode loop's stream, used on this thread's (a partial image's stack):
+                # its memory is not the loop's to reuse before this stream is done with it
+                tokens.record_stream(torch.cuda.current_stream(tokens.device))
             seen += 1
             data = {"type": "image_generation.row", "index": index, "row": row, "rows": g.h,
                     "progress": round(seen / total, 4)}
