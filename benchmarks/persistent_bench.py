@@ -31,6 +31,7 @@ prints a table last. Exits 1 if a check failed, 2 without a GPU.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import statistics
 import subprocess
@@ -56,6 +57,7 @@ ROWS = 2                 # one image with CFG
 WIDTH = 16
 CHECK_STEPS = 18         # positions 0..17: the class token, row starts at 1 and 17
 REL_TOL = 2e-2           # bf16, 49-145 GEMM outputs per step rounded after sums in another order
+FP32_SLACK = 1.5         # a variant's error against fp32 may be this times the per-op path's own
 TARGET_US = {"lasad-B": 100.0, "lasad-XL": 650.0}   # issue 27, H100, with CFG (the whole step)
 SAMPLER = dict(cfg=True, cfg_scale=4.0, top_k=2000, backend="triton")
 # (name, PersistentStep keywords), in the order they run (the budget may cut the tail).
@@ -104,8 +106,23 @@ def id_sequence(cfg, dev) -> list[torch.Tensor]:
                                                                  for p in range(CHECK_STEPS - 1)]
 
 
-def bench_cuda_step(model, ids_seq, noise, dev) -> tuple[dict, list, torch.Tensor]:
-    """The cuda backend's step: reference logits over the check positions, then graph timings."""
+def fp32_anchor(model, ids_seq, dev) -> dict:
+    """The same check positions through an fp32 copy of the model on torch's eager path: what a
+    bf16 kernel's error is measured against (the per-op path's own error sets the scale; a fixed
+    bound is too tight for 36-48 layers: lasad-XL's per-op bf16 logits differ from fp32 by 1.8 %)."""
+    m32 = copy.deepcopy(model).float()
+    st = m32.allocate_state(ROWS, width=WIDTH)
+    logits = [m32.step(ids, torch.tensor([p], device=dev), st, backend="torch").clone()
+              for p, ids in enumerate(ids_seq)]
+    out = {"logits": logits, "state": st.ssm.clone()}
+    del m32, st
+    torch.cuda.empty_cache()
+    return out
+
+
+def bench_cuda_step(model, ids_seq, noise, dev) -> tuple[dict, list, torch.Tensor, dict]:
+    """The cuda backend's step: reference logits over the check positions (and their error
+    against fp32), then graph timings."""
     st = model.allocate_state(ROWS, width=WIDTH)
     ref = []
     t0 = time.perf_counter()
@@ -114,6 +131,9 @@ def bench_cuda_step(model, ids_seq, noise, dev) -> tuple[dict, list, torch.Tenso
     torch.cuda.synchronize()
     row = {"variant": "cuda step", "compile_and_check_s": time.perf_counter() - t0}
     ref_state = st.ssm.clone()
+    anchor = fp32_anchor(model, ids_seq, dev)
+    anchor["err_logits"] = row["rel_err_logits_vs_fp32"] = max(rel(r, a) for r, a in zip(ref, anchor["logits"]))
+    anchor["err_state"] = row["rel_err_state_vs_fp32"] = rel(ref_state, anchor["state"])
     ids = ids_seq[1].clone()
     pos = torch.full((1,), 5, dtype=torch.long, device=dev)
     g = capture(lambda: model.step(ids, pos, st, backend="triton"))
@@ -125,7 +145,7 @@ def bench_cuda_step(model, ids_seq, noise, dev) -> tuple[dict, list, torch.Tenso
     return row, ref, ref_state
 
 
-def bench_persistent(model, name, kw, ids_seq, ref, ref_state, noise, dev, failures, label) -> dict:
+def bench_persistent(model, name, kw, ids_seq, ref, ref_state, anchor, noise, dev, failures, label) -> dict:
     cfg = model.config
     row = {"variant": name, "options": kw}
     t0 = time.perf_counter()
@@ -148,11 +168,16 @@ def bench_persistent(model, name, kw, ids_seq, ref, ref_state, noise, dev, failu
     second, s2 = run()
     row["rel_err_logits_max"] = max(rel(first[p], ref[p]) for p in range(len(ref)))
     row["rel_err_state"] = rel(s1, ref_state)
+    # against fp32: within REL_TOL, or within FP32_SLACK x the per-op bf16 path's own error
+    row["rel_err_logits_vs_fp32"] = max(rel(first[p], anchor["logits"][p]) for p in range(len(ref)))
+    row["rel_err_state_vs_fp32"] = rel(s1, anchor["state"])
+    tol_logits = max(REL_TOL, FP32_SLACK * anchor["err_logits"])
+    tol_state = max(REL_TOL, FP32_SLACK * anchor["err_state"])
     row["bit_identical"] = bool(torch.equal(first, second) and torch.equal(s1, s2))
     row["wait_timed_out"] = ps.error()
     row["kernel"] = ps.kernel_info()
-    ok = (row["rel_err_logits_max"] <= REL_TOL and row["rel_err_state"] <= REL_TOL and row["bit_identical"]
-          and not row["wait_timed_out"])
+    ok = (row["rel_err_logits_vs_fp32"] <= tol_logits and row["rel_err_state_vs_fp32"] <= tol_state
+          and row["bit_identical"] and not row["wait_timed_out"])
     row["check"] = "ok" if ok else "FAIL"
     if not ok:
         failures.append(f"{label} {name}: logits {row['rel_err_logits_max']:.2e}, state {row['rel_err_state']:.2e}, "
@@ -295,7 +320,7 @@ def run(args, dev: torch.device) -> int:
             p["floor_us_per_step"] = p["bytes_per_step"] / bw * 1e6
             ids_seq = id_sequence(cfg, dev)
             noise = draw_noise(torch.Generator(dev).manual_seed(0), 1, ROWS // 2, cfg.vocab_size, device=dev)[0]
-            row, ref, ref_state = bench_cuda_step(model, ids_seq, noise, dev)
+            row, ref, ref_state, anchor = bench_cuda_step(model, ids_seq, noise, dev)
         except Exception as e:  # noqa: BLE001 - recorded; the next preset may still run
             p["error"] = f"{type(e).__name__}: {e}"
             p["traceback"] = traceback.format_exc()[-3000:]
@@ -305,10 +330,10 @@ def run(args, dev: torch.device) -> int:
         p["variants"].append(row)
         print(json.dumps({"preset": name, **row}), flush=True)
         save()
-        ctx[name] = (model, ids_seq, ref, ref_state, noise)
+        ctx[name] = (model, ids_seq, ref, ref_state, anchor, noise)
     rounds = max((len(VARIANTS.get(n, DEFAULT_VARIANTS)) for n in ctx), default=0)
     for i in range(rounds):
-        for name, (model, ids_seq, ref, ref_state, noise) in ctx.items():
+        for name, (model, ids_seq, ref, ref_state, anchor, noise) in ctx.items():
             variants = VARIANTS.get(name, DEFAULT_VARIANTS)
             if i >= len(variants):
                 continue
@@ -319,7 +344,8 @@ def run(args, dev: torch.device) -> int:
                                       "error": f"budget of {args.budget:.0f} s spent"})
                 continue
             try:
-                row = bench_persistent(model, vname, kw, ids_seq, ref, ref_state, noise, dev, failures, name)
+                row = bench_persistent(model, vname, kw, ids_seq, ref, ref_state, anchor, noise, dev, failures,
+                                       name)
             except Exception as e:  # noqa: BLE001 - recorded; the next variant runs
                 row = {"variant": vname, "options": kw, "check": "ERROR", "error": f"{type(e).__name__}: {e}",
                        "traceback": traceback.format_exc()[-3000:]}
