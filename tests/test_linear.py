@@ -127,6 +127,14 @@ def test_tile_policy_answers_only_for_the_band_it_was_measured_in(monkeypatch):
         assert L.tile_policy(other, n, k, dev) == L.TILE_POLICY.get((other, n, k)), (bound, n, k, other)
     assert L.tile_policy(L.ROWS_MAX + 1, 768, 768, dev) is None
     assert L.tile_policy(2, 16384, 768, dev) == L.LIBRARY  # the head
+    # quantised weights: bf16's tiles only in the bands that follow them (the H100 chose the hand
+    # rule at 1-4 rows), never the library up to ROWS_MAX rows (the head too), the library above
+    for (bound, n, k), choice in L.TILE_POLICY.items():
+        got = L.tile_policy(bound, n, k, dev, quantized=True)
+        follows = bound in L.QUANT_FOLLOWS_FLOAT_POLICY and choice != L.LIBRARY
+        assert got == (choice if follows else None), (bound, n, k, got)
+    assert L.tile_policy(2, 16384, 768, dev, quantized=True) is None
+    assert L.tile_policy(L.ROWS_MAX + 1, 768, 768, dev, quantized=True) == L.LIBRARY
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
     assert L.tile_policy(2, 2304, 768, dev) is None
 

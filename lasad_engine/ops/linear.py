@@ -144,10 +144,11 @@ def fused_linear(x: torch.Tensor, weight: torch.Tensor, *, weight_scale: torch.T
     if norm_groups < 1 or K % norm_groups:
         raise ValueError(f"norm_groups={norm_groups} must divide the {K} input features")
     rows = x.numel() // K if K else 0
+    explicit = tiles is not None  # quantised weights above ROWS_MAX rows: the kernel only when asked
     if tiles is None and _pick(backend, x) == "triton" and x.is_cuda:
         tiles = tile_policy(rows, N // 2 if swiglu else N, K, x.device, quantized=quantized)
-    if (_pick(backend, x) == "triton" and 0 < rows and (rows <= ROWS_MAX or quantized) and triton is not None
-            and tiles != LIBRARY):
+    if (_pick(backend, x) == "triton" and 0 < rows and (rows <= ROWS_MAX or (quantized and explicit))
+            and triton is not None and tiles != LIBRARY):
         return _fused_linear_triton(x, weight, weight_scale, norm_weight, eps, norm_groups, residual, swiglu,
                                     out, pdl, tiles)
     kernels = _pick(backend, x)
@@ -254,28 +255,33 @@ TILE_POLICY: dict = {
 }
 
 
-# Quantised (int8 / fp8) weights, not yet measured on a GPU: a weight tile of the same elements is
-# half the bytes of bf16's but the same registers once dequantised, so the bf16 measurements'
-# Triton tiles are kept where they chose the kernel (QUANT_FOLLOWS_FLOAT_POLICY; the benchmark
-# benchmarks/int8_bench.py compares them with the hand rule alone) and the hand rule decides the
-# rest, the head included; never the library. QUANT_TILE_POLICY takes measured int8 choices,
-# (band, n_out, K) -> LinearTiles, first. Above ROWS_MAX rows the tiles are those of a block of
-# ROWS_MAX rows.
+# Quantised (int8 / fp8) weights. Measured on an H100 (2026-12-07,
+# benchmarks/results/2026-12-07-h100-int8.json, 2 rows): the hand rule's tiles beat bf16's measured
+# ones (lasad-B 272 against 297 µs per step, lasad-XL 1,344 against 1,631), so bf16's tiles are
+# followed only in the bands of QUANT_FOLLOWS_FLOAT_POLICY (5-32 rows, not measured with int8), the
+# hand rule decides the rest, the head included. QUANT_TILE_POLICY takes measured int8 choices,
+# (band, n_out, K) -> LinearTiles, first. Above ROWS_MAX rows the weights are dequantised to the
+# activations' dtype and the GEMM goes to the library (the Triton kernel's blocks of ROWS_MAX rows
+# each read every weight: lasad-XL at 128 rows took 13.9 ms per step against bf16's 2.8 there;
+# the dequantised copy is not measured yet). Tiles passed explicitly still take the kernel.
 QUANT_TILE_POLICY: dict = {}
-QUANT_FOLLOWS_FLOAT_POLICY = True
+QUANT_FOLLOWS_FLOAT_POLICY: set = {ROWS_MAX}
 
 
 def tile_policy(rows: int, n_out: int, K: int, device, quantized: bool = False) -> "LinearTiles | str | None":
     """The measured choice for this GEMM (TILE_POLICY; the head, n_out ≥ 8192: the library), or
     None (then `linear_tiles` decides). Measured on an H200 (sm_90); elsewhere the hand rule.
-    `quantized`: int8 / fp8 weights (QUANT_TILE_POLICY, then bf16's kernel tiles, never LIBRARY)."""
+    `quantized`: int8 / fp8 weights (QUANT_TILE_POLICY, then bf16's kernel tiles in the bands of
+    QUANT_FOLLOWS_FLOAT_POLICY; above ROWS_MAX rows LIBRARY, on the dequantised weights)."""
     if torch.cuda.get_device_capability(device) != (9, 0):
         return None
     # the band these rows fall in, only: tiles measured at 16 rows are no choice for 2
     band = FMA_ROWS_MAX if rows <= FMA_ROWS_MAX else ROWS_MAX
     if quantized:
+        if rows > ROWS_MAX:
+            return LIBRARY
         choice = QUANT_TILE_POLICY.get((band, n_out, K))
-        if choice is None and QUANT_FOLLOWS_FLOAT_POLICY:
+        if choice is None and band in QUANT_FOLLOWS_FLOAT_POLICY:
             choice = TILE_POLICY.get((band, n_out, K))
         return None if choice == LIBRARY else choice
     if n_out >= 8192:
