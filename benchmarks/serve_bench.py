@@ -361,7 +361,7 @@ def run_preset(args, preset, device, env, results, pool) -> None:
                 r = load(pool, args.clients, server.url, frac * sat, args.duration, seed=k, n_classes=cfg.num_classes,
                          grids=grids if policy == "continuous" else [grid_px], fmt=fmt,
                          stream_fraction=args.stream_fraction, timeout=args.timeout,
-                         max_requests=args.max_requests // args.clients)
+                         max_requests=max(1, args.max_requests // args.clients))
                 r["server"] = server_window(w0, scrape(httpx, server.url))
                 r["fraction_of_offline"] = frac
                 if spy_thread is not None:

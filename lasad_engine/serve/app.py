@@ -352,7 +352,9 @@ def create_app(pipe: LasadPipeline, *, model_id: str = "default", max_images: in
         if req.first_step is not None:
             state.metrics.queue_wait.observe(max(0.0, req.first_step - req.submitted))
         state.metrics.requests.labels(status="200").inc()
-        return {"created": int(time.time()), "model": state.model_id, "data": data}
+        # plain JSON types already: json's C encoder directly, not FastAPI's jsonable_encoder walking
+        # every token (a tenth of the event loop's time under load on the H100, py-spy)
+        return JSONResponse({"created": int(time.time()), "model": state.model_id, "data": data})
 
     return app
 
