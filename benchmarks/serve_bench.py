@@ -85,7 +85,8 @@ def offline(model, device, slots: int, grid) -> dict:
     def timed(n):
         sync()
         t = time.perf_counter()
-        engine.generate([i % model.config.num_classes for i in range(n)], grid=grid, params=params, generator=torch.Generator().manual_seed(n))
+        engine.generate([i % model.config.num_classes for i in range(n)], grid=grid, params=params,
+                        generator=torch.Generator().manual_seed(n))
         sync()
         return time.perf_counter() - t
 
@@ -372,10 +373,8 @@ def run_preset(args, preset, device, env, results, pool) -> None:
                       flush=True)
                 if r.get("profile"):
                     print(f"[{preset}/{policy}] profile: {json.dumps(r['profile'])[:3000]}", flush=True)
-            after = scrape(httpx, server.url)
-            steps = after.get("lasad_steps_total", 0) - before.get("lasad_steps_total", 0)
-            pr["steps"] = steps
-            pr["host_us_per_step"] = after.get("lasad_host_us_per_step")
+            whole = server_window(before, scrape(httpx, server.url))  # every rate of this policy
+            pr["steps"], pr["host_us_per_step"] = whole["steps"], whole["host_us_per_step"]
         except Exception as e:  # noqa: BLE001 - one policy failing leaves the others' numbers
             pr["error"] = f"{type(e).__name__}: {e}"[:2000]
             print(f"[{preset}/{policy}] failed: {pr['error']}", flush=True)

@@ -694,7 +694,7 @@ class SlotScheduler:
         if self.device.type != "cuda":
             return
         ev = self.ahead.popleft() if len(self.ahead) >= MAX_AHEAD else torch.cuda.Event()
-        if ev.query() is False:
+        if not ev.query():
             t0 = time.perf_counter()
             ev.synchronize()
             self.tables.waited += time.perf_counter() - t0

@@ -128,13 +128,14 @@ def test_tile_policy_answers_only_for_the_band_it_was_measured_in(monkeypatch):
     assert L.tile_policy(L.ROWS_MAX + 1, 768, 768, dev) is None
     assert L.tile_policy(2, 16384, 768, dev) == L.LIBRARY  # the head
     # quantised weights: bf16's tiles only in the bands that follow them (the H100 chose the hand
-    # rule at 1-4 rows), never the library up to ROWS_MAX rows (the head too), the library above
+    # rule at 1-4 rows), never the library (the head too); above ROWS_MAX no choice, as for floats
+    # (fused_linear's row limit decides: tests/test_quant.py)
     for (bound, n, k), choice in L.TILE_POLICY.items():
         got = L.tile_policy(bound, n, k, dev, quantized=True)
         follows = bound in L.QUANT_FOLLOWS_FLOAT_POLICY and choice != L.LIBRARY
         assert got == (choice if follows else None), (bound, n, k, got)
     assert L.tile_policy(2, 16384, 768, dev, quantized=True) is None
-    assert L.tile_policy(L.ROWS_MAX + 1, 768, 768, dev, quantized=True) == L.LIBRARY
+    assert L.tile_policy(L.ROWS_MAX + 1, 768, 768, dev, quantized=True) is None
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
     assert L.tile_policy(2, 2304, 768, dev) is None
 

@@ -144,6 +144,21 @@ def test_kernel_forced_tiles(tiles, norm, groups, swiglu, R):
     assert int(L._counters(x.device, 1)[:64].abs().sum()) == 0
 
 
+@needs_triton
+def test_many_rows_go_to_the_library_on_dequantised_weights(monkeypatch):
+    """Quantised weights above ROWS_MAX rows: the library GEMM on the dequantised weights (the
+    kernel's row blocks would each read every weight), still the torch definition; tiles passed
+    explicitly take the kernel."""
+    x, q, kw = _case(L.ROWS_MAX + 5, 2 * 30, 64, torch.float32, "int8", True, 1, True, False, seed=4)
+    calls = []
+    kernel = L._fused_linear_triton
+    monkeypatch.setattr(L, "_fused_linear_triton", lambda *a: calls.append(1) or kernel(*a))
+    _check_kernel(x, q, kw)
+    assert calls == []
+    _check_kernel(x, q, kw, tiles=LinearTiles(16, 1, mma=True))
+    assert calls == [1]
+
+
 def test_bad_weight_scale():
     x, w = torch.randn(2, 8), torch.randn(6, 8)
     q, s = quant.quantize_weight(w)

@@ -272,14 +272,15 @@ def tile_policy(rows: int, n_out: int, K: int, device, quantized: bool = False) 
     """The measured choice for this GEMM (TILE_POLICY; the head, n_out ≥ 8192: the library), or
     None (then `linear_tiles` decides). Measured on an H200 (sm_90); elsewhere the hand rule.
     `quantized`: int8 / fp8 weights (QUANT_TILE_POLICY, then bf16's kernel tiles in the bands of
-    QUANT_FOLLOWS_FLOAT_POLICY; above ROWS_MAX rows LIBRARY, on the dequantised weights)."""
+    QUANT_FOLLOWS_FLOAT_POLICY, never LIBRARY). Above ROWS_MAX rows: None, as for float weights
+    (`fused_linear`'s row limit sends those GEMMs to the library)."""
     if torch.cuda.get_device_capability(device) != (9, 0):
         return None
     # the band these rows fall in, only: tiles measured at 16 rows are no choice for 2
     band = FMA_ROWS_MAX if rows <= FMA_ROWS_MAX else ROWS_MAX
     if quantized:
         if rows > ROWS_MAX:
-            return LIBRARY
+            return None
         choice = QUANT_TILE_POLICY.get((band, n_out, K))
         if choice is None and band in QUANT_FOLLOWS_FLOAT_POLICY:
             choice = TILE_POLICY.get((band, n_out, K))

@@ -22,7 +22,8 @@ class Metrics:
         self.cancelled = Counter("lasad_cancelled", "Requests cancelled (client gone or timed out)", registry=r)
         self.latency = Histogram("lasad_request_latency_seconds", "Request received to response ready",
                                  buckets=LATENCY_BUCKETS, registry=r)
-        self.first_row = Histogram("lasad_time_to_first_row_seconds", "Request received to its first image row (streamed requests)",
+        self.first_row = Histogram("lasad_time_to_first_row_seconds",
+                                   "Request received to its first image row (streamed requests)",
                                    buckets=LATENCY_BUCKETS, registry=r)
         self.queue_wait = Histogram("lasad_queue_wait_seconds", "Request received to its first decode step",
                                     buckets=LATENCY_BUCKETS, registry=r)
