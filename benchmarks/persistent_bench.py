@@ -59,6 +59,7 @@ CHECK_STEPS = 18         # positions 0..17: the class token, row starts at 1 and
 REL_TOL = 2e-2           # bf16, 49-145 GEMM outputs per step rounded after sums in another order
 FP32_SLACK = 1.5         # a variant's error against fp32 may be this times the per-op path's own
 TARGET_US = {"lasad-B": 100.0, "lasad-XL": 650.0}   # issue 27, H100, with CFG (the whole step)
+FLOOR_SHARE = 0.75      # issue 27 for the other presets: the step at >= 75 % of the floor's bandwidth
 SAMPLER = dict(cfg=True, cfg_scale=4.0, top_k=2000, backend="triton")
 # (name, PersistentStep keywords), in the order they run (the budget may cut the tail).
 VARIANTS = {
@@ -82,9 +83,16 @@ VARIANTS = {
         ("persistent t8k w4 x2", dict(tile=8192, num_warps=4, per_sm=2)),
     ],
 }
+# lasad-L, lasad-XXL: the forms that measured best on lasad-B and lasad-XL (tags did not pay on B)
 DEFAULT_VARIANTS = [("persistent t16k w4 x2", dict(tile=16384, num_warps=4, per_sm=2)),
-                    ("tagged t16k w4 x2", dict(tile=16384, num_warps=4, per_sm=2, tagged=True)),
-                    ("layer-pdl t16k w4 x2", dict(tile=16384, num_warps=4, per_sm=2, launch="layer-pdl"))]
+                    ("layer-pdl t16k w4 x2", dict(tile=16384, num_warps=4, per_sm=2, launch="layer-pdl")),
+                    ("persistent t32k w8 x1", dict(tile=32768, num_warps=8, per_sm=1))]
+
+
+def target_us(preset: str, floor_us: float) -> float:
+    """Issue 27's target for the whole step with the sampler: fixed for lasad-B and lasad-XL (H100),
+    the floor at FLOOR_SHARE of its bandwidth for the other presets."""
+    return TARGET_US.get(preset, floor_us / FLOOR_SHARE)
 
 
 def capture(fn) -> torch.cuda.CUDAGraph:
@@ -249,7 +257,7 @@ def table(result: dict) -> str:
     for name, p in result["presets"].items():
         floor = p["floor_us_per_step"]
         lines.append(f"{name:9} {'floor (bytes / copy bw)':24} {floor:8.1f} {'':8} {1:7.2f} {bw / 1e12:5.2f}  "
-                     f"target {TARGET_US.get(name, float('nan')):.0f} us/step with the sampler")
+                     f"target {target_us(name, floor):.0f} us/step with the sampler")
         for r in p["variants"]:
             if "us_per_step" not in r:
                 lines.append(f"{name:9} {r['variant']:24} {'-':>8} {'-':>8} {'':7} {'':5} "
@@ -362,8 +370,8 @@ def run(args, dev: torch.device) -> int:
                          "us_per_step_with_sampler": best["us_per_step_with_sampler"],
                          "speedup_vs_cuda_step": p["variants"][0]["us_per_step_with_sampler"]
                          / best["us_per_step_with_sampler"],
-                         "target_us": TARGET_US.get(name),
-                         "target_met": best["us_per_step_with_sampler"] <= TARGET_US.get(name, 0.0)}
+                         "target_us": target_us(name, p["floor_us_per_step"]),
+                         "target_met": best["us_per_step_with_sampler"] <= target_us(name, p["floor_us_per_step"])}
     save()
     print(f"wall {result['wall_s']:.0f} s, JSON: {out_file}")
     print(table(result))

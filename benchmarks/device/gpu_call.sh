@@ -11,7 +11,7 @@
 #        persistent-test | persistent (issue 27: the persistent step's GPU tests, then its benchmark) |
 #        serving-test | serve-B | serve-B-min | serve-XL | serve-both | serve-both-short | serve-lean (issue 25: the scheduler's GPU tests; serve_bench.py) |
 #        int8 | int8-bq | int8-tests (issue 29: benchmarks/int8_gpu_call.py, all parts / bench+quality / tests) |
-#        persistent-short
+#        persistent-short | persistent-all (every preset)
 # The serving steps need the server's wheels in .whl (fastapi, starlette, uvicorn, h11, httpx, httpcore,
 # anyio, sniffio, idna, certifi, prometheus_client, pydantic, pydantic_core, annotated_types,
 # typing_inspection, typing_extensions: pip download ... --python-version 3.12, the device README).
@@ -79,6 +79,7 @@ for s in "$@"; do
     int8) step int8 600 python3 benchmarks/int8_gpu_call.py --out "$W/int8" ;;
     int8-bq) step int8 420 python3 benchmarks/int8_gpu_call.py --out "$W/int8" --parts bench,quality ;;
     int8-tests) step int8-tests 200 python3 benchmarks/int8_gpu_call.py --out "$W/int8-tests" --parts tests ;;
+    persistent-all) step persistent 290 python3 benchmarks/persistent_bench.py --out "$W/persistent" --presets lasad-B,lasad-L,lasad-XL,lasad-XXL --budget 200 ;;
     persistent-short) step persistent 150 python3 benchmarks/persistent_bench.py --out "$W/persistent" --budget 110 ;;
     tiles) step tiles 240 python3 benchmarks/linear_tile_sweep.py --out "$W/tiles" ;;
     tiles-lxxl) step tiles-lxxl 260 python3 benchmarks/linear_tile_sweep.py --out "$W/tiles-lxxl" --presets lasad-L,lasad-XXL --budget 230 ;;

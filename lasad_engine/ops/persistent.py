@@ -638,7 +638,9 @@ if triton is not None:
             b_g = tl.where(start[:, None], override, b_g)
         b_v = _fetch(base + 2 * H * KH + h * VH + vv[None, :], rm[:, None] & vm[None, :], tag, check, max_spin, err,
                      DT, TAGGED).to(tl.float32)
-        b_s = b_s * tl.exp(b_g)[:, :, None] + b_k[:, :, None] * b_v[:, None, :]
+        # one explicit fused multiply-add: left to the compiler, a*b + c*d contracts either way,
+        # and the tagged form's compile took the other one (its state differed in the last bits)
+        b_s = tl.fma(b_s, tl.exp(b_g)[:, :, None], b_k[:, :, None] * b_v[:, None, :])
         tl.store(sp, b_s, mask=smask)
         b_o = tl.sum(b_s * b_q[:, :, None], axis=1)                                      # [BR, BVH]
         om = rm[:, None] & vm[None, :]
