@@ -150,7 +150,7 @@ def bench_cuda_step(model, ids_seq, noise, dev) -> tuple[dict, list, torch.Tenso
     g = capture(lambda: sample(model.step(ids, pos, st, backend="triton"), noise, out=ids, **SAMPLER))
     row["us_per_step_with_sampler"] = time_graph(g)
     del g
-    return row, ref, ref_state
+    return row, ref, ref_state, anchor
 
 
 def bench_persistent(model, name, kw, ids_seq, ref, ref_state, anchor, noise, dev, failures, label) -> dict:
