@@ -54,7 +54,10 @@ def check_checkout(path: Path) -> None:
 
 
 def commit_of(path: Path) -> str | None:
+    """LlamaGen's commit when `path` is the top of its own git checkout (not a copy inside another)."""
     import subprocess
+    if not (path / ".git").exists():
+        return None
     try:
         r = subprocess.run(["git", "-C", str(path), "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                            timeout=20)
