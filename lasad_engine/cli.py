@@ -49,16 +49,27 @@ def _signals_as_interrupts():
     if threading.current_thread() is not threading.main_thread():
         yield got
         return
+    active, deferred = [True], [False]
+    main_id = threading.main_thread().ident
 
     def handler(signum, frame):
-        if got:  # asked twice: stop now
-            _exit_signalled(None, signum)
-        got.append(signum)
-        # A library may swallow the interrupt (an import it cuts short can turn it into an
-        # ImportError that the library catches); the process still ends within the grace time.
-        watchdog = threading.Timer(SIGNAL_GRACE_SECONDS, _exit_signalled, (None, signum))
-        watchdog.daemon = True
-        watchdog.start()
+        if not deferred[0]:
+            if got:  # asked twice: stop now
+                _exit_signalled(None, signum)
+            got.append(signum)
+            # A library may swallow the interrupt (an import it cuts short can turn it into an
+            # ImportError that the library catches); the process still ends within the grace time.
+            watchdog = threading.Timer(SIGNAL_GRACE_SECONDS, _exit_signalled, (None, signum))
+            watchdog.daemon = True
+            watchdog.start()
+        deferred[0] = False  # else: sent again by _interrupt_after_import, the import being over
+        if _inside_import(frame):
+            # Raised inside an import that C++ started (torch's extension importing its Python
+            # parts), the exception would cross pybind11 and end in std::terminate: the signal is
+            # sent again once the import is over, and raised then.
+            deferred[0] = True
+            threading.Thread(target=_interrupt_after_import, args=(main_id, signum, active), daemon=True).start()
+            return
         raise KeyboardInterrupt
 
     def unraisable(info):
@@ -76,9 +87,33 @@ def _signals_as_interrupts():
     try:
         yield got
     finally:
+        active[0] = False
         sys.unraisablehook = previous_hook
         for sig, h in previous.items():
             signal.signal(sig, h)
+
+
+def _inside_import(frame) -> bool:
+    """Whether `frame` runs under the import machinery (a module being imported)."""
+    while frame is not None:
+        if frame.f_code.co_filename.startswith("<frozen importlib"):
+            return True
+        frame = frame.f_back
+    return False
+
+
+def _interrupt_after_import(thread_id: int, signum: int, active: list, poll: float = 0.01) -> None:
+    """Send `signum` to thread `thread_id` (the main thread: a blocking call there returns early)
+    as soon as it is out of every import, while `active[0]` (still inside `_signals_as_interrupts`)."""
+    while active[0]:
+        frame = sys._current_frames().get(thread_id)
+        if frame is None:
+            return
+        if not _inside_import(frame):
+            signal.pthread_kill(thread_id, signum)
+            return
+        del frame
+        time.sleep(poll)
 
 
 def _exit_signalled(prog: str | None, signum: int):

@@ -503,6 +503,40 @@ def test_sigterm_in_export_and_check_exits_143(ckpt, tmp_path, tool):
     assert not (tmp_path / "o").exists() or list((tmp_path / "o").iterdir()) == []
 
 
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_inside_an_import_interrupts_after_it(tmp_path, sig):
+    """A signal that lands while a module is being imported is raised once the import is over: raised
+    inside an import that C++ started (torch's extension importing its Python parts) it crossed
+    pybind11 and ended in std::terminate instead of the one-line exit. The module here sleeps at
+    import in small steps; the interrupt must come after it is whole, and still come."""
+    (tmp_path / "slowmod.py").write_text(
+        "import pathlib, time\n"
+        "pathlib.Path('started').write_text('1')\n"
+        "for _ in range(random_steps):\n    time.sleep(0.01)\n"
+        "DONE = True\n".replace("random_steps", str(random.randint(60, 90))))
+    code = ("import sys, time\n"
+            "sys.path.insert(0, '.')\n"
+            "from lasad_engine.cli import _signals_as_interrupts\n"
+            "with _signals_as_interrupts() as got:\n"
+            "    try:\n"
+            "        import slowmod\n"
+            "        print('imported', slowmod.DONE, flush=True)\n"
+            "        time.sleep(30)\n"
+            "    except KeyboardInterrupt:\n"
+            "        m = sys.modules.get('slowmod')\n"
+            "        print('interrupted; module whole:', getattr(m, 'DONE', False), 'signals', got, flush=True)\n")
+    p = subprocess.Popen([sys.executable, "-c", code], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True, preexec_fn=_default_signals)
+    deadline = time.monotonic() + 60
+    while not (tmp_path / "started").exists():
+        assert p.poll() is None and time.monotonic() < deadline, p.communicate()
+        time.sleep(0.005)
+    p.send_signal(sig)
+    out, err = p.communicate(timeout=30)
+    assert "interrupted; module whole: True" in out, (out, err)
+    assert f"signals [{int(sig)}]" in out and "Traceback" not in err, (out, err)
+
+
 def _console_script(name):
     path = Path(sys.executable).parent / name
     if not path.is_file():
