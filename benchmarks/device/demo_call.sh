@@ -58,11 +58,13 @@ if ls /tmp/p96.part* >/dev/null 2>&1 && [ ! -f runs/demo-codes96/manifest.json ]
   log "codes96 rc=$?"; tail -2 "$W/codes96.log"
 fi
 [ -f runs/demo-codes96/manifest.json ] && CODES+=(runs/demo-codes96)
-ARGS=(--steps "${DEMO_STEPS:-1000000}" --save-every 1000000 --log-every 50 --no-progress --time-limit "$TRAIN_SECONDS")
+ARGS=(--save-every 1000000 --log-every 50 --no-progress --time-limit "$TRAIN_SECONDS")
 if [ -f "$RUN/state/index.json" ] || [ -f "$RUN/last.pt" ]; then
+  # a resumed run keeps its --steps (and so its cool-down) unless DEMO_STEPS changes them
   ARGS+=(--resume)
+  [ -n "${DEMO_STEPS:-}" ] && ARGS+=(--steps "$DEMO_STEPS")
 else
-  ARGS+=(--preset lasad-S --set n_layer=5 --batch-size 512 --lr "$LR" --warmup "${DEMO_WARMUP:-200}"
+  ARGS+=(--steps "${DEMO_STEPS:-1000000}" --preset lasad-S --set n_layer=5 --batch-size 512 --lr "$LR" --warmup "${DEMO_WARMUP:-200}"
          --ema "${DEMO_EMA:-0.9995}" --cooldown "${DEMO_COOLDOWN:-0}" --resume-format shards --overwrite)
   [ -n "${DEMO_MIX:-}" ] && ARGS+=(--mix "$DEMO_MIX")
   [ -n "$INIT" ] && ARGS+=(--init "$INIT")
