@@ -13,7 +13,12 @@ head), 256 tokens per image, CFG (rows = 2 x images), cfg 4.0, top-k 2000. Varia
 - `int8_rule`: int8 with the hand rule's tiles only (ops.linear.QUANT_FOLLOWS_FLOAT_POLICY empty);
 - `int8_float_tiles`: int8 with the bf16 measurements' tiles at 1-4 rows too (what `int8` did
   until the H100's numbers of 2026-12-07 chose the hand rule there);
+- `int8_i2f`: int8 converted by Triton's own int8 -> float conversion (I2F) instead of the byte
+  permutes the engine uses on a GPU (ops.linear.INT8_ASM);
 - `fp8`: e4m3 weights, where the GPU has compute capability 8.9+.
+
+`--quant-policy FILE`: the quantised GEMMs take the tiles benchmarks/int8_gemv_sweep.py chose
+(its JSON's "policy") instead of ops.linear's QUANT_TILE_POLICY / QUANT_MM_TILES.
 
 Each row is written to DIR/int8_bench.json as soon as it is measured; a variant that fails is
 recorded with its error and the run goes on. Teacher-forced logits (2 images, CFG rows, fp32
@@ -112,14 +117,27 @@ def tiles_used(cfg, rows: int, quantized: bool, device) -> dict:
     return out
 
 
+def load_policy(path: Path) -> None:
+    """ops.linear's quantised tile tables from int8_gemv_sweep.py's measured choices."""
+    pol = json.loads(path.read_text())["policy"]
+    for e in pol["quant_tile_policy"]:
+        L.QUANT_TILE_POLICY[(e["band"], e["n_out"], e["K"])] = L.LinearTiles(**e["tiles"])
+    for e in pol["quant_mm_tiles"]:
+        L.QUANT_MM_TILES[(e["N"], e["K"])] = L.MmTiles(**e["tiles"])
+    print(f"tiles from {path}: {len(L.QUANT_TILE_POLICY)} few-row, {len(L.QUANT_MM_TILES)} many-row", flush=True)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=Path("out"))
     ap.add_argument("--presets", default="lasad-B,lasad-XL,lasad-XXL")
     ap.add_argument("--batches", default="1,64")
-    ap.add_argument("--variants", default="bf16,int8,int8_nohead,fp8,int8_rule,int8_float_tiles")
+    ap.add_argument("--variants", default="bf16,int8,int8_i2f,int8_nohead,fp8")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--quant-policy", type=Path, help="int8_gemv_sweep.py's JSON: its chosen tiles")
     a = ap.parse_args()
+    if a.quant_policy:
+        load_policy(a.quant_policy)
     device = torch.device("cuda")
     cap = torch.cuda.get_device_capability(device)
     import triton
@@ -151,6 +169,7 @@ def main():
         for variant in variants:
             L.QUANT_FOLLOWS_FLOAT_POLICY = ({L.ROWS_MAX} if variant != "int8_rule" else set()) | (
                 {L.FMA_ROWS_MAX} if variant == "int8_float_tiles" else set())
+            L.INT8_ASM = variant != "int8_i2f"
             try:
                 model = variant_model(fp32, variant)
                 if variant != "int8_rule" and "fp32" in logits:
@@ -176,7 +195,8 @@ def main():
                 print(f"{preset} {variant}: FAILED {e!r}"[:300], flush=True)
                 save()
             finally:
-                L.QUANT_FOLLOWS_FLOAT_POLICY = True
+                L.QUANT_FOLLOWS_FLOAT_POLICY = {L.ROWS_MAX}
+                L.INT8_ASM = True
                 torch.cuda.empty_cache()
         if "fp32" in logits:
             entry = {"preset": preset, "tokens": cfg.seq_len, "images": 2, "cfg_rows": True}

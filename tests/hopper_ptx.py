@@ -26,11 +26,15 @@ def ptx_facts() -> dict:
         k = triton.compile(ASTSource(fn, sig, constexprs=cx, attrs=attrs), target=GPUTarget("cuda", 90, 32),
                            options=dict(num_warps=4))
         ptx = k.asm["ptx"]
+        if fn is L.quant_mm_kernel:
+            return {"prmt": ptx.count("prmt.b32"), "cvt_s8": ptx.count("cvt.rn.f32.s8") + ptx.count("cvt.rn.bf16.s8"),
+                    "mma": ptx.count("mma.sync") + ptx.count("wgmma")}
         wait, launch = ptx.find("griddepcontrol.wait"), ptx.find("griddepcontrol.launch_dependents")
         first_load = ptx.find("ld.global")
         return {"wait": wait >= 0, "launch_dependents": launch >= 0,
                 "loads_before_wait": 0 <= first_load < wait, "launch_before_wait": 0 <= launch < wait,
-                "wide_loads_before_wait": ptx[:max(wait, 0)].count("ld.global.v4")}
+                "wide_loads_before_wait": ptx[:max(wait, 0)].count("ld.global.v4"),
+                "prmt": ptx.count("prmt.b32"), "cvt_s8": ptx.count(".s8")}
 
     out = {}
     p = "*bf16"
@@ -41,14 +45,27 @@ def ptx_facts() -> dict:
                   MMA=False, DOT_F32=False, USE_PDL=pdl)
         sig = dict(x=p, w=p, ws="*fp32", nw=p, res=p, out=p, part="*fp32", cnt="*i32", R="i32", N_OUT="i32",
                    eps="fp32")
-        out[f"linear_pdl={pdl}"] = build(L.fused_linear_kernel, sig, {**cx, "HAS_SCALE": False})
-        # int8 weights (lasad_engine/quant.py): the same kernel, the tile streamed as bytes
-        out[f"linear_int8_pdl={pdl}"] = build(L.fused_linear_kernel, {**sig, "w": "*i8"}, {**cx, "HAS_SCALE": True})
+        out[f"linear_pdl={pdl}"] = build(L.fused_linear_kernel, sig, {**cx, "HAS_SCALE": False, "W_ASM": False})
+        # int8 weights (lasad_engine/quant.py): the same kernel, the tile streamed as bytes and
+        # converted by byte permutes, as the engine runs it on a GPU
+        out[f"linear_int8_pdl={pdl}"] = build(L.fused_linear_kernel, {**sig, "w": "*i8"},
+                                              {**cx, "HAS_SCALE": True, "W_ASM": True})
         cx = dict(K=64, V=64, BK=64, BV=16, HAS_OVERRIDE=True, FUSED_GATES=True, HAS_LB=True, USE_PDL=pdl,
                   HAS_SLOTS=True)
         sig = dict(q=p, k=p, v=p, g=p, lb="*fp32", s="*fp32", o=p, start="*i1", slots="*i64", start_stride="i32",
                    override="fp32", scale="fp32", H="i32", stride_qk="i32", stride_v="i32")
         out[f"step_pdl={pdl}"] = build(S.lasad_step_kernel, sig, cx)
+    for pdl in (True, False):
+        # int8 weights at 1-4 rows (gemv_kernel): K in chunks, the first chunk's words before the wait
+        cx = dict(K=1280, KS=1280, BK=256, G=1280, SPLIT_K=1, SPLIT_P=1, BR=2, BN=16, HAS_NORM=True, SWIGLU=True,
+                  NACC=2, HAS_RES=False, USE_PDL=pdl, W_ASM=True, FP8=False, KP=2048)
+        sig = dict(x=p, w4="*i32", ws="*fp32", nw=p, res=p, out=p, part="*fp32", cnt="*i32", R="i32", N_OUT="i32",
+                   eps="fp32")
+        out[f"gemv_int8_pdl={pdl}"] = build(L.gemv_kernel, sig, cx)
+    # many rows (quant_mm): int8 weights converted to bf16 by byte permutes for the tensor cores
+    sig = dict(a=p, w="*i8", ws="*fp32", res=p, c=p, M="i32", N="i32")
+    cx = dict(K=1280, BM=128, BN=128, BK=64, GROUP_M=8, STAGES=3, DOT_F32=False, W_ASM=True, HAS_RES=True)
+    out["quant_mm_int8"] = build(L.quant_mm_kernel, sig, cx)
     return out
 
 

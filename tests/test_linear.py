@@ -127,14 +127,21 @@ def test_tile_policy_answers_only_for_the_band_it_was_measured_in(monkeypatch):
         assert L.tile_policy(other, n, k, dev) == L.TILE_POLICY.get((other, n, k)), (bound, n, k, other)
     assert L.tile_policy(L.ROWS_MAX + 1, 768, 768, dev) is None
     assert L.tile_policy(2, 16384, 768, dev) == L.LIBRARY  # the head
-    # quantised weights: bf16's tiles only in the bands that follow them (the H100 chose the hand
-    # rule at 1-4 rows), never the library (the head too); above ROWS_MAX no choice, as for floats
-    # (fused_linear's row limit decides: tests/test_quant.py)
+    # quantised weights: their own measured tiles first (QUANT_TILE_POLICY, in its band only),
+    # then bf16's in the bands that follow them, never the library (the head too); above ROWS_MAX
+    # no choice, as for floats (fused_linear's row limit decides: tests/test_quant.py)
     for (bound, n, k), choice in L.TILE_POLICY.items():
         got = L.tile_policy(bound, n, k, dev, quantized=True)
         follows = bound in L.QUANT_FOLLOWS_FLOAT_POLICY and choice != L.LIBRARY
-        assert got == (choice if follows else None), (bound, n, k, got)
-    assert L.tile_policy(2, 16384, 768, dev, quantized=True) is None
+        want = L.QUANT_TILE_POLICY.get((bound, n, k), choice if follows else None)
+        assert got == want, (bound, n, k, got)
+    for (bound, n, k), choice in L.QUANT_TILE_POLICY.items():
+        lo = 1 if bound == L.FMA_ROWS_MAX else L.FMA_ROWS_MAX + 1
+        for rows in (lo, bound):
+            assert L.tile_policy(rows, n, k, dev, quantized=True) == choice, (bound, n, k, rows)
+            float_choice = L.LIBRARY if n >= 8192 else L.TILE_POLICY.get((bound, n, k))
+            assert L.tile_policy(rows, n, k, dev) == float_choice, "float weights unaffected"
+    assert L.tile_policy(2, 16384, 768, dev, quantized=True) is None   # lasad-B's head: gemv_tiles decides
     assert L.tile_policy(L.ROWS_MAX + 1, 768, 768, dev, quantized=True) is None
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
     assert L.tile_policy(2, 2304, 768, dev) is None
@@ -231,11 +238,14 @@ def test_pdl_kernels_compile_for_hopper():
     run = subprocess.run([sys.executable, script], capture_output=True, text=True, env=env, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     facts = json.loads(run.stdout.strip().splitlines()[-1])
-    for name in ("linear", "linear_int8", "step"):
+    for name in ("linear", "linear_int8", "gemv_int8", "step"):
         on, off = facts[f"{name}_pdl=True"], facts[f"{name}_pdl=False"]
         assert on["wait"] and on["launch_dependents"] and on["launch_before_wait"], (name, on)
         assert on["loads_before_wait"] and on["wide_loads_before_wait"] >= 2, (name, on)
         assert not off["wait"] and not off["launch_dependents"], (name, off)
+    # int8 weights converted by byte permutes (ops.linear._bytes_f32), no int -> float conversion
+    for name in ("linear_int8_pdl=True", "gemv_int8_pdl=True", "quant_mm_int8"):
+        assert facts[name]["prmt"] > 0 and facts[name]["cvt_s8"] == 0, (name, facts[name])
 
 
 @pytest.mark.gpu

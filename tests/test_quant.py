@@ -145,18 +145,76 @@ def test_kernel_forced_tiles(tiles, norm, groups, swiglu, R):
 
 
 @needs_triton
-def test_many_rows_go_to_the_library_on_dequantised_weights(monkeypatch):
-    """Quantised weights above ROWS_MAX rows: the library GEMM on the dequantised weights (the
-    kernel's row blocks would each read every weight), still the torch definition; tiles passed
-    explicitly take the kernel."""
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("tiles,K,norm,groups,swiglu", [
+    (LinearTiles(8, 1, num_warps=2, block_k=64), 200, True, 1, False),   # 4 chunks, the last partial
+    (LinearTiles(4, 3, block_k=32), 200, True, 1, True),                # split K, whole-row statistics
+    (LinearTiles(16, 2, num_warps=1, block_k=64), 256, True, 4, False),  # a norm group per chunk
+    (LinearTiles(8, 5, block_k=16), 120, False, 1, True),               # more splits than needed
+], ids=str)
+@pytest.mark.parametrize("R", [1, 2, 4])
+def test_gemv_kernel_forced_tiles(fmt, tiles, K, norm, groups, swiglu, R):
+    """gemv_kernel (K in chunks, the weights read as int32 words of four) with tiles chosen by
+    hand against the torch definition and float64, reproducible run to run."""
+    x, q, kw = _case(R, 2 * 29, K, torch.float32, fmt, norm, groups, True, swiglu, seed=R + K)
+    a = _check_kernel(x, q, kw, tiles=tiles)
+    assert torch.equal(a, fused_linear(x, q, backend="triton", tiles=tiles, **kw)), "not reproducible"
+    assert int(L._counters(x.device, 1)[:64].abs().sum()) == 0
+
+
+def test_gemv_tiles_refused_in_one_line():
+    x, w = torch.randn(5, 64), torch.randn(8, 64)
+    q, s = quant.quantize_weight(w)
+    t = LinearTiles(8, 1, block_k=64)
+    with pytest.raises(ValueError, match="at most 4 rows"):
+        fused_linear(x, q, weight_scale=s, backend="triton", tiles=t)
+    with pytest.raises(ValueError, match="int8 / e4m3 weights"):
+        fused_linear(x[:2], w, backend="triton", tiles=t)
+    with pytest.raises(ValueError, match="multiple of the norm group"):
+        fused_linear(x[:2], q, weight_scale=s, norm_weight=torch.ones(64), norm_groups=2, backend="triton",
+                     tiles=LinearTiles(8, 1, block_k=16))
+
+
+@needs_triton
+def test_many_rows_take_quant_mm(monkeypatch):
+    """Quantised weights above ROWS_MAX rows: the decode kernel's row blocks would each read every
+    weight, so the norm runs alone and the GEMM is `quant_mm` (a K-looped GEMM converting the
+    weights in registers), still the torch definition; tiles passed explicitly take the kernel."""
     x, q, kw = _case(L.ROWS_MAX + 5, 2 * 30, 64, torch.float32, "int8", True, 1, True, False, seed=4)
-    calls = []
-    kernel = L._fused_linear_triton
+    calls, mm = [], []
+    kernel, quant_mm = L._fused_linear_triton, L.quant_mm
     monkeypatch.setattr(L, "_fused_linear_triton", lambda *a: calls.append(1) or kernel(*a))
+    monkeypatch.setattr(L, "quant_mm", lambda *a, **k: mm.append(1) or quant_mm(*a, **k))
     _check_kernel(x, q, kw)
-    assert calls == []
+    assert calls == [] and mm == [1]
     _check_kernel(x, q, kw, tiles=LinearTiles(16, 1, mma=True))
     assert calls == [1]
+
+
+@needs_triton
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("M,N,K,tiles", [(40, 96, 80, L.MmTiles(32, 32, 32, 2, 4, 2)),   # K in 3 steps, last partial
+                                         (7, 50, 33, L.MmTiles(16, 32, 16, 3, 4, 8)),    # ragged everything
+                                         (130, 64, 64, None)], ids=str)                  # the default tiles
+def test_quant_mm_equals_the_torch_definition(fmt, M, N, K, tiles):
+    """quant_mm against quantized_gemm in float64 (fp32 activations: exact products, fp32 sums)
+    and against the torch definition in bf16, on random weights and activations, with
+    leading batch dimensions kept."""
+    gen = torch.Generator().manual_seed(M + N)
+    q, s = quant.quantize_weight(torch.randn(N, K, generator=gen), fmt)
+    a = torch.randn(2, M, K, generator=gen)
+    ref64 = quantized_gemm(a.double(), q, s.double())
+    got = L.quant_mm(a, q, s, tiles)
+    assert got.shape == (2, M, N) and got.dtype == torch.float32
+    assert_close("quant_mm fp32 vs float64", got, ref64, 1e-6)
+    got16 = L.quant_mm(a.bfloat16(), q, s, tiles)
+    assert_close("quant_mm bf16 vs torch definition", got16, quantized_gemm(a.bfloat16(), q, s),
+                 TOL_INTERPRETED[torch.bfloat16])
+    res = torch.randn(2, M, N, generator=gen)
+    want = res + quantized_gemm(a, q, s)
+    assert_close("quant_mm + residual", L.quant_mm(a, q, s, tiles, residual=res), want, 1e-6)
+    assert L.quant_mm(a, q, s, tiles, residual=res, out=res) is res   # in place, as the decode step adds
+    assert_close("quant_mm + residual in place", res, want, 1e-6)
 
 
 def test_bad_weight_scale():
@@ -431,6 +489,33 @@ def test_kernel_on_cuda_at_lasad_shapes(fmt, R):
         kw = {k: v.cuda() if torch.is_tensor(v) else v for k, v in kw.items()}
         got = _check_kernel(x, q, kw, tol=1e-2)
         assert torch.equal(got, fused_linear(x, q, backend="triton", **kw)), "not reproducible"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("R", [1, 2, 4, 16, 128])
+def test_int8_byte_permute_conversion_equals_tritons_own(R, monkeypatch):
+    """The int8 -> fp32 / bf16 conversion by byte permutes (inline PTX, ops.linear._int8_to_f32,
+    _bytes_f32) against Triton's own conversion: every int8 value in every byte position, whole
+    GEMMs (gemv_kernel, per-row FMA, tensor cores, quant_mm) bit-identical, in bf16 and fp32."""
+    q = torch.arange(-128, 128, dtype=torch.int8, device="cuda").reshape(8, 32)
+    q = torch.cat([q, q.flip(1)]).contiguous()   # every value, in both byte positions orders
+    s = torch.rand(q.shape[0], device="cuda") + 0.5
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.randn(R, q.shape[1], device="cuda").to(dtype)
+        outs = {}
+        for asm in (True, False):
+            monkeypatch.setattr(L, "INT8_ASM", asm)
+            tiles = [None]
+            if R <= L.ROWS_MAX:
+                tiles = [LinearTiles(8, 1), LinearTiles(16, 2, mma=True)]
+            if R <= L.FMA_ROWS_MAX:
+                tiles += [LinearTiles(8, 1, block_k=16), LinearTiles(4, 2, num_warps=1, block_k=64)]
+            outs[asm] = [fused_linear(x, q, weight_scale=s, backend="triton", tiles=t) for t in tiles]
+            outs[asm].append(L.quant_mm(x, q, s, L.MmTiles(16, 16, 32, 2, 4)))
+        for a, b in zip(outs[True], outs[False]):
+            assert torch.equal(a, b), f"{dtype} R={R}: byte permutes differ from Triton's conversion"
+        assert_close(f"{dtype} vs torch definition", outs[True][-1], quantized_gemm(x, q, s),
+                     1e-6 if dtype == torch.float32 else 1e-2)
 
 
 @pytest.mark.gpu

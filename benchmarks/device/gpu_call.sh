@@ -11,6 +11,8 @@
 #        persistent-test | persistent (issue 27: the persistent step's GPU tests, then its benchmark) |
 #        serving-test | serve-B | serve-B-min | serve-XL | serve-both | serve-both-short | serve-lean (issue 25: the scheduler's GPU tests; serve_bench.py) |
 #        int8 | int8-bq | int8-tests (issue 29: benchmarks/int8_gpu_call.py, all parts / bench+quality / tests) |
+#        int8-sweep | int8-gputests | int8-e2e (issue 29: the GEMM sweep; the gpu tests of the quantised
+#        path; int8_bench with the tiles of this call's sweep, else .carry/int8_gemv_sweep.json) | int8-sweep-short | int8-sweep-few (2 rows only) |
 #        persistent-short | persistent-all (every preset)
 # The serving steps need the server's wheels in .whl (fastapi, starlette, uvicorn, h11, httpx, httpcore,
 # anyio, sniffio, idna, certifi, prometheus_client, pydantic, pydantic_core, annotated_types,
@@ -79,6 +81,12 @@ for s in "$@"; do
     int8) step int8 600 python3 benchmarks/int8_gpu_call.py --out "$W/int8" ;;
     int8-bq) step int8 420 python3 benchmarks/int8_gpu_call.py --out "$W/int8" --parts bench,quality ;;
     int8-tests) step int8-tests 200 python3 benchmarks/int8_gpu_call.py --out "$W/int8-tests" --parts tests ;;
+    int8-sweep) step int8-sweep 360 python3 benchmarks/int8_gemv_sweep.py --out "$W/int8-sweep" --presets lasad-XL,lasad-XXL,lasad-B --rows 2,128 --budget 320 ;;
+    int8-sweep-few) step int8-sweep 200 python3 benchmarks/int8_gemv_sweep.py --out "$W/int8-sweep" --presets lasad-XL,lasad-XXL,lasad-B --rows 2 --budget 170 ;;
+    int8-sweep-short) step int8-sweep 230 python3 benchmarks/int8_gemv_sweep.py --out "$W/int8-sweep" --presets lasad-XL,lasad-XXL,lasad-B --rows 2,128 --budget 190 ;;
+    int8-gputests) step int8-gputests 220 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_quant.py tests/test_linear.py -rs --durations=5 ;;
+    int8-e2e) pol="$W/int8-sweep/int8_gemv_sweep.json"; [ -f "$pol" ] || pol=.carry/int8_gemv_sweep.json; [ -f "$pol" ] || pol=""
+         step int8-e2e 330 python3 benchmarks/int8_bench.py --out "$W/int8-e2e" --presets lasad-B,lasad-XL,lasad-XXL --batches 1,64 --variants bf16,int8,int8_i2f,fp8 --repeats 3 ${pol:+--quant-policy "$pol"} ;;
     persistent-all) step persistent 290 python3 benchmarks/persistent_bench.py --out "$W/persistent" --presets lasad-B,lasad-L,lasad-XL,lasad-XXL --budget 200 ;;
     persistent-short) step persistent 150 python3 benchmarks/persistent_bench.py --out "$W/persistent" --budget 110 ;;
     tiles) step tiles 240 python3 benchmarks/linear_tile_sweep.py --out "$W/tiles" ;;

@@ -25,11 +25,17 @@ output channel; lasad_engine/quant.py makes them) have one definition too (`quan
 the GEMM of the integer (fp8) values exactly as for float weights (W_q converted to the
 activation dtype, which holds every int8 and e4m3 value exactly; fp32 accumulation; rounded to the
 activation dtype as F.linear's output is), then times the channel's fp32 scale in fp32, rounded to
-the activation dtype once more. SwiGLU and the residual follow as for float weights. The kernel
-dequantises in registers (the weight tile streams as 1 byte an element: half the bytes of bf16)
-and serves any row count, in blocks of at most ROWS_MAX rows (a third grid axis, the fastest, so
-the blocks of one weight tile run together and read it from L2): with quantised weights there is
-no GEMM-library path, which would have to write the dequantised matrix out first.
+the activation dtype once more. SwiGLU and the residual follow as for float weights. The weights
+stream as 1 byte an element (half the bytes of bf16) and are converted in registers, int8 by byte
+permutes on a GPU (`_int8_to_f32`: the byte placed in the mantissa of 2^23, one subtraction;
+exact, and no int -> float conversion instruction, which runs at a quarter rate on sm_90). Three
+kernels, by row count:
+- 1-4 rows: `gemv_kernel` (K in chunks, the weights read as int32 words of four features, one FMA
+  per weight and row into per-row accumulators, the sums over K once at the end), or
+  `fused_linear_kernel` where that measured faster (QUANT_TILE_POLICY: the smaller matrices);
+- 5-ROWS_MAX rows: `fused_linear_kernel` with tensor cores, the weights converted to bf16;
+- more rows: `quant_mm`, a K-looped tensor-core GEMM (the norm before it as for float weights, the
+  residual in its epilogue), instead of a dequantised copy written out and read back.
 
 Shapes:
     x:           [..., K]            activations (R = x.numel() / K rows)
@@ -71,6 +77,8 @@ TILE_ELEMS = 16384      # weight elements one program holds (32 KB of bf16: 32 r
 K_SLICE_MIN = 128       # split K only down to slices of this many features
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _COUNTERS: dict = {}    # per device: int32 split-K arrival counters (back at 0 after every launch)
+INT8_ASM = True         # int8 weights converted by byte permutes (`_int8_to_f32`) on a GPU; False: Triton's
+                        # own conversion (I2F), for benchmarks and the test that both agree bit for bit
 
 
 @dataclass(frozen=True)
@@ -78,15 +86,59 @@ class LinearTiles:
     """How the Triton kernel cuts the GEMM. block_n: output columns per program (power of two);
     split_k: programs along K (1 = the whole K in one program; with a grouped norm it must divide
     norm_groups); mma: tl.dot on tensor cores with the rows padded to 16 (else per-row FMA);
-    num_warps: warps per program."""
+    num_warps: warps per program; block_k: 0 for fused_linear_kernel (a program's whole slice of
+    K loaded at once), else gemv_kernel's chunk of K (a power of two; a multiple of the norm
+    group with a grouped norm)."""
 
     block_n: int
     split_k: int = 1
     mma: bool = False
     num_warps: int = 4
+    block_k: int = 0  # > 0: `gemv_kernel`, K walked in chunks of block_k (at most FMA_ROWS_MAX rows)
 
 
 QUANT_DTYPES = (torch.int8, torch.float8_e4m3fn)  # weight dtypes that come with a weight_scale
+
+
+@dataclass(frozen=True)
+class MmTiles:
+    """How `quant_mm` (quantised weights, more than ROWS_MAX rows) cuts its GEMM: block_m rows ×
+    block_n columns a program, K in steps of block_k pipelined over `stages` buffers."""
+
+    block_m: int = 64
+    block_n: int = 128
+    block_k: int = 64
+    stages: int = 4
+    num_warps: int = 4
+    group_m: int = 8
+
+
+def mm_tiles(rows: int, N: int, K: int) -> MmTiles:
+    """The tiles `quant_mm` uses for an [N, K] weight (QUANT_MM_TILES, measured at 128 rows;
+    else the default, 128 rows a program above 64 rows)."""
+    t = QUANT_MM_TILES.get((N, K))
+    return t if t is not None else MmTiles(block_m=128 if rows > 64 else 64)
+
+
+# (N, K) -> MmTiles: quant_mm at 128 rows (64 images with CFG), measured on an H100 (2026-12-07,
+# benchmarks/int8_gemv_sweep.py; benchmarks/results/2026-12-07-h100-int8-kernels.json)
+QUANT_MM_TILES: dict = {
+    (3840, 1280): MmTiles(128, 32, 128, 4, 4),  # lasad-XL qfv
+    (1280, 1280): MmTiles(64, 32, 256, 3, 4),  # lasad-XL o
+    (7168, 1280): MmTiles(128, 64, 128, 3, 4),  # lasad-XL w13
+    (1280, 3584): MmTiles(64, 32, 256, 3, 4),  # lasad-XL w2
+    (16384, 1280): MmTiles(128, 64, 64, 4, 4),  # lasad-XL head
+    (4608, 1536): MmTiles(128, 64, 128, 3, 4),  # lasad-XXL qfv
+    (1536, 1536): MmTiles(64, 32, 256, 3, 4),  # lasad-XXL o
+    (8192, 1536): MmTiles(128, 64, 128, 3, 4),  # lasad-XXL w13
+    (1536, 4096): MmTiles(64, 32, 256, 3, 4),  # lasad-XXL w2
+    (16384, 1536): MmTiles(128, 64, 64, 4, 4),  # lasad-XXL head
+    (2304, 768): MmTiles(128, 32, 128, 4, 4),  # lasad-B qfv
+    (768, 768): MmTiles(64, 32, 256, 3, 4),  # lasad-B o
+    (4096, 768): MmTiles(64, 64, 128, 4, 4),  # lasad-B w13
+    (768, 2048): MmTiles(64, 32, 256, 3, 4),  # lasad-B w2
+    (16384, 768): MmTiles(128, 64, 64, 4, 4),  # lasad-B head
+}
 
 
 def quantized_gemm(a: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor) -> torch.Tensor:
@@ -98,8 +150,13 @@ def quantized_gemm(a: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Te
     return (y.to(acc) * weight_scale.to(acc)).to(a.dtype)
 
 
-def _gemm(a: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor | None) -> torch.Tensor:
-    return F.linear(a, weight) if weight_scale is None else quantized_gemm(a, weight, weight_scale)
+def _gemm(a: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor | None,
+          kernels: str = "torch") -> torch.Tensor:
+    if weight_scale is None:
+        return F.linear(a, weight)
+    if kernels == "triton" and triton is not None and a.numel():
+        return quant_mm(a, weight, weight_scale)
+    return quantized_gemm(a, weight, weight_scale)
 
 
 def fused_linear(x: torch.Tensor, weight: torch.Tensor, *, weight_scale: torch.Tensor | None = None,
@@ -161,7 +218,10 @@ def fused_linear(x: torch.Tensor, weight: torch.Tensor, *, weight_scale: torch.T
             return torch.addmm(residual, a, weight.t(), out=out)
         y = torch.addmm(residual, a, weight.t())
         return y if out is None else out.copy_(y)
-    y = _gemm(a, weight, weight_scale)
+    if (quantized and kernels == "triton" and triton is not None and residual is not None and not swiglu
+            and x.numel()):
+        return quant_mm(a, weight, weight_scale, residual=residual, out=out)
+    y = _gemm(a, weight, weight_scale, kernels)
     if swiglu:
         y = swiglu_op(y, backend=kernels) if kernels == "triton" else silu_mul(y[..., :N // 2], y[..., N // 2:])
     if residual is not None:
@@ -216,13 +276,39 @@ def linear_tiles(rows: int, n_out: int, K: int, *, groups: int = 1, has_norm: bo
     return best
 
 
+def gemv_fits(K: int, groups: int = 1, has_norm: bool = False) -> bool:
+    """Whether gemv_kernel takes this GEMM: K in words of four, and a grouped norm's groups a
+    power of two of at least 4 features (a chunk holds whole groups)."""
+    g = K // groups if has_norm and groups > 1 else 4
+    return K % 4 == 0 and g >= 4 and g & (g - 1) == 0 and g <= 512
+
+
+@functools.lru_cache(maxsize=None)
+def gemv_tiles(rows: int, n_out: int, K: int, *, groups: int = 1, has_norm: bool = False, swiglu: bool = False,
+               sms: int = 132) -> LinearTiles:
+    """Hand-chosen tiles for `gemv_kernel` (1-byte weights, at most FMA_ROWS_MAX rows): chunks
+    of 512 or 256 features (the larger that divides K; a whole number of norm groups), 16
+    columns a program (8 from 4 rows), warps so that each thread holds 4 columns of a chunk (the
+    activations it normalises serve 4 columns), and K split until there are two programs for
+    every SM."""
+    g = K // groups if has_norm and groups > 1 else 1
+    bk = 512 if K % 512 == 0 else 256
+    bk = max(bk, _pow2(g))
+    bn = 8 if rows > 2 else 16
+    warps = max(1, min(8, bn * bk // 2048))
+    s = 1
+    while -(-n_out // bn) * s < 2 * sms and -(-K // (s + 1)) >= bk:
+        s += 1
+    return LinearTiles(bn, s, False, warps, bk)
+
+
 # `tiles=LIBRARY`: this GEMM goes to the GEMM library (cuBLAS) with the norm and epilogue kernels
 # around it, where that measured faster than the Triton kernel (TILE_POLICY).
 LIBRARY = "library"
 # Measured choices that override `linear_tiles` on a GPU: (rows bound, n_out, K) -> LinearTiles or
 # LIBRARY, from benchmarks/linear_tile_sweep.py on the H200 (docs/performance.md).
-def _t(bn, s, mma, w):
-    return LinearTiles(bn, s, mma, w)
+def _t(bn, s, mma, w, bk=0):
+    return LinearTiles(bn, s, mma, w, bk)
 
 
 # benchmarks/results/2026-12-02-h200-tiles.json: one-op chains with PDL, distinct weights per layer,
@@ -255,16 +341,27 @@ TILE_POLICY: dict = {
 }
 
 
-# Quantised (int8 / fp8) weights. Measured on an H100 (2026-12-07,
-# benchmarks/results/2026-12-07-h100-int8.json, 2 rows): the hand rule's tiles beat bf16's measured
-# ones (lasad-B 272 against 297 µs per step, lasad-XL 1,344 against 1,631), so bf16's tiles are
-# followed only in the bands of QUANT_FOLLOWS_FLOAT_POLICY (5-32 rows, not measured with int8), the
-# hand rule decides the rest, the head included. QUANT_TILE_POLICY takes measured int8 choices,
-# (band, n_out, K) -> LinearTiles, first. Above ROWS_MAX rows the weights are dequantised to the
-# activations' dtype and the GEMM goes to the library (the Triton kernel's blocks of ROWS_MAX rows
-# each read every weight: lasad-XL at 128 rows took 13.9 ms per step against bf16's 2.8 there;
-# the dequantised copy is not measured yet). Tiles passed explicitly still take the kernel.
-QUANT_TILE_POLICY: dict = {}
+# Quantised (int8 / fp8) weights, 1-4 rows: gemv_kernel (K in chunks, `gemv_tiles`) by default;
+# the measured choices of benchmarks/int8_gemv_sweep.py on an H100 (2026-12-07,
+# benchmarks/results/2026-12-07-h100-int8-kernels.json: every GEMM of the step alone, 2 rows, a
+# chain over distinct weights with PDL) override it, block_k 0 meaning fused_linear_kernel (the
+# whole slice of K loaded at once: faster for the smaller matrices, whose time is latency).
+# 5-32 rows follow bf16's measured tiles (QUANT_FOLLOWS_FLOAT_POLICY); above ROWS_MAX rows the
+# GEMM is quant_mm with QUANT_MM_TILES.
+QUANT_TILE_POLICY: dict = {
+    (FMA_ROWS_MAX, 3840, 1280): _t(16, 1, False, 4, 512),  # lasad-XL qfv
+    (FMA_ROWS_MAX, 1280, 1280): _t(8, 1, False, 4),  # lasad-XL o
+    (FMA_ROWS_MAX, 3584, 1280): _t(16, 5, False, 2, 256),  # lasad-XL w13
+    (FMA_ROWS_MAX, 1280, 3584): _t(4, 1, False, 4),  # lasad-XL w2
+    (FMA_ROWS_MAX, 4608, 1536): _t(16, 6, False, 2, 256),  # lasad-XXL qfv
+    (FMA_ROWS_MAX, 1536, 1536): _t(8, 1, False, 4),  # lasad-XXL o
+    (FMA_ROWS_MAX, 4096, 1536): _t(16, 1, False, 4, 512),  # lasad-XXL w13
+    (FMA_ROWS_MAX, 1536, 4096): _t(4, 1, False, 4),  # lasad-XXL w2
+    (FMA_ROWS_MAX, 16384, 1536): _t(16, 1, False, 2, 256),  # lasad-XXL head
+    (FMA_ROWS_MAX, 2304, 768): _t(16, 1, False, 4, 512),  # lasad-B qfv
+    (FMA_ROWS_MAX, 768, 768): _t(4, 1, False, 2),  # lasad-B o
+    (FMA_ROWS_MAX, 768, 2048): _t(4, 1, False, 2),  # lasad-B w2
+}
 QUANT_FOLLOWS_FLOAT_POLICY: set = {ROWS_MAX}
 
 
@@ -319,6 +416,55 @@ def _pdl_supported(device: torch.device) -> bool:
 
 if triton is not None:
 
+    # four int8 in one 32-bit register ($4) -> four exact fp32 ($0-$3), by byte permutes
+    _I8X4_F32: tl.constexpr = tl.constexpr("""{
+            .reg .b32 t;
+            xor.b32 t, $4, 0x80808080;
+            prmt.b32 $0, t, 0x4B000000, 0x7650;
+            prmt.b32 $1, t, 0x4B000000, 0x7651;
+            prmt.b32 $2, t, 0x4B000000, 0x7652;
+            prmt.b32 $3, t, 0x4B000000, 0x7653;
+            sub.f32 $0, $0, 0f4B000080;
+            sub.f32 $1, $1, 0f4B000080;
+            sub.f32 $2, $2, 0f4B000080;
+            sub.f32 $3, $3, 0f4B000080;
+            }""")
+
+    @triton.jit
+    def _int8_to_f32(w):
+        # int8 -> fp32, exact, four values a 32-bit register with byte permutes (no I2F, a
+        # quarter-rate conversion on sm_90): u = v + 128 (xor of the sign bits) placed in the
+        # mantissa of 2^23 gives the float 2^23 + u, minus 2^23 + 128 gives v.
+        return tl.inline_asm_elementwise(_I8X4_F32, "=r,=r,=r,=r,r", [w], dtype=tl.float32, is_pure=True, pack=4)
+
+    @triton.jit
+    def _int8_to_bf16(w):
+        # int8 -> bf16, exact: as _int8_to_f32, then each float's upper half (|v| <= 128 fits a
+        # bf16 exactly, so dropping the lower half rounds nothing), two a register.
+        return tl.inline_asm_elementwise(
+            """{
+            .reg .b32 t, f<4>;
+            xor.b32 t, $2, 0x80808080;
+            prmt.b32 f0, t, 0x4B000000, 0x7650;
+            prmt.b32 f1, t, 0x4B000000, 0x7651;
+            prmt.b32 f2, t, 0x4B000000, 0x7652;
+            prmt.b32 f3, t, 0x4B000000, 0x7653;
+            sub.f32 f0, f0, 0f4B000080;
+            sub.f32 f1, f1, 0f4B000080;
+            sub.f32 f2, f2, 0f4B000080;
+            sub.f32 f3, f3, 0f4B000080;
+            prmt.b32 $0, f0, f1, 0x7632;
+            prmt.b32 $1, f2, f3, 0x7632;
+            }""", "=r,=r,r", [w], dtype=tl.bfloat16, is_pure=True, pack=4)
+
+    @triton.jit
+    def _w_f32(w_t, W_ASM: tl.constexpr):
+        # a weight tile in fp32 (exact for bf16, fp16, int8, e4m3); W_ASM: int8 by byte permutes
+        if W_ASM:
+            return _int8_to_f32(w_t)
+        else:
+            return w_t.to(tl.float32)
+
     @triton.jit
     def _load_normed(x, nw_t, rows, R, k, km, K: tl.constexpr, eps, BRX: tl.constexpr,
                      SEG: tl.constexpr, NSEG_P: tl.constexpr, SEG_P: tl.constexpr, NORM_N: tl.constexpr,
@@ -348,7 +494,7 @@ if triton is not None:
         return xt
 
     @triton.jit
-    def _dot(a, w_t, DOT_F32: tl.constexpr):
+    def _dot(a, w_t, DOT_F32: tl.constexpr, W_ASM: tl.constexpr = False):
         # a [BR, KP] @ w_t [BN, KP]^T -> [BR, BN] fp32 on tensor cores (fp32 inputs: exact FMA).
         # A quantised tile is converted to a's dtype first, which holds every int8 and e4m3
         # value exactly. DOT_F32 (Triton's CPU interpreter, whose dot multiplies bf16 bit
@@ -357,7 +503,9 @@ if triton is not None:
         if DOT_F32:
             return tl.dot(a.to(tl.float32), tl.trans(w_t.to(tl.float32)), input_precision="tf32")
         elif a.dtype == tl.float32:
-            return tl.dot(a, tl.trans(w_t.to(tl.float32)), input_precision="ieee")
+            return tl.dot(a, tl.trans(_w_f32(w_t, W_ASM)), input_precision="ieee")
+        elif W_ASM and a.dtype == tl.bfloat16:
+            return tl.dot(a, tl.trans(_int8_to_bf16(w_t)))
         else:
             return tl.dot(a, tl.trans(w_t.to(a.dtype)))
 
@@ -388,6 +536,7 @@ if triton is not None:
         BR: tl.constexpr, BN: tl.constexpr, HAS_NORM: tl.constexpr, ROW_STATS: tl.constexpr,
         SWIGLU: tl.constexpr, NACC: tl.constexpr, HAS_RES: tl.constexpr, MMA: tl.constexpr,
         DOT_F32: tl.constexpr, USE_PDL: tl.constexpr, HAS_SCALE: tl.constexpr = False,
+        W_ASM: tl.constexpr = False,
     ):
         # One program: output columns [i_n·BN, +BN) (and their W_3 partners with SWIGLU), input
         # features = the i_k-th slice of K, rows [i_r·BR, +BR) (one block of all R rows, padded
@@ -437,9 +586,9 @@ if triton is not None:
         a = _load_normed(x, nw_t, rows, R, k, km, K, eps, BR, SEG, NSEG_P, SEG_P, NORM_N, SPLIT_K,
                          HAS_NORM, ROW_STATS)
         if MMA:
-            acc = _dot(a, w_t, DOT_F32)
+            acc = _dot(a, w_t, DOT_F32, W_ASM)
             if SWIGLU:
-                acc3 = _dot(a, w3_t, DOT_F32)
+                acc3 = _dot(a, w3_t, DOT_F32, W_ASM)
             else:
                 acc3 = acc
         else:
@@ -447,20 +596,31 @@ if triton is not None:
             acc = tl.zeros([BR, BN], dtype=tl.float32)
             acc3 = tl.zeros([BR, BN], dtype=tl.float32)
             af = a.to(tl.float32)
-            wf = w_t.to(tl.float32)
-            w3f = w3_t.to(tl.float32)
+            wf = _w_f32(w_t, W_ASM)
+            if SWIGLU:
+                w3f = _w_f32(w3_t, W_ASM)
+            else:
+                w3f = wf
             lr = tl.arange(0, BR)
             for r in tl.static_range(BR):
                 a_r = tl.sum(tl.where(lr[:, None] == r, af, 0.0), axis=0)[None, :]
                 acc = tl.where(lr[:, None] == r, tl.sum(wf * a_r, axis=1)[None, :], acc)
                 if SWIGLU:
                     acc3 = tl.where(lr[:, None] == r, tl.sum(w3f * a_r, axis=1)[None, :], acc3)
+        _finish(acc, acc3, s_t, s3_t, res_t, out, off, om, part, cnt, i_r * n_blocks + i_n, i_k,
+                SPLIT_K, SPLIT_P, BR, BN, NACC, SWIGLU, HAS_RES, HAS_SCALE)
+
+    @triton.jit
+    def _finish(acc, acc3, s_t, s3_t, res_t, out, off, om, part, cnt, blk, i_k, SPLIT_K: tl.constexpr,
+                SPLIT_P: tl.constexpr, BR: tl.constexpr, BN: tl.constexpr, NACC: tl.constexpr,
+                SWIGLU: tl.constexpr, HAS_RES: tl.constexpr, HAS_SCALE: tl.constexpr):
+        # The GEMM sums of one (row block, column block) `blk` over the i_k-th slice of K -> the
+        # epilogue, directly (one slice) or by the last of the SPLIT_K programs to arrive.
         if SPLIT_K == 1:
             _epilogue(acc, acc3, s_t, s3_t, res_t, out, off, om, SWIGLU, HAS_RES, HAS_SCALE)
         else:
             # Partial sums [SPLIT_K, (1 or 2), BR, BN] per (row block, column block); the last
             # program to arrive adds them in split order (the same order whichever program it is).
-            blk = i_r * n_blocks + i_n
             tile = tl.arange(0, BR)[:, None] * BN + tl.arange(0, BN)[None, :]
             base = part + (blk * SPLIT_K + i_k) * NACC * BR * BN
             tl.store(base + tile, acc)
@@ -480,6 +640,248 @@ if triton is not None:
                 _epilogue(acc, acc3, s_t, s3_t, res_t, out, off, om, SWIGLU, HAS_RES, HAS_SCALE)
                 tl.atomic_xchg(cnt + blk, 0, sem="relaxed", scope="gpu")
 
+    @triton.jit
+    def _bytes_f32(w4, W_ASM: tl.constexpr, FP8: tl.constexpr):
+        # int32 words of four 1-byte weights -> four fp32 tensors, byte b of each word (the
+        # feature 4j + b), exactly: int8 by byte permutes (W_ASM) or shifts, e4m3 by bitcasts
+        if W_ASM:
+            return tl.inline_asm_elementwise(_I8X4_F32, "=r,=r,=r,=r,r", [w4],
+                                             dtype=(tl.float32, tl.float32, tl.float32, tl.float32), is_pure=True,
+                                             pack=1)
+        elif FP8:
+            f0 = (w4 & 0xFF).to(tl.uint8).to(tl.float8e4nv, bitcast=True).to(tl.float32)
+            f1 = ((w4 >> 8) & 0xFF).to(tl.uint8).to(tl.float8e4nv, bitcast=True).to(tl.float32)
+            f2 = ((w4 >> 16) & 0xFF).to(tl.uint8).to(tl.float8e4nv, bitcast=True).to(tl.float32)
+            f3 = ((w4 >> 24) & 0xFF).to(tl.uint8).to(tl.float8e4nv, bitcast=True).to(tl.float32)
+            return f0, f1, f2, f3
+        else:
+            return ((w4 << 24) >> 24).to(tl.float32), ((w4 << 16) >> 24).to(tl.float32), \
+                ((w4 << 8) >> 24).to(tl.float32), (w4 >> 24).to(tl.float32)
+
+    @triton.jit
+    def _row_quads(x, nw, row: tl.constexpr, R, k4, km, rstd, eps, K: tl.constexpr, G: tl.constexpr,
+                   BK4: tl.constexpr, HAS_NORM: tl.constexpr, GROUPED: tl.constexpr):
+        # row `row` of x at the features 4·j + b (k4 = the chunk's 4·j, b = 0..3) -> four fp32
+        # tensors [BK4], normalised (norms.rms_norm: the rstd given, or per group of G features
+        # inside the chunk) and rounded to the activation dtype
+        m = km & (k4 * 0 + row < R)
+        p = x + row * K + k4
+        x0 = tl.load(p, mask=m, other=0.0)
+        x1 = tl.load(p + 1, mask=m, other=0.0)
+        x2 = tl.load(p + 2, mask=m, other=0.0)
+        x3 = tl.load(p + 3, mask=m, other=0.0)
+        dt = x0.dtype
+        f0, f1, f2, f3 = x0.to(tl.float32), x1.to(tl.float32), x2.to(tl.float32), x3.to(tl.float32)
+        if HAS_NORM:
+            if GROUPED:
+                GQ: tl.constexpr = G // 4
+                q = tl.reshape(f0 * f0 + f1 * f1 + f2 * f2 + f3 * f3, [BK4 // GQ, GQ])
+                r = tl.reshape(tl.broadcast_to(tl.rsqrt(tl.sum(q, axis=1) / G + eps)[:, None], [BK4 // GQ, GQ]),
+                               [BK4])
+            else:
+                r = rstd
+            f0 = rms_apply(f0, r, tl.load(nw + k4, mask=km, other=0.0), dt).to(dt).to(tl.float32)
+            f1 = rms_apply(f1, r, tl.load(nw + k4 + 1, mask=km, other=0.0), dt).to(dt).to(tl.float32)
+            f2 = rms_apply(f2, r, tl.load(nw + k4 + 2, mask=km, other=0.0), dt).to(dt).to(tl.float32)
+            f3 = rms_apply(f3, r, tl.load(nw + k4 + 3, mask=km, other=0.0), dt).to(dt).to(tl.float32)
+        return f0, f1, f2, f3
+
+    @triton.jit
+    def _quad_fma(acc, w0, w1, w2, w3, xq):
+        x0, x1, x2, x3 = xq
+        acc += w0 * x0[None, :]
+        acc += w1 * x1[None, :]
+        acc += w2 * x2[None, :]
+        acc += w3 * x3[None, :]
+        return acc
+
+    @triton.jit
+    def _pick_row(v, lr, r: tl.constexpr):
+        return tl.sum(tl.where(lr == r, v, 0.0), axis=0)
+
+    @triton.jit
+    def gemv_kernel(
+        x, w4, ws, nw, res, out, part, cnt, R, N_OUT, eps,
+        K: tl.constexpr, KS: tl.constexpr, BK: tl.constexpr, G: tl.constexpr, SPLIT_K: tl.constexpr,
+        SPLIT_P: tl.constexpr, BR: tl.constexpr, BN: tl.constexpr, HAS_NORM: tl.constexpr,
+        SWIGLU: tl.constexpr, NACC: tl.constexpr, HAS_RES: tl.constexpr, USE_PDL: tl.constexpr,
+        W_ASM: tl.constexpr, FP8: tl.constexpr, KP: tl.constexpr,
+    ):
+        # Few rows (BR <= 4), 1-byte weights (int8 / e4m3, read as int32 words of four: w4 is
+        # [N, K/4]), K in chunks: one program owns BN output columns (and their W_3 partners)
+        # over KS features (the i_k-th slice of K), walked in chunks of BK with the next chunk's
+        # weights loaded while this one computes. Each row keeps a [BN, BK/4] fp32 accumulator
+        # (one FMA per weight and row, the word's four features in turn); the sums over K happen
+        # once, after the loop. Numerics as fused_linear_kernel's (fp32 sums, the same roundings).
+        i_n, i_k = tl.program_id(0), tl.program_id(1)
+        cols = i_n * BN + tl.arange(0, BN)
+        cm = cols < N_OUT
+        BK4: tl.constexpr = BK // 4
+        K4: tl.constexpr = K // 4
+        jj = tl.arange(0, BK4)
+        NCH: tl.constexpr = (KS + BK - 1) // BK
+        GROUPED: tl.constexpr = HAS_NORM and G < K
+        j = i_k * (KS // 4) + jj
+        km = (jj < KS // 4) & (j < K4)
+        # the first chunk of weights does not depend on the previous kernel: loaded before the wait
+        w_t = tl.load(w4 + cols[:, None] * K4 + j[None, :], mask=cm[:, None] & km[None, :], other=0)
+        if SWIGLU:
+            w3_t = tl.load(w4 + (cols + N_OUT)[:, None] * K4 + j[None, :], mask=cm[:, None] & km[None, :], other=0)
+            s3_t = tl.load(ws + cols + N_OUT, mask=cm, other=0.0)
+        else:
+            w3_t = w_t
+        s_t = tl.load(ws + cols, mask=cm, other=0.0)
+        if not SWIGLU:
+            s3_t = s_t
+        if USE_PDL:
+            gdc_launch_dependents()
+            gdc_wait()
+        lr = tl.arange(0, BR)
+        om = (lr < R)[:, None] & cm[None, :]
+        off = lr[:, None] * N_OUT + cols[None, :]
+        if HAS_RES:
+            res_t = tl.load(res + off, mask=om, other=0.0)
+        else:
+            res_t = off
+        rstd = tl.zeros([BR], dtype=tl.float32)
+        if HAS_NORM and not GROUPED:  # one group: statistics of the whole row (one load), whatever the slice
+            kk = tl.arange(0, KP)
+            xc = tl.load(x + lr[:, None] * K + kk[None, :], mask=(lr < R)[:, None] & (kk < K)[None, :],
+                         other=0.0).to(tl.float32)
+            rstd = tl.rsqrt(tl.sum(xc * xc, axis=1) / G + eps)
+        r0 = _pick_row(rstd, lr, 0)
+        r1 = _pick_row(rstd, lr, 1)
+        r2 = _pick_row(rstd, lr, 2)
+        r3 = _pick_row(rstd, lr, 3)
+        a0 = tl.zeros([BN, BK4], dtype=tl.float32)
+        a1 = tl.zeros([BN, BK4], dtype=tl.float32)
+        a2 = tl.zeros([BN, BK4], dtype=tl.float32)
+        a3 = tl.zeros([BN, BK4], dtype=tl.float32)
+        b0 = tl.zeros([BN, BK4], dtype=tl.float32)
+        b1 = tl.zeros([BN, BK4], dtype=tl.float32)
+        b2 = tl.zeros([BN, BK4], dtype=tl.float32)
+        b3 = tl.zeros([BN, BK4], dtype=tl.float32)
+        for c in range(NCH):
+            jn = j + BK4
+            kmn = (jj + (c + 1) * BK4 < KS // 4) & (jn < K4)
+            wn = tl.load(w4 + cols[:, None] * K4 + jn[None, :], mask=cm[:, None] & kmn[None, :], other=0)
+            if SWIGLU:
+                w3n = tl.load(w4 + (cols + N_OUT)[:, None] * K4 + jn[None, :], mask=cm[:, None] & kmn[None, :],
+                              other=0)
+            else:
+                w3n = wn
+            p0, p1, p2, p3 = _bytes_f32(w_t, W_ASM, FP8)
+            if SWIGLU:
+                q0, q1, q2, q3 = _bytes_f32(w3_t, W_ASM, FP8)
+            else:
+                q0, q1, q2, q3 = p0, p1, p2, p3
+            k4 = 4 * j
+            xq = _row_quads(x, nw, 0, R, k4, km, r0, eps, K, G, BK4, HAS_NORM, GROUPED)
+            a0 = _quad_fma(a0, p0, p1, p2, p3, xq)
+            if SWIGLU:
+                b0 = _quad_fma(b0, q0, q1, q2, q3, xq)
+            if BR > 1:
+                xq = _row_quads(x, nw, 1, R, k4, km, r1, eps, K, G, BK4, HAS_NORM, GROUPED)
+                a1 = _quad_fma(a1, p0, p1, p2, p3, xq)
+                if SWIGLU:
+                    b1 = _quad_fma(b1, q0, q1, q2, q3, xq)
+            if BR > 2:
+                xq = _row_quads(x, nw, 2, R, k4, km, r2, eps, K, G, BK4, HAS_NORM, GROUPED)
+                a2 = _quad_fma(a2, p0, p1, p2, p3, xq)
+                if SWIGLU:
+                    b2 = _quad_fma(b2, q0, q1, q2, q3, xq)
+                xq = _row_quads(x, nw, 3, R, k4, km, r3, eps, K, G, BK4, HAS_NORM, GROUPED)
+                a3 = _quad_fma(a3, p0, p1, p2, p3, xq)
+                if SWIGLU:
+                    b3 = _quad_fma(b3, q0, q1, q2, q3, xq)
+            w_t = wn
+            w3_t = w3n
+            j = jn
+            km = kmn
+        acc = tl.where(lr[:, None] == 0, tl.sum(a0, axis=1)[None, :], 0.0)
+        acc3 = tl.where(lr[:, None] == 0, tl.sum(b0, axis=1)[None, :], 0.0)
+        if BR > 1:
+            acc = tl.where(lr[:, None] == 1, tl.sum(a1, axis=1)[None, :], acc)
+            acc3 = tl.where(lr[:, None] == 1, tl.sum(b1, axis=1)[None, :], acc3)
+        if BR > 2:
+            acc = tl.where(lr[:, None] == 2, tl.sum(a2, axis=1)[None, :], acc)
+            acc = tl.where(lr[:, None] == 3, tl.sum(a3, axis=1)[None, :], acc)
+            acc3 = tl.where(lr[:, None] == 2, tl.sum(b2, axis=1)[None, :], acc3)
+            acc3 = tl.where(lr[:, None] == 3, tl.sum(b3, axis=1)[None, :], acc3)
+        if not SWIGLU:
+            acc3 = acc
+        _finish(acc, acc3, s_t, s3_t, res_t, out, off, om, part, cnt, i_n, i_k, SPLIT_K, SPLIT_P, BR, BN, NACC,
+                SWIGLU, HAS_RES, True)
+
+if triton is not None:
+
+    @triton.jit
+    def quant_mm_kernel(a, w, ws, res, c, M, N, K: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                        BK: tl.constexpr, GROUP_M: tl.constexpr, STAGES: tl.constexpr,
+                        DOT_F32: tl.constexpr, W_ASM: tl.constexpr, HAS_RES: tl.constexpr):
+        # quantized_gemm for many rows: c [M, N] = round(round(a [M, K] · W_q^T) · s), W_q [N, K]
+        # int8 / e4m3 converted in registers (tensor cores, fp32 accumulation), K in steps of BK
+        # pipelined over STAGES buffers; programs in groups of GROUP_M row blocks so that a
+        # weight tile is read from DRAM once and from L2 by the group's other row blocks.
+        pid = tl.program_id(0)
+        num_m, num_n = tl.cdiv(M, BM), tl.cdiv(N, BN)
+        group = GROUP_M * num_n
+        first_m = (pid // group) * GROUP_M
+        size_m = tl.minimum(num_m - first_m, GROUP_M)
+        pm = first_m + (pid % group) % size_m
+        pn = (pid % group) // size_m
+        rm = pm * BM + tl.arange(0, BM)
+        rn = pn * BN + tl.arange(0, BN)
+        rk = tl.arange(0, BK)
+        acc = tl.zeros([BM, BN], dtype=tl.float32)
+        for k0 in tl.range(0, K, BK, num_stages=STAGES):
+            km = (k0 + rk) < K
+            a_t = tl.load(a + rm[:, None] * K + (k0 + rk)[None, :], mask=(rm < M)[:, None] & km[None, :], other=0.0)
+            w_t = tl.load(w + rn[:, None] * K + (k0 + rk)[None, :], mask=(rn < N)[:, None] & km[None, :], other=0.0)
+            acc += _dot(a_t, w_t, DOT_F32, W_ASM)
+        dt = c.dtype.element_ty
+        s_t = tl.load(ws + rn, mask=rn < N, other=0.0)
+        y = (acc.to(dt).to(tl.float32) * s_t[None, :]).to(dt)
+        off = rm[:, None] * N + rn[None, :]
+        om = (rm < M)[:, None] & (rn < N)[None, :]
+        if HAS_RES:  # residual + y, rounded as the torch add rounds
+            y = (tl.load(res + off, mask=om, other=0.0).to(tl.float32) + y.to(tl.float32)).to(dt)
+        tl.store(c + off, y, mask=om)
+
+
+def quant_mm(a: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+             tiles: MmTiles | None = None, residual: torch.Tensor | None = None,
+             out: torch.Tensor | None = None) -> torch.Tensor:
+    """`quantized_gemm` as one Triton GEMM (any row count; the engine sends it more than ROWS_MAX
+    rows): the int8 / e4m3 weights stream once as 1 byte an element, converted in registers,
+    instead of a dequantised copy written out and read back. a `[..., K]` -> `[..., N]`;
+    `residual` (same shape as the result) added in the epilogue; `out` may be `residual`."""
+    N, K = weight.shape
+    if a.shape[-1] != K:
+        raise ValueError(f"a has {a.shape[-1]} features but weight {tuple(weight.shape)} expects {K}")
+    if N * K >= 2**31 or a.numel() >= 2**31 or a.numel() // K * N >= 2**31:
+        raise ValueError("quant_mm: 2**31 or more elements in one operand (32-bit offsets)")
+    x = a.reshape(-1, K).contiguous()
+    M = x.shape[0]
+    t = tiles or mm_tiles(M, N, K)
+    shape = (*a.shape[:-1], N)
+    for name, v in (("residual", residual), ("out", out)):
+        if v is not None and (tuple(v.shape) != shape or v.dtype != a.dtype or not v.is_contiguous()):
+            raise ValueError(f"{name} must be a contiguous {a.dtype} {shape} tensor, got {v.dtype} {tuple(v.shape)}")
+    c = out if out is not None else torch.empty(shape, dtype=a.dtype, device=a.device)
+    grid = (triton.cdiv(M, t.block_m) * triton.cdiv(N, t.block_n),)
+    quant_mm_kernel[grid](x, weight.contiguous(), weight_scale, residual if residual is not None else c, c, M, N,
+                          K=K, BM=t.block_m, BN=t.block_n, BK=t.block_k, GROUP_M=t.group_m, STAGES=t.stages,
+                          DOT_F32=_INTERPRET, W_ASM=_int8_asm(weight), HAS_RES=residual is not None,
+                          num_warps=t.num_warps, num_stages=t.stages)
+    return c
+
+
+def _int8_asm(weight: torch.Tensor) -> bool:
+    """Whether the kernels convert this weight with the inline-PTX byte permutes: int8 weights on a
+    CUDA GPU (Triton's CPU interpreter runs no PTX, so there the conversion is Triton's own)."""
+    return INT8_ASM and weight.dtype == torch.int8 and weight.is_cuda and not _INTERPRET
+
 
 def _fused_linear_triton(x, weight, weight_scale, norm_weight, eps, groups, residual, swiglu, out, pdl, tiles):
     N, K = weight.shape
@@ -497,9 +899,13 @@ def _fused_linear_triton(x, weight, weight_scale, norm_weight, eps, groups, resi
         raise ValueError(f"{rows} rows of {max(K, n_out)} features: 2**31 or more elements (32-bit offsets)")
     has_norm = norm_weight is not None
     block_rows = min(rows, ROWS_MAX)  # quantised weights: blocks of up to ROWS_MAX rows
-    if tiles is None:
+    if tiles is None and quantized and rows <= FMA_ROWS_MAX and gemv_fits(K, groups, has_norm):
+        tiles = gemv_tiles(rows, n_out, K, groups=groups, has_norm=has_norm, swiglu=swiglu, sms=_sm_count(x.device))
+    elif tiles is None:
         tiles = linear_tiles(block_rows, n_out, K, groups=groups, has_norm=has_norm, swiglu=swiglu,
                              sms=_sm_count(x.device))
+    if tiles.block_k:
+        return _gemv_triton(x, weight, weight_scale, norm_weight, eps, groups, residual, swiglu, out, pdl, tiles)
     s = tiles.split_k
     if has_norm and groups > 1 and groups % s:
         raise ValueError(f"split_k={s} must divide norm_groups={groups}")
@@ -532,6 +938,51 @@ def _fused_linear_triton(x, weight, weight_scale, norm_weight, eps, groups, resi
         K=K, SEG=seg, NSEG=nseg, SEG_P=_pow2(seg), NSEG_P=_pow2(nseg), NORM_N=K // groups,
         SPLIT_K=s, SPLIT_P=_pow2(s), BR=br, BN=tiles.block_n, HAS_NORM=has_norm,
         ROW_STATS=has_norm and groups == 1 and s > 1, SWIGLU=swiglu, NACC=nacc, HAS_RES=residual is not None,
-        MMA=tiles.mma, DOT_F32=_INTERPRET, USE_PDL=use_pdl, HAS_SCALE=quantized, num_warps=tiles.num_warps,
+        MMA=tiles.mma, DOT_F32=_INTERPRET, USE_PDL=use_pdl, HAS_SCALE=quantized,
+        W_ASM=_int8_asm(weight), num_warps=tiles.num_warps,
+        **extra)
+    return out
+
+
+def _gemv_triton(x, weight, weight_scale, norm_weight, eps, groups, residual, swiglu, out, pdl, tiles):
+    """gemv_kernel's launch (tiles.block_k > 0); arguments checked by _fused_linear_triton."""
+    N, K = weight.shape
+    n_out = N // 2 if swiglu else N
+    rows = x.numel() // K
+    bk, has_norm = tiles.block_k, norm_weight is not None
+    g = K // groups if has_norm else K
+    if (rows > FMA_ROWS_MAX or tiles.mma or bk & (bk - 1) or bk < 16 or weight.dtype not in QUANT_DTYPES
+            or K % 4):
+        raise ValueError(f"block_k tiles (gemv_kernel) take int8 / e4m3 weights with K a multiple of 4, at most "
+                         f"{FMA_ROWS_MAX} rows, no mma and a power-of-two block_k >= 16; got {weight.dtype} "
+                         f"[{N}, {K}], {rows} rows and {tiles}")
+    if has_norm and groups > 1 and (bk % g or not gemv_fits(K, groups, has_norm)):
+        raise ValueError(f"block_k={bk} must be a multiple of the norm group ({g} features, a power of two >= 4)")
+    ks = -(-(-(-K // tiles.split_k)) // bk) * bk  # a program's slice: whole chunks
+    s = -(-K // ks)
+    shape = (*x.shape[:-1], n_out)
+    if out is None:
+        out = torch.empty(shape, dtype=x.dtype, device=x.device)
+    elif tuple(out.shape) != shape or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous {shape} tensor, got {tuple(out.shape)}")
+    if residual is not None and tuple(residual.shape) != shape:
+        raise ValueError(f"residual must be {shape}, got {tuple(residual.shape)}")
+    n_blocks = triton.cdiv(n_out, tiles.block_n)
+    br, nacc = _pow2(rows), 2 if swiglu else 1
+    if s > 1:
+        part = torch.empty(n_blocks * s * nacc * br * tiles.block_n, dtype=torch.float32, device=x.device)
+        cnt = _counters(x.device, n_blocks)
+    else:
+        part = cnt = out
+    use_pdl = _pdl_supported(x.device) if pdl is None else bool(pdl and _pdl_supported(x.device))
+    x = x.contiguous()
+    extra = {"launch_pdl": True} if use_pdl else {}
+    gemv_kernel[(n_blocks, s)](
+        x, weight.contiguous().view(torch.int32), weight_scale, norm_weight if has_norm else x,
+        residual.contiguous() if residual is not None else x, out, part, cnt, rows, n_out, eps,
+        K=K, KS=ks, BK=bk, G=g, SPLIT_K=s, SPLIT_P=_pow2(s), BR=br, BN=tiles.block_n, HAS_NORM=has_norm,
+        SWIGLU=swiglu, NACC=nacc, HAS_RES=residual is not None, USE_PDL=use_pdl,
+        W_ASM=_int8_asm(weight), FP8=weight.dtype == torch.float8_e4m3fn, KP=_pow2(K), num_warps=tiles.num_warps,
+        num_stages=1,
         **extra)
     return out
