@@ -2,6 +2,7 @@
 
     python benchmarks/ort_gpu_bench.py --out DIR [--presets lasad-B,lasad-XL] [--images 1,8,64] [--budget 300]
                                       [--forms portable,custom] [--dtypes fp16,bf16,fp32] [--anatomy] [--unfused]
+                                      [--weights float,int8,fp8]
 
 For each preset (random weights, std 0.02): the `cuda` backend (bf16, CUDA graph) and every
 exported form (portable; custom node when `python -m lasad_tools.ort_op build` succeeds here) in
@@ -14,7 +15,10 @@ seed. Configurations that fail record their one-line error; those that do not fi
 seconds are listed as skipped. With --anatomy, each configuration's kernels at one image, by
 family (benchmarks/step_anatomy.py, eager onnxruntime runs without its CUDA graph). With
 --unfused, each configuration once more with the session graph as exported (the backend's
-residual-add + RMSNorm fusion off), which is what that fusion buys. Each configuration also
+residual-add + RMSNorm fusion off), which is what that fusion buys. With --weights int8 (or fp8),
+each form is also exported with `lasad-export --weights` (QDQ DequantizeLinear on the layer
+weights), timed, and its logits compared with the torch backend on the same quantised weights
+(`lasad_engine.quant`, the definition the cuda kernels compute). Each configuration also
 records the backend's part of a step alone (`decode_split`: ms per call, and ms the host takes
 to issue one: whether the step is bound by the host or by its kernels). JSON in
 DIR/ort_gpu.json, the table last on stdout.
@@ -24,6 +28,7 @@ Targets: within 2x of the cuda backend at 1 image and 1.3x at 64.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import statistics
@@ -42,6 +47,7 @@ import _repo  # noqa: E402,F401
 from engine_bench import random_model  # noqa: E402
 from step_anatomy import anatomy, family_lines, kernels_per_step  # noqa: E402
 
+from lasad_engine import quant  # noqa: E402
 from lasad_engine.backends import ort as ort_backend  # noqa: E402
 from lasad_engine.engine import LasadEngine, SamplingParams  # noqa: E402
 from lasad_engine.params import Grid  # noqa: E402
@@ -111,7 +117,8 @@ def build_op(out: Path) -> dict:
 
 
 def bench_preset(name: str, images: list[int], forms: list[str], dtypes: list[str], device, tmp: Path,
-                 budget: float, parity: bool, kernels: bool, unfused: bool = False) -> dict:
+                 budget: float, parity: bool, kernels: bool, unfused: bool = False,
+                 weights: tuple[str, ...] = ("float",)) -> dict:
     res: dict = {"preset": name, "cuda": {}, "onnxruntime": {}, "parity": {}, "tokens": {}, "skipped": []}
     model32 = random_model(name, device, torch.float32)
     bf16 = random_model(name, device, torch.bfloat16)
@@ -126,7 +133,7 @@ def bench_preset(name: str, images: list[int], forms: list[str], dtypes: list[st
             res["cuda_anatomy"] = {"error": one_line(e)}
     del cuda, bf16
     torch.cuda.empty_cache()
-    ref = None
+    ref, refs = None, {}
     if parity:
         g = torch.Generator().manual_seed(1)
         T = 32
@@ -134,12 +141,18 @@ def bench_preset(name: str, images: list[int], forms: list[str], dtypes: list[st
         labels = torch.tensor([3, 7], device=device)
         ref = LasadEngine(model32, backend="torch", device=device, max_batch=2).teacher_forced_logits(
             tokens, labels, cfg_rows=True)
+        for fmt in (w for w in weights if w != "float"):  # the torch step on the same quantised weights
+            qmodel = quant.quantize_(copy.deepcopy(model32), fmt)
+            refs[fmt] = LasadEngine(qmodel, backend="torch", device=device, max_batch=2).teacher_forced_logits(
+                tokens, labels, cfg_rows=True)
+            del qmodel
         ref_tokens = LasadEngine(model32, backend="torch", device=device, max_batch=2).generate(
             [3, 7], grid=Grid(16, 16), params=PARAMS, generator=torch.Generator(device).manual_seed(5))
     cpu_model = model32.to("cpu")  # the exporter's copy; the onnxruntime engines use only its config
-    variants = [(f, d, fuse) for f in forms for d in dtypes for fuse in ((True, False) if unfused else (True,))]
-    for form, dtype, fuse in variants:
-        key = f"{form}-{dtype}" + ("" if fuse else "-unfused")
+    variants = [(f, d, w, fuse) for w in weights for f in forms for d in dtypes
+                for fuse in ((True, False) if unfused else (True,))]
+    for form, dtype, fmt, fuse in variants:
+        key = f"{form}-{dtype}" + ("" if fmt == "float" else f"-{fmt}") + ("" if fuse else "-unfused")
         if elapsed() > budget:
             res["skipped"].append(key)
             continue
@@ -150,7 +163,8 @@ def bench_preset(name: str, images: list[int], forms: list[str], dtypes: list[st
             ort_backend.fuse_residual_norms = lambda proto: 0
         try:
             t = time.perf_counter()
-            export_step(cpu_model, path, portable=form == "portable", dtype=dtype, max_batch=max(images))
+            export_step(cpu_model, path, portable=form == "portable", dtype=dtype, max_batch=max(images),
+                        **({} if fmt == "float" else {"weights": fmt, "opset": 19 if fmt == "fp8" else 17}))
             entry["export_s"] = round(time.perf_counter() - t, 1)
             entry["ms_per_step"] = {}
             for graphs in (True, False):  # without onnxruntime's CUDA graphs only if they fail
@@ -170,16 +184,18 @@ def bench_preset(name: str, images: list[int], forms: list[str], dtypes: list[st
                     engine.close()
             if kernels:
                 entry["anatomy"] = anatomy(model32, device, backend="onnxruntime", artifact=path,
-                                           weight_bytes=4 if dtype == "fp32" else 2)
+                                           weight_bytes=1 if fmt != "float" else 4 if dtype == "fp32" else 2)
                 print("\n".join([f"{name} {key}: {kernels_per_step(entry['anatomy']):.0f} kernels/step"]
                                  + family_lines(entry["anatomy"])), flush=True)
             if ref is not None and fuse:
                 e2 = LasadEngine(model32, backend="onnxruntime", device=device, max_batch=2, artifact=path,
                                  use_cuda_graph=entry["cuda_graph"])
                 got = e2.teacher_forced_logits(tokens, labels, cfg_rows=True)
-                err = ((got.double() - ref.double()).norm() / ref.double().norm()).item()
-                res["parity"][key] = {"rel_err": err, "bound": TOLERANCES[dtype], "pass": err <= TOLERANCES[dtype]}
-                if dtype == "fp32":
+                want = ref if fmt == "float" else refs[fmt]
+                err = ((got.double() - want.double()).norm() / want.double().norm()).item()
+                res["parity"][key] = {"rel_err": err, "bound": TOLERANCES[dtype], "pass": err <= TOLERANCES[dtype],
+                                      **({} if fmt == "float" else {"against": f"torch backend, {fmt} weights"})}
+                if dtype == "fp32" and fmt == "float":
                     toks = e2.generate([3, 7], grid=Grid(16, 16), params=PARAMS,
                                        generator=torch.Generator(device).manual_seed(5))
                     same = (toks == ref_tokens)
@@ -233,6 +249,8 @@ def main(argv=None) -> int:
     ap.add_argument("--budget", type=float, default=300.0, help="seconds after which configurations are skipped")
     ap.add_argument("--forms", default="portable,custom", help="custom runs where the op library builds")
     ap.add_argument("--dtypes", default=",".join(DTYPE_ORDER))
+    ap.add_argument("--weights", default="float",
+                    help="float and/or int8, fp8: the layer weights as exported (lasad-export --weights)")
     ap.add_argument("--anatomy", action="store_true", help="kernels per step of each configuration at one image")
     ap.add_argument("--unfused", action="store_true",
                     help="each configuration also without the backend's residual-add + RMSNorm fusion")
@@ -252,7 +270,8 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="ortbench-", dir="/tmp") as tmp:
         for i, name in enumerate(args.presets.split(",")):
             results.append(bench_preset(name, images, forms, dtypes, device, Path(tmp), args.budget, parity=i == 0,
-                                        kernels=args.anatomy, unfused=args.unfused))
+                                        kernels=args.anatomy, unfused=args.unfused,
+                                        weights=tuple(args.weights.split(","))))
             record["results"] = results
             (args.out / "ort_gpu.json").write_text(json.dumps(record, indent=1, default=str))
     print(table(results, images))

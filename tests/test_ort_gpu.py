@@ -422,3 +422,34 @@ def test_onnxruntime_on_cuda_equals_torch(model, tmp_path):
                                                                           generator=torch.Generator(dev).manual_seed(4))
     b = engine.generate([2, 9], params=params, generator=torch.Generator(dev).manual_seed(4))
     assert torch.equal(a, b)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fmt,opset", [("int8", 17), ("fp8", 19)])
+def test_quantised_export_on_cuda_equals_the_torch_step_on_the_same_weights(model, tmp_path, fmt, opset):
+    """`lasad-export --weights int8 / fp8` (DequantizeLinear on the layer weights, portable form)
+    through onnxruntime-gpu's CUDA provider, with its CUDA graphs: teacher-forced logits equal the
+    torch backend's on the same quantised weights (lasad_engine.quant, what the cuda kernels
+    compute), fp32 rounding apart (the graph multiplies by W_q · s, the torch step by W_q, then s);
+    and sampling through it draws valid tokens."""
+    import copy
+
+    from lasad_engine import quant
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        pytest.skip("needs onnxruntime-gpu with its CUDA provider")
+    dev = torch.device("cuda")
+    cpu = copy.deepcopy(model).cpu()
+    path = export_step(cpu, tmp_path / "step.onnx", portable=True, max_batch=2, weights=fmt, opset=opset)
+    qmodel = quant.quantize_(copy.deepcopy(cpu), fmt).to(dev)
+    tokens, labels = (t.to(dev) for t in _forced(cpu))
+    ref = LasadEngine(qmodel, backend="torch", device=dev, max_batch=2).teacher_forced_logits(tokens, labels,
+                                                                                              cfg_rows=True)
+    engine = LasadEngine(cpu.to(dev), backend="onnxruntime", device=dev, max_batch=2, artifact=path)
+    got = engine.teacher_forced_logits(tokens, labels, cfg_rows=True)
+    plain = LasadEngine(cpu.to(dev), backend="torch", device=dev, max_batch=2).teacher_forced_logits(
+        tokens, labels, cfg_rows=True)
+    assert_close(f"onnxruntime cuda {fmt} vs torch {fmt}", got, ref, 1e-4)
+    assert rel_err(got, plain) > 10 * rel_err(got, ref)  # the export is quantised, not the float step
+    out = engine.generate([2, 9], params=SamplingParams(cfg_scale=2.0, top_k=16),
+                          generator=torch.Generator(dev).manual_seed(4))
+    assert out.shape[0] == 2 and int(out.min()) >= 0 and int(out.max()) < cpu.config.vocab_size
