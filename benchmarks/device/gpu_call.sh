@@ -97,8 +97,8 @@ for s in "$@"; do
          [ "$s" = ort ] && step ort 400 python3 benchmarks/ort_gpu_bench.py --out "$W/ort" --dtypes fp16,fp32 --anatomy --budget 330 ;;
     # issue 29: the quantised export on onnxruntime-gpu (after ort-install): its GPU tests, then the bench
     ort-int8) step ort-int8-tests 150 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_ort_gpu.py -rs
-         step ort-int8 200 python3 benchmarks/ort_gpu_bench.py --out "$W/ort-int8" --presets lasad-B,lasad-XL --images 1,64 \
-           --forms portable --dtypes fp16 --weights float,int8 --budget 170 ;;
+         step ort-int8 170 python3 benchmarks/ort_gpu_bench.py --out "$W/ort-int8" --presets lasad-B,lasad-XL --images 1,64 \
+           --forms portable --dtypes fp16 --weights float,int8 --budget 120 ;;
     ort-cli) ORT_INCLUDE=/tmp/ortsite/ort-include step ort-cli 150 bash benchmarks/device/ort_cli_check.sh "$W/ort-cli" ;;
     *) log "unknown step $s" ;;
   esac

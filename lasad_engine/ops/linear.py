@@ -883,6 +883,26 @@ def _int8_asm(weight: torch.Tensor) -> bool:
     return INT8_ASM and weight.dtype == torch.int8 and weight.is_cuda and not _INTERPRET
 
 
+def _launch_buffers(x, n_out, out, residual, pdl, row_blocks, n_blocks, split_k, nacc, br, bn):
+    """What every decode GEMM launch sets up alike: `out` (checked, or made), the residual's shape
+    checked, the split-K workspace and its counters (one per output tile), and whether to launch
+    with programmatic dependent launch. Returns (out, part, cnt, use_pdl, launch kwargs)."""
+    shape = (*x.shape[:-1], n_out)
+    if out is None:
+        out = torch.empty(shape, dtype=x.dtype, device=x.device)
+    elif tuple(out.shape) != shape or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous {shape} tensor, got {tuple(out.shape)}")
+    if residual is not None and tuple(residual.shape) != shape:
+        raise ValueError(f"residual must be {shape}, got {tuple(residual.shape)}")
+    if split_k > 1:
+        part = torch.empty(row_blocks * n_blocks * split_k * nacc * br * bn, dtype=torch.float32, device=x.device)
+        cnt = _counters(x.device, row_blocks * n_blocks)
+    else:
+        part = cnt = out
+    use_pdl = _pdl_supported(x.device) if pdl is None else bool(pdl and _pdl_supported(x.device))
+    return out, part, cnt, use_pdl, ({"launch_pdl": True} if use_pdl else {})
+
+
 def _fused_linear_triton(x, weight, weight_scale, norm_weight, eps, groups, residual, swiglu, out, pdl, tiles):
     N, K = weight.shape
     n_out = N // 2 if swiglu else N
@@ -913,25 +933,12 @@ def _fused_linear_triton(x, weight, weight_scale, norm_weight, eps, groups, resi
     br = max(16, _pow2(block_rows)) if tiles.mma else _pow2(block_rows)
     if tiles.mma and (tiles.block_n < 16 or _pow2(seg) * _pow2(nseg) < 16):
         raise ValueError(f"mma tiles need block_n >= 16 and a K slice of >= 16 features, got {tiles}")
-    shape = (*x.shape[:-1], n_out)
-    if out is None:
-        out = torch.empty(shape, dtype=dtype, device=x.device)
-    elif tuple(out.shape) != shape or not out.is_contiguous():
-        raise ValueError(f"out must be a contiguous {shape} tensor, got {tuple(out.shape)}")
-    if residual is not None and tuple(residual.shape) != shape:
-        raise ValueError(f"residual must be {shape}, got {tuple(residual.shape)}")
     n_blocks = triton.cdiv(n_out, tiles.block_n)
     row_blocks = triton.cdiv(rows, br)
     nacc = 2 if swiglu else 1
-    if s > 1:
-        part = torch.empty(row_blocks * n_blocks * s * nacc * br * tiles.block_n, dtype=torch.float32,
-                           device=x.device)
-        cnt = _counters(x.device, row_blocks * n_blocks)
-    else:
-        part = cnt = out
-    use_pdl = _pdl_supported(x.device) if pdl is None else bool(pdl and _pdl_supported(x.device))
+    out, part, cnt, use_pdl, extra = _launch_buffers(x, n_out, out, residual, pdl, row_blocks, n_blocks, s, nacc, br,
+                                                     tiles.block_n)
     x = x.contiguous()
-    extra = {"launch_pdl": True} if use_pdl else {}
     fused_linear_kernel[(row_blocks, n_blocks, s)](
         x, weight.contiguous(), weight_scale if quantized else x, norm_weight if has_norm else x,
         residual.contiguous() if residual is not None else x, out, part, cnt, rows, n_out, eps,
@@ -960,23 +967,11 @@ def _gemv_triton(x, weight, weight_scale, norm_weight, eps, groups, residual, sw
         raise ValueError(f"block_k={bk} must be a multiple of the norm group ({g} features, a power of two >= 4)")
     ks = -(-(-(-K // tiles.split_k)) // bk) * bk  # a program's slice: whole chunks
     s = -(-K // ks)
-    shape = (*x.shape[:-1], n_out)
-    if out is None:
-        out = torch.empty(shape, dtype=x.dtype, device=x.device)
-    elif tuple(out.shape) != shape or not out.is_contiguous():
-        raise ValueError(f"out must be a contiguous {shape} tensor, got {tuple(out.shape)}")
-    if residual is not None and tuple(residual.shape) != shape:
-        raise ValueError(f"residual must be {shape}, got {tuple(residual.shape)}")
     n_blocks = triton.cdiv(n_out, tiles.block_n)
     br, nacc = _pow2(rows), 2 if swiglu else 1
-    if s > 1:
-        part = torch.empty(n_blocks * s * nacc * br * tiles.block_n, dtype=torch.float32, device=x.device)
-        cnt = _counters(x.device, n_blocks)
-    else:
-        part = cnt = out
-    use_pdl = _pdl_supported(x.device) if pdl is None else bool(pdl and _pdl_supported(x.device))
+    out, part, cnt, use_pdl, extra = _launch_buffers(x, n_out, out, residual, pdl, 1, n_blocks, s, nacc, br,
+                                                     tiles.block_n)
     x = x.contiguous()
-    extra = {"launch_pdl": True} if use_pdl else {}
     gemv_kernel[(n_blocks, s)](
         x, weight.contiguous().view(torch.int32), weight_scale, norm_weight if has_norm else x,
         residual.contiguous() if residual is not None else x, out, part, cnt, rows, n_out, eps,
