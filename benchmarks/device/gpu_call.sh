@@ -7,7 +7,7 @@
 #
 # Steps: env | plugin | sampler | layers | engine | engine-final | engine-lxxl | engine-quick | pytest |
 #        pytest-train | pytest-a | pytest-b | pytest-ort | tiles | tiles-lxxl | llamagen | ort-part N |
-#        ort-install | ort (install, then the full bench) | ort-quick | ort-fuse | ort-cli | ort-int8 | anatomy | engine-lxxl-quick |
+#        ort-install | ort (install, then the full bench) | ort-quick | ort-fuse | ort-cli | ort-int8 | ort-int8-bench | anatomy | engine-lxxl-quick |
 #        persistent-test | persistent (issue 27: the persistent step's GPU tests, then its benchmark) |
 #        serving-test | serve-B | serve-B-min | serve-XL | serve-both | serve-both-short | serve-lean (issue 25: the scheduler's GPU tests; serve_bench.py) |
 #        int8 | int8-bq | int8-tests (issue 29: benchmarks/int8_gpu_call.py, all parts / bench+quality / tests) |
@@ -96,8 +96,8 @@ for s in "$@"; do
     ort|ort-install) step ort-install 120 bash -c 'cat /tmp/ort.part* > /tmp/ort.tar.xz && mkdir -p /tmp/ortsite && tar xJf /tmp/ort.tar.xz -C /tmp/ortsite && python3 -c "import onnxruntime as o; print(o.__version__, o.get_available_providers())"'
          [ "$s" = ort ] && step ort 400 python3 benchmarks/ort_gpu_bench.py --out "$W/ort" --dtypes fp16,fp32 --anatomy --budget 330 ;;
     # issue 29: the quantised export on onnxruntime-gpu (after ort-install): its GPU tests, then the bench
-    ort-int8) step ort-int8-tests 150 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_ort_gpu.py -rs
-         step ort-int8 170 python3 benchmarks/ort_gpu_bench.py --out "$W/ort-int8" --presets lasad-B,lasad-XL --images 1,64 \
+    ort-int8) step ort-int8-tests 150 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_ort_gpu.py -rs ;;
+    ort-int8-bench) step ort-int8 170 python3 benchmarks/ort_gpu_bench.py --out "$W/ort-int8" --presets lasad-B,lasad-XL --images 1,64 \
            --forms portable --dtypes fp16 --weights float,int8 --budget 120 ;;
     ort-cli) ORT_INCLUDE=/tmp/ortsite/ort-include step ort-cli 150 bash benchmarks/device/ort_cli_check.sh "$W/ort-cli" ;;
     *) log "unknown step $s" ;;
