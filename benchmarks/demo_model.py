@@ -59,7 +59,8 @@ def sample_cmd(a):
     from lasad_engine.pipeline import LasadPipeline
     labels = np.load(a.labels).tolist()
     out = {}
-    with LasadPipeline.from_checkpoint(a.checkpoint, device=a.device, precision="fp32", max_batch=a.batch) as pipe:
+    with LasadPipeline.from_checkpoint(a.checkpoint, device=a.device, precision="fp32", max_batch=a.batch,
+                                       threads=a.threads) as pipe:
         for cfg, top_k, temperature in SWEEP if a.settings is None else [tuple(map(float, s.split(","))) for s in a.settings]:
             name = key(cfg, int(top_k), temperature)
             gen = torch.Generator(pipe.device).manual_seed(SEED)
@@ -116,6 +117,8 @@ def main():
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--device", default="cuda")
     p.add_argument("--batch", type=int, default=1000)
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for the decode (the pipeline's default is 1; large batches gain from more)")
     p.add_argument("--settings", nargs="*", default=None, metavar="CFG,TOPK,TEMP")
     p.add_argument("--grid", default=None, metavar="HxW",
                    help="Token grid to draw, e.g. 24x24 (default: the model's); score against --ref of that size")
