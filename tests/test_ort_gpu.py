@@ -4,6 +4,7 @@ and run options (against a recording stand-in for onnxruntime's session), the pr
 the custom-op library's build and registration, the PTX attributes, and the wheel packer. The
 runs on the H200 are `gpu` tests at the end and benchmarks/ort_gpu_bench.py."""
 
+import copy
 import json
 import os
 import shutil
@@ -19,7 +20,7 @@ import pytest
 import torch
 from conftest import assert_close, randomize_, rel_err
 
-from lasad_engine import LasadConfig, LasadGen
+from lasad_engine import LasadConfig, LasadGen, quant
 from lasad_engine.backends import ort as ort_backend
 from lasad_engine.engine import LasadEngine, SamplingParams
 from lasad_engine.params import EngineError
@@ -432,24 +433,22 @@ def test_quantised_export_on_cuda_equals_the_torch_step_on_the_same_weights(mode
     torch backend's on the same quantised weights (lasad_engine.quant, what the cuda kernels
     compute), fp32 rounding apart (the graph multiplies by W_q · s, the torch step by W_q, then s);
     and sampling through it draws valid tokens."""
-    import copy
-
-    from lasad_engine import quant
     if "CUDAExecutionProvider" not in ort.get_available_providers():
         pytest.skip("needs onnxruntime-gpu with its CUDA provider")
     dev = torch.device("cuda")
-    cpu = copy.deepcopy(model).cpu()
-    path = export_step(cpu, tmp_path / "step.onnx", portable=True, max_batch=2, weights=fmt, opset=opset)
-    qmodel = quant.quantize_(copy.deepcopy(cpu), fmt).to(dev)
-    tokens, labels = (t.to(dev) for t in _forced(cpu))
+    m = copy.deepcopy(model).cpu()  # exported on the CPU, as lasad-export does
+    path = export_step(m, tmp_path / "step.onnx", portable=True, max_batch=2, weights=fmt, opset=opset)
+    qmodel = quant.quantize_(copy.deepcopy(m), fmt).to(dev)
+    m = m.to(dev)
+    tokens, labels = (t.to(dev) for t in _forced(m))
     ref = LasadEngine(qmodel, backend="torch", device=dev, max_batch=2).teacher_forced_logits(tokens, labels,
                                                                                               cfg_rows=True)
-    engine = LasadEngine(cpu.to(dev), backend="onnxruntime", device=dev, max_batch=2, artifact=path)
+    engine = LasadEngine(m, backend="onnxruntime", device=dev, max_batch=2, artifact=path)
     got = engine.teacher_forced_logits(tokens, labels, cfg_rows=True)
-    plain = LasadEngine(cpu.to(dev), backend="torch", device=dev, max_batch=2).teacher_forced_logits(
-        tokens, labels, cfg_rows=True)
+    plain = LasadEngine(m, backend="torch", device=dev, max_batch=2).teacher_forced_logits(tokens, labels,
+                                                                                           cfg_rows=True)
     assert_close(f"onnxruntime cuda {fmt} vs torch {fmt}", got, ref, 1e-4)
     assert rel_err(got, plain) > 10 * rel_err(got, ref)  # the export is quantised, not the float step
     out = engine.generate([2, 9], params=SamplingParams(cfg_scale=2.0, top_k=16),
                           generator=torch.Generator(dev).manual_seed(4))
-    assert out.shape[0] == 2 and int(out.min()) >= 0 and int(out.max()) < cpu.config.vocab_size
+    assert out.shape[0] == 2 and int(out.min()) >= 0 and int(out.max()) < m.config.vocab_size
