@@ -51,6 +51,7 @@ from lasad_engine import quant  # noqa: E402
 from lasad_engine.backends import ort as ort_backend  # noqa: E402
 from lasad_engine.engine import LasadEngine, SamplingParams  # noqa: E402
 from lasad_engine.params import Grid  # noqa: E402
+from lasad_engine.scheduler import _Rows  # noqa: E402
 from lasad_tools.check import TOLERANCES  # noqa: E402
 from lasad_tools.onnx_export import export_step  # noqa: E402
 
@@ -87,14 +88,15 @@ def decode_split(engine: LasadEngine, n: int, device, calls: int = 200) -> dict:
     """The backend's part of a step at n images, called back to back (after a generation made its
     bindings): ms per call until the GPU is done, and ms the host takes to issue one call. When the
     second nears the first, the step is bound by the host, not by its kernels."""
-    rows = 2 * n
-    state, ids = engine.buffers.state_rows(rows), engine.buffers.ids[:rows]
-    decode = engine.backend.decode
-    decode(ids, state.pos, state)
+    R, tab = 2 * n, engine.buffers.tables   # the step's own row buffers, as the scheduler hands them
+    rows = _Rows(tab.ids[:R], tab.pos[:R], tab.width[:R], tab.slot[:R] if engine.backend.indexed else None,
+                 tab.logits[:R])
+    state, decode = engine.buffers.state, engine.backend.decode
+    decode(rows, state)
     torch.cuda.synchronize(device)
     t = time.perf_counter()
     for _ in range(calls):
-        decode(ids, state.pos, state)
+        decode(rows, state)
     issued = time.perf_counter() - t
     torch.cuda.synchronize(device)
     done = time.perf_counter() - t

@@ -405,6 +405,29 @@ def test_pack_prunes_other_architectures_on_a_synthetic_fatbin():
         P.verify(elf, bad, kept, pruned)
 
 
+def test_bench_decode_split_steps_the_schedulers_own_rows(model, monkeypatch):
+    """benchmarks/ort_gpu_bench.py's `decode_split` times the backend's step on the scheduler's
+    row buffers (it broke unseen when they moved): after a generation, one call writes the
+    logits that model.step gives on the same ids, positions, widths and a copy of the state."""
+    import dataclasses
+
+    import ort_gpu_bench as bench
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)   # timed on the CPU here
+    engine = LasadEngine(model, backend="torch", max_batch=2)
+    engine.generate([1, 2], params=SamplingParams(temperature=0.0, cfg_scale=1.0))
+    tab, state = engine.buffers.tables, engine.buffers.state
+    R = 2   # one row an image at cfg 1.0
+    ids, pos, width, slots = (t[:R].clone() for t in (tab.ids, tab.pos, tab.width, tab.slot))
+    copy_state = dataclasses.replace(state, ssm=state.ssm.clone(), logits=state.logits.clone())
+    times = bench.decode_split(engine, 1, torch.device("cpu"), calls=1)
+    assert times["decode_ms"] >= times["decode_issue_ms"] > 0
+    want = torch.empty(R, model.config.vocab_size)
+    for _ in range(2):   # decode_split steps twice (a warm-up, then `calls`) on the same ids and positions
+        model.step(ids, pos, copy_state, backend="torch", width=width, slots=slots, logits=want)
+    assert_close("decode_split's logits vs model.step", tab.logits[:R], want, 1e-6)
+    assert_close("its state vs model.step's", state.ssm, copy_state.ssm, 1e-6)
+
+
 @pytest.mark.gpu
 def test_onnxruntime_on_cuda_equals_torch(model, tmp_path):
     """Teacher-forced logits and same-seed tokens through onnxruntime-gpu (portable, fp32, CUDA

@@ -11,8 +11,8 @@
 #        persistent-test | persistent (issue 27: the persistent step's GPU tests, then its benchmark) |
 #        serving-test | serve-B | serve-B-min | serve-XL | serve-both | serve-both-short | serve-lean (issue 25: the scheduler's GPU tests; serve_bench.py) |
 #        int8 | int8-bq | int8-tests (issue 29: benchmarks/int8_gpu_call.py, all parts / bench+quality / tests) |
-#        int8-sweep | int8-gputests | int8-e2e (issue 29: the GEMM sweep; the gpu tests of the quantised
-#        path; int8_bench with the tiles of this call's sweep, else .carry/int8_gemv_sweep.json) | int8-sweep-short | int8-sweep-few (2 rows only) |
+#        int8-sweep | int8-gputests | int8-e2e | int8-mm64 | int8-quick-tests (issue 29: the GEMM sweep; the gpu tests of the quantised
+#        path; int8_bench with the tiles of this call's sweep, else .carry/int8_gemv_sweep.json; int8_bench at 64 images only; the quantised GPU tests of test_quant.py that compile least) | int8-sweep-short | int8-sweep-few (2 rows only) |
 #        persistent-short | persistent-all (every preset)
 # The serving steps need the server's wheels in .whl (fastapi, starlette, uvicorn, h11, httpx, httpcore,
 # anyio, sniffio, idna, certifi, prometheus_client, pydantic, pydantic_core, annotated_types,
@@ -84,6 +84,9 @@ for s in "$@"; do
     int8-sweep) step int8-sweep 360 python3 benchmarks/int8_gemv_sweep.py --out "$W/int8-sweep" --presets lasad-XL,lasad-XXL,lasad-B --rows 2,128 --budget 320 ;;
     int8-sweep-few) step int8-sweep 200 python3 benchmarks/int8_gemv_sweep.py --out "$W/int8-sweep" --presets lasad-XL,lasad-XXL,lasad-B --rows 2 --budget 170 ;;
     int8-sweep-short) step int8-sweep 230 python3 benchmarks/int8_gemv_sweep.py --out "$W/int8-sweep" --presets lasad-XL,lasad-XXL,lasad-B --rows 2,128 --budget 190 ;;
+    # 64 images only: quant_mm's step against bf16 in one short call
+    int8-mm64) step int8-mm64 200 python3 benchmarks/int8_bench.py --out "$W/int8-mm64" --presets lasad-B,lasad-XL --batches 64 --variants bf16,int8 --repeats 3 ;;
+    int8-quick-tests) step int8-quick-tests 200 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_quant.py -rs --durations=5 -k "lasad_shapes or byte_permute or graphed" ;;
     int8-gputests) step int8-gputests 220 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_quant.py tests/test_linear.py -rs --durations=5 ;;
     int8-e2e) pol="$W/int8-sweep/int8_gemv_sweep.json"; [ -f "$pol" ] || pol=.carry/int8_gemv_sweep.json; [ -f "$pol" ] || pol=""
          step int8-e2e 330 python3 benchmarks/int8_bench.py --out "$W/int8-e2e" --presets lasad-B,lasad-XL,lasad-XXL --batches 1,64 --variants bf16,int8,int8_i2f,fp8 --repeats 3 ${pol:+--quant-policy "$pol"} ;;
