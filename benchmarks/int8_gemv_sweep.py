@@ -42,9 +42,12 @@ from lasad_tools.profiling import copy_bandwidth  # noqa: E402
 
 OPS = ("qfv", "o", "w13", "w2", "head")
 GEMV_GRID = dict(block_n=(8, 16, 32), block_k=(256, 512))
+# quant_mm at many rows; the last three are wide in N (fewer programs re-reading the activations, as
+# cuBLAS's tiles are: the next measurement docs/performance.md names for the 64-image gap)
 MM_GRID = [MmTiles(64, 64, 128, 4, 4), MmTiles(128, 64, 128, 3, 4), MmTiles(128, 64, 64, 4, 4),
            MmTiles(64, 32, 128, 4, 4), MmTiles(128, 32, 128, 4, 4), MmTiles(64, 32, 256, 3, 4),
-           MmTiles(32, 32, 256, 3, 2), MmTiles(64, 16, 256, 4, 2)]
+           MmTiles(32, 32, 256, 3, 2), MmTiles(64, 16, 256, 4, 2),
+           MmTiles(64, 128, 64, 4, 4), MmTiles(128, 128, 64, 3, 8), MmTiles(128, 256, 64, 3, 8)]
 
 
 def make_op(cfg, op, groups, device, n_mats, gen):
