@@ -105,11 +105,9 @@ def tiles_used(cfg, rows: int, quantized: bool, device) -> dict:
               "w13": (cfg.dim, cfg.ffn_dim, True, 1, True), "w2": (cfg.ffn_dim, cfg.dim, False, 1, False),
               "head": (cfg.dim, cfg.vocab_size, True, 1, False)}
     for name, (K, n_out, norm, groups, swiglu) in shapes.items():
-        if rows > L.ROWS_MAX and not quantized:
-            out[name] = "library (cuBLAS)"
-            continue
-        if rows > L.ROWS_MAX:   # quant_mm, the norm and SwiGLU as their own launches (ops.linear)
-            out[name] = "quant_mm" + (" after the norm" if norm else "") + (", then SwiGLU" if swiglu else "")
+        if rows > L.ROWS_MAX:   # quantised: quant_mm, the norm and SwiGLU as their own launches (ops.linear)
+            out[name] = ("quant_mm" + (" after the norm" if norm else "") + (", then SwiGLU" if swiglu else "")
+                         if quantized else "library (cuBLAS)")
             continue
         t = L.tile_policy(rows, n_out, K, device, quantized=quantized)
         if t is None:

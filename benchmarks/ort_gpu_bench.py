@@ -51,7 +51,6 @@ from lasad_engine import quant  # noqa: E402
 from lasad_engine.backends import ort as ort_backend  # noqa: E402
 from lasad_engine.engine import LasadEngine, SamplingParams  # noqa: E402
 from lasad_engine.params import Grid  # noqa: E402
-from lasad_engine.scheduler import _Rows  # noqa: E402
 from lasad_tools.check import TOLERANCES  # noqa: E402
 from lasad_tools.onnx_export import export_step  # noqa: E402
 
@@ -88,9 +87,7 @@ def decode_split(engine: LasadEngine, n: int, device, calls: int = 200) -> dict:
     """The backend's part of a step at n images, called back to back (after a generation made its
     bindings): ms per call until the GPU is done, and ms the host takes to issue one call. When the
     second nears the first, the step is bound by the host, not by its kernels."""
-    R, tab = 2 * n, engine.buffers.tables   # the step's own row buffers, as the scheduler hands them
-    rows = _Rows(tab.ids[:R], tab.pos[:R], tab.width[:R], tab.slot[:R] if engine.backend.indexed else None,
-                 tab.logits[:R])
+    rows = engine.buffers.tables.step_rows(2 * n, engine.scheduler.indexed)   # as the scheduler hands them
     state, decode = engine.buffers.state, engine.backend.decode
     decode(rows, state)
     torch.cuda.synchronize(device)

@@ -199,6 +199,11 @@ class Tables:
         self.turn = 0
         self.waited = 0.0            # seconds the host waited for those copies (this step)
 
+    def step_rows(self, R: int, indexed: bool) -> "_Rows":
+        """The first R rows as a backend's `decode` takes them (views of these buffers; the state
+        slots only for an `indexed` backend, else row r runs on state row r)."""
+        return _Rows(self.ids[:R], self.pos[:R], self.width[:R], self.slot[:R] if indexed else None, self.logits[:R])
+
     def table(self, n: int, k_max: int, use_p: bool) -> SamplerTable:
         ii, ff = self.img_int[:, :n], self.img_f32[:, :n]
         return SamplerTable(cond_row=ii[0], uncond_row=ii[1], cfg_scale=ff[0], cfg_interval=ii[2],
@@ -610,7 +615,7 @@ class SlotScheduler:
         """The step for bucket (R rows, B images), split into (model step, the rest): both read and
         write fixed buffers only, so either can be captured."""
         t = self.tables
-        rows = _Rows(t.ids[:R], t.pos[:R], t.width[:R], t.slot[:R] if self.indexed else None, t.logits[:R])
+        rows = t.step_rows(R, self.indexed)
         state = self.state
         table = t.table(B, self.k_max, self.use_p)
         decode, sampler = self.backend.decode, self.sampler_backend
