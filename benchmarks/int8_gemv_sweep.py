@@ -26,7 +26,7 @@ import itertools
 import json
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -42,12 +42,26 @@ from lasad_tools.profiling import copy_bandwidth  # noqa: E402
 
 OPS = ("qfv", "o", "w13", "w2", "head")
 GEMV_GRID = dict(block_n=(8, 16, 32), block_k=(256, 512))
-# quant_mm at many rows; the last three are wide in N (fewer programs re-reading the activations, as
-# cuBLAS's tiles are: the next measurement docs/performance.md names for the 64-image gap)
+# quant_mm at many rows: the tiles that won on 2026-12-07 (H100), three wide in N (fewer
+# programs re-reading the activations, as cuBLAS's tiles are), and the product swapped (MmTiles.swap:
+# the converted weights as wgmma's register operand). Each tile is also run with K split so that
+# the programs cover every SM (`fill_split`).
 MM_GRID = [MmTiles(64, 64, 128, 4, 4), MmTiles(128, 64, 128, 3, 4), MmTiles(128, 64, 64, 4, 4),
-           MmTiles(64, 32, 128, 4, 4), MmTiles(128, 32, 128, 4, 4), MmTiles(64, 32, 256, 3, 4),
-           MmTiles(32, 32, 256, 3, 2), MmTiles(64, 16, 256, 4, 2),
-           MmTiles(64, 128, 64, 4, 4), MmTiles(128, 128, 64, 3, 8), MmTiles(128, 256, 64, 3, 8)]
+           MmTiles(128, 32, 128, 4, 4), MmTiles(64, 32, 256, 3, 4),
+           MmTiles(64, 128, 64, 4, 4), MmTiles(128, 128, 64, 3, 8), MmTiles(128, 256, 64, 3, 8),
+           MmTiles(128, 64, 128, 3, 4, swap=True), MmTiles(128, 64, 64, 4, 4, swap=True),
+           MmTiles(64, 64, 128, 4, 4, swap=True), MmTiles(128, 128, 64, 3, 8, swap=True),
+           MmTiles(128, 128, 128, 3, 8, swap=True), MmTiles(64, 128, 128, 3, 8, swap=True)]
+
+
+def fill_split(t: MmTiles, M: int, N: int, K: int, sms: int) -> int:
+    """The smallest split of K that gives at least one program per SM (slices of at least two
+    K steps), 1 if the output tiles alone do."""
+    blocks = -(-M // t.block_m) * -(-N // t.block_n)
+    s = 1
+    while blocks * s < sms and -(-K // (s + 1)) >= 2 * t.block_k:
+        s += 1
+    return s
 
 
 def make_op(cfg, op, groups, device, n_mats, gen):
@@ -134,7 +148,8 @@ def gemv_grid(shape, rows, sms):
 
 def show(t):
     if isinstance(t, MmTiles):
-        return f"mm{t.block_m}x{t.block_n}x{t.block_k}/st{t.stages}/w{t.num_warps}"
+        return (f"mm{t.block_m}x{t.block_n}x{t.block_k}/st{t.stages}/w{t.num_warps}" + ("/swap" if t.swap else "")
+                + (f"/s{t.split_k}" if t.split_k > 1 else ""))
     kind = f"bk{t.block_k}" if getattr(t, "block_k", 0) else ("mma" if t.mma else "fma")
     return t if isinstance(t, str) else f"bn{t.block_n}/s{t.split_k}/{kind}/w{t.num_warps}"
 
@@ -177,10 +192,15 @@ def sweep_op(cfg, op, groups, rows, device, gen, deadline, sms=132) -> dict:
         add("int8_dequant", "int8", None, backend="torch")
         if "fp8" in mats:
             add("fp8_mm", "fp8", None)
+        n_w = mats["int8"][0][0].shape[0]
+        grid = []
         for t in MM_GRID:
+            s = fill_split(t, rows, n_w, K, sms)
+            grid += [t] + ([replace(t, split_k=s)] if s > 1 else [])
+        for t in grid:
             if time.time() > deadline:
                 break
-            L.QUANT_MM_TILES = {(mats["int8"][0][0].shape[0], K): t}
+            L.QUANT_MM_TILES = {(n_w, K): t}
             try:
                 add(f"int8 {show(t)}", "int8", None)
                 res["variants"][f"int8 {show(t)}"]["tiles_raw"] = asdict(t)

@@ -8,6 +8,7 @@ objects, not compilable ones.
 
 import json
 import os
+import re
 
 
 def ptx_facts() -> dict:
@@ -28,7 +29,9 @@ def ptx_facts() -> dict:
         ptx = k.asm["ptx"]
         if fn is L.quant_mm_kernel:
             return {"prmt": ptx.count("prmt.b32"), "cvt_s8": ptx.count("cvt.rn.f32.s8") + ptx.count("cvt.rn.bf16.s8"),
-                    "mma": ptx.count("mma.sync") + ptx.count("wgmma")}
+                    "mma": ptx.count("mma.sync") + ptx.count("wgmma"), "wgmma": ptx.count("wgmma.mma_async"),
+                    # wgmma with its first operand in registers: `{accumulators}, {a registers}, desc-b`
+                    "wgmma_a_regs": len(re.findall(r"wgmma\.mma_async[^;]*\}\s*,\s*\{", ptx))}
         wait, launch = ptx.find("griddepcontrol.wait"), ptx.find("griddepcontrol.launch_dependents")
         first_load = ptx.find("ld.global")
         return {"wait": wait >= 0, "launch_dependents": launch >= 0,
@@ -63,9 +66,14 @@ def ptx_facts() -> dict:
                    eps="fp32")
         out[f"gemv_int8_pdl={pdl}"] = build(L.gemv_kernel, sig, cx)
     # many rows (quant_mm): int8 weights converted to bf16 by byte permutes for the tensor cores
-    sig = dict(a=p, w="*i8", ws="*fp32", res=p, c=p, M="i32", N="i32")
-    cx = dict(K=1280, BM=128, BN=128, BK=64, GROUP_M=8, STAGES=3, DOT_F32=False, W_ASM=True, HAS_RES=True)
+    sig = dict(a=p, w="*i8", ws="*fp32", res=p, c=p, part="*fp32", cnt="*i32", M="i32", N="i32")
+    cx = dict(K=1280, BM=128, BN=128, BK=64, GROUP_M=8, STAGES=3, DOT_F32=False, W_ASM=True, HAS_RES=True,
+              SWAP=False, KS=1280, SPLIT_K=1, SPLIT_P=1)
     out["quant_mm_int8"] = build(L.quant_mm_kernel, sig, cx)
+    # the swapped product (MmTiles.swap): the weights are wgmma's register operand; then K split in two
+    out["quant_mm_int8_swap"] = build(L.quant_mm_kernel, sig, {**cx, "BN": 64, "SWAP": True})
+    out["quant_mm_int8_swap_split"] = build(L.quant_mm_kernel, sig, {**cx, "BN": 64, "SWAP": True, "KS": 640,
+                                                                      "SPLIT_K": 2, "SPLIT_P": 2})
     return out
 
 

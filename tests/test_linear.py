@@ -244,8 +244,15 @@ def test_pdl_kernels_compile_for_hopper():
         assert on["loads_before_wait"] and on["wide_loads_before_wait"] >= 2, (name, on)
         assert not off["wait"] and not off["launch_dependents"], (name, off)
     # int8 weights converted by byte permutes (ops.linear._bytes_f32), no int -> float conversion
-    for name in ("linear_int8_pdl=True", "gemv_int8_pdl=True", "quant_mm_int8"):
+    for name in ("linear_int8_pdl=True", "gemv_int8_pdl=True", "quant_mm_int8", "quant_mm_int8_swap",
+                 "quant_mm_int8_swap_split"):
         assert facts[name]["prmt"] > 0 and facts[name]["cvt_s8"] == 0, (name, facts[name])
+    # quant_mm on Hopper's wgmma both ways: the plain product reads both operands from shared
+    # memory (the converted weights are written back there every K step); the swapped one takes
+    # the converted weights as its register operand
+    mm, swap, split = facts["quant_mm_int8"], facts["quant_mm_int8_swap"], facts["quant_mm_int8_swap_split"]
+    assert mm["wgmma"] > 0 and mm["wgmma_a_regs"] == 0, facts
+    assert swap["wgmma_a_regs"] == swap["wgmma"] > 0 and split["wgmma_a_regs"] == split["wgmma"] > 0, facts
 
 
 @pytest.mark.gpu

@@ -195,7 +195,12 @@ def test_many_rows_take_quant_mm(monkeypatch):
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("M,N,K,tiles", [(40, 96, 80, L.MmTiles(32, 32, 32, 2, 4, 2)),   # K in 3 steps, last partial
                                          (7, 50, 33, L.MmTiles(16, 32, 16, 3, 4, 8)),    # ragged everything
-                                         (130, 64, 64, None)], ids=str)                  # the default tiles
+                                         (130, 64, 64, None),                            # the default tiles
+                                         (40, 96, 80, L.MmTiles(32, 32, 16, 2, 4, 2, swap=True)),   # W · a^T
+                                         (7, 50, 33, L.MmTiles(16, 32, 16, 2, 4, 8, split_k=3)),    # 3 slices
+                                         (40, 96, 80, L.MmTiles(16, 32, 16, 2, 4, 2, True, 2)),     # both
+                                         (9, 40, 100, L.MmTiles(16, 16, 32, 2, 4, 8, split_k=8))],  # 4 of 8 left
+                         ids=str)
 def test_quant_mm_equals_the_torch_definition(fmt, M, N, K, tiles):
     """quant_mm against quantized_gemm in float64 (fp32 activations: exact products, fp32 sums)
     and against the torch definition in bf16, on random weights and activations, with
@@ -489,6 +494,34 @@ def test_kernel_on_cuda_at_lasad_shapes(fmt, R):
         kw = {k: v.cuda() if torch.is_tensor(v) else v for k, v in kw.items()}
         got = _check_kernel(x, q, kw, tol=1e-2)
         assert torch.equal(got, fused_linear(x, q, backend="triton", **kw)), "not reproducible"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("tiles", [L.MmTiles(128, 64, 128, 3, 4, swap=True), L.MmTiles(128, 128, 64, 3, 8, swap=True),
+                                   L.MmTiles(64, 64, 128, 4, 4, swap=True, split_k=4),
+                                   L.MmTiles(128, 128, 64, 3, 8, split_k=5), L.MmTiles(128, 256, 64, 3, 8)], ids=str)
+def test_quant_mm_tiles_on_cuda(fmt, tiles):
+    """quant_mm's swapped product (wgmma with the converted weights in registers) and its split K
+    on the GPU, at 128 rows (64 images with CFG) of lasad-XL's shapes and a ragged one: the torch
+    definition in fp32 (exact products, fp32 sums in another order) and bf16, the residual in
+    place, and bit-identical run to run (the slices are added in a fixed order)."""
+    if fmt == "fp8" and torch.cuda.get_device_capability() < quant.FP8_CAPABILITY:
+        pytest.skip("fp8 weights need compute capability 8.9+")
+    gen = torch.Generator().manual_seed(tiles.block_n + tiles.split_k)
+    for M, N, K in ((128, 1280, 3584), (128, 3840, 1280), (100, 200, 1000)):
+        q, s = quant.quantize_weight(torch.randn(N, K, generator=gen), fmt)
+        q, s = q.cuda(), s.cuda()
+        a = torch.randn(M, K, generator=gen).cuda()
+        assert_close("fp32", L.quant_mm(a, q, s, tiles), quantized_gemm(a.double(), q, s.double()), 1e-5)
+        a16 = a.bfloat16()
+        got = L.quant_mm(a16, q, s, tiles)
+        assert_close("bf16", got, quantized_gemm(a16, q, s), 1e-2)
+        assert torch.equal(got, L.quant_mm(a16, q, s, tiles)), "not reproducible"
+        res = torch.randn(M, N, generator=gen).cuda().bfloat16()
+        want = (res.float() + quantized_gemm(a16, q, s).float()).bfloat16()
+        assert L.quant_mm(a16, q, s, tiles, residual=res, out=res) is res
+        assert_close("bf16 + residual in place", res, want, 1e-2)
 
 
 @pytest.mark.gpu

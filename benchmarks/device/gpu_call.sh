@@ -13,6 +13,7 @@
 #        int8 | int8-bq | int8-tests (issue 29: benchmarks/int8_gpu_call.py, all parts / bench+quality / tests) |
 #        int8-sweep | int8-gputests | int8-e2e | int8-mm64 | int8-quick-tests (issue 29: the GEMM sweep; the gpu tests of the quantised
 #        path; int8_bench with the tiles of this call's sweep, else .carry/int8_gemv_sweep.json; int8_bench at 64 images only; the quantised GPU tests of test_quant.py that compile least) | int8-sweep-short | int8-sweep-few (2 rows only) |
+#        int8-mm-tests | int8-mm-sweep | int8-mm64-pol (quant_mm's swapped and split tiles: GPU tests, 128-row sweep, step at 64 images with the sweep's tiles) |
 #        persistent-short | persistent-all (every preset)
 # The serving steps need the server's wheels in .whl (fastapi, starlette, uvicorn, h11, httpx, httpcore,
 # anyio, sniffio, idna, certifi, prometheus_client, pydantic, pydantic_core, annotated_types,
@@ -86,6 +87,11 @@ for s in "$@"; do
     int8-sweep-short) step int8-sweep 230 python3 benchmarks/int8_gemv_sweep.py --out "$W/int8-sweep" --presets lasad-XL,lasad-XXL,lasad-B --rows 2,128 --budget 190 ;;
     # 64 images only: quant_mm's step against bf16 in one short call
     int8-mm64) step int8-mm64 200 python3 benchmarks/int8_bench.py --out "$W/int8-mm64" --presets lasad-B,lasad-XL --batches 64 --variants bf16,int8 --repeats 3 ;;
+    # quant_mm's swapped product and split K (64 images): its GPU tests, the 128-row sweep, the step with its tiles
+    int8-mm-tests) step int8-mm-tests 200 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_quant.py -rs --durations=5 -k "quant_mm_tiles or lasad_shapes" ;;
+    int8-mm-sweep) step int8-sweep 340 python3 benchmarks/int8_gemv_sweep.py --out "$W/int8-sweep" --presets lasad-XL,lasad-B,lasad-XXL --rows 128 --budget 300 ;;
+    int8-mm64-pol) pol="$W/int8-sweep/int8_gemv_sweep.json"; [ -f "$pol" ] || pol=.carry/int8_gemv_sweep.json
+         step int8-mm64 260 python3 benchmarks/int8_bench.py --out "$W/int8-mm64" --presets lasad-B,lasad-XL,lasad-XXL --batches 64 --variants bf16,int8 --repeats 3 --quant-policy "$pol" ;;
     int8-quick-tests) step int8-quick-tests 200 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_quant.py -rs --durations=5 -k "lasad_shapes or byte_permute or graphed" ;;
     int8-gputests) step int8-gputests 220 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_quant.py tests/test_linear.py -rs --durations=5 ;;
     int8-e2e) pol="$W/int8-sweep/int8_gemv_sweep.json"; [ -f "$pol" ] || pol=.carry/int8_gemv_sweep.json; [ -f "$pol" ] || pol=""

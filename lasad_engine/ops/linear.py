@@ -103,7 +103,12 @@ QUANT_DTYPES = (torch.int8, torch.float8_e4m3fn)  # weight dtypes that come with
 @dataclass(frozen=True)
 class MmTiles:
     """How `quant_mm` (quantised weights, more than ROWS_MAX rows) cuts its GEMM: block_m rows ×
-    block_n columns a program, K in steps of block_k pipelined over `stages` buffers."""
+    block_n columns a program, K in steps of block_k pipelined over `stages` buffers.
+    swap: the product taken as W · a^T (the weight tile, converted in registers, is the tensor
+    cores' first operand, which Hopper's wgmma reads from registers; the activations come from
+    shared memory), instead of a · W^T (the converted weights written back to shared memory
+    first). split_k: programs along K, their partial sums added in a fixed order by the last to
+    arrive (more programs than the output tiles alone give, for the narrow matrices)."""
 
     block_m: int = 64
     block_n: int = 128
@@ -111,6 +116,8 @@ class MmTiles:
     stages: int = 4
     num_warps: int = 4
     group_m: int = 8
+    swap: bool = False
+    split_k: int = 1
 
 
 def mm_tiles(rows: int, N: int, K: int) -> MmTiles:
@@ -816,14 +823,30 @@ if triton is not None:
 if triton is not None:
 
     @triton.jit
-    def quant_mm_kernel(a, w, ws, res, c, M, N, K: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+    def _dot_t(w_t, a, DOT_F32: tl.constexpr, W_ASM: tl.constexpr):
+        # w_t [BN, BK] @ a [BM, BK]^T -> [BN, BM] fp32: _dot with the operands swapped, the
+        # converted weights the tensor cores' register operand (numerics as _dot's)
+        if DOT_F32:
+            return tl.dot(w_t.to(tl.float32), tl.trans(a.to(tl.float32)), input_precision="tf32")
+        elif a.dtype == tl.float32:
+            return tl.dot(_w_f32(w_t, W_ASM), tl.trans(a), input_precision="ieee")
+        elif W_ASM and a.dtype == tl.bfloat16:
+            return tl.dot(_int8_to_bf16(w_t), tl.trans(a))
+        else:
+            return tl.dot(w_t.to(a.dtype), tl.trans(a))
+
+    @triton.jit
+    def quant_mm_kernel(a, w, ws, res, c, part, cnt, M, N, K: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                         BK: tl.constexpr, GROUP_M: tl.constexpr, STAGES: tl.constexpr,
-                        DOT_F32: tl.constexpr, W_ASM: tl.constexpr, HAS_RES: tl.constexpr):
+                        DOT_F32: tl.constexpr, W_ASM: tl.constexpr, HAS_RES: tl.constexpr,
+                        SWAP: tl.constexpr, KS: tl.constexpr, SPLIT_K: tl.constexpr, SPLIT_P: tl.constexpr):
         # quantized_gemm for many rows: c [M, N] = round(round(a [M, K] · W_q^T) · s), W_q [N, K]
-        # int8 / e4m3 converted in registers (tensor cores, fp32 accumulation), K in steps of BK
-        # pipelined over STAGES buffers; programs in groups of GROUP_M row blocks so that a
-        # weight tile is read from DRAM once and from L2 by the group's other row blocks.
-        pid = tl.program_id(0)
+        # int8 / e4m3 converted in registers (tensor cores, fp32 accumulation), the i_k-th slice
+        # of KS features in steps of BK pipelined over STAGES buffers; programs in groups of
+        # GROUP_M row blocks so that a weight tile is read from DRAM once and from L2 by the
+        # group's other row blocks. SWAP: the tile as (W_q · a^T)^T (MmTiles). SPLIT_K > 1: the
+        # slices' partial sums added by the last program to arrive, in slice order (_finish).
+        pid, i_k = tl.program_id(0), tl.program_id(1)
         num_m, num_n = tl.cdiv(M, BM), tl.cdiv(N, BN)
         group = GROUP_M * num_n
         first_m = (pid // group) * GROUP_M
@@ -833,20 +856,33 @@ if triton is not None:
         rm = pm * BM + tl.arange(0, BM)
         rn = pn * BN + tl.arange(0, BN)
         rk = tl.arange(0, BK)
-        acc = tl.zeros([BM, BN], dtype=tl.float32)
-        for k0 in tl.range(0, K, BK, num_stages=STAGES):
-            km = (k0 + rk) < K
+        if SWAP:
+            acc_t = tl.zeros([BN, BM], dtype=tl.float32)
+        else:
+            acc = tl.zeros([BM, BN], dtype=tl.float32)
+        if SPLIT_K == 1:  # K known to the compiler: the loop's trip count too
+            k_lo = 0
+        else:
+            k_lo = i_k * KS
+        for k0 in tl.range(k_lo, k_lo + KS, BK, num_stages=STAGES):
+            km = ((k0 + rk) < K) & ((k0 + rk) < k_lo + KS)
             a_t = tl.load(a + rm[:, None] * K + (k0 + rk)[None, :], mask=(rm < M)[:, None] & km[None, :], other=0.0)
             w_t = tl.load(w + rn[:, None] * K + (k0 + rk)[None, :], mask=(rn < N)[:, None] & km[None, :], other=0.0)
-            acc += _dot(a_t, w_t, DOT_F32, W_ASM)
-        dt = c.dtype.element_ty
+            if SWAP:
+                acc_t += _dot_t(w_t, a_t, DOT_F32, W_ASM)
+            else:
+                acc += _dot(a_t, w_t, DOT_F32, W_ASM)
+        if SWAP:
+            acc = tl.trans(acc_t)
         s_t = tl.load(ws + rn, mask=rn < N, other=0.0)
-        y = (acc.to(dt).to(tl.float32) * s_t[None, :]).to(dt)
         off = rm[:, None] * N + rn[None, :]
         om = (rm < M)[:, None] & (rn < N)[None, :]
         if HAS_RES:  # residual + y, rounded as the torch add rounds
-            y = (tl.load(res + off, mask=om, other=0.0).to(tl.float32) + y.to(tl.float32)).to(dt)
-        tl.store(c + off, y, mask=om)
+            res_t = tl.load(res + off, mask=om, other=0.0)
+        else:
+            res_t = off
+        _finish(acc, acc, s_t, s_t, res_t, c, off, om, part, cnt, pid, i_k, SPLIT_K, SPLIT_P, BM, BN, 1, False,
+                HAS_RES, True)
 
 
 def quant_mm(a: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
@@ -868,12 +904,23 @@ def quant_mm(a: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
     for name, v in (("residual", residual), ("out", out)):
         if v is not None and (tuple(v.shape) != shape or v.dtype != a.dtype or not v.is_contiguous()):
             raise ValueError(f"{name} must be a contiguous {a.dtype} {shape} tensor, got {v.dtype} {tuple(v.shape)}")
+    if t.split_k < 1:
+        raise ValueError(f"split_k must be >= 1, got {t}")
     c = out if out is not None else torch.empty(shape, dtype=a.dtype, device=a.device)
-    grid = (triton.cdiv(M, t.block_m) * triton.cdiv(N, t.block_n),)
-    quant_mm_kernel[grid](x, weight.contiguous(), weight_scale, residual if residual is not None else c, c, M, N,
-                          K=K, BM=t.block_m, BN=t.block_n, BK=t.block_k, GROUP_M=t.group_m, STAGES=t.stages,
-                          DOT_F32=_INTERPRET, W_ASM=_int8_asm(weight), HAS_RES=residual is not None,
-                          num_warps=t.num_warps, num_stages=t.stages)
+    ks = -(-(-(-K // t.split_k)) // t.block_k) * t.block_k  # a program's slice of K: whole steps
+    s = -(-K // ks)
+    blocks = triton.cdiv(M, t.block_m) * triton.cdiv(N, t.block_n)
+    stages = t.stages if a.element_size() <= 2 else min(t.stages, 2)  # tiles measured in bf16: fp32's fit too
+    if s > 1:
+        part = torch.empty(blocks * s * t.block_m * t.block_n, dtype=torch.float32, device=a.device)
+        cnt = _counters(a.device, blocks)
+    else:
+        part = cnt = c
+    quant_mm_kernel[(blocks, s)](x, weight.contiguous(), weight_scale, residual if residual is not None else c, c,
+                                 part, cnt, M, N, K=K, BM=t.block_m, BN=t.block_n, BK=t.block_k, GROUP_M=t.group_m,
+                                 STAGES=stages, DOT_F32=_INTERPRET, W_ASM=_int8_asm(weight),
+                                 HAS_RES=residual is not None, SWAP=t.swap, KS=ks, SPLIT_K=s, SPLIT_P=_pow2(s),
+                                 num_warps=t.num_warps, num_stages=stages)
     return c
 
 
