@@ -13,6 +13,7 @@
 #        int8 | int8-bq | int8-tests (issue 29: benchmarks/int8_gpu_call.py, all parts / bench+quality / tests) |
 #        int8-sweep | int8-gputests | int8-e2e | int8-mm64 | int8-quick-tests (issue 29: the GEMM sweep; the gpu tests of the quantised
 #        path; int8_bench with the tiles of this call's sweep, else .carry/int8_gemv_sweep.json; int8_bench at 64 images only; the quantised GPU tests of test_quant.py that compile least) | int8-sweep-short | int8-sweep-few (2 rows only) |
+#        int8-ncu (Nsight Compute: lasad-XL's few-row GEMMs, bf16 and int8) |
 #        int8-mm-tests | int8-mm-sweep | int8-mm64-pol (quant_mm's swapped and split tiles: GPU tests, 128-row sweep, step at 64 images with the sweep's tiles) |
 #        persistent-short | persistent-all (every preset)
 # The serving steps need the server's wheels in .whl (fastapi, starlette, uvicorn, h11, httpx, httpcore,
@@ -92,6 +93,12 @@ for s in "$@"; do
     int8-mm-sweep) step int8-sweep 340 python3 benchmarks/int8_gemv_sweep.py --out "$W/int8-sweep" --presets lasad-XL,lasad-B,lasad-XXL --rows 128 --budget 300 ;;
     int8-mm64-pol) pol="$W/int8-sweep/int8_gemv_sweep.json"; [ -f "$pol" ] || pol=.carry/int8_gemv_sweep.json
          step int8-mm64 260 python3 benchmarks/int8_bench.py --out "$W/int8-mm64" --presets lasad-B,lasad-XL,lasad-XXL --batches 64 --variants bf16,int8 --repeats 3 --quant-policy "$pol" ;;
+    # Nsight Compute on lasad-XL's few-row GEMMs, bf16 beside int8 (benchmarks/int8_ncu_probe.py): counters, stalls
+    int8-ncu) mkdir -p "$W/ncu"; step int8-ncu 200 bash -c 'for op in o qfv w13; do for f in bf16 int8; do
+         ncu --clock-control none --kernel-name "regex:^(fused_linear_kernel|gemv_kernel)" --launch-skip 2 --launch-count 1 \
+           --section SpeedOfLight --section WarpStateStats --section Occupancy --section LaunchStats --section SchedulerStats \
+           --section MemoryWorkloadAnalysis --csv --page details --log-file "'"$W"'/ncu/xl-$op-$f.csv" \
+           python3 benchmarks/int8_ncu_probe.py --preset lasad-XL --op $op --fmt $f --rows 2; done; done' ;;
     int8-quick-tests) step int8-quick-tests 200 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_quant.py -rs --durations=5 -k "lasad_shapes or byte_permute or graphed" ;;
     int8-gputests) step int8-gputests 220 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_quant.py tests/test_linear.py -rs --durations=5 ;;
     int8-e2e) pol="$W/int8-sweep/int8_gemv_sweep.json"; [ -f "$pol" ] || pol=.carry/int8_gemv_sweep.json; [ -f "$pol" ] || pol=""
