@@ -90,7 +90,7 @@ for s in "$@"; do
     int8-mm64) step int8-mm64 200 python3 benchmarks/int8_bench.py --out "$W/int8-mm64" --presets lasad-B,lasad-XL --batches 64 --variants bf16,int8 --repeats 3 ;;
     # quant_mm's swapped product and split K (64 images): its GPU tests, the 128-row sweep, the step with its tiles
     int8-mm-tests) step int8-mm-tests 200 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_quant.py -rs --durations=5 -k "quant_mm_tiles or lasad_shapes" ;;
-    int8-mm-sweep) step int8-sweep 340 python3 benchmarks/int8_gemv_sweep.py --out "$W/int8-sweep" --presets lasad-XL,lasad-B,lasad-XXL --rows 128 --budget 300 ;;
+    int8-mm-sweep) step int8-sweep 300 python3 benchmarks/int8_gemv_sweep.py --out "$W/int8-sweep" --presets lasad-XL,lasad-B,lasad-XXL --rows 128 --budget 265 ;;
     int8-mm64-pol) pol="$W/int8-sweep/int8_gemv_sweep.json"; [ -f "$pol" ] || pol=.carry/int8_gemv_sweep.json
          step int8-mm64 260 python3 benchmarks/int8_bench.py --out "$W/int8-mm64" --presets lasad-B,lasad-XL,lasad-XXL --batches 64 --variants bf16,int8 --repeats 3 --quant-policy "$pol" ;;
     # Nsight Compute on lasad-XL's few-row GEMMs, bf16 beside int8 (benchmarks/int8_ncu_probe.py): counters, stalls
