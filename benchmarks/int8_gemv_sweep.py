@@ -105,11 +105,12 @@ def kw_out(mats, kw):
 
 
 def whole_k_grid(shape, rule):
-    """fused_linear_kernel tiles beside its hand rule's: narrower and wider column blocks, more
-    warps, K unsplit or in slices of 256 features (no padding to a power of two)."""
+    """fused_linear_kernel tiles beside its hand rule's: narrower and wider column blocks, 2 or 4
+    warps (bf16's measured tiles at these rows use 2-4), K unsplit or in slices of 256 features
+    (no padding to a power of two)."""
     n_out, K, g, has_norm, swiglu = shape
     exact = K // 256 if K % 256 == 0 else 1
-    for bn, s, w in itertools.product((2, 4, 8), sorted({1, exact}), (4, 8)):
+    for bn, s, w in itertools.product((4, 8, 16), sorted({1, exact}), (2, 4)):
         if (has_norm and g > 1 and g % s) or (bn, s, w) == (rule.block_n, rule.split_k, rule.num_warps):
             continue
         yield LinearTiles(bn, s, False, w)

@@ -37,6 +37,8 @@ def ptx_facts() -> dict:
         return {"wait": wait >= 0, "launch_dependents": launch >= 0,
                 "loads_before_wait": 0 <= first_load < wait, "launch_before_wait": 0 <= launch < wait,
                 "wide_loads_before_wait": ptx[:max(wait, 0)].count("ld.global.v4"),
+                "vector_loads_before_wait": len(re.findall(r"ld\.global(\.\w+)*\.v[24]", ptx[:max(wait, 0)])),
+                "barriers": len(re.findall(r"\bbar(rier)?\.sync", ptx)),
                 "prmt": ptx.count("prmt.b32"), "cvt_s8": ptx.count(".s8")}
 
     out = {}

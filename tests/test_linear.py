@@ -241,8 +241,13 @@ def test_pdl_kernels_compile_for_hopper():
     for name in ("linear", "linear_int8", "gemv_int8", "step"):
         on, off = facts[f"{name}_pdl=True"], facts[f"{name}_pdl=False"]
         assert on["wait"] and on["launch_dependents"] and on["launch_before_wait"], (name, on)
-        assert on["loads_before_wait"] and on["wide_loads_before_wait"] >= 2, (name, on)
+        assert on["loads_before_wait"] and on["vector_loads_before_wait"] >= 2, (name, on)
+        if name != "linear_int8":
+            assert on["wide_loads_before_wait"] >= 2, (name, on)   # 16 bytes a load
         assert not off["wait"] and not off["launch_dependents"], (name, off)
+    # the int8 tile in the layout of the activations: no more block barriers than with bf16 weights
+    # (loaded 16 features a thread, the converted tile crossed shared memory in 39-139 pieces)
+    assert facts["linear_int8_pdl=True"]["barriers"] <= facts["linear_pdl=True"]["barriers"], facts
     # int8 weights converted by byte permutes (ops.linear._bytes_f32), no int -> float conversion
     for name in ("linear_int8_pdl=True", "gemv_int8_pdl=True", "quant_mm_int8", "quant_mm_int8_swap",
                  "quant_mm_int8_swap_split"):

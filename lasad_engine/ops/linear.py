@@ -562,9 +562,17 @@ if triton is not None:
             km = (g < NSEG) & (j < SEG) & (k < K)
         wm = (cols < N_OUT)[:, None] & km[None, :]
         # The weights (and the norm weight) do not depend on the previous kernel: load them first.
-        w_t = tl.load(w + cols[:, None] * K + k[None, :], mask=wm, other=0.0)
+        if HAS_SCALE and not MMA:
+            # 1-byte weights: offsets that the compiler sees as runs of 8 (the same offsets), so the
+            # tile is loaded 8 features a thread, the layout of the activations' 16-byte loads. As
+            # 16-byte runs (16 features a thread), the fp32 tile went through shared memory once
+            # converted, in dozens of barrier-separated pieces after the wait (SASS, sm_90).
+            kw = (k // 8) * 8 + k % 8
+        else:
+            kw = k
+        w_t = tl.load(w + cols[:, None] * K + kw[None, :], mask=wm, other=0.0)
         if SWIGLU:
-            w3_t = tl.load(w + (cols + N_OUT)[:, None] * K + k[None, :], mask=wm, other=0.0)
+            w3_t = tl.load(w + (cols + N_OUT)[:, None] * K + kw[None, :], mask=wm, other=0.0)
         else:
             w3_t = w_t
         if HAS_SCALE:  # quantised weights: the channels' fp32 scales (epilogue)
