@@ -135,10 +135,11 @@ def main():
     ap.add_argument("--batches", default="1,64")
     ap.add_argument("--variants", default="bf16,int8,int8_i2f,int8_nohead,fp8")
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--quant-policy", type=Path, help="int8_gemv_sweep.py's JSON: its chosen tiles")
+    ap.add_argument("--quant-policy", type=Path, action="append", default=[],
+                    help="int8_gemv_sweep.py's JSON: its chosen tiles (repeat for sweeps of other row counts)")
     a = ap.parse_args()
-    if a.quant_policy:
-        load_policy(a.quant_policy)
+    for pol in a.quant_policy:
+        load_policy(pol)
     device = torch.device("cuda")
     cap = torch.cuda.get_device_capability(device)
     import triton

@@ -11,7 +11,7 @@
 #        persistent-test | persistent (issue 27: the persistent step's GPU tests, then its benchmark) |
 #        serving-test | serve-B | serve-B-min | serve-XL | serve-both | serve-both-short | serve-lean (issue 25: the scheduler's GPU tests; serve_bench.py) |
 #        int8 | int8-bq | int8-tests (issue 29: benchmarks/int8_gpu_call.py, all parts / bench+quality / tests) |
-#        int8-sweep | int8-gputests | int8-e2e | int8-mm64 | int8-quick-tests (issue 29: the GEMM sweep; the gpu tests of the quantised
+#        int8-sweep | int8-gputests | int8-e2e | int8-e2e-short (bf16 and int8 only) | int8-mm64 | int8-quick-tests (issue 29: the GEMM sweep; the gpu tests of the quantised
 #        path; int8_bench with the tiles of this call's sweep, else .carry/int8_gemv_sweep.json; int8_bench at 64 images only; the quantised GPU tests of test_quant.py that compile least) | int8-sweep-short | int8-sweep-few (2 rows only) |
 #        int8-ncu (Nsight Compute: lasad-XL's few-row GEMMs, bf16 and int8) |
 #        int8-mm-tests | int8-mm-sweep | int8-mm64-pol (quant_mm's swapped and split tiles: GPU tests, 128-row sweep, step at 64 images with the sweep's tiles) |
@@ -90,8 +90,8 @@ for s in "$@"; do
     int8-mm64) step int8-mm64 200 python3 benchmarks/int8_bench.py --out "$W/int8-mm64" --presets lasad-B,lasad-XL --batches 64 --variants bf16,int8 --repeats 3 ;;
     # quant_mm's swapped product and split K (64 images): its GPU tests, the 128-row sweep, the step with its tiles
     int8-mm-tests) step int8-mm-tests 200 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_quant.py -rs --durations=5 -k "quant_mm_tiles or lasad_shapes" ;;
-    int8-mm-sweep) step int8-sweep 300 python3 benchmarks/int8_gemv_sweep.py --out "$W/int8-sweep" --presets lasad-XL,lasad-B,lasad-XXL --rows 128 --budget 265 ;;
-    int8-mm64-pol) pol="$W/int8-sweep/int8_gemv_sweep.json"; [ -f "$pol" ] || pol=.carry/int8_gemv_sweep.json
+    int8-mm-sweep) step int8-sweep-mm 300 python3 benchmarks/int8_gemv_sweep.py --out "$W/int8-sweep-mm" --presets lasad-XL,lasad-B,lasad-XXL --rows 128 --budget 265 ;;
+    int8-mm64-pol) pol="$W/int8-sweep-mm/int8_gemv_sweep.json"
          step int8-mm64 260 python3 benchmarks/int8_bench.py --out "$W/int8-mm64" --presets lasad-B,lasad-XL,lasad-XXL --batches 64 --variants bf16,int8 --repeats 3 --quant-policy "$pol" ;;
     # Nsight Compute on lasad-XL's few-row GEMMs, bf16 beside int8 (benchmarks/int8_ncu_probe.py): counters, stalls
     int8-ncu) mkdir -p "$W/ncu"; step int8-ncu 200 bash -c 'for op in o qfv w13; do for f in bf16 int8; do
@@ -101,8 +101,12 @@ for s in "$@"; do
            python3 benchmarks/int8_ncu_probe.py --preset lasad-XL --op $op --fmt $f --rows 2; done; done' ;;
     int8-quick-tests) step int8-quick-tests 200 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_quant.py -rs --durations=5 -k "lasad_shapes or byte_permute or graphed" ;;
     int8-gputests) step int8-gputests 220 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_quant.py tests/test_linear.py -rs --durations=5 ;;
-    int8-e2e) pol="$W/int8-sweep/int8_gemv_sweep.json"; [ -f "$pol" ] || pol=.carry/int8_gemv_sweep.json; [ -f "$pol" ] || pol=""
-         step int8-e2e 330 python3 benchmarks/int8_bench.py --out "$W/int8-e2e" --presets lasad-B,lasad-XL,lasad-XXL --batches 1,64 --variants bf16,int8,int8_i2f,fp8 --repeats 3 ${pol:+--quant-policy "$pol"} ;;
+    # int8_bench with the tiles of this machine's sweeps (few rows: int8-sweep*, many: int8-mm-sweep), else .carry's
+    int8-e2e|int8-e2e-short) pols=(); for f in "$W/int8-sweep/int8_gemv_sweep.json" "$W/int8-sweep-mm/int8_gemv_sweep.json"; do
+           [ -f "$f" ] && pols+=(--quant-policy "$f"); done
+         [ ${#pols[@]} -eq 0 ] && [ -f .carry/int8_gemv_sweep.json ] && pols=(--quant-policy .carry/int8_gemv_sweep.json)
+         if [ "$s" = int8-e2e ]; then v=bf16,int8,int8_i2f,fp8; else v=bf16,int8; fi
+         step "$s" 330 python3 benchmarks/int8_bench.py --out "$W/$s" --presets lasad-B,lasad-XL,lasad-XXL --batches 1,64 --variants "$v" --repeats 3 ${pols[@]+"${pols[@]}"} ;;
     persistent-all) step persistent 290 python3 benchmarks/persistent_bench.py --out "$W/persistent" --presets lasad-B,lasad-L,lasad-XL,lasad-XXL --budget 200 ;;
     persistent-short) step persistent 150 python3 benchmarks/persistent_bench.py --out "$W/persistent" --budget 110 ;;
     tiles) step tiles 240 python3 benchmarks/linear_tile_sweep.py --out "$W/tiles" ;;
