@@ -26,7 +26,9 @@
 # each `bash benchmarks/device/demo_call.sh part N` copying .carry/demo/p96.partN to /tmp (the parts
 # of `tar cf - emoji5-96 | xz`, split). A training call that finds them joins them, encodes the
 # training split with the bundled tokenizer on the GPU into runs/demo-codes96, and trains on both
-# code sets. Other settings of a new run: DEMO_MIX (--mix), DEMO_EMA (0.9995), DEMO_WARMUP (200);
+# code sets. Other settings of a new run: DEMO_MIX (--mix), DEMO_EMA (0.9995), DEMO_WARMUP (200),
+# DEMO_SET (the GPT's shape on lasad-S, default "n_layer=5", the shipped one; the next capacity step of
+# docs/demo-model.md: "n_layer=6 dim=448 n_head=7 ffn_dim=1216");
 # the sweep: DEMO_GRIDS (grids to sample at, default the model's; none: no sweep) and DEMO_SETTINGS ("CFG,TOPK,TEMP ...",
 # default benchmarks/demo_model.py's SWEEP).
 set -u -o pipefail
@@ -64,8 +66,9 @@ if [ -f "$RUN/state/index.json" ] || [ -f "$RUN/last.pt" ]; then
   ARGS+=(--resume)
   [ -n "${DEMO_STEPS:-}" ] && ARGS+=(--steps "$DEMO_STEPS")
 else
-  ARGS+=(--steps "${DEMO_STEPS:-1000000}" --preset lasad-S --set n_layer=5 --batch-size 512 --lr "$LR" --warmup "${DEMO_WARMUP:-200}"
+  ARGS+=(--steps "${DEMO_STEPS:-1000000}" --preset lasad-S --batch-size 512 --lr "$LR" --warmup "${DEMO_WARMUP:-200}"
          --ema "${DEMO_EMA:-0.9995}" --cooldown "${DEMO_COOLDOWN:-0}" --resume-format shards --overwrite)
+  for kv in ${DEMO_SET:-n_layer=5}; do ARGS+=(--set "$kv"); done
   [ -n "${DEMO_MIX:-}" ] && ARGS+=(--mix "$DEMO_MIX")
   [ -n "$INIT" ] && ARGS+=(--init "$INIT")
 fi
