@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _repo  # noqa: E402,F401
 
 from lasad_engine import LasadConfig, LasadGen, quant, save_checkpoint  # noqa: E402
+from lasad_engine.checkpoint import read_checkpoint  # noqa: E402
 
 ASSETS = _repo.ROOT / "lasad_engine" / "assets"
 # overrides of the shipped config: more layers, or a wider model (head dims kept at 64)
@@ -57,7 +58,9 @@ def main():
     ap.add_argument("--repeats", type=int, default=3)
     a = ap.parse_args()
     shipped = ASSETS / "default.safetensors"
-    config, meta = shipped_config_and_meta(shipped)
+    cfg, _, meta = read_checkpoint(shipped)
+    config = cfg.to_dict()
+    meta.pop("card", None)   # read_checkpoint adds the bundled model's card; the file itself has none
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                             cwd=_repo.ROOT).stdout.strip()
     rec = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "commit": commit, "machine": platform.machine(),
@@ -81,13 +84,6 @@ def main():
             print(json.dumps({k: v for k, v in row.items() if k != "generate_s"}), flush=True)
     a.out.write_text(json.dumps(rec, indent=1) + "\n")
     print(f"wrote {a.out}")
-
-
-def shipped_config_and_meta(path: Path) -> tuple[dict, dict]:
-    from safetensors import safe_open
-    with safe_open(str(path), "pt") as f:
-        m = f.metadata()
-    return json.loads(m["config"]), json.loads(m["meta"])
 
 
 if __name__ == "__main__":

@@ -919,11 +919,7 @@ def quant_mm(a: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
     s = -(-K // ks)
     blocks = triton.cdiv(M, t.block_m) * triton.cdiv(N, t.block_n)
     stages = t.stages if a.element_size() <= 2 else min(t.stages, 2)  # tiles measured in bf16: fp32's fit too
-    if s > 1:
-        part = torch.empty(blocks * s * t.block_m * t.block_n, dtype=torch.float32, device=a.device)
-        cnt = _counters(a.device, blocks)
-    else:
-        part = cnt = c
+    part, cnt = _split_workspace(c, blocks, s, t.block_m * t.block_n)
     quant_mm_kernel[(blocks, s)](x, weight.contiguous(), weight_scale, residual if residual is not None else c, c,
                                  part, cnt, M, N, K=K, BM=t.block_m, BN=t.block_n, BK=t.block_k, GROUP_M=t.group_m,
                                  STAGES=stages, DOT_F32=_INTERPRET, W_ASM=_int8_asm(weight),
@@ -938,6 +934,16 @@ def _int8_asm(weight: torch.Tensor) -> bool:
     return INT8_ASM and weight.dtype == torch.int8 and weight.is_cuda and not _INTERPRET
 
 
+def _split_workspace(out: torch.Tensor, blocks: int, split_k: int, tile: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(partial sums, arrival counters) of a launch whose `blocks` output tiles of `tile` fp32
+    values are each summed over `split_k` slices of K (`_finish`); without a split, `out` stands in
+    for both (the kernels never touch them then)."""
+    if split_k == 1:
+        return out, out
+    return (torch.empty(blocks * split_k * tile, dtype=torch.float32, device=out.device),
+            _counters(out.device, blocks))
+
+
 def _launch_buffers(x, n_out, out, residual, pdl, row_blocks, n_blocks, split_k, nacc, br, bn):
     """What every decode GEMM launch sets up alike: `out` (checked, or made), the residual's shape
     checked, the split-K workspace and its counters (one per output tile), and whether to launch
@@ -949,11 +955,7 @@ def _launch_buffers(x, n_out, out, residual, pdl, row_blocks, n_blocks, split_k,
         raise ValueError(f"out must be a contiguous {shape} tensor, got {tuple(out.shape)}")
     if residual is not None and tuple(residual.shape) != shape:
         raise ValueError(f"residual must be {shape}, got {tuple(residual.shape)}")
-    if split_k > 1:
-        part = torch.empty(row_blocks * n_blocks * split_k * nacc * br * bn, dtype=torch.float32, device=x.device)
-        cnt = _counters(x.device, row_blocks * n_blocks)
-    else:
-        part = cnt = out
+    part, cnt = _split_workspace(out, row_blocks * n_blocks, split_k, nacc * br * bn)
     use_pdl = _pdl_supported(x.device) if pdl is None else bool(pdl and _pdl_supported(x.device))
     return out, part, cnt, use_pdl, ({"launch_pdl": True} if use_pdl else {})
 
